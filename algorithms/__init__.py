@@ -1,0 +1,1 @@
+"""The algorithm zoo. Each algorithm module registers itself through ``algorithms.builtins``."""

@@ -1,0 +1,33 @@
+"""The hooks a plugin may implement.
+
+Each hook receives a ``register`` callable; a plugin calls it once per thing it adds,
+``register(name, obj)``. A name may be taken only once per kind, across all plugins.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "rlhf_env"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def rlhf_register_algorithms(register):
+    """Add training algorithms: ``register(name, algorithm)``."""
+
+
+@hookspec
+def rlhf_register_tasks(register):
+    """Add tasks (prompt sets with a gold reward): ``register(name, task_factory)``."""
+
+
+@hookspec
+def rlhf_register_rewards(register):
+    """Add reward functions: ``register(name, reward_factory)``.
+
+    A reward factory takes keyword options and returns a callable
+    ``reward(prompts: list[str], completions: list[str]) -> sequence of floats``.
+    """

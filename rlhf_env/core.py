@@ -1,0 +1,252 @@
+"""The MDP mechanics shared by ``TextGenEnv`` and ``VectorTextGenEnv``.
+
+``EpisodeBatch`` holds ``B`` rows of prompt ∘ completion token ids and a KV-cached
+reference model. ``advance`` appends one token to each acting row, computes the KL-shaped
+token reward of DESIGN §2,
+
+    r_t = -β (log π_θ(y_t|s_t) - log π_ref(y_t|s_t))      (+ r_φ(x, y) on the last token),
+
+scores every row that ended in one batch, and starts new prompts in the rows that ask,
+all with **one** reference forward. Both envs are thin wrappers around it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from rlhf_env.errors import InvalidActionError
+from rlhf_env.kvcache import IncrementalLM
+from rlhf_env.models import check_vocab, default_device, load_causal_lm, load_tokenizer
+from rlhf_env.prompts import PromptSource
+from rlhf_env.rewards import RewardModel, as_scores
+
+
+@dataclass
+class StepOut:
+    """Per-row results of one ``advance``; all (B,) CPU tensors (``None`` if unavailable)."""
+
+    reward: torch.Tensor  # float32, KL-shaped token reward (+ score where ended)
+    ref_logprob: torch.Tensor | None  # float32, log π_ref(y_t|s_t); None without a reference
+    kl: torch.Tensor | None  # float32, log π_θ − log π_ref; None without log-prob or reference
+    score: torch.Tensor  # float32, r_φ(x, y) where ``ended``, else 0
+    terminated: torch.Tensor  # bool, the token was EOS
+    truncated: torch.Tensor  # bool, max_new_tokens reached without EOS
+    acted: torch.Tensor  # bool, rows whose action was applied
+
+    @property
+    def ended(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
+
+class EpisodeBatch:
+    """State and maths for ``batch_size`` generation episodes (see module docstring).
+
+    Args:
+        tokenizer: the policy's tokenizer (object or local path).
+        ref_model: reference causal LM (object or local path); optional when ``beta == 0``.
+        reward: ``reward(prompts, completions) -> scores``, a ``RewardModel``, or a
+            sequence-classification model with one label (scored with ``reward_tokenizer``,
+            default the policy's).
+        prompts: the prompt source (a non-empty sequence of strings).
+        beta: KL coefficient β ≥ 0.
+        max_new_tokens: episode length limit (``truncated`` when reached).
+        max_prompt_tokens: prompt length limit; default the longest prompt of ``prompts``.
+        device, dtype: where the reference and reward models run (default CUDA if present).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        ref_model,
+        reward,
+        prompts,
+        *,
+        beta: float,
+        max_new_tokens: int,
+        max_prompt_tokens: int | None,
+        batch_size: int,
+        reward_tokenizer=None,
+        device=None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if not beta >= 0:
+            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {beta}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if beta > 0 and ref_model is None:
+            raise ValueError(f"beta={beta} > 0 needs a reference model (ref_model=None)")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer, trust_remote_code)
+        self.tokenizer = tokenizer
+        self.beta = float(beta)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.vocab_size = len(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+
+        self.ref_model = None
+        if ref_model is not None:
+            self.ref_model = load_causal_lm(ref_model, self.device, dtype, trust_remote_code)
+            check_vocab(tokenizer, self.ref_model, "reference model")
+
+        if isinstance(reward, PreTrainedModel) or (reward is not None and isinstance(reward, (str, os.PathLike))):
+            reward = RewardModel(reward, reward_tokenizer or tokenizer, self.device, dtype, trust_remote_code)
+        if not callable(reward):
+            raise TypeError(f"reward must be callable(prompts, completions) or a reward model, got {reward!r}")
+        self.reward = reward
+        self._score_ids = isinstance(reward, RewardModel) and reward.shares_vocab_with(tokenizer)
+
+        self.prompts = PromptSource(prompts)
+        self._prompt_ids: dict[str, list[int]] = {}
+        longest = max(len(self._encode(p, limit=None)) for p in self.prompts.prompts)
+        self.max_prompt_tokens = int(max_prompt_tokens or longest)
+        if longest > self.max_prompt_tokens:
+            raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_tokens={self.max_prompt_tokens}")
+        self.max_len = self.max_prompt_tokens + self.max_new_tokens
+        limit = getattr(getattr(self.ref_model, "config", None), "max_position_embeddings", None)
+        if limit is not None and self.max_len > limit:
+            raise ValueError(
+                f"max_prompt_tokens + max_new_tokens = {self.max_len} exceeds the reference model's "
+                f"{limit} positions"
+            )
+
+        B, L = self.batch_size, self.max_len
+        self.ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)  # CPU; obs are views of it
+        self.length = torch.zeros(B, dtype=torch.long)
+        self.prompt_length = torch.zeros(B, dtype=torch.long)
+        self.prompt_text = [""] * B
+        self.ref = IncrementalLM(self.ref_model, B, self.pad_token_id) if self.ref_model is not None else None
+
+    # -- prompts -------------------------------------------------------------------------
+    def _encode(self, prompt: str, limit: int | None) -> list[int]:
+        ids = self._prompt_ids.get(prompt)
+        if ids is None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+            if not ids:
+                raise ValueError(f"prompt {prompt!r} is empty after tokenization")
+            self._prompt_ids[prompt] = ids
+        if limit is not None and len(ids) > limit:
+            raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, more than max_prompt_tokens={limit}")
+        return ids
+
+    def completion_ids(self, row: int) -> list[int]:
+        return self.ids[row, self.prompt_length[row] : self.length[row]].tolist()
+
+    def completion_text(self, row: int) -> str:
+        return self.tokenizer.decode(self.completion_ids(row), skip_special_tokens=True)
+
+    # -- one step for the whole batch ------------------------------------------------------
+    def advance(
+        self,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        acting: torch.Tensor,
+        restarts: dict[int, str] | None = None,
+    ) -> StepOut:
+        """Apply ``tokens`` to the ``acting`` rows and start ``restarts`` (row -> prompt).
+
+        Args:
+            tokens: (B,) int64 token ids (ignored where not ``acting``).
+            logprobs: (B,) float32 log π_θ of those tokens, or None (only when β = 0).
+            acting: (B,) bool rows whose token is applied.
+            restarts: rows (not acting) that begin a new episode with the given prompt.
+        """
+        B = self.batch_size
+        restarts = restarts or {}
+        rows = acting.nonzero().flatten()
+        tokens = tokens.to(torch.long).cpu()
+        self._check_action(tokens, logprobs, rows)
+
+        reward = torch.zeros(B, dtype=torch.float32)
+        score = torch.zeros(B, dtype=torch.float32)
+        terminated = torch.zeros(B, dtype=torch.bool)
+        truncated = torch.zeros(B, dtype=torch.bool)
+        ref_lp = kl = None
+        if len(rows):
+            tok = tokens[rows]
+            if self.ref is not None:
+                ref_lp = torch.zeros(B, dtype=torch.float32)
+                ref_lp[rows] = self.ref.next_logprobs[rows.to(self.device), tok.to(self.device)].cpu()
+                if logprobs is not None:
+                    kl = torch.zeros(B, dtype=torch.float32)
+                    kl[rows] = logprobs[rows] - ref_lp[rows]
+                    reward -= self.beta * kl
+            self.ids[rows, self.length[rows]] = tok
+            self.length[rows] += 1
+            terminated[rows] = tok == self.eos_token_id
+            full = (self.length - self.prompt_length) >= self.max_new_tokens
+            truncated[rows] = full[rows] & ~terminated[rows]
+            ended = (terminated | truncated).nonzero().flatten().tolist()
+            if ended:
+                score[ended] = self._score(ended, terminated)
+                reward += score
+        out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone())
+        self._feed_reference(out, restarts)
+        return out
+
+    def _check_action(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, rows: torch.Tensor) -> None:
+        if not len(rows):
+            return
+        tok = tokens[rows]
+        bad = ((tok < 0) | (tok >= self.vocab_size)).nonzero().flatten()
+        if len(bad):
+            r = int(rows[bad[0]])
+            raise InvalidActionError(
+                f"token {int(tokens[r])} (env {r}) is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if logprobs is None:
+            if self.beta > 0:
+                raise InvalidActionError(
+                    f"beta={self.beta} > 0 needs the acting policy's log-prob: pass "
+                    "{'token': t, 'logprob': lp} (a bare token is accepted only when beta == 0)"
+                )
+            return
+        lp = logprobs[rows]
+        bad = (torch.isnan(lp) | (lp > 0) | torch.isinf(lp)).nonzero().flatten()
+        if len(bad):
+            r = int(rows[bad[0]])
+            raise InvalidActionError(
+                f"log-prob {float(logprobs[r])} (env {r}) is not a log-probability: it must be finite and <= 0"
+            )
+
+    def _score(self, rows: list[int], terminated: torch.Tensor) -> torch.Tensor:
+        """r_φ(x, y) for the rows that just ended, in one batch."""
+        if self._score_ids:
+            # Same vocabulary: hand the ids over instead of decoding and re-tokenising.
+            seqs = [self.ids[r, : self.length[r] - int(terminated[r])].tolist() for r in rows]
+            return as_scores(self.reward.score_ids(seqs), len(rows))
+        prompts = [self.prompt_text[r] for r in rows]
+        completions = [self.completion_text(r) for r in rows]
+        return as_scores(self.reward(prompts, completions), len(rows))
+
+    def _feed_reference(self, out: StepOut, restarts: dict[int, str]) -> None:
+        """One reference forward: the new token of continuing rows, the prompt of new ones."""
+        new_ids = {r: self._encode(p, self.max_prompt_tokens) for r, p in restarts.items()}
+        for r, ids in new_ids.items():
+            self.ids[r] = self.pad_token_id
+            self.ids[r, : len(ids)] = torch.as_tensor(ids)
+            self.length[r] = self.prompt_length[r] = len(ids)
+            self.prompt_text[r] = restarts[r]
+        if self.ref is None:
+            return
+        lengths = (out.acted & ~out.ended).long()
+        width = max([1] + [len(ids) for ids in new_ids.values()])
+        chunk = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long)
+        chunk[:, 0] = self.ids[torch.arange(self.batch_size), (self.length - 1).clamp(min=0)]
+        restart = torch.zeros(self.batch_size, dtype=torch.bool)
+        for r, ids in new_ids.items():
+            chunk[r, : len(ids)] = torch.as_tensor(ids)
+            lengths[r] = len(ids)
+            restart[r] = True
+        if bool(lengths.any()):
+            self.ref.feed(chunk, lengths, restart)

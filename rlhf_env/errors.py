@@ -1,0 +1,21 @@
+"""Exceptions with messages that name the problem."""
+
+from __future__ import annotations
+
+import gymnasium
+
+
+class VocabMismatchError(ValueError):
+    """A tokenizer produces ids that a model has no embedding (or logit) for."""
+
+
+class EpisodeEndedError(gymnasium.error.ResetNeeded):
+    """``step`` was called after the episode terminated or was truncated."""
+
+
+class InvalidActionError(ValueError):
+    """A token outside the vocabulary, a bad log-prob, or a missing log-prob when β > 0."""
+
+
+class RewardError(ValueError):
+    """A reward function returned the wrong number of scores or a non-finite score."""

@@ -1,0 +1,102 @@
+"""Rewards: plain callables on text, or a Hugging Face reward model scored in batches.
+
+A reward is anything ``reward(prompts: list[str], completions: list[str]) -> scores``
+(a sequence or tensor of floats, one per completion). ``RewardModel`` wraps a
+sequence-classification model with one label; when its tokenizer is the policy's, the
+env hands it token ids directly instead of decoding and re-tokenising text.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from rlhf_env.errors import RewardError
+from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardModel:
+    """A scalar reward model ``r_φ(x, y)``: the single logit of a sequence classifier.
+
+    Args:
+        model: a ``*ForSequenceClassification`` model with ``num_labels == 1``, or a local path.
+        tokenizer: its tokenizer (or a path); loaded from ``model`` when that is a path.
+        device, dtype: where to run it (default: CUDA if present, else CPU; model dtype).
+    """
+
+    def __init__(self, model, tokenizer=None, device=None, dtype=None, trust_remote_code: bool = False):
+        if tokenizer is None:
+            if not isinstance(model, (str, os.PathLike)):
+                raise ValueError("RewardModel needs the reward model's tokenizer")
+            tokenizer = model
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+        self.model = load_reward_model(model, device, dtype, trust_remote_code)
+        self.tokenizer = tokenizer
+        check_vocab(tokenizer, self.model, "reward model")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the reward model's tokenizer has neither a pad nor an EOS token")
+        self.pad_token_id = pad
+        # Sequence classifiers read the last non-pad token; they need to know the pad id.
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = pad
+        self.device = next(self.model.parameters()).device
+
+    def shares_vocab_with(self, tokenizer) -> bool:
+        """True when ``tokenizer`` maps text to the same ids, so ids can be passed through."""
+        return tokenizer is self.tokenizer or tokenizer.get_vocab() == self.tokenizer.get_vocab()
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Score token sequences (prompt ∘ completion ids) in one batch; returns (N,) float32."""
+        n, width = len(sequences), max(len(s) for s in sequences)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return logits[:, 0].float().cpu()
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        enc = self.tokenizer([p + c for p, c in zip(prompts, completions)])
+        return self.score_ids(enc["input_ids"])
+
+
+def as_scores(raw, n: int) -> torch.Tensor:
+    """Check a reward's output: ``n`` finite floats, returned as a (n,) float32 CPU tensor."""
+    scores = torch.as_tensor(raw, dtype=torch.float32).detach().cpu().reshape(-1)
+    if scores.numel() != n:
+        raise RewardError(f"the reward returned {scores.numel()} scores for {n} completions")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"the reward returned non-finite scores at rows {bad}: {scores[bad].tolist()}")
+    return scores
+
+
+# -- simple programmatic rewards (registered as built-in plugins) ----------------------
+
+
+def letter_fraction(letter: str = "e") -> RewardFn:
+    """Score = share of the completion's characters equal to ``letter`` (0 if empty)."""
+    if len(letter) != 1:
+        raise ValueError(f"letter must be a single character, got {letter!r}")
+
+    def reward(prompts: list[str], completions: list[str]) -> list[float]:
+        return [c.count(letter) / len(c) if c else 0.0 for c in completions]
+
+    return reward
+
+
+def completion_length(max_chars: int = 32) -> RewardFn:
+    """Score = completion length in characters divided by ``max_chars``, capped at 1."""
+
+    def reward(prompts: list[str], completions: list[str]) -> list[float]:
+        return [min(len(c), max_chars) / max_chars for c in completions]
+
+    return reward

@@ -1,0 +1,80 @@
+"""Tiny offline models: a GPT-2-shaped causal LM and a character-level tokenizer.
+
+Everything here is built from code, so tests and the embedded default never touch a
+model hub. The pair round-trips through ``save_pretrained``/``from_pretrained`` like any
+Hugging Face checkpoint (weights as safetensors, tokenizer as ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+# Printable ASCII without the rarely useful control whitespace.
+DEFAULT_CHARS = "".join(c for c in string.printable if c not in "\t\n\r\x0b\x0c")
+
+
+def build_char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars`` plus ``<pad>``, ``<eos>`` and ``<unk>``.
+
+    ``<eos>`` doubles as the BOS token, as in GPT-2. Decoding concatenates characters.
+    """
+    specials = [PAD, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in dict.fromkeys(chars):  # de-duplicate, keep order
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    *,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_embd: int = 64,
+    n_positions: int = 256,
+    seed: int = 0,
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """A randomly initialised GPT-2-shaped causal LM sized to ``tokenizer``.
+
+    Returns ``(model, tokenizer)``; the model is in eval mode, float32, on the CPU.
+    """
+    tokenizer = tokenizer or build_char_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def save_tiny(model, tokenizer, path: str | Path) -> Path:
+    """Save a model/tokenizer pair as a local Hugging Face checkpoint (safetensors)."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
