@@ -5,7 +5,7 @@
 continue, a whole prompt for rows that restart, nothing for rows that wait. Positions are
 explicit per row and the 2-D attention mask hides everything a row must not see (its old
 episode, padding), so rows never need to be aligned. Columns that no row can see any more
-are dropped now and then, which bounds the cache to the longest live sequence.
+are squeezed out now and then, which bounds the cache near the longest live sequence.
 
 It serves both the environment (the reference model) and agents (the policy): the same
 cache logic, written once.
@@ -90,16 +90,24 @@ class IncrementalLM:
         return self.next_logprobs
 
     def _compact(self) -> None:
-        """Drop cache columns hidden from every row once they are a quarter of the cache."""
-        live = self.mask.any(dim=0)
-        dead = int((~live).sum())
-        if dead < max(16, self.mask.shape[1] // 4):
+        """Repack the cache once a quarter of it is columns a row cannot see.
+
+        Rows start at different times, so one row's prompt columns are padding for the
+        others. Each row's visible columns are moved, in order, to the right end; order
+        among a row's keys is all attention needs, since positions are explicit.
+        """
+        visible = self.mask.bool()
+        width = int(visible.sum(dim=1).max())
+        if self.mask.shape[1] - width < max(16, self.mask.shape[1] // 4):
             return
-        keep = live.nonzero().squeeze(1)
-        self.mask = self.mask[:, keep]
+        # Stable sort puts each row's hidden columns first and its visible ones last, in order.
+        index = torch.argsort(visible.to(torch.int8), dim=1, stable=True)[:, -width:]  # (B, width)
+        self.mask = torch.gather(self.mask, 1, index)
         for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, keep]
-            layer.values = layer.values[:, :, keep]
+            H, D = layer.keys.shape[1], layer.keys.shape[3]
+            kv_index = index[:, None, :, None].expand(-1, H, -1, D)
+            layer.keys = torch.gather(layer.keys, 2, kv_index)
+            layer.values = torch.gather(layer.values, 2, kv_index)
 
     @property
     def cache_len(self) -> int:

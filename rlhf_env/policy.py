@@ -1,0 +1,62 @@
+"""``SamplingPolicy``: an agent that acts in the envs from a causal LM with its own KV cache.
+
+It reads the env's observation, feeds each row's new token (or, for a row that has just
+started an episode, its whole prompt) through ``IncrementalLM`` in one batched forward,
+and samples the next token. Its log-prob of that token travels with the action, so the
+env never runs the policy again (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhf_env.kvcache import IncrementalLM
+
+
+class SamplingPolicy:
+    """Sample ``{"token", "logprob"}`` actions for a batch of ``batch_size`` rows.
+
+    Args:
+        model: a Hugging Face causal LM (eval mode; on the device it should run on).
+        batch_size: rows of the env (1 for ``TextGenEnv``).
+        pad_token_id: the tokenizer's pad id.
+        temperature: sampling temperature; the log-prob reported is that of the sampled
+            distribution, softmax(logits / temperature), which is the acting policy.
+        seed: seed of the sampling generator.
+    """
+
+    def __init__(self, model, batch_size: int, pad_token_id: int = 0, temperature: float = 1.0, seed: int = 0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.lm = IncrementalLM(model, batch_size, pad_token_id)
+        self.temperature = temperature
+        self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
+
+    def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One action per row from an env observation (batched or single)."""
+        ids = torch.as_tensor(obs["input_ids"])
+        single = ids.dim() == 1
+        ids = ids.reshape(-1, ids.shape[-1])
+        length = torch.as_tensor(obs["length"]).reshape(-1)
+        prompt_length = torch.as_tensor(obs["prompt_length"]).reshape(-1)
+        restart = length == prompt_length  # a fresh episode: feed its prompt
+        width = int(prompt_length[restart].max()) if bool(restart.any()) else 1
+        rows = torch.arange(ids.shape[0])
+        chunk = torch.where(
+            restart[:, None],
+            ids[:, :width] if width <= ids.shape[1] else ids,
+            ids[rows, (length - 1).clamp(min=0)][:, None].expand(-1, width),
+        )
+        lengths = torch.where(restart, prompt_length, torch.ones_like(length))
+        logprobs = self.lm.feed(chunk, lengths, restart)
+        if self.temperature != 1.0:
+            logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
+        token = torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(1)
+        lp = logprobs.gather(1, token[:, None]).squeeze(1)
+        token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
+        if single:
+            return {"token": np.int64(token[0]), "logprob": np.float32(lp[0])}
+        return {"token": token, "logprob": lp}
