@@ -55,6 +55,7 @@ class PluginHost:
         self.builtins = tuple(builtins)
         self.autoload = (not autoload_disabled()) if autoload is None else autoload
         self.failures: dict[str, str] = {}
+        self._register_failures: set[str] = set()  # re-judged on every rebuild
         self._builtin_names: list[str] = []
         self._registries: dict[str, Registry] | None = None
 
@@ -100,7 +101,13 @@ class PluginHost:
         for hook_name, (_, attr) in KINDS.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 impls.setdefault(impl.plugin_name, {})[attr] = impl.function
-        order = sorted(impls, key=lambda name: name not in self._builtin_names)  # stable
+        # Registration order decides who keeps a contested name (built-ins first), whatever
+        # hooks each plugin implements; a conflict that is gone no longer fails a plugin.
+        registered = [name for name, _ in self.pm.list_name_plugin() if name in impls]
+        order = sorted(registered, key=lambda name: name not in self._builtin_names)  # stable
+        for name in self._register_failures:
+            self.failures.pop(name, None)
+        self._register_failures.clear()
 
         registries = {attr: Registry(kind) for kind, attr in KINDS.values()}
         for plugin_name in order:
@@ -114,6 +121,7 @@ class PluginHost:
                 for attr, function in impls[plugin_name].items():
                     function(register=lambda name, obj, a=attr: trial[a].add(name, obj, plugin_name))
             except Exception as exc:
+                self._register_failures.add(plugin_name)
                 self._fail(plugin_name, f"failed to register: {type(exc).__name__}: {exc}")
                 continue
             registries = trial

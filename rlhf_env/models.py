@@ -50,16 +50,16 @@ def _load(auto_cls, model: Any, device, dtype, trust_remote_code: bool) -> PreTr
         )
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval().requires_grad_(False)
+    return model.eval()  # no dropout; gradients are off where it runs (inference_mode)
 
 
 def load_causal_lm(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A frozen causal LM from a local path or a model object, moved to ``device``/``dtype``."""
+    """A causal LM in eval mode from a local path or a model object, moved to ``device``/``dtype``."""
     return _load(AutoModelForCausalLM, model, device, dtype, trust_remote_code)
 
 
 def load_reward_model(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A frozen sequence-classification model with one label (a scalar reward head)."""
+    """A sequence-classification model with one label (a scalar reward head), in eval mode."""
     model = _load(AutoModelForSequenceClassification, model, device, dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise ValueError(f"a reward model needs exactly one label, this one has {model.config.num_labels}")
