@@ -1,0 +1,199 @@
+"""The ``rlhf`` command line.
+
+``rlhf list`` shows what the plugins registered (algorithms, tasks, rewards) and which
+plugins failed to load. ``rlhf rollout`` runs the embedded default vector env with the
+reference model as the policy and prints each finished episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+KINDS = ("algorithms", "tasks", "rewards")
+
+
+# -- rlhf list ---------------------------------------------------------------------------
+def format_listing(desc: dict[str, Any]) -> str:
+    """Plain-text tables, one per kind, of a ``PluginHost.describe()`` structure."""
+    lines: list[str] = []
+    for kind in KINDS:
+        entries = desc.get(kind, [])
+        lines.append(f"{kind} ({len(entries)})")
+        if not entries:
+            lines.append("  (none)")
+        width = max([len(e["name"]) for e in entries] + [4])
+        for e in entries:
+            lines.append(f"  {e['name']:<{width}}  plugin: {e['plugin']}")
+        lines.append("")
+    failed = desc.get("failed", [])
+    if failed:
+        lines.append(f"failed plugins ({len(failed)})")
+        for f in failed:
+            lines.append(f"  {f['plugin']}: {f['error']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registries (text table or ``--json``)."""
+    import plugins  # imported here so ``rlhf --help`` stays cheap
+
+    desc = plugins.get_host().describe()
+    if args.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        print(format_listing(desc), end="")
+    return 0
+
+
+# -- rlhf rollout ------------------------------------------------------------------------
+@dataclass
+class Episode:
+    """One finished episode of one env row."""
+
+    row: int
+    prompt: str
+    completion: str
+    score: float
+    kl: float  # sum of the per-token KL terms log π_θ − log π_ref
+    ret: float  # sum of the env's (KL-shaped) rewards
+
+
+@dataclass
+class RolloutResult:
+    episodes: list[Episode]
+    tokens: int  # tokens the policy generated (acting rows over all steps)
+    seconds: float
+
+
+class EpisodeTracker:
+    """Per-row running sums of reward and KL over a ``NEXT_STEP``-autoreset vector env."""
+
+    def __init__(self, num_envs: int):
+        self.kl = np.zeros(num_envs, dtype=np.float64)
+        self.ret = np.zeros(num_envs, dtype=np.float64)
+        self.ended = np.zeros(num_envs, dtype=bool)  # row ended last step: this step is its reset
+
+    def update(self, env, reward, terminated, truncated, info) -> list[Episode]:
+        """Add one step's values; return the episodes that ended on it."""
+        acting = ~self.ended  # a resetting row's reward (0) and kl belong to no episode
+        self.ret[acting] += reward[acting]
+        if "kl" in info:
+            mask = info["_kl"] & acting
+            self.kl[mask] += info["kl"][mask]
+        self.ended = np.asarray(terminated) | np.asarray(truncated)
+        rows = np.flatnonzero(self.ended)
+        if not len(rows):
+            return []
+        # The ended rows still hold their episode's text until the next step resets them.
+        completions = env.completions()
+        done = [
+            Episode(int(r), env.core.prompt_text[r], completions[r], float(info["score"][r]),
+                    float(self.kl[r]), float(self.ret[r]))
+            for r in rows
+        ]  # fmt: skip
+        self.kl[rows] = 0.0
+        self.ret[rows] = 0.0
+        return done
+
+
+def run_rollout(
+    episodes: int = 8, num_envs: int = 4, max_new_tokens: int = 24, beta: float = 0.05, seed: int = 0
+) -> RolloutResult:
+    """Roll the default vector env with the reference as policy until ``episodes`` end."""
+    from rlhf_env.default import make_default_vector_env
+    from rlhf_env.policy import SamplingPolicy
+
+    env = make_default_vector_env(num_envs=num_envs, beta=beta, max_new_tokens=max_new_tokens)
+    # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
+    model = copy.deepcopy(env.core.ref_model)
+    policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed)
+    tracker = EpisodeTracker(num_envs)
+    obs, _ = env.reset(seed=seed)
+    finished: list[Episode] = []
+    tokens = 0
+    start = time.perf_counter()
+    while len(finished) < episodes:
+        tokens += int((~tracker.ended).sum())
+        obs, reward, terminated, truncated, info = env.step(policy.act(obs))
+        finished += tracker.update(env, reward, terminated, truncated, info)
+    seconds = time.perf_counter() - start
+    env.close()
+    return RolloutResult(finished[:episodes], tokens, seconds)
+
+
+def clip(text: str, width: int) -> str:
+    """``repr`` of ``text`` cut to about ``width`` characters (cut before quoting)."""
+    if len(text) > width:
+        text = text[: width - 1] + "\u2026"
+    return repr(text)
+
+
+def format_episode(i: int, ep: Episode) -> str:
+    return (
+        f"episode {i:>3}  prompt={clip(ep.prompt, 32):<36} completion={clip(ep.completion, 40):<44} "
+        f"score={ep.score:.4f}  kl={ep.kl:+.4f}  return={ep.ret:+.4f}"
+    )
+
+
+def format_summary(result: RolloutResult) -> str:
+    eps = result.episodes
+    mean_score = float(np.mean([e.score for e in eps])) if eps else 0.0
+    mean_return = float(np.mean([e.ret for e in eps])) if eps else 0.0
+    rate = result.tokens / result.seconds if result.seconds > 0 else float("inf")
+    return (
+        f"summary: episodes={len(eps)}  mean_score={mean_score:.4f}  "
+        f"mean_return={mean_return:+.4f}  tokens/s={rate:.1f}"
+    )
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Print every finished episode, then a summary line."""
+    result = run_rollout(args.episodes, args.num_envs, args.max_new_tokens, args.beta, args.seed)
+    for i, ep in enumerate(result.episodes):
+        print(format_episode(i, ep))
+    print(format_summary(result))
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as a Gymnasium environment.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("list", help="show registered algorithms, tasks and rewards")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rollout", help="roll the default env with the reference policy")
+    p.add_argument("--episodes", type=positive_int, default=8)
+    p.add_argument("--num-envs", type=positive_int, default=4)
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_rollout)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (argparse exits with 2 on bad usage)."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

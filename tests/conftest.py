@@ -1,0 +1,67 @@
+"""Shared fixtures: throwaway installed distributions that declare ``rlhf_env`` plugins."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import plugins
+
+DEMO_SOURCE = """
+from rlhf_env import hookimpl
+
+@hookimpl
+def rlhf_register_algorithms(register):
+    register("demo_algo", object())
+
+@hookimpl
+def rlhf_register_tasks(register):
+    register("demo_task", lambda: {"prompts": ["hi"]})
+
+@hookimpl
+def rlhf_register_rewards(register):
+    register("demo_reward", lambda **kw: (lambda prompts, completions: [1.0] * len(completions)))
+"""
+
+
+def _write_dist(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """Write modules plus a ``<dist>-0.1.dist-info`` that importlib.metadata discovers on sys.path."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    eps = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{plugins.ENTRY_POINT_GROUP}]\n{eps}")
+    importlib.invalidate_caches()  # finders cache directory listings
+
+
+@pytest.fixture
+def write_dist():
+    """``write_dist(root, dist, {entry point: module}, {module: source})``."""
+    return _write_dist
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch):
+    """A sys.path folder for throwaway dists; their modules are forgotten afterwards."""
+    monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    monkeypatch.syspath_prepend(tmp_path)
+    before = set(sys.modules)
+    plugins.reset_host()  # the global host must not outlive (or predate) the fake install
+    yield tmp_path
+    plugins.reset_host()
+    for name in set(sys.modules) - before:
+        if name.startswith("rlhf_demo") or name.startswith("rlhf_broken"):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def demo_dist(plugin_path):
+    """An installed-looking dist whose entry point ``demo`` adds demo_algo/demo_task/demo_reward."""
+    _write_dist(plugin_path, "rlhf_demo_plugin", {"demo": "rlhf_demo_plugin"}, {"rlhf_demo_plugin": DEMO_SOURCE})
+    return plugin_path

@@ -1,0 +1,152 @@
+"""The ``rlhf`` command line: ``list`` (text and JSON) and ``rollout``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import plugins
+from rlhf_env import cli
+
+BUILTIN_REWARDS = ("letter_fraction", "completion_length")
+EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
+
+
+@pytest.fixture
+def fresh_host(monkeypatch):
+    """The CLI uses the global host: start from, and leave, a clean one."""
+    monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")  # only the built-ins, whatever is installed
+    plugins.reset_host()
+    yield
+    plugins.reset_host()
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy CPU their spin-waits stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_json(capsys) -> dict:
+    assert cli.main(["list", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_list_json_has_the_describe_structure(fresh_host, capsys):
+    desc = run_json(capsys)
+    assert set(desc) == {"algorithms", "tasks", "rewards", "failed"}
+    for reward in BUILTIN_REWARDS:
+        assert {"name": reward, "plugin": "rlhf_env.builtins"} in desc["rewards"]
+    assert {"name": "default", "plugin": "rlhf_env.builtins"} in desc["tasks"]
+    assert desc == plugins.get_host().describe()
+
+
+def test_list_text_names_each_reward_and_its_plugin(fresh_host, capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for reward in BUILTIN_REWARDS:
+        assert any(reward in line and "rlhf_env.builtins" in line for line in lines), out
+    assert "algorithms (0)" in out and "rewards (2)" in out
+    assert "failed" not in out
+
+
+def test_list_shows_entry_point_plugins_and_failures(demo_dist, write_dist, capsys):
+    write_dist(demo_dist, "rlhf_broken_cli", {"broken_cli": "rlhf_broken_cli"}, {"rlhf_broken_cli": "import nope_x\n"})
+    with pytest.warns(plugins.PluginLoadWarning, match="broken_cli"):
+        desc = run_json(capsys)
+    assert {"name": "demo_reward", "plugin": "demo"} in desc["rewards"]
+    assert {"name": "demo_algo", "plugin": "demo"} in desc["algorithms"]
+    assert [f["plugin"] for f in desc["failed"]] == ["broken_cli"]
+    assert "ModuleNotFoundError" in desc["failed"][0]["error"]
+
+    assert cli.main(["list"]) == 0  # same (cached) host: the text shows the failure too
+    out = capsys.readouterr().out
+    assert "failed plugins (1)" in out and "broken_cli" in out
+    assert any("demo_task" in line and "demo" in line for line in out.splitlines())
+
+
+def test_bad_usage_is_an_argparse_error(capsys):
+    for argv in (["bogus"], [], ["rollout", "--episodes", "0"]):
+        with pytest.raises(SystemExit) as excinfo:
+            cli.main(argv)
+        assert excinfo.value.code == 2
+    assert "usage: rlhf" in capsys.readouterr().err
+
+
+def test_rollout_prints_episodes_and_summary(capsys, one_thread):
+    assert cli.main(["rollout", "--episodes", "3", "--num-envs", "2", "--max-new-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    episodes = [EPISODE_LINE.match(line) for line in lines if line.startswith("episode")]
+    assert len(episodes) == 3 and all(episodes), lines
+    for m in episodes:
+        score, kl, ret = (float(x) for x in m.groups())
+        assert abs(kl) < 1e-3  # the policy is a copy of the reference
+        assert 0.0 <= score <= 1.0 and ret == pytest.approx(score - 0.05 * kl, abs=2e-4)
+    summary = re.match(r"summary: episodes=(\d+) +mean_score=(\S+) +mean_return=(\S+) +tokens/s=(\S+)", lines[-1])
+    assert summary and int(summary.group(1)) == 3 and float(summary.group(4)) > 0
+
+
+def test_run_rollout_episodes_are_consistent(one_thread):
+    result = cli.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
+    assert len(result.episodes) == 5
+    assert {ep.row for ep in result.episodes} == {0, 1}
+    assert result.tokens >= sum(len(ep.completion) for ep in result.episodes)  # char tokenizer
+    for ep in result.episodes:
+        assert len(ep.completion) <= 6  # at most max_new_tokens characters (EOS is not shown)
+        assert abs(ep.kl) < 1e-4
+        assert ep.score == pytest.approx(ep.completion.count("e") / len(ep.completion) if ep.completion else 0.0)
+        assert ep.ret == pytest.approx(ep.score - 0.5 * ep.kl, abs=1e-5)
+
+
+def test_episode_tracker_follows_next_step_autoreset():
+    """Row 0 ends on step 2; step 3 is its reset (reward 0, not counted); row 1 runs on."""
+    env = SimpleNamespace(core=SimpleNamespace(prompt_text=["p0", "p1"]), completions=lambda: ["ab", "c"])
+    tracker = cli.EpisodeTracker(2)
+    acting = np.array([True, True])
+    no = np.array([False, False])
+    assert tracker.update(env, np.array([-0.1, -0.2]), no, no, {"kl": np.array([2.0, 4.0]), "_kl": acting}) == []
+    ended = tracker.update(
+        env, np.array([0.7, -0.2]), np.array([True, False]), no,
+        {"kl": np.array([1.0, 4.0]), "_kl": acting, "score": np.array([0.8, 0.0]), "_score": np.array([True, False])},
+    )  # fmt: skip
+    assert ended == [cli.Episode(0, "p0", "ab", 0.8, 3.0, pytest.approx(0.6))]
+    reset_step = {"kl": np.array([0.0, 1.0]), "_kl": np.array([False, True])}
+    assert tracker.update(env, np.array([0.0, -0.1]), no, no, reset_step) == []
+    ended = tracker.update(
+        env, np.array([-0.3, 0.5]), no, np.array([False, True]),
+        {"kl": np.array([5.0, 1.0]), "_kl": acting, "score": np.array([0.0, 0.9]), "_score": np.array([False, True])},
+    )  # fmt: skip
+    assert ended == [cli.Episode(1, "p1", "c", 0.9, 10.0, pytest.approx(0.0, abs=1e-9))]
+    assert tracker.kl[0] == 5.0 and tracker.ret[0] == pytest.approx(-0.3)  # row 0's new episode
+
+
+def test_clip_quotes_and_shortens():
+    assert cli.clip("abc", 10) == "'abc'"
+    assert cli.clip("x" * 50, 10) == repr("x" * 9 + "\u2026")
+    assert cli.clip("it's", 10) == '"it\'s"'
+
+
+def console_script() -> str | None:
+    here = Path(sys.executable).with_name("rlhf")
+    return str(here) if here.exists() else shutil.which("rlhf")
+
+
+@pytest.mark.skipif(console_script() is None, reason="the rlhf console script is not installed")
+def test_console_script_lists_json():
+    proc = subprocess.run([console_script(), "list", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    desc = json.loads(proc.stdout)
+    assert {"name": "letter_fraction", "plugin": "rlhf_env.builtins"} in desc["rewards"]
