@@ -8,8 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import plugins
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their
+# spin-waits stall every forward; one thread keeps the suite fast and steady.
+torch.set_num_threads(1)
 
 DEMO_SOURCE = """
 from rlhf_env import hookimpl

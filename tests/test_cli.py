@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import plugins
 from rlhf_env import cli
@@ -28,15 +27,6 @@ def fresh_host(monkeypatch):
     plugins.reset_host()
     yield
     plugins.reset_host()
-
-
-@pytest.fixture
-def one_thread():
-    """The tiny model gains nothing from threads, and on a busy CPU their spin-waits stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_json(capsys) -> dict:
@@ -86,7 +76,7 @@ def test_bad_usage_is_an_argparse_error(capsys):
     assert "usage: rlhf" in capsys.readouterr().err
 
 
-def test_rollout_prints_episodes_and_summary(capsys, one_thread):
+def test_rollout_prints_episodes_and_summary(capsys):
     assert cli.main(["rollout", "--episodes", "3", "--num-envs", "2", "--max-new-tokens", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     episodes = [EPISODE_LINE.match(line) for line in lines if line.startswith("episode")]
@@ -99,7 +89,7 @@ def test_rollout_prints_episodes_and_summary(capsys, one_thread):
     assert summary and int(summary.group(1)) == 3 and float(summary.group(4)) > 0
 
 
-def test_run_rollout_episodes_are_consistent(one_thread):
+def test_run_rollout_episodes_are_consistent():
     result = cli.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
     assert len(result.episodes) == 5
     assert {ep.row for ep in result.episodes} == {0, 1}

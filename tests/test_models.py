@@ -40,7 +40,7 @@ def test_incremental_lm_matches_full_forwards_under_restarts_and_waits():
     B = 3
     lm = IncrementalLM(model, B, pad_token_id=0)
     seqs: list[list[int]] = [[] for _ in range(B)]
-    for step in range(80):
+    for step in range(50):
         kinds = torch.randint(0, 10, (B,), generator=gen).tolist() if step else [0] * B
         pieces, restart = [], []
         for r, kind in enumerate(kinds):
