@@ -1,0 +1,280 @@
+"""Rollout throughput: ``VectorTextGenEnv`` against Hugging Face ``generate`` + post-hoc scoring.
+
+Both sides do the same work on the same models, batch and lengths (DESIGN §6):
+
+* **env**: ``reset(seed)`` then exactly ``N`` steps of ``VectorTextGenEnv`` driven by
+  ``SamplingPolicy`` (the policy's own KV-cached forward and sampling), with the env's
+  KV-cached reference forward per step (KL, β = 0.05) and a ``RewardModel`` (a tiny
+  ``GPT2ForSequenceClassification``) scoring episodes as they end. Tokens counted = rows
+  that acted per step (``info["_kl"].sum()``).
+* **baseline**: ``policy.generate(do_sample=True, use_cache=True)`` on the same ``B``
+  prompts, left-padded, with ``output_logits=True`` so the policy log-probs come from the
+  logits generate already computed (no second policy pass: the cheaper honest way, and
+  what the env gets from the agent too); then ONE reference forward over prompt ∘
+  completion (mask-derived position ids) for per-token KL, and ONE reward-model forward.
+  Tokens counted = completion tokens up to and including the first EOS.
+
+Sampling is from the full softmax on both sides (``top_k=0``: generate would otherwise
+apply its default top-k of 50). The baseline's batched log-probs and scores are checked
+against unpadded per-row ones first. Env and baseline runs are interleaved. Prints a
+table, then one JSON line (the last line of stdout).
+
+    python benchmarks/env_throughput.py [--batch 64] [--max-new-tokens 32] [--device cpu]
+        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import GPT2ForSequenceClassification
+
+from rlhf_env import RewardModel, VectorTextGenEnv, build_tiny_model
+from rlhf_env.policy import SamplingPolicy
+from rlhf_env.prompts import DEFAULT_PROMPTS
+
+BETA = 0.05
+CONFIGS = {  # name -> build_tiny_model keyword arguments
+    "tiny-2L-64d": dict(n_layer=2, n_head=2, n_embd=64),
+    "small-4L-256d": dict(n_layer=4, n_head=4, n_embd=256),
+}
+
+
+def build_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Reference LM, policy (a deep copy of it, as at the start of RLHF), reward model, tokenizer."""
+    ref, tokenizer = build_tiny_model(seed=seed, **shape)
+    ref = ref.to(device=device, dtype=dtype)
+    policy = copy.deepcopy(ref)
+    rm_config = copy.deepcopy(ref.config)
+    rm_config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        rm = GPT2ForSequenceClassification(rm_config).eval()
+    reward = RewardModel(rm, tokenizer, device=device, dtype=dtype)
+    return ref, policy, reward, tokenizer
+
+
+def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype):
+    """A ``VectorTextGenEnv`` and its ``SamplingPolicy`` agent, ready for ``env_rollout``."""
+    env = VectorTextGenEnv(
+        tokenizer, ref, reward, DEFAULT_PROMPTS,
+        num_envs=batch, beta=BETA, max_new_tokens=n, device=device, dtype=dtype,
+    )  # fmt: skip
+    agent = SamplingPolicy(policy_model, batch, tokenizer.pad_token_id, seed=0)
+    return env, agent
+
+
+def env_rollout(env, agent, n: int, seed: int) -> int:
+    """``reset(seed)`` then ``n`` policy steps; returns the number of generated tokens."""
+    obs, _ = env.reset(seed=seed)
+    tokens = 0
+    for _ in range(n):
+        obs, _, _, _, info = env.step(agent.act(obs))
+        tokens += int(info["_kl"].sum())
+    return tokens
+
+
+def left_padded_batch(tokenizer, prompts: list[str], device):
+    """Tokenise ``prompts`` left-padded (as batched ``generate`` needs); returns (ids, mask)."""
+    tok = copy.copy(tokenizer)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.inference_mode()
+def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attention_mask, n: int, eos: int, pad: int):
+    """HF generate, then one reference and one reward forward.
+
+    Returns ``(generated tokens, parts)``; ``parts`` holds the sequences, completion mask,
+    reference log-probs, per-token rewards and scores, for ``check_baseline``.
+    """
+    out = policy_model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
+        max_new_tokens=n, use_cache=True, pad_token_id=pad, eos_token_id=eos,
+        return_dict_in_generate=True, output_logits=True,
+    )  # fmt: skip
+    P = input_ids.shape[1]
+    completion = out.sequences[:, P:]  # (B, T), T <= n; pad after a row's EOS
+    # Real completion tokens: up to and including the first EOS.
+    is_eos = (completion == eos).long()
+    done_before = (is_eos.cumsum(dim=1) - is_eos) > 0
+    completion_mask = (~done_before).long()  # (B, T)
+
+    logits = torch.stack(out.logits, dim=1).float()  # (B, T, V), raw (unwarped) policy logits
+    policy_lp = torch.log_softmax(logits, dim=-1).gather(2, completion[..., None]).squeeze(2)
+
+    mask = torch.cat([attention_mask, completion_mask], dim=1)  # (B, P + T)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ref_logits = ref(input_ids=out.sequences, attention_mask=mask, position_ids=position_ids).logits
+    ref_lp = torch.log_softmax(ref_logits[:, P - 1 : -1].float(), dim=-1)
+    ref_lp = ref_lp.gather(2, completion[..., None]).squeeze(2)
+    kl = (policy_lp - ref_lp) * completion_mask  # (B, T) per-token KL, 0 on padding
+    token_reward = -BETA * kl
+
+    # Reward model over prompt ∘ completion, EOS excluded (as the env scores it): it reads
+    # the last non-pad token, which left padding keeps at the right end of each row.
+    keep = completion_mask * (completion != eos).long()
+    rm_mask = torch.cat([attention_mask, keep], dim=1)
+    rm_ids = out.sequences.masked_fill(rm_mask == 0, reward.pad_token_id)
+    rm_pos = (rm_mask.cumsum(dim=1) - 1).clamp(min=0)
+    scores = reward.model(input_ids=rm_ids, attention_mask=rm_mask, position_ids=rm_pos).logits[:, 0].float()
+    last = (completion_mask.sum(dim=1) - 1).clamp(min=0)
+    token_reward[torch.arange(len(last), device=last.device), last] += scores  # as the env's last step
+    token_reward.sum().item()  # materialise (and sync on GPU)
+    parts = dict(sequences=out.sequences, completion_mask=completion_mask, ref_lp=ref_lp, scores=scores)
+    return int(completion_mask.sum()), parts
+
+
+@torch.inference_mode()
+def check_baseline(ref, reward: RewardModel, input_ids, attention_mask, parts: dict, eos: int) -> tuple[float, float]:
+    """Max |difference| of the baseline's batched, left-padded reference log-probs and
+    scores from the same quantities computed row by row without padding."""
+    P, err_lp, err_score = input_ids.shape[1], 0.0, 0.0
+    for b in range(input_ids.shape[0]):
+        prompt = input_ids[b][attention_mask[b].bool()]
+        keep = parts["completion_mask"][b].bool()
+        comp = parts["sequences"][b, P:][keep]
+        full = torch.cat([prompt, comp])[None]
+        lp = torch.log_softmax(ref(full).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        lp = lp.gather(1, comp[:, None]).squeeze(1)
+        err_lp = max(err_lp, float((lp - parts["ref_lp"][b][keep]).abs().max()))
+        scored = full[0, : full.shape[1] - int(len(comp) > 0 and comp[-1] == eos)]
+        score = reward.score_ids([scored.tolist()])[0]
+        err_score = max(err_score, abs(float(score) - float(parts["scores"][b])))
+    return err_lp, err_score
+
+
+def timed(fns: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, list[tuple[int, float]]]:
+    """(tokens, seconds) of each ``fn() -> tokens`` in ``fns``, ``repeats`` times after ``warmup`` runs.
+
+    The sides are interleaved (env, baseline, env, ...) so that a busy machine slows both
+    alike; the caller takes medians.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tokens = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            runs[name].append((tokens, time.perf_counter() - t0))
+    return runs
+
+
+def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
+    """Measure env and baseline tokens/s for one model shape."""
+    ref, policy_model, reward, tokenizer = build_models(shape, device, dtype)
+    env, agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, args.max_new_tokens, device, dtype)
+    _, info = env.reset(seed=args.seed)
+    input_ids, attention_mask = left_padded_batch(tokenizer, list(info["prompt"]), device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    n = args.max_new_tokens
+
+    baseline_args = (policy_model, ref, reward, input_ids, attention_mask, n, eos, pad)
+    err_lp, err_score = check_baseline(ref, reward, input_ids, attention_mask, baseline_rollout(*baseline_args)[1], eos)
+
+    torch.manual_seed(args.seed)
+    runs = timed(
+        {
+            "env": lambda: env_rollout(env, agent, n, args.seed),
+            "baseline": lambda: baseline_rollout(*baseline_args)[0],
+        },
+        args.warmup, args.repeats, device,
+    )  # fmt: skip
+    env_rates, base_rates = ([t / s for t, s in runs[k]] for k in ("env", "baseline"))
+    env_rate, base_rate = statistics.median(env_rates), statistics.median(base_rates)
+    params = sum(p.numel() for p in ref.parameters())
+    return {
+        "model": name, "params": params, "env_tokens_per_s": round(env_rate, 1),
+        "baseline_tokens_per_s": round(base_rate, 1), "ratio": round(env_rate / base_rate, 3),
+        "env_runs_tokens_per_s": [round(r, 1) for r in env_rates],
+        "baseline_runs_tokens_per_s": [round(r, 1) for r in base_rates],
+        "env_tokens_per_rollout": statistics.median(t for t, _ in runs["env"]),
+        "baseline_tokens_per_rollout": statistics.median(t for t, _ in runs["baseline"]),
+        "baseline_check_max_abs_err": {"ref_logprob": err_lp, "score": err_score},
+    }  # fmt: skip
+
+
+def print_table(rows: list[dict], args, device) -> None:
+    """A readable fixed-width table of the results."""
+    head = f"{'model':<15} {'params':>9} {'device':<6} {'dtype':<8} {'B':>4} {'N':>4} {'env tok/s':>11} {'HF tok/s':>11} {'env/HF':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['model']:<15} {r['params']:>9,} {device.type:<6} {args.dtype:<8} {args.batch:>4} "
+            f"{args.max_new_tokens:>4} {r['env_tokens_per_s']:>11,.0f} {r['baseline_tokens_per_s']:>11,.0f} {r['ratio']:>7.2f}"
+        )
+    for r in rows:
+        env, base, err = r["env_runs_tokens_per_s"], r["baseline_runs_tokens_per_s"], r["baseline_check_max_abs_err"]
+        print(
+            f"{r['model']}: runs env {min(env):,.0f}-{max(env):,.0f}, HF {min(base):,.0f}-{max(base):,.0f} tok/s; "
+            f"tokens/rollout env {r['env_tokens_per_rollout']:.0f}, HF {r['baseline_tokens_per_rollout']:.0f}; "
+            f"HF-side check vs unpadded rows: ref logprob {err['ref_logprob']:.1e}, score {err['score']:.1e}"
+        )
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average, where the OS reports one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--out", help="also write the JSON summary to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores or 1)
+    transformers.logging.set_verbosity_error()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t0, load0 = time.perf_counter(), _loadavg()
+    rows = [bench_config(name, CONFIGS[name], args, device, dtype) for name in args.configs]
+    print_table(rows, args, device)
+    load = (load0, _loadavg())
+    print(f"medians of {args.repeats} interleaved runs after {args.warmup} warm-up; torch threads "
+          f"{torch.get_num_threads()}; total {time.perf_counter() - t0:.1f}s; 1-min load average "
+          f"{load[0]} at start, {load[1]} at end (other work on the machine makes CPU timings noisy)")  # fmt: skip
+    summary = {
+        "benchmark": "env_throughput", "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+        "device": str(device), "dtype": args.dtype, "beta": BETA, "repeats": args.repeats,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "load_average_start_end": load, "configs": rows,
+    }  # fmt: skip
+    if device.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(device)
+    line = json.dumps(summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+    print(line)
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
