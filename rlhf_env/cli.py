@@ -12,6 +12,7 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -105,13 +106,29 @@ class EpisodeTracker:
 
 
 def run_rollout(
-    episodes: int = 8, num_envs: int = 4, max_new_tokens: int = 24, beta: float = 0.05, seed: int = 0
+    episodes: int = 8,
+    num_envs: int = 4,
+    max_new_tokens: int | None = None,
+    beta: float = 0.05,
+    seed: int = 0,
+    task: str | None = None,
+    model: str | None = None,
 ) -> RolloutResult:
-    """Roll the default vector env with the reference as policy until ``episodes`` end."""
-    from rlhf_env.default import make_default_vector_env
+    """Roll a vector env with the reference as policy until ``episodes`` end.
+
+    The env is the embedded default, or ``task``'s (its base model, or ``model``).
+    """
     from rlhf_env.policy import SamplingPolicy
 
-    env = make_default_vector_env(num_envs=num_envs, beta=beta, max_new_tokens=max_new_tokens)
+    limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    if task is None:
+        from rlhf_env.default import make_default_vector_env
+
+        env = make_default_vector_env(num_envs=num_envs, beta=beta, **{"max_new_tokens": 24, **limit})
+    else:
+        from rlhf_env.tasks import get_task, make_task_env
+
+        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", **limit)
     # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
     model = copy.deepcopy(env.core.ref_model)
     policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed)
@@ -156,10 +173,36 @@ def format_summary(result: RolloutResult) -> str:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Print every finished episode, then a summary line."""
-    result = run_rollout(args.episodes, args.num_envs, args.max_new_tokens, args.beta, args.seed)
+    result = run_rollout(args.episodes, args.num_envs, args.max_new_tokens, args.beta, args.seed, args.task, args.model)
     for i, ep in enumerate(result.episodes):
         print(format_episode(i, ep))
     print(format_summary(result))
+    return 0
+
+
+# -- rlhf base-model ---------------------------------------------------------------------
+def cmd_base_model(args: argparse.Namespace) -> int:
+    """Build or load a task's base model; print its size, build time and eval figures."""
+    from rlhf_env.tasks import evaluate, get_task
+    from rlhf_env.tasks.base_models import build_base_model, load_base_model
+
+    task = get_task(args.task)
+    path = args.model or build_base_model(task, force=args.force)
+    info_file = Path(path) / "build_info.json"
+    built = json.loads(info_file.read_text()) if info_file.exists() else {}
+    model, tokenizer = load_base_model(task, path)
+    sampled, greedy = evaluate(task, model, tokenizer), evaluate(task, model, tokenizer, greedy=True)
+    report = {
+        "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": built.get("build_seconds"), "eval_prompts": sampled["n"],
+        "gold_mean_sampled": round(sampled["gold_mean"], 4), "gold_mean_greedy": round(greedy["gold_mean"], 4),
+        "examples": sampled["examples"],
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>18}: {value}")
     return 0
 
 
@@ -182,10 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rollout", help="roll the default env with the reference policy")
     p.add_argument("--episodes", type=positive_int, default=8)
     p.add_argument("--num-envs", type=positive_int, default=4)
-    p.add_argument("--max-new-tokens", type=positive_int, default=24)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 24, or the task's")
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default=None, help="a registered task (default: the embedded default env)")
+    p.add_argument("--model", default=None, help="local HF checkpoint replacing the task's base model")
     p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("base-model", help="build (or load) a task's base model and evaluate it")
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_base_model)
     return parser
 
 

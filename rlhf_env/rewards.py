@@ -15,6 +15,7 @@ import torch
 
 from rlhf_env.errors import RewardError
 from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer
+from rlhf_env.scoring import pack
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -54,13 +55,8 @@ class RewardModel:
     @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
         """Score token sequences (prompt ∘ completion ids) in one batch; returns (N,) float32."""
-        n, width = len(sequences), max(len(s) for s in sequences)
-        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(n, width, dtype=torch.long)
-        for i, s in enumerate(sequences):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        ids, mask = pack(sequences, self.pad_token_id, self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
         return logits[:, 0].float().cpu()
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:

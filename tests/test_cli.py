@@ -16,7 +16,7 @@ import pytest
 import plugins
 from rlhf_env import cli
 
-BUILTIN_REWARDS = ("letter_fraction", "completion_length")
+BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
 
 
@@ -39,7 +39,7 @@ def test_list_json_has_the_describe_structure(fresh_host, capsys):
     assert set(desc) == {"algorithms", "tasks", "rewards", "failed"}
     for reward in BUILTIN_REWARDS:
         assert {"name": reward, "plugin": "rlhf_env.builtins"} in desc["rewards"]
-    assert {"name": "default", "plugin": "rlhf_env.builtins"} in desc["tasks"]
+    assert {"name": "arithmetic", "plugin": "rlhf_env.builtins"} in desc["tasks"]
     assert desc == plugins.get_host().describe()
 
 
@@ -49,7 +49,7 @@ def test_list_text_names_each_reward_and_its_plugin(fresh_host, capsys):
     lines = out.splitlines()
     for reward in BUILTIN_REWARDS:
         assert any(reward in line and "rlhf_env.builtins" in line for line in lines), out
-    assert "algorithms (0)" in out and "rewards (2)" in out
+    assert "algorithms (0)" in out and f"rewards ({len(BUILTIN_REWARDS)})" in out
     assert "failed" not in out
 
 
@@ -140,3 +140,19 @@ def test_console_script_lists_json():
     assert proc.returncode == 0, proc.stderr
     desc = json.loads(proc.stdout)
     assert {"name": "letter_fraction", "plugin": "rlhf_env.builtins"} in desc["rewards"]
+
+
+def test_task_commands_use_a_given_local_checkpoint(tmp_path, monkeypatch, capsys):
+    from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
+
+    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
+    model, tok = build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=3)
+    path = str(save_tiny(model, tok, tmp_path / "ckpt"))
+    assert cli.main(["base-model", "--task", "arithmetic", "--model", path, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == path and report["eval_prompts"] == 200 and report["parameters"] == model.num_parameters()
+    assert 0.0 <= report["gold_mean_sampled"] <= 1.0
+    assert cli.main(["rollout", "--task", "arithmetic", "--model", path, "--episodes", "2", "--num-envs", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
+    assert len(lines) == 2 and all(re.search(r"prompt='\d+\+\d+='", line) for line in lines)
+    assert not (tmp_path / "cache").exists()  # --model replaced the base model: nothing built

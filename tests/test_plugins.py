@@ -8,7 +8,7 @@ import plugins
 import rlhf_env
 from rlhf_env import hookimpl
 
-BUILTIN_REWARDS = ("letter_fraction", "completion_length")
+BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 
 
 class ThingsPlugin:
@@ -161,7 +161,7 @@ def test_disable_autoload_env_skips_entry_points(demo_dist, monkeypatch):
     assert "demo_reward" not in host.rewards and "demo_algo" not in host.algorithms
     assert not host.pm.has_plugin("demo")
     assert set(BUILTIN_REWARDS) <= set(names(host.rewards))
-    assert "default" in host.tasks
+    assert "arithmetic" in host.tasks
     # The process-wide host honours it too.
     plugins.reset_host()
     assert "demo_reward" not in plugins.get_host().rewards
@@ -202,8 +202,8 @@ def test_builtin_rewards_registered_and_correct(host):
     assert completion_length()(["p"], ["x" * 8]) == [0.25]  # default max_chars=32
 
 
-def test_builtin_default_task(host):
-    assert host.tasks.entry("default").plugin == "rlhf_env.builtins"
-    task = host.tasks.get("default")()
-    assert len(task["prompts"]) > 0
-    assert task["reward"](["p"], ["ee"]) == [1.0]
+def test_builtin_tasks_are_registered_by_the_builtins_plugin(host):
+    for name in ("arithmetic", "sentiment"):
+        assert host.tasks.entry(name).plugin == "rlhf_env.builtins"
+    task = host.tasks.get("arithmetic")(n_train=10, n_eval=5)
+    assert task.gold_reward(["2+3="], ["5"]) == [1.0]

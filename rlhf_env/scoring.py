@@ -1,0 +1,42 @@
+"""Log-probs of given tokens under a causal LM: the shared primitive of SFT, DPO and scoring."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[labels], in float32.
+
+    Args:
+        logits: (..., V) unnormalised scores.
+        labels: (...) int64 token ids.
+    Returns:
+        (...) float32 log-probs.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Log-prob of every token given the ones before it, for right-padded sequences.
+
+    Args:
+        input_ids: (B, T) int64, right-padded.
+        attention_mask: (B, T) 0/1.
+    Returns:
+        (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+
+def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into ``(input_ids, attention_mask)``, both (N, max_len) int64."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,72 @@
+"""What a task is: prompts, a gold reward we can measure exactly, SFT data, and a base model recipe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+@dataclass(frozen=True)
+class BaseModelRecipe:
+    """How the project builds a task's base model: a tiny GPT-2 trained by SFT on the task's data.
+
+    ``sft_steps`` is deliberately small so the base model is imperfect and RL has room to
+    improve it. ``chars`` is the character tokenizer's alphabet (None: printable ASCII).
+    """
+
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    n_positions: int = 128
+    sft_steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+    chars: str | None = None
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One labelled comparison: ``chosen`` was preferred to ``rejected`` for ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class Task:
+    """A task the algorithms are compared on.
+
+    Attributes:
+        name: registry name.
+        train_prompts / eval_prompts: disjoint prompt lists.
+        gold_reward: ``gold(prompts, completions) -> list[float]``, the measured truth.
+        sft_data: ``(prompt, completion)`` pairs the base model is trained on.
+        max_new_tokens: completion length limit for rollouts on this task.
+        recipe: how to build the base model.
+        config: the knobs that made this task (part of the base model's cache key).
+    """
+
+    name: str
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    gold_reward: RewardFn
+    sft_data: list[tuple[str, str]]
+    max_new_tokens: int = 16
+    recipe: BaseModelRecipe = field(default_factory=BaseModelRecipe)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for what in ("train_prompts", "eval_prompts", "sft_data"):
+            if not getattr(self, what):
+                raise ValueError(f"task {self.name!r} has no {what}")
+
+    def cache_key(self) -> str:
+        """A short hash of everything that determines the base model."""
+        blob = json.dumps({"task": self.name, "config": self.config, "recipe": asdict(self.recipe)}, sort_keys=True)
+        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"

@@ -1,0 +1,110 @@
+"""Base models for the embedded tasks: a tiny GPT-2 trained by SFT, cached on disk.
+
+The first use of a task builds its base model (a progress bar shows the SFT steps) and
+saves it under the user cache directory, keyed by the task's configuration; later uses
+load it. Writes are atomic (a temporary directory renamed into place), so an interrupted
+build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_env.models import load_causal_lm, load_tokenizer
+from rlhf_env.scoring import next_token_logprobs, pack
+from rlhf_env.tasks.base import Task
+from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
+
+CACHE_ENV = "RLHF_ENV_CACHE"
+
+
+def cache_root() -> Path:
+    """``$RLHF_ENV_CACHE``, else ``$XDG_CACHE_HOME/rlhf_env``, else ``~/.cache/rlhf_env``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rlhf_env"
+
+
+def base_model_dir(task: Task) -> Path:
+    return cache_root() / "base_models" / task.cache_key()
+
+
+def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """Mean negative log-likelihood of ``completion + EOS`` given ``prompt`` (prompt tokens masked)."""
+    seqs, starts = [], []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        seqs.append(p + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        starts.append(len(p))
+    device = next(model.parameters()).device
+    ids, mask = pack(seqs, tokenizer.pad_token_id, device)
+    logp = next_token_logprobs(model, ids, mask)  # (B, T-1), entry t predicts token t+1
+    target = torch.arange(1, ids.shape[1], device=device)[None, :] >= torch.tensor(starts, device=device)[:, None]
+    target = target & mask[:, 1:].bool()
+    return -(logp * target).sum() / target.sum()
+
+
+def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True):
+    """AdamW on ``sft_loss`` over random minibatches, linear warm-up then linear decay."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1))))
+    model.train()
+    bar = tqdm(range(steps), desc="SFT base model", disable=not progress, leave=False)
+    loss = torch.tensor(float("nan"))
+    for _ in bar:
+        idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
+        loss = sft_loss(model, tokenizer, [pairs[i] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval(), loss.item()
+
+
+def build_base_model(task: Task, *, force: bool = False, progress: bool = True) -> Path:
+    """The task's base model directory, built (SFT) and cached on first use."""
+    target = base_model_dir(task)
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    r = task.recipe
+    tokenizer = build_char_tokenizer(r.chars or DEFAULT_CHARS)
+    model, _ = build_tiny_model(tokenizer, n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd,
+                                n_positions=r.n_positions, seed=r.seed)  # fmt: skip
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        model, final_loss = train_sft(model, tokenizer, task.sft_data, steps=r.sft_steps, batch_size=r.batch_size,
+                                      lr=r.lr, seed=r.seed, progress=progress)  # fmt: skip
+    info = {"task": task.name, "config": task.config, "recipe": r.__dict__, "final_sft_loss": final_loss,
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save_tiny(model, tokenizer, tmp)
+        (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, progress: bool = True):
+    """``(model, tokenizer)``: the checkpoint at ``model_path`` if given, else the task's base model."""
+    path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress)
+    return load_causal_lm(path, device=device), load_tokenizer(path)

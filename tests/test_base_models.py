@@ -1,0 +1,70 @@
+"""Base models: the SFT loss by hand, a build that learns, caching, and --model replacing it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from rlhf_env.tasks import evaluate, make_task_env
+from rlhf_env.tasks.arithmetic import make_arithmetic_task
+from rlhf_env.tasks.base_models import base_model_dir, build_base_model, load_base_model, sft_loss
+from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
+from tinyparts import next_logprobs
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_sft_loss_is_the_completion_nll_by_hand():
+    model, tok = build_tiny_model(build_char_tokenizer("0123456789+="), seed=2)
+    pairs = [("12+3=", "15"), ("1+1=", "2")]
+    by_hand, count = 0.0, 0
+    for prompt, completion in pairs:
+        ids = tok(prompt)["input_ids"]
+        for y in tok(completion)["input_ids"] + [tok.eos_token_id]:  # prompt tokens do not count
+            by_hand -= float(next_logprobs(model, ids)[y])
+            ids.append(y)
+            count += 1
+    with torch.no_grad():
+        assert float(sft_loss(model, tok, pairs)) == pytest.approx(by_hand / count, abs=1e-5)
+
+
+def test_base_model_is_built_once_cached_and_learns(cache):
+    task = make_arithmetic_task(digits=1, n_train=60, n_eval=20, sft_steps=150)
+    path = build_base_model(task, progress=False)
+    assert path == base_model_dir(task) and path.parent == cache / "base_models"
+    info = json.loads((path / "build_info.json").read_text())
+    assert info["task"] == "arithmetic" and info["recipe"]["sft_steps"] == 150
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert build_base_model(task, progress=False) == path  # reused, not rebuilt
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    model, tok = load_base_model(task)
+    untrained, _ = build_tiny_model(tok, seed=0)
+    seen = dataclasses.replace(task, eval_prompts=task.train_prompts)  # 60 examples: memorised, not general
+    trained_acc = evaluate(seen, model, tok, greedy=True)["gold_mean"]
+    untrained_acc = evaluate(seen, untrained, tok, greedy=True)["gold_mean"]
+    assert trained_acc >= untrained_acc + 0.3, (trained_acc, untrained_acc)
+    with torch.no_grad():
+        assert float(sft_loss(model, tok, task.sft_data)) < 0.5 * float(sft_loss(untrained, tok, task.sft_data))
+
+
+def test_model_path_replaces_the_base_model_everywhere(cache, tmp_path):
+    task = make_arithmetic_task(digits=1, n_train=60, n_eval=20)
+    model, tok = build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=7)
+    path = save_tiny(model, tok, tmp_path / "mine")
+    env = make_task_env(task, path, beta=0.1, device="cpu")
+    obs, info = env.reset(seed=0)
+    assert info["prompt"] in task.train_prompts
+    ids = obs["input_ids"][: obs["prompt_length"]].tolist()
+    lp = next_logprobs(model, ids)
+    *_, step_info = env.step({"token": 5, "logprob": float(lp[5])})
+    assert step_info["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is our checkpoint
+    assert not (cache / "base_models").exists()  # nothing was built
