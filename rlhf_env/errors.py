@@ -19,3 +19,7 @@ class InvalidActionError(ValueError):
 
 class RewardError(ValueError):
     """A reward function returned the wrong number of scores or a non-finite score."""
+
+
+class DataFileError(ValueError):
+    """A prompt or preference data file is unsupported, unparsable, or has a missing or bad field."""

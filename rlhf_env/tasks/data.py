@@ -1,0 +1,184 @@
+"""User data from local files: prompts and preference pairs, read through Hugging Face ``datasets``.
+
+Supported files (the builder is picked from the suffix):
+
+- ``.jsonl`` / ``.json`` -> the ``json`` builder (a ``.json`` file holds a list of records),
+- ``.csv`` -> ``csv``, ``.parquet`` -> ``parquet``.
+
+Loading never touches the network: ``datasets`` is told it is offline and not to send its
+download-count ping, only for the duration of the call, and it builds into a throwaway cache
+directory, so nothing is written to the user's cache and no stale cache can be read.
+
+Every problem raises :class:`~rlhf_env.errors.DataFileError` with a message that starts with
+the file's path and, for a bad field, names the 0-based row and the column::
+
+    data/prefs.csv: row 3, column 'chosen': expected a string, got int 7 (column read as int64)
+
+Values are never converted: a number where a string belongs is an error, not a string.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from rlhf_env.errors import DataFileError
+from rlhf_env.tasks.base import PreferencePair
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_STRING_DTYPES = frozenset({"string", "large_string"})
+# pandas would read the texts "NA", "None", "null", "nan", ... as missing; only an empty cell is.
+_BUILDER_KWARGS = {"csv": {"keep_default_na": False, "na_values": [""]}}
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Read the ``prompt`` column of a data file; every prompt is a non-empty string."""
+    return _load_columns(path, ("prompt",))["prompt"]
+
+
+def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
+    """Read ``prompt``, ``chosen`` and ``rejected`` columns into preference pairs, in file order."""
+    cols = _load_columns(path, ("prompt", "chosen", "rejected"))
+    return [PreferencePair(p, c, r) for p, c, r in zip(cols["prompt"], cols["chosen"], cols["rejected"])]
+
+
+def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str, list[str]]:
+    """Load ``path`` with ``datasets`` and return the ``required`` columns as checked lists of str."""
+    path = Path(path).expanduser()
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        supported = ", ".join(sorted(BUILDERS))
+        raise DataFileError(f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; supported: {supported}")
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "data file not found", str(path))
+    if not path.is_file():
+        raise DataFileError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise DataFileError(f"{path}: the file is empty")
+
+    import datasets  # deferred: importing datasets costs seconds
+    import pyarrow
+    from datasets.exceptions import DatasetsError
+
+    with tempfile.TemporaryDirectory(prefix="rlhf_env-data-") as cache_dir, _offline_and_quiet():
+        try:
+            ds = datasets.load_dataset(
+                builder,
+                data_files=glob.escape(str(path.resolve())),  # a literal path, not a glob pattern
+                split="train",
+                cache_dir=cache_dir,
+                keep_in_memory=True,
+                **_BUILDER_KWARGS.get(builder, {}),
+            )
+        except (DatasetsError, pyarrow.ArrowException, ValueError) as exc:  # pandas' errors are ValueErrors
+            raise _parse_error(path, builder, exc, required) from exc
+        if ds.num_rows == 0:
+            raise DataFileError(f"{path}: no rows")
+        missing = [c for c in required if c not in ds.column_names]
+        if missing:
+            raise DataFileError(
+                f"{path}: missing column(s) {', '.join(map(repr, missing))}; found columns: {ds.column_names}"
+            )
+        return {c: _checked_column(path, c, ds.features[c], list(ds[c])) for c in required}
+
+
+def _checked_column(path: Path, column: str, feature: Any, values: list[Any]) -> list[str]:
+    """Return ``values`` if they are all strings (prompts non-empty), else raise naming the first bad row."""
+    from datasets import Value
+
+    if not (isinstance(feature, Value) and feature.dtype in _STRING_DTYPES):
+        # Every value of a non-string column is wrong; report the first row.
+        kind = feature.dtype if isinstance(feature, Value) else str(feature)
+        raise _bad_field(path, 0, column, values[0], f" (column read as {kind})")
+    for row, value in enumerate(values):
+        if value is None:
+            raise _bad_field(path, row, column, value)
+        if column == "prompt" and value == "":
+            raise DataFileError(f"{path}: row {row}, column 'prompt': empty prompt")
+    return values
+
+
+def _bad_field(path: Path, row: int, column: str, value: Any, note: str = "") -> DataFileError:
+    """The error for a field that is not a string."""
+    if value is None:
+        what = "null or missing value; expected a string"
+        note = " (an empty CSV cell reads as null)" if path.suffix.lower() == ".csv" else note
+    else:
+        what = f"expected a string, got {type(value).__name__} {value!r}"
+    return DataFileError(f"{path}: row {row}, column {column!r}: {what}{note}")
+
+
+def _parse_error(path: Path, builder: str, exc: BaseException, required: Sequence[str]) -> DataFileError:
+    """Turn a ``datasets``/pyarrow/pandas failure into a DataFileError naming the file and the cause."""
+    messages, seen = [], exc
+    while seen is not None:
+        text = str(seen).strip()
+        if text and "error occurred while generating the dataset" not in text:
+            messages.append(text)
+        seen = seen.__cause__
+    if any("corresponds to no data" in m for m in messages):  # no rows: whitespace, a header, "[]"
+        return DataFileError(f"{path}: no rows")
+    if builder == "json":
+        # pyarrow rejects a column whose type changes between rows, often without naming the
+        # row; find the first non-string field ourselves so the message names row and column.
+        found = _first_non_string_json_field(path, required)
+        if found is not None:
+            return _bad_field(path, *found)
+    cause = "; ".join(messages) or type(exc).__name__
+    return DataFileError(f"{path}: cannot parse as {builder}: {cause}")
+
+
+def _first_non_string_json_field(path: Path, required: Sequence[str]) -> tuple[int, str, Any] | None:
+    """``(row, column, value)`` of the first non-null, non-string required field, if stdlib json finds one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = (json.loads(line) for line in text.splitlines() if line.strip())
+        for row, record in enumerate(records):
+            if not isinstance(record, dict):
+                return None
+            for column in required:
+                value = record.get(column)
+                if value is not None and not isinstance(value, str):
+                    return row, column, value
+    except (ValueError, OSError):  # not parseable by us either: the parser's message stands
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _offline_and_quiet() -> Iterator[None]:
+    """While loading: ``datasets`` offline with no download-count ping, no progress bars, no log chatter.
+
+    ``datasets`` reads ``HF_HUB_OFFLINE``/``HF_UPDATE_DOWNLOAD_COUNTS`` from the environment once, at
+    import, so setting environment variables here would be too late; its config module is patched
+    for the duration of the call and restored after.
+    """
+    from datasets import config
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import logging as ds_logging
+
+    overrides = {"HF_HUB_OFFLINE": True, "HF_UPDATE_DOWNLOAD_COUNTS": False}
+    saved = {name: getattr(config, name) for name in overrides if hasattr(config, name)}
+    bars_were_off, verbosity = are_progress_bars_disabled(), ds_logging.get_verbosity()
+    for name in saved:
+        setattr(config, name, overrides[name])
+    disable_progress_bars()
+    ds_logging.set_verbosity(logging.CRITICAL)  # parse failures are re-raised with their message
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+        ds_logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            enable_progress_bars()
