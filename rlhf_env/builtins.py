@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from plugins import hookimpl
 from rlhf_env import rewards
-from rlhf_env.prompts import DEFAULT_PROMPTS
+from rlhf_env.tasks import arithmetic, sentiment
 
 
 @hookimpl
 def rlhf_register_rewards(register):
+    """Reward factories: ``factory(**options) -> reward(prompts, completions)``."""
     register("letter_fraction", rewards.letter_fraction)
     register("completion_length", rewards.completion_length)
+    register("arithmetic_exact", lambda: arithmetic.exact_match)
+    register("arithmetic_partial", lambda: arithmetic.partial_credit)
+    register("vader", lambda: sentiment.vader_reward)
 
 
 @hookimpl
 def rlhf_register_tasks(register):
-    register("default", lambda: {"prompts": DEFAULT_PROMPTS, "reward": rewards.letter_fraction("e")})
+    """Task factories: ``factory(**knobs) -> Task``."""
+    register("arithmetic", arithmetic.make_arithmetic_task)
+    register("sentiment", sentiment.make_sentiment_task)
