@@ -68,3 +68,12 @@ def test_model_path_replaces_the_base_model_everywhere(cache, tmp_path):
     *_, step_info = env.step({"token": 5, "logprob": float(lp[5])})
     assert step_info["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is our checkpoint
     assert not (cache / "base_models").exists()  # nothing was built
+
+
+def test_base_model_build_is_reproducible_for_a_seed(cache):
+    from safetensors.torch import load_file
+
+    task = make_arithmetic_task(digits=1, n_train=40, n_eval=10, sft_steps=20)
+    first = load_file(build_base_model(task, progress=False) / "model.safetensors")
+    second = load_file(build_base_model(task, force=True, progress=False) / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

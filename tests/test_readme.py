@@ -33,7 +33,8 @@ def test_readme_plugin_example_registers_a_reward():
 
 
 def test_ci_runs_the_readme_test_command():
-    commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
     assert len(commands) == 2, "the README has exactly two set-up commands"
     assert "rlhf " in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()

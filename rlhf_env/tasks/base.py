@@ -66,6 +66,12 @@ class Task:
             if not getattr(self, what):
                 raise ValueError(f"task {self.name!r} has no {what}")
 
+    def preference_pairs(self, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0) -> list[PreferencePair]:
+        """``n`` pairs of two samples of ``model`` labelled by a simulated Bradley-Terry annotator."""
+        from rlhf_env.tasks.annotators import sample_preference_pairs
+
+        return sample_preference_pairs(self, model, tokenizer, n, tau=tau, seed=seed)
+
     def cache_key(self) -> str:
         """A short hash of everything that determines the base model."""
         blob = json.dumps({"task": self.name, "config": self.config, "recipe": asdict(self.recipe)}, sort_keys=True)

@@ -70,7 +70,7 @@ def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at tqdm's own pace
     return model.eval(), loss.item()
 
 
