@@ -1,7 +1,4 @@
-"""Built-in algorithms, registered through the same hook as any third-party plugin.
-
-The zoo (PPO, GRPO, DPO, REINFORCE, SFT, reward model) lands here module by module.
-"""
+"""Built-in algorithms, registered through the same hook as any third-party plugin."""
 
 from __future__ import annotations
 
@@ -10,4 +7,7 @@ from plugins import hookimpl
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    """No built-in algorithm yet."""
+    from algorithms import reinforce
+    from algorithms.base import AlgorithmSpec
+
+    register("reinforce", AlgorithmSpec(reinforce.Config, reinforce.Trainer, "REINFORCE with a mean baseline"))

@@ -1,0 +1,75 @@
+"""Shared maths of the zoo, written once: masked reductions, advantages, KL estimators.
+
+Pure functions of tensors. ``mask`` is 1 for completion tokens and 0 for padding (and
+prompt tokens, which never enter a loss, a KL or a normalisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_env.scoring import token_logprobs  # noqa: F401  (re-exported: log-probs from logits)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x·mask over ``dim`` (all dims if None)."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` where ``mask`` is 1, over ``dim`` (all if None); 0 where nothing is masked in."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked-in entries (biased variance); padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):
+    """Generalised advantage estimation over right-padded token sequences.
+
+    δ_t = r_t + γ V(s_{t+1}) − V(s_t) with V = 0 after the last real token;
+    Â_t = Σ_l (γλ)^l δ_{t+l};  returns R̂_t = Â_t + V(s_t).
+
+    Args:
+        rewards, values: (B, T) per-token rewards and values V(s_t).
+        mask: (B, T) 1 for real tokens (a prefix of each row).
+    Returns:
+        (advantages, returns), each (B, T), 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * torch.cat(
+        [mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1
+    )
+    deltas = (rewards + gamma * next_values - values) * mask
+    advantages = torch.zeros_like(deltas)
+    running = torch.zeros_like(deltas[:, 0])
+    for t in reversed(range(deltas.shape[1])):  # a scan over time; T is short
+        running = deltas[:, t] + gamma * gae_lambda * running * mask[:, t]
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = log π − log π_ref (unbiased, can be negative)."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = ½ (log π − log π_ref)² (biased, low variance)."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = π_ref/π − log(π_ref/π) − 1 (unbiased, ≥ 0): the GRPO estimator."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
