@@ -38,11 +38,11 @@ def step_seed(seed: int, step: int) -> int:
 
 @torch.no_grad()
 def evaluate_policy(ctx: TrainContext, n: int = 64, seed: int = 12345) -> dict[str, float]:
-    """``reward/gold`` and ``objective/kl`` of policy samples on the first ``n`` eval prompts."""
+    """``reward/gold`` and ``objective/kl_eval`` (Σ_t log π − log π_ref) of policy samples on the first ``n`` eval prompts."""
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
     batch = collect_rollouts(ctx, env, seed, prompts=prompts)
-    return {"reward/gold": float(batch.scores.mean()), "objective/kl": float(sequence_kl(batch).mean())}
+    return {"reward/gold": float(batch.scores.mean()), "objective/kl_eval": float(sequence_kl(batch).mean())}
 
 
 def _atomic_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:

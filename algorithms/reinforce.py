@@ -16,8 +16,8 @@ from algorithms.core import masked_sum
 
 @dataclass
 class Config:
-    num_envs: int = 32  # episodes per iteration (m)
-    lr: float = 2e-4
+    num_envs: int = 64  # episodes per iteration (m)
+    lr: float = 1e-3
     kl_coef: float = 0.05  # β of the KL-shaped env reward
     baseline: bool = True  # subtract the batch-mean return
     max_grad_norm: float = 1.0

@@ -206,6 +206,43 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rlhf train ---------------------------------------------------------------------------
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "baseline=false"]`` -> ``{"lr": 0.0001, "baseline": False}`` (JSON values, else strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rlhf train: --set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a registered algorithm on a registered task; metrics, TensorBoard, checkpoints in --out."""
+    import plugins
+    from rlhf_env.tasks import get_task
+
+    # The CLI is the top layer: it may use the training loop that the algorithms layer provides.
+    from algorithms.loop import train
+
+    host = plugins.get_host()
+    spec = host.algorithms.get(args.algo)  # unknown names list the registered ones
+    task = get_task(args.task)
+    records = train(spec, task, args.out, steps=args.steps, seed=args.seed, model_path=args.model,
+                    config=parse_overrides(args.set), resume=args.resume, eval_every=args.eval_every,
+                    device=args.device, algo_name=args.algo)  # fmt: skip
+    evals = [r for r in records if "reward/gold" in r]
+    if evals:
+        last = evals[-1]
+        print(f"{args.algo} on {args.task}: step {last['step'] + 1}  reward/gold={last['reward/gold']:.4f}  "
+              f"objective/kl_eval={last['objective/kl_eval']:.4f}  ({last['time/elapsed_s']:.1f}s)  -> {args.out}")  # fmt: skip
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     value = int(text)
@@ -238,13 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_base_model)
+    p = sub.add_parser("train", help="train an algorithm on a task")
+    p.add_argument("--algo", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, tb/, checkpoint/")
+    p.add_argument("--model", default=None, help="local HF causal LM replacing the task's base model")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--eval-every", type=positive_int, default=10)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (argparse exits with 2 on bad usage)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (KeyError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        # Bad input and stopped training get their message, not a traceback.
+        print(f"rlhf {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
