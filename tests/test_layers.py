@@ -1,0 +1,33 @@
+"""Layers import downward only: plugins <- rlhf_env <- algorithms <- CLI/benchmarks."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package, forbidden", [("plugins", {"rlhf_env", "algorithms"}), ("rlhf_env", {"algorithms"})])
+def test_lower_layers_do_not_import_upper_ones(package, forbidden):
+    offenders = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if path.name == "cli.py":  # the CLI is the top layer; it lives here for the console script
+            continue
+        bad = imported_packages(path) & forbidden
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders
