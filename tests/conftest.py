@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +17,10 @@ import plugins
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their
 # spin-waits stall every forward; one thread keeps the suite fast and steady.
 torch.set_num_threads(1)
+
+# Base models built by tests go to one throwaway cache shared by the session (never the
+# user's ~/.cache); a test that must see an empty cache sets its own RLHF_ENV_CACHE.
+os.environ["RLHF_ENV_CACHE"] = tempfile.mkdtemp(prefix="rlhf_env_test_cache_")
 
 DEMO_SOURCE = """
 from rlhf_env import hookimpl

@@ -20,8 +20,8 @@ SPEC = AlgorithmSpec(reinforce.Config, reinforce.Trainer)
 
 
 @pytest.fixture
-def task(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
+def task():
+    """A tiny task whose base model (built once per session, in the test cache) is weak."""
     return make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
 
 
@@ -58,7 +58,8 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 
 @pytest.mark.parametrize("overrides, message", [({"lr": -1.0}, "invalid REINFORCE"), ({"bogus": 1}, "unknown config keys")])
-def test_impossible_config_errors_before_any_work(task, tmp_path, overrides, message):
+def test_impossible_config_errors_before_any_work(task, tmp_path, monkeypatch, overrides, message):
+    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=message):
         train(SPEC, task, tmp_path / "run", steps=3, config=overrides, progress=False, device="cpu")
     assert not (tmp_path / "cache").exists()  # no base model was built
