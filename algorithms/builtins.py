@@ -7,7 +7,9 @@ from plugins import hookimpl
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    from algorithms import reinforce
+    from algorithms import grpo, reinforce
     from algorithms.base import AlgorithmSpec
 
     register("reinforce", AlgorithmSpec(reinforce.Config, reinforce.Trainer, "REINFORCE with a mean baseline"))
+    register("grpo", AlgorithmSpec(grpo.Config, grpo.Trainer, "GRPO: group-relative advantages, clipped ratio, k3 KL in the loss"))
+    register("dr_grpo", AlgorithmSpec(grpo.DrConfig, grpo.DrTrainer, "Dr. GRPO: GRPO without std scaling or length normalisation"))

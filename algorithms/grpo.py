@@ -1,0 +1,250 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath) and Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero").
+
+Each prompt is completed ``G`` times (a group). The env runs with β = 0, so the reward is
+the raw score r_i; the KL to the reference lives in the loss instead. Every token of
+completion i gets the same advantage
+
+    Â_i = (r_i − mean(r_group)) / (std(r_group) + eps)          (GRPO)
+    Â_i =  r_i − mean(r_group)                                   (Dr. GRPO: no std scaling)
+
+and, with ρ_t = π_θ(y_t|s_t) / π_θold(y_t|s_t), the per-token objective is
+
+    o_t = min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β k3_t,   k3 = π_ref/π_θ − log(π_ref/π_θ) − 1.
+
+GRPO averages o_t over each completion's tokens (1/|y_i|), then over completions; Dr. GRPO
+sums over tokens and divides by a constant (max_new_tokens × completions), which removes
+the length bias of 1/|y_i|. The objective is maximised: the loss minimised is its negative.
+
+The two variants are two registered algorithms sharing one trainer; they differ only in
+the advantage (``scale_by_std``) and the token aggregation (``aggregate``), which are
+pure functions below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from algorithms.base import TrainContext, check_finite, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.core import kl_k3, masked_mean, masked_sum
+
+
+@dataclass
+class Config:
+    num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × group_size completions
+    group_size: int = 8  # G completions per prompt
+    lr: float = 3e-4
+    kl_coef: float = 0.04  # β of the k3 KL penalty in the loss
+    clip_eps: float = 0.2  # ε of the clipped ratio
+    num_iterations: int = 1  # inner epochs over each batch (1: on-policy, ρ = 1)
+    num_minibatches: int = 4  # optimizer steps per epoch; must divide num_prompts × group_size
+    max_grad_norm: float = 1.0
+    std_eps: float = 1e-4  # added to the group std before dividing (GRPO only); > 0 keeps equal-reward groups at 0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"GRPO needs group_size >= 2 (advantages are relative to a group), got {self.group_size}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
+        if self.clip_eps <= 0:
+            raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
+        if self.num_prompts < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
+            raise ValueError(f"num_prompts, num_iterations and num_minibatches must be >= 1: {self}")
+        if (self.num_prompts * self.group_size) % self.num_minibatches:
+            raise ValueError(
+                f"num_minibatches={self.num_minibatches} must divide num_prompts × group_size = "
+                f"{self.num_prompts * self.group_size}"
+            )
+        if self.lr <= 0 or self.max_grad_norm <= 0 or self.std_eps <= 0:
+            raise ValueError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
+
+
+@dataclass
+class DrConfig(Config):
+    """Dr. GRPO's config: the same knobs and defaults (its loss is smaller than GRPO's, but
+    Adam's update is nearly scale-free, so the same learning rate suits both)."""
+
+
+# -- advantages ------------------------------------------------------------------------------
+
+
+def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B/G,) sample standard deviation (Bessel-corrected, n−1) of each group's scores.
+
+    Args:
+        scores: (B,) with row i in group i // G (the env's layout).
+    """
+    return scores.view(-1, group_size).std(dim=1, unbiased=True)
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """(B,) advantages relative to the group: r_i − mean, divided by (std + eps) if ``scale_by_std``.
+
+    The std is the sample std (n−1), as ``torch.std`` and the common GRPO implementations
+    compute it. With ``eps`` > 0 a group whose rewards are all equal gets 0 for every member
+    (no NaN, and no blown-up rounding noise: mean(0.1, 0.1, 0.1) ≠ 0.1 in floating point).
+
+    Args:
+        scores: (B,) rewards, row i in group i // ``group_size``; B a multiple of it.
+    """
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be (B,) with B a multiple of group_size={group_size}, got {tuple(scores.shape)}")
+    grouped = scores.view(-1, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+class LossParts(NamedTuple):
+    """The loss minimised and its parts: ``loss = policy + kl``."""
+
+    loss: torch.Tensor  # scalar, −objective
+    policy: torch.Tensor  # scalar, −(aggregated clipped surrogate)
+    kl: torch.Tensor  # scalar, β·(aggregated k3)
+    clipfrac: torch.Tensor  # scalar, share of completion tokens whose ratio was clipped
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
+    """Per-token min(ρ Â, clip(ρ, 1−ε, 1+ε) Â), with ρ = exp(logp − old_logp).
+
+    Args:
+        logp, old_logp: (B, T) log-probs of the taken tokens under π_θ and π_θold.
+        advantages: (B,) one advantage per completion, broadcast over its tokens.
+    Returns:
+        (surrogate (B, T), clipped (B, T) bool: ρ outside [1−ε, 1+ε]).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.detach()[:, None]
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    return surrogate, (ratio - 1).abs() > clip_eps
+
+
+def per_completion_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's aggregation: (1/B) Σ_i (1/|y_i|) Σ_t x_it, over masked-in tokens. x, mask: (B, T)."""
+    return masked_mean(x, mask, dim=1).mean()
+
+
+def constant_normalised_sum(x: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Dr. GRPO's aggregation: Σ_i Σ_t x_it / (max_new_tokens × B), over masked-in tokens. x, mask: (B, T)."""
+    return masked_sum(x, mask) / (max_new_tokens * x.shape[0])
+
+
+def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate) -> LossParts:
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    policy = -aggregate(surrogate, mask)
+    kl = kl_coef * aggregate(kl_k3(logp, ref_logp), mask)
+    clipfrac = masked_mean(clipped.to(mask.dtype), mask)
+    return LossParts(policy + kl, policy, kl, clipfrac.detach())
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.04,
+) -> LossParts:
+    """GRPO loss: −(1/B) Σ_i (1/|y_i|) Σ_{t∈y_i} [min(ρ_t Â_i, clip(ρ_t) Â_i) − β k3_t].
+
+    Args:
+        logp: (B, T) log π_θ of the taken tokens (with gradients).
+        old_logp: (B, T) log π_θold (sampling time); ref_logp: (B, T) log π_ref.
+        advantages: (B,) per-completion advantages Â_i.
+        mask: (B, T) 1 on completion tokens; padding and prompt positions never count.
+    """
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, per_completion_mean)
+
+
+def dr_grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.04,
+) -> LossParts:
+    """Dr. GRPO loss: −(1/(N·B)) Σ_i Σ_{t∈y_i} [min(ρ_t Â_i, clip(ρ_t) Â_i) − β k3_t], N = max_new_tokens.
+
+    Same shapes as ``grpo_loss``; the advantages are expected without std scaling.
+    """
+    def aggregate(x, m):
+        return constant_normalised_sum(x, m, max_new_tokens)
+
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate)
+
+
+# -- trainer -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """GRPO: sample groups, compute group advantages, then epochs of clipped minibatch updates."""
+
+    scale_by_std = True  # GRPO divides the advantage by the group's std
+
+    def __init__(self, ctx: TrainContext, config: Config):
+        self.ctx, self.config = ctx, config
+        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=config.lr)
+
+    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+        c = self.config
+        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps, c.kl_coef)
+
+    def step(self, step: int, seed: int) -> dict[str, float]:
+        c, policy = self.config, self.ctx.policy
+        B = c.num_prompts * c.group_size
+        # β = 0 in the env: the rewards are raw scores; ref log-probs still come back.
+        batch = collect_rollouts(self.ctx, self.ctx.env(B, group_size=c.group_size, beta=0.0), seed)
+        advantages = group_advantages(batch.scores, c.group_size, self.scale_by_std, c.std_eps)
+        generator = torch.Generator().manual_seed(seed)
+        size = B // c.num_minibatches
+        sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clipfrac": 0.0}
+        updates = 0
+        for _ in range(c.num_iterations):
+            order = torch.randperm(B, generator=generator).to(batch.input_ids.device)
+            for start in range(0, B, size):
+                rows = order[start : start + size]
+                parts = self.loss(policy_logprobs(policy, batch, rows), batch.logprobs[rows],
+                                  batch.ref_logprobs[rows], advantages[rows], batch.action_mask[rows])  # fmt: skip
+                check_finite(policy=parts.policy, kl=parts.kl)
+                self.optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
+                self.optimizer.step()
+                for key, value in zip(LossParts._fields, parts):
+                    sums[key] += value.item()
+                updates += 1
+        return {"loss/total": sums["loss"] / updates, "loss/policy": sums["policy"] / updates,
+                "loss/kl": sums["kl"] / updates, "policy/clipfrac": sums["clipfrac"] / updates,
+                "reward/score": batch.scores.mean().item(),
+                "reward/group_std": group_std(batch.scores, c.group_size).mean().item(),
+                "objective/kl": sequence_kl(batch).mean().item(), "perf/tokens": batch.num_tokens}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DrTrainer(Trainer):
+    """Dr. GRPO: no std scaling of the advantage; tokens summed and divided by the constant
+    max_new_tokens × (completions in the minibatch)."""
+
+    scale_by_std = False
+
+    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+        c = self.config
+        return dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, self.ctx.task.max_new_tokens,
+                            c.clip_eps, c.kl_coef)  # fmt: skip
