@@ -49,7 +49,7 @@ def test_list_text_names_each_reward_and_its_plugin(fresh_host, capsys):
     lines = out.splitlines()
     for reward in BUILTIN_REWARDS:
         assert any(reward in line and "rlhf_env.builtins" in line for line in lines), out
-    assert "algorithms (0)" in out and f"rewards ({len(BUILTIN_REWARDS)})" in out
+    assert "reinforce  " in out and f"rewards ({len(BUILTIN_REWARDS)})" in out
     assert "failed" not in out
 
 

@@ -186,7 +186,7 @@ def test_unknown_name_lists_registered_names(host):
     assert "completion_length, letter_fraction" in message  # sorted, all of them
     assert isinstance(excinfo.value, KeyError)
     with pytest.raises(plugins.UnknownNameError, match="registered: none"):
-        host.algorithms.get("ppo_that_does_not_exist")
+        plugins.Registry("algorithm").get("ppo_that_does_not_exist")
 
 
 def test_builtin_rewards_registered_and_correct(host):
