@@ -7,9 +7,13 @@ from plugins import hookimpl
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    from algorithms import grpo, reinforce
+    from algorithms import dpo, grpo, reinforce, reward_model, sft
     from algorithms.base import AlgorithmSpec
 
     register("reinforce", AlgorithmSpec(reinforce.Config, reinforce.Trainer, "REINFORCE with a mean baseline"))
     register("grpo", AlgorithmSpec(grpo.Config, grpo.Trainer, "GRPO: group-relative advantages, clipped ratio, k3 KL in the loss"))
     register("dr_grpo", AlgorithmSpec(grpo.DrConfig, grpo.DrTrainer, "Dr. GRPO: GRPO without std scaling or length normalisation"))
+    register("dpo", AlgorithmSpec(dpo.Config, dpo.Trainer, "DPO: preference pairs against the frozen reference, no reward model"))
+    register("sft", AlgorithmSpec(sft.Config, sft.Trainer, "Supervised fine-tuning on the task's demonstrations"))
+    register("reward_model", AlgorithmSpec(reward_model.Config, reward_model.Trainer,
+                                           "Bradley-Terry reward model from preference pairs (exportable as an env reward)"))
