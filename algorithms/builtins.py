@@ -7,9 +7,10 @@ from plugins import hookimpl
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    from algorithms import dpo, grpo, reinforce, reward_model, sft
+    from algorithms import dpo, grpo, ppo, reinforce, reward_model, sft
     from algorithms.base import AlgorithmSpec
 
+    register("ppo", AlgorithmSpec(ppo.Config, ppo.Trainer, "PPO: value head on the trunk, GAE, clipped ratio, KL-shaped rewards"))
     register("reinforce", AlgorithmSpec(reinforce.Config, reinforce.Trainer, "REINFORCE with a mean baseline"))
     register("grpo", AlgorithmSpec(grpo.Config, grpo.Trainer, "GRPO: group-relative advantages, clipped ratio, k3 KL in the loss"))
     register("dr_grpo", AlgorithmSpec(grpo.DrConfig, grpo.DrTrainer, "Dr. GRPO: GRPO without std scaling or length normalisation"))

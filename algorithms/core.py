@@ -40,7 +40,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     Args:
         rewards, values: (B, T) per-token rewards and values V(s_t).
-        mask: (B, T) 1 for real tokens (a prefix of each row).
+        mask: (B, T) 1 for real tokens: one contiguous run per row (a prefix, or a completion
+            after its prompt in action coordinates); the scan restarts at 0 outside the mask.
     Returns:
         (advantages, returns), each (B, T), 0 on padding.
     """
