@@ -74,3 +74,19 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 = π_ref/π − log(π_ref/π) − 1 (unbiased, ≥ 0): the GRPO estimator."""
     log_ratio = ref_logp - logp
     return torch.exp(log_ratio) - log_ratio - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
+    """Per-token PPO surrogate min(ρ Â, clip(ρ, 1−ε, 1+ε) Â), ρ = exp(log π − log π_old).
+
+    Args:
+        logp: (B, T) log π_θ of the taken tokens (with gradients).
+        old_logp: (B, T) log π_θold (no gradient flows into it).
+        advantages: Â, (B, T) or broadcastable to it (e.g. (B, 1) per completion); no gradient.
+        clip_eps: ε > 0.
+    Returns:
+        (surrogate (B, T), ratio (B, T)).
+    """
+    ratio = torch.exp(logp - old_logp.detach())
+    adv = advantages.detach()
+    return torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv), ratio

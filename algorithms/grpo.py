@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from algorithms.base import TrainContext, check_finite, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms import core
 from algorithms.core import kl_k3, masked_mean, masked_sum
 
 
@@ -113,17 +114,12 @@ class LossParts(NamedTuple):
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
-    """Per-token min(ρ Â, clip(ρ, 1−ε, 1+ε) Â), with ρ = exp(logp − old_logp).
+    """Per-token surrogate with one advantage per completion (B,) broadcast over its tokens.
 
-    Args:
-        logp, old_logp: (B, T) log-probs of the taken tokens under π_θ and π_θold.
-        advantages: (B,) one advantage per completion, broadcast over its tokens.
     Returns:
         (surrogate (B, T), clipped (B, T) bool: ρ outside [1−ε, 1+ε]).
     """
-    ratio = torch.exp(logp - old_logp)
-    adv = advantages.detach()[:, None]
-    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
     return surrogate, (ratio - 1).abs() > clip_eps
 
 

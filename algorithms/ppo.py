@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from algorithms.base import TrainContext, check_finite, collect_rollouts, sequence_kl
-from algorithms.core import gae, kl_k3, masked_mean, masked_sum, masked_whiten, token_logprobs
+from algorithms.core import clipped_surrogate, gae, kl_k3, masked_mean, masked_sum, masked_whiten, token_logprobs
 
 
 @dataclass
@@ -101,12 +101,9 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
         (loss, clipfrac): scalar loss; the share of masked tokens whose clipped term is the
         one used (the gradient through ρ is cut there).
     """
-    ratio = torch.exp(logprobs - old_logprobs.detach())
-    advantages = advantages.detach()
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    loss = -masked_mean(torch.min(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped < unclipped).float(), mask)
+    surrogate, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+    loss = -masked_mean(surrogate, mask)
+    clipfrac = masked_mean((surrogate < ratio * advantages.detach()).float(), mask)  # clipped term used
     return loss, clipfrac.detach()
 
 
