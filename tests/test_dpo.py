@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -203,14 +202,11 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path):
     task = dataclasses.replace(task, eval_prompts=task.train_prompts * 4)  # evaluate what it trained on
     ref, tok = load_base_model(task, device="cpu", progress=False)
     base = evaluate_policy(TrainContext(task, ref, ref, tok, CPU), n=320)
-    start = time.perf_counter()
     records = train(SPEC, task, tmp_path / "run", steps=300, eval_every=100, eval_prompts=320, progress=False,
                     device="cpu", seed=0)  # fmt: skip
-    elapsed = time.perf_counter() - start
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 3 and gold[-1] > base["reward/gold"] + 0.1, (base, gold)
     assert 0 < records[-1]["objective/kl_eval"] < 5
     policy = load_causal_lm(tmp_path / "run" / "checkpoint", device="cpu")
     assert p_correct(policy, tok, task.train_prompts) > p_correct(ref, tok, task.train_prompts) + 0.1
     assert all(math.isfinite(r["loss/policy"]) for r in records)
-    assert elapsed < 60

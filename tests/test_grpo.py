@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -220,7 +219,6 @@ def test_learns_one_digit_addition(task, tmp_path, spec):
     """Default config, seed 0: gold reward on the training prompts rises by well over the
     eval noise (64 samples, ±0.06). Seeds 0-3 gave rises of 0.19-0.32 from the first to the
     final evaluation; the margin asked for is 0.1."""
-    start = time.perf_counter()
     records = train(spec, task, tmp_path / "run", steps=150, eval_every=15, eval_prompts=64, progress=False,
                     device="cpu", seed=0)  # fmt: skip
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
@@ -228,4 +226,3 @@ def test_learns_one_digit_addition(task, tmp_path, spec):
     assert gold[-1] > gold[0] + 0.1, gold
     assert 0 < records[-1]["objective/kl_eval"] < 5  # moved away from the reference, not blown up
     assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["loss/kl"]) for r in records)
-    assert time.perf_counter() - start < 60

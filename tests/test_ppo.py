@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -297,13 +296,10 @@ def test_learns_one_digit_addition(task, tmp_path):
     0.61-0.70. The margin asked for is 0.15."""
     ref, tokenizer = load_base_model(task, device="cpu")
     base = evaluate_policy(TrainContext(task, ref, ref, tokenizer, torch.device("cpu")), 64)["reward/gold"]
-    start = time.perf_counter()
     records = train(SPEC, task, tmp_path / "run", steps=50, eval_every=25, eval_prompts=64, progress=False,
                     device="cpu", seed=0)  # fmt: skip
-    elapsed = time.perf_counter() - start
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 2
     assert gold[-1] > base + 0.15, (base, gold)
     assert 0 < records[-1]["objective/kl_eval"] < 5  # moved away from the reference, not blown up
     assert all(math.isfinite(r["loss/total"]) for r in records)
-    assert elapsed < 60

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -91,10 +90,8 @@ def test_sft_lowers_the_loss_and_raises_gold(arithmetic, tmp_path):
     task = dataclasses.replace(arithmetic, eval_prompts=arithmetic.train_prompts * 4)
     ref, tok = load_base_model(task, device="cpu", progress=False)
     base = evaluate_policy(TrainContext(task, ref, ref, tok, CPU), n=320)
-    start = time.perf_counter()
     records = train(SFT, task, tmp_path / "run", steps=200, eval_every=100, eval_prompts=320, progress=False,
                     device="cpu", seed=0)  # fmt: skip
-    assert time.perf_counter() - start < 60
     policy = load_causal_lm(tmp_path / "run" / "checkpoint", device="cpu")
     with torch.no_grad():
         loss_before, loss_after = sft_loss(ref, tok, task.sft_data).item(), sft_loss(policy, tok, task.sft_data).item()
@@ -186,10 +183,8 @@ def test_reward_model_learns_arithmetic_preferences(arithmetic, tmp_path):
     configs and seeds): judging an unseen sum means knowing arithmetic, which 80 problems do not
     teach a 2-layer model. The test below checks generalisation where it is possible."""
     task = dataclasses.replace(arithmetic, eval_prompts=arithmetic.train_prompts)
-    start = time.perf_counter()
     records = train(RM, task, tmp_path / "run", steps=300, eval_every=0, progress=False, device="cpu", seed=0,
                     config={"heldout_every": 100})  # fmt: skip
-    assert time.perf_counter() - start < 60
     held = [r for r in records if "rm/heldout_accuracy" in r]
     assert [r["step"] for r in held] == [99, 199, 299]
     assert held[-1]["rm/heldout_gold_accuracy"] >= 0.75, held
@@ -211,10 +206,8 @@ def test_reward_model_generalises_to_unseen_prompts(tmp_path):
     task = Task("letters", prompts[:100], prompts[100:], letter_score, [("a", "b")], max_new_tokens=8)
     _, ref, tok = tiny_pair()
     save_tiny(ref, tok, tmp_path / "base")
-    start = time.perf_counter()
     records = train(RM, task, tmp_path / "run", steps=150, model_path=str(tmp_path / "base"), eval_every=0,
                     progress=False, device="cpu", seed=0, config={"heldout_every": 50})  # fmt: skip
-    assert time.perf_counter() - start < 60
     held = [r for r in records if "rm/heldout_accuracy" in r]
     assert len(held) == 3 and held[-1]["rm/heldout_gold_accuracy"] >= 0.8, held
     assert held[-1]["rm/heldout_accuracy"] > 0.55, held
