@@ -122,7 +122,9 @@ def train(
             t0 = time.perf_counter()
             torch.manual_seed(step_seed(seed, step))
             try:
-                metrics = dict(trainer.step(step, step_seed(seed, step)))
+                # bf16 autocast on CUDA; log-probs are taken in float32 either way.
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    metrics = dict(trainer.step(step, step_seed(seed, step)))
             except NonFiniteLossError as exc:
                 raise TrainingError(
                     f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"
