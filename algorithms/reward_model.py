@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import TrainContext, check_finite
-from algorithms.dpo import encode_completion
+from rlhf_env.scoring import encode_completion
 from rlhf_env.scoring import pack
 from rlhf_env.tasks.base import PreferencePair
 

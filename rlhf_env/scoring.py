@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -40,3 +42,26 @@ def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[to
         ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def encode_completion(tokenizer, prompt: str, completion: str, eos: bool = True) -> tuple[list[int], int]:
+    """``(ids, prompt_length)``: ``tokenizer(prompt)`` then the completion's ids (and EOS)."""
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return p + c + ([tokenizer.eos_token_id] if eos else []), len(p)
+
+
+def pack_completions(encoded: Sequence[tuple[list[int], int]], pad_token_id: int, device=None):
+    """Right-pad encoded (ids, prompt_length) rows.
+
+    Returns:
+        ``(input_ids, attention_mask, completion_mask)``: (B, T), (B, T) and (B, T-1) float,
+        the last in ``next_token_logprobs`` coordinates (entry t is 1 when token t+1 is a
+        completion token).
+    """
+    ids, attn = pack([e[0] for e in encoded], pad_token_id, device)
+    T = ids.shape[1]
+    pos = torch.arange(1, T, device=ids.device)[None, :]
+    starts = torch.tensor([e[1] for e in encoded], device=ids.device)[:, None]
+    completion_mask = ((pos >= starts) & attn[:, 1:].bool()).float()
+    return ids, attn, completion_mask

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_env.models import load_causal_lm, load_tokenizer
-from rlhf_env.scoring import next_token_logprobs, pack
+from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
 
@@ -40,16 +40,9 @@ def base_model_dir(task: Task) -> Path:
 
 def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
     """Mean negative log-likelihood of ``completion + EOS`` given ``prompt`` (prompt tokens masked)."""
-    seqs, starts = [], []
-    for prompt, completion in pairs:
-        p = tokenizer(prompt)["input_ids"]
-        seqs.append(p + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-        starts.append(len(p))
     device = next(model.parameters()).device
-    ids, mask = pack(seqs, tokenizer.pad_token_id, device)
-    logp = next_token_logprobs(model, ids, mask)  # (B, T-1), entry t predicts token t+1
-    target = torch.arange(1, ids.shape[1], device=device)[None, :] >= torch.tensor(starts, device=device)[:, None]
-    target = target & mask[:, 1:].bool()
+    ids, attn, target = pack_completions([encode_completion(tokenizer, p, c) for p, c in pairs], tokenizer.pad_token_id, device)
+    logp = next_token_logprobs(model, ids, attn)  # (B, T-1), entry t predicts token t+1
     return -(logp * target).sum() / target.sum()
 
 
