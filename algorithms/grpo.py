@@ -97,7 +97,7 @@ def group_advantages(
     grouped = scores.view(-1, group_size)
     adv = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
-        adv = adv / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
+        adv = adv / (group_std(scores, group_size)[:, None] + eps)
     return adv.reshape(-1)
 
 

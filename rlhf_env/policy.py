@@ -17,6 +17,11 @@ from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.scoring import pack
 
 
+def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B,) one token per row drawn from (B, V) log-probs."""
+    return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
+
+
 class SamplingPolicy:
     """Sample ``{"token", "logprob"}`` actions for a batch of ``batch_size`` rows.
 
@@ -55,7 +60,7 @@ class SamplingPolicy:
         logprobs = self.lm.feed(chunk, lengths, restart)
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
-        token = torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(1)
+        token = sample_tokens(logprobs, self.generator)
         lp = logprobs.gather(1, token[:, None]).squeeze(1)
         token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
         if single:
@@ -94,8 +99,7 @@ def sample_completions(
             if greedy:
                 token = logprobs.argmax(-1)
             else:
-                probs = torch.softmax(logprobs / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                token = sample_tokens(torch.log_softmax(logprobs / temperature, dim=-1), generator)
             token = token.cpu()
             for i in (~done).nonzero().flatten().tolist():
                 tokens[i].append(int(token[i]))
