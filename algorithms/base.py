@@ -26,6 +26,7 @@ class AlgorithmSpec:
     Config: type
     Trainer: type
     description: str = ""
+    trains_policy: bool = True  # False for e.g. a reward model: ``all`` in a bench suite skips it
 
     def make_config(self, **overrides: Any):
         """``Config(**overrides)``; unknown keys are an error that lists the known ones."""

@@ -17,4 +17,5 @@ def rlhf_register_algorithms(register):
     register("dpo", AlgorithmSpec(dpo.Config, dpo.Trainer, "DPO: preference pairs against the frozen reference, no reward model"))
     register("sft", AlgorithmSpec(sft.Config, sft.Trainer, "Supervised fine-tuning on the task's demonstrations"))
     register("reward_model", AlgorithmSpec(reward_model.Config, reward_model.Trainer,
-                                           "Bradley-Terry reward model from preference pairs (exportable as an env reward)"))
+                                           "Bradley-Terry reward model from preference pairs (exportable as an env reward)",
+                                           trains_policy=False))

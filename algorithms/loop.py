@@ -15,7 +15,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -69,22 +70,34 @@ def train(
     task: Task,
     out: str | os.PathLike,
     *,
-    steps: int,
+    steps: int | None = None,
+    max_tokens: int | None = None,
+    max_seconds: float | None = None,
     seed: int = 0,
     model_path: str | None = None,
     config: dict[str, Any] | None = None,
     resume: bool = False,
     eval_every: int = 10,
+    eval_points: int | None = None,
     eval_prompts: int = 64,
     checkpoint_every: int = 10,
     device=None,
     progress: bool = True,
     algo_name: str = "",
+    callback: Callable[[dict[str, float], float], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``spec`` on ``task`` for ``steps`` iterations; returns the metric records."""
+    """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
+
+    Budgets (at least one; training stops at the first one reached): ``steps`` iterations,
+    ``max_tokens`` training tokens (``perf/tokens``: completion tokens the updates are
+    computed on, sampled online or read from pair/demonstration data), ``max_seconds`` of
+    training time (``time/elapsed_s``: the trainer's set-up plus its steps; evaluation and
+    checkpoints are not counted). Evaluation runs every ``eval_every`` steps, or, with
+    ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
+    ``callback(record, fraction_of_budget_spent)`` is called after every step.
+    """
+    budget = Budget(steps, max_tokens, max_seconds)
     cfg = spec.make_config(**(config or {}))  # bad config fails before any work
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else default_device()
@@ -95,7 +108,9 @@ def train(
     policy = load_causal_lm(ckpt, device=device) if resuming else copy.deepcopy(ref).eval()
     ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
     torch.manual_seed(seed)
+    t0 = time.perf_counter()
     trainer = spec.Trainer(ctx, cfg)
+    setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost
 
     start, records = 0, []
     metrics_file = out / "metrics.jsonl"
@@ -108,17 +123,20 @@ def train(
             records = [r for r in records if r["step"] < start]
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "config.json").write_text(json.dumps({"algorithm": algo_name, "task": task.name, "task_config": task.config,
-                                                 "steps": steps, "seed": seed, "config": cfg.__dict__}, indent=2, default=str))  # fmt: skip
+                                                 "budget": budget.__dict__, "seed": seed, "config": cfg.__dict__},
+                                                indent=2, default=str))  # fmt: skip
 
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start)
     tokens_total = sum(r.get("perf/tokens", 0) for r in records)
-    elapsed = records[-1]["time/elapsed_s"] if records else 0.0
-    bar = tqdm(range(start, steps), desc=f"{algo_name or 'train'} on {task.name}", disable=not progress,
-               initial=start, total=steps)  # fmt: skip
+    elapsed = (records[-1]["time/elapsed_s"] if records else 0.0) + setup_s
+    done = budget.fraction(start, tokens_total, elapsed) if records else 0.0
+    bar = tqdm(total=100, desc=f"{algo_name or 'train'} on {task.name}", disable=not progress, initial=int(100 * done),
+               unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")  # fmt: skip
+    step = start
     try:
-        for step in bar:
+        while done < 1.0:
             t0 = time.perf_counter()
             torch.manual_seed(step_seed(seed, step))
             try:
@@ -134,8 +152,12 @@ def train(
             tokens_total += metrics.get("perf/tokens", 0)
             metrics.update({"perf/tokens_per_s": metrics.get("perf/tokens", 0) / dt, "perf/step_time_s": dt,
                             "perf/tokens_total": tokens_total, "time/elapsed_s": elapsed})  # fmt: skip
-            last = step + 1 == steps
-            if eval_every and ((step + 1) % eval_every == 0 or last):
+            before, done = done, budget.fraction(step + 1, tokens_total, elapsed)
+            if eval_points:
+                due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
+            else:
+                due = bool(eval_every) and ((step + 1) % eval_every == 0 or done >= 1.0)
+            if due:
                 metrics.update(evaluate_policy(ctx, eval_prompts))
             record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
             records.append(record)
@@ -144,9 +166,36 @@ def train(
             for key, value in record.items():
                 if key != "step" and math.isfinite(value):
                     writer.add_scalar(key, value, step)
+            bar.update(int(100 * min(done, 1.0)) - bar.n)
             bar.set_postfix({k: f"{record[k]:.3f}" for k in ("reward/score", "reward/gold") if k in record}, refresh=False)
-            if (step + 1) % checkpoint_every == 0 or last:
-                _atomic_checkpoint(out, ctx, trainer, step + 1)
+            if callback is not None:
+                callback(record, min(done, 1.0))
+            step += 1
+            if step % checkpoint_every == 0 or done >= 1.0:
+                _atomic_checkpoint(out, ctx, trainer, step)
     finally:
         writer.close()
+        bar.close()
     return records
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a run stops: after ``steps`` iterations, ``tokens`` training tokens or ``seconds`` of training time."""
+
+    steps: int | None = None
+    tokens: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self):
+        given = {k: v for k, v in self.__dict__.items() if v is not None}
+        if not given:
+            raise ValueError("give a budget: steps, max_tokens or max_seconds")
+        bad = {k: v for k, v in given.items() if not v > 0}
+        if bad:
+            raise ValueError(f"budget values must be > 0, got {bad}")
+
+    def fraction(self, steps: int, tokens: float, seconds: float) -> float:
+        """How much of the budget is spent (≥ 1: done): the largest of the three ratios."""
+        parts = [(steps, self.steps), (tokens, self.tokens), (seconds, self.seconds)]
+        return max(spent / limit for spent, limit in parts if limit is not None)

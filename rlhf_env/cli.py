@@ -2,7 +2,8 @@
 
 ``rlhf list`` shows what the plugins registered (algorithms, tasks, rewards) and which
 plugins failed to load. ``rlhf rollout`` runs the embedded default vector env with the
-reference model as the policy and prints each finished episode.
+reference model as the policy and prints each finished episode. ``rlhf train`` trains one
+algorithm on one task; ``rlhf bench`` runs a benchmark suite of them.
 """
 
 from __future__ import annotations
@@ -243,6 +244,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rlhf bench ---------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite (algorithms × tasks × seeds, equal budgets); tables and plots in --out."""
+    # The CLI is the top layer: the benchmark runner sits on the algorithms.
+    from benchmarks.report import write_report
+    from benchmarks.runner import run_suite
+    from benchmarks.suite import load_suite
+
+    suite = load_suite(args.suite)
+    out = Path(args.out or Path("runs") / "bench" / suite.name)
+    print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
+    t0 = time.perf_counter()
+    results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress)
+    if args.baseline:
+        from benchmarks.trl_baseline import run_trl_baseline
+
+        run_trl_baseline(suite, out, progress=not args.no_progress)
+    paths = write_report(suite, out, total_s=time.perf_counter() - t0)
+    print(Path(paths["markdown"]).read_text())
+    failed = [r for r in results if r.get("status") != "ok"]
+    print(f"{len(results) - len(failed)} of {len(results)} cells ok in {(time.perf_counter() - t0) / 60:.1f} min; "
+          + ", ".join(str(p) for p in paths.values()))  # fmt: skip
+    return 1 if failed else 0
+
+
 # -- entry point -------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     value = int(text)
@@ -287,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="compare algorithms on tasks over seeds at equal budgets")
+    p.add_argument("--suite", default="default", help="a suite TOML file, or a shipped suite: default, quick, gpu")
+    p.add_argument("--out", default=None, help="results directory (default: runs/bench/<suite>); rerun to resume")
+    p.add_argument("--workers", type=int, default=None, help="cells at once (default: the suite's; 0: in-process)")
+    p.add_argument("--baseline", choices=["trl"], default=None, help="also run TRL's GRPO/DPO trainers (extra: compare)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

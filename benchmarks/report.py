@@ -1,0 +1,188 @@
+"""Tables and plots of a suite's results: ``results.csv``, ``results.md`` and three PNGs.
+
+- ``results.csv``: one row per cell (and per task's base model), the raw figures.
+- ``results.md``: per task and algorithm, mean ± std over seeds of the final gold reward,
+  KL to the reference, training tokens/s, wall time and peak memory.
+- ``frontier.png``: gold reward against KL to the reference, each algorithm's path from the
+  base model through its evaluations (means over seeds; bars: std of the final point).
+- ``gold_vs_tokens.png``, ``gold_vs_time.png``: gold reward against training tokens and
+  against training time, one line per algorithm with a ±std band over seeds.
+
+Every cell evaluates at the same fractions of its budget, so curves average evaluation k
+over seeds (gold, KL, tokens and time alike); the last point is the table's figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import numpy as np
+
+from benchmarks.runner import base_dir, cell_dir, read_result
+from benchmarks.suite import Suite
+
+CSV_FIELDS = ["task", "algorithm", "seed", "status", "gold", "kl", "tokens", "tokens_per_s", "train_s", "wall_s",
+              "peak_mem_mb", "steps", "device", "error"]  # fmt: skip
+
+
+def collect(suite: Suite, out: Path) -> tuple[dict[str, dict], list[dict]]:
+    """``(base results by task label, cell results)``; a cell with no result is ``missing``."""
+    bases = {t.label: read_result(base_dir(out, t)) or {"status": "missing", "task": t.label} for t in suite.tasks}
+    rows = []
+    for c in suite.cells():
+        r = read_result(cell_dir(out, c)) or {"status": "missing", "error": "not run"}
+        rows.append({**r, "task": c.task.label, "algorithm": c.algorithm, "seed": c.seed})
+    return bases, rows
+
+
+def curve(out: Path, row: dict, base_gold: float) -> np.ndarray:
+    """(n, 4) [tokens, seconds, gold, kl] at the cell's evaluations, starting at the base model."""
+    points = [(0.0, 0.0, base_gold, 0.0)]
+    path = out / "runs" / row["task"] / row["algorithm"] / f"seed{row['seed']}" / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "reward/gold" in r:
+            points.append((r["perf/tokens_total"], r["time/elapsed_s"], r["reward/gold"], r["objective/kl_eval"]))
+    return np.array(points)
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
+
+
+def summarise(bases: dict[str, dict], rows: list[dict]) -> list[dict[str, Any]]:
+    """One entry per (task, algorithm): the ok seeds' figures and the failed seeds' errors."""
+    out = []
+    for task, base in bases.items():
+        algos = list(dict.fromkeys(r["algorithm"] for r in rows if r["task"] == task))
+        for algo in algos:
+            ok = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] == "ok"]
+            bad = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] != "ok"]
+            out.append({"task": task, "algorithm": algo, "base_gold": base.get("gold"), "ok": ok, "failed": bad,
+                        **{k: [r[k] for r in ok] for k in ("gold", "kl", "tokens_per_s", "wall_s", "peak_mem_mb", "tokens")}})  # fmt: skip
+    return out
+
+
+def write_csv(path: Path, bases: dict[str, dict], rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for task, b in bases.items():
+            w.writerow({"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "gold": b.get("gold"),
+                        "kl": b.get("kl"), "tokens": 0, "error": b.get("error", "")})  # fmt: skip
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+
+
+def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[dict], total_s: float | None) -> None:
+    import torch
+
+    lines = [f"# `rlhf bench` — suite `{suite.name}`", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    devices = sorted({r.get("device", "") for r in rows if r.get("device")})
+    lines += [f"Seeds {suite.seeds}; {suite.eval_prompts} eval prompts; machine: {platform.processor() or platform.machine()}, "
+              f"{_cores()} cores, torch {torch.__version__}, device {', '.join(devices) or '–'}"
+              + (f"; whole run {total_s / 60:.1f} min" if total_s else "") + ".", ""]  # fmt: skip
+    lines += ["Gold reward and KL (Σ log π − log π_ref per completion, sampled) are measured on held-out prompts "
+              "after the budget is spent; mean ± std over seeds. Tokens/s counts training tokens over training "
+              "time (set-up included, evaluation excluded); wall is the whole cell; memory is the peak resident "
+              "set (CPU) or peak allocated GPU memory.", ""]  # fmt: skip
+    for summary_task in dict.fromkeys(r["task"] for r in rows):
+        task = next(t for t in suite.tasks if t.label == summary_task)
+        budget = ", ".join(f"{v:,} {k}" for k, v in task.budget.items())
+        base = bases[summary_task]
+        lines += [f"## {summary_task} (budget: {budget} per run)", "",
+                  "| algorithm | seeds | gold reward | KL to ref | tokens/s | wall s | peak MB |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        if base.get("status") == "ok":
+            lines.append(f"| *base model* | – | {base['gold']:.3f} | 0 | – | – | – |")
+        entries = [e for e in summarise(bases, rows) if e["task"] == summary_task]
+        entries.sort(key=lambda e: -mean(e["gold"]) if e["gold"] else math.inf)
+        for e in entries:
+            seeds = f"{len(e['ok'])}" + (f" ({len(e['failed'])} failed)" if e["failed"] else "")
+            lines.append(f"| {e['algorithm']} | {seeds} | {_fmt(e['gold'], 3)} | {_fmt(e['kl'], 2)} | "
+                         f"{_fmt(e['tokens_per_s'], 0)} | {_fmt(e['wall_s'], 0)} | {_fmt(e['peak_mem_mb'], 0)} |")  # fmt: skip
+        lines.append("")
+    failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
+    if failed:
+        lines += ["## Failed cells", ""]
+        for r in failed:
+            lines.append(f"- `{r['task']}/{r.get('algorithm', 'base')}" + (f"/seed{r['seed']}" if "seed" in r else "")
+                         + f"`: {r.get('error', r['status'])}")  # fmt: skip
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def write_plots(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    tasks = [t.label for t in suite.tasks if bases[t.label].get("status") == "ok"]
+    if not tasks:
+        return []
+    algos = list(dict.fromkeys(r["algorithm"] for r in rows))
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(algos)}
+    curves = {(r["task"], r["algorithm"]): [] for r in rows}
+    for r in rows:
+        if r["status"] == "ok":
+            curves[(r["task"], r["algorithm"])].append(curve(out, r, bases[r["task"]]["gold"]))
+    written = []
+    for fname, x, xlabel in (("gold_vs_tokens.png", 0, "training tokens"), ("gold_vs_time.png", 1, "training time (s)"),
+                             ("frontier.png", 3, "KL to the reference (nats per completion)")):  # fmt: skip
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for algo in algos:
+                cs = [c for c in curves.get((task, algo), []) if len(c) > 1]
+                if not cs:
+                    continue
+                # Every cell evaluates at the same fractions of its budget: average evaluation k over seeds.
+                k = min(len(c) for c in cs)
+                pts = np.stack([c[:k] for c in cs])  # (seeds, evaluations, [tokens, seconds, gold, kl])
+                m, s = pts.mean(0), pts.std(0, ddof=1 if len(cs) > 1 else 0)  # sample std, as in the table
+                ax.plot(m[:, x], m[:, 2], "-o", ms=3, color=colors[algo], label=algo, alpha=0.9)
+                if fname == "frontier.png":
+                    ax.errorbar(m[-1, 3], m[-1, 2], xerr=s[-1, 3], yerr=s[-1, 2], fmt="o", ms=7, color=colors[algo], capsize=3)
+                else:
+                    ax.fill_between(m[:, x], m[:, 2] - s[:, 2], m[:, 2] + s[:, 2], color=colors[algo], alpha=0.2, linewidth=0)
+            base = bases[task]["gold"]
+            ax.axhline(base, color="grey", ls=":", lw=1, label="base model")
+            ax.set(title=task, xlabel=xlabel, ylabel="gold reward (held-out prompts)")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"rlhf bench — {suite.name} ({len(suite.seeds)} seeds; lines: mean, bands/bars: ±std over seeds)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        written.append(out / fname)
+    return written
+
+
+def write_report(suite: Suite, out: str | Path, total_s: float | None = None) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.md`` and the plots into ``out``; returns their paths."""
+    out = Path(out)
+    bases, rows = collect(suite, out)
+    write_csv(out / "results.csv", bases, rows)
+    write_markdown(out / "results.md", suite, bases, rows, total_s)
+    paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
+    for p in write_plots(out, suite, bases, rows):
+        paths[p.stem] = p
+    return paths

@@ -1,0 +1,336 @@
+"""Run a suite: every cell its own training run (and TensorBoard run), in worker processes.
+
+Layout of ``out``::
+
+    runs/<task>/base/result.json              the reference model evaluated once per task
+    runs/<task>/<algorithm>/seed<k>/          metrics.jsonl, tb/, checkpoint/, result.json
+    results.csv, results.md, *.png            written by ``benchmarks.report``
+
+A cell whose ``result.json`` says ``ok`` is skipped when the command runs again; an
+interrupted cell resumes from its checkpoint; a failed cell is recorded with its error
+(and traceback in ``error.txt``) and tried again on the next run. A worker process that
+dies (out of memory, a crash in native code) fails the cells running at that moment; the
+pool is rebuilt and the remaining cells go on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from benchmarks.suite import Cell, Suite, TaskEntry
+
+_progress_queue = None  # set in each worker by _init_worker
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "runs" / cell.task.label / cell.algorithm / f"seed{cell.seed}"
+
+
+def base_dir(out: Path, task: TaskEntry) -> Path:
+    return out / "runs" / task.label / "base"
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_result(path: Path, result: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path / "result.json")
+
+
+# -- inside a worker ------------------------------------------------------------------------
+
+
+def _init_worker(progress_queue, threads: int | None) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak GPU memory allocated on CUDA; else the process's peak resident set size."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not on Windows; there the figure is simply missing
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the suite asks for device = \"cuda\" but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int) -> dict[str, Any]:
+    """Build (or load) the task's base model and evaluate it: the starting point of every cell."""
+    import copy
+
+    t0 = time.perf_counter()
+    try:
+        from algorithms.base import TrainContext
+        from algorithms.loop import evaluate_policy
+        from rlhf_env.tasks import get_task
+        from rlhf_env.tasks.base_models import load_base_model
+
+        device = _device(device_name)
+        t = get_task(task.name, **task.knobs)
+        ref, tok = load_base_model(t, task.model, device=device, progress=False)
+        metrics = evaluate_policy(TrainContext(t, copy.deepcopy(ref), ref, tok, device), eval_prompts)
+        result = {"status": "ok", "task": task.label, "algorithm": "base", "gold": metrics["reward/gold"],
+                  "kl": metrics["objective/kl_eval"], "params": sum(p.numel() for p in ref.parameters()),
+                  "seconds": time.perf_counter() - t0}  # fmt: skip
+    except Exception as exc:
+        base_dir(Path(out), task).mkdir(parents=True, exist_ok=True)
+        (base_dir(Path(out), task) / "error.txt").write_text(traceback.format_exc())
+        result = {"status": "failed", "task": task.label, "algorithm": "base", "error": f"{type(exc).__name__}: {exc}"}
+    _write_result(base_dir(Path(out), task), result)
+    return result
+
+
+def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int) -> dict[str, Any]:
+    """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``."""
+    path = cell_dir(Path(out), cell)
+    path.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
+    try:
+        import plugins
+        from algorithms.loop import train
+        from rlhf_env.tasks import get_task
+
+        device = _device(device_name)
+        spec = plugins.get_host().algorithms.get(cell.algorithm)
+        task = get_task(cell.task.name, **cell.task.knobs)
+        _reset_peak_memory(device)
+
+        def report(record: dict, fraction: float) -> None:
+            if _progress_queue is not None:
+                _progress_queue.put((cell.id, fraction, record.get("reward/gold")))
+
+        records = train(spec, task, path, max_tokens=cell.task.budget.get("tokens"),
+                        max_seconds=cell.task.budget.get("seconds"), seed=cell.seed, model_path=cell.task.model,
+                        config=cell.config, resume=True, eval_points=eval_points, eval_prompts=eval_prompts,
+                        checkpoint_every=checkpoint_every, device=device, progress=False, algo_name=cell.algorithm,
+                        callback=report)  # fmt: skip
+        last = records[-1]
+        train_s = last["time/elapsed_s"]
+        result = {**base, "status": "ok", "gold": last["reward/gold"], "kl": last["objective/kl_eval"],
+                  "steps": len(records), "tokens": last["perf/tokens_total"],
+                  "tokens_per_s": last["perf/tokens_total"] / train_s, "train_s": train_s,
+                  "wall_s": time.perf_counter() - t0, "peak_mem_mb": _peak_memory_mb(device), "device": str(device)}  # fmt: skip
+        (path / "error.txt").unlink(missing_ok=True)
+    except Exception as exc:  # a failing cell must not stop the suite
+        (path / "error.txt").write_text(traceback.format_exc())
+        result = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - t0}
+    _write_result(path, result)
+    return result
+
+
+# -- the parent -----------------------------------------------------------------------------
+
+
+class _Display:
+    """One line: cells done of total, and each running cell with how far it is."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}] {postfix}")  # fmt: skip
+        self.done, self.running = 0, {}
+        # A terminal redraws twice a second; a log file gets a line every 30 s.
+        self.interval = 0.5 if sys.stderr.isatty() else 30.0
+        self.last = 0.0
+
+    def start(self, key: str) -> None:
+        self.running[key] = (0.0, None)
+        self._refresh()
+
+    def update(self, key: str, fraction: float, gold) -> None:
+        if key in self.running:
+            self.running[key] = (fraction, gold if gold is not None else self.running[key][1])
+            if time.monotonic() - self.last >= self.interval:
+                self._refresh()
+
+    def finish(self, key: str, line: str) -> None:
+        self.running.pop(key, None)
+        self.done += 1
+        self.bar.write(line)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.bar.n = self.done + sum(f for f, _ in self.running.values())
+        parts = [f"{k} {100 * f:.0f}%" + (f" gold {g:.2f}" if g is not None else "") for k, (f, g) in self.running.items()]
+        self.bar.set_postfix_str(" | ".join(parts) or "", refresh=False)
+        self.bar.refresh()
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(result: dict[str, Any]) -> str:
+    key = f"{result['task']}/{result['algorithm']}" + (f"/seed{result['seed']}" if "seed" in result else "")
+    if result["status"] != "ok":
+        return f"  FAILED {key}: {result['error']}"
+    if result["algorithm"] == "base":
+        return f"  base   {key}: gold {result['gold']:+.3f} ({result['params']:,} params, {result['seconds']:.0f} s)"
+    return (f"  done   {key}: gold {result['gold']:+.3f}  KL {result['kl']:.2f}  {result['tokens']:,.0f} tokens  "
+            f"{result['tokens_per_s']:,.0f} tok/s  {result['wall_s']:.0f} s")  # fmt: skip
+
+
+def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> list[dict]:
+    """Run every unfinished cell of ``suite`` into ``out``; returns the results of all cells."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = suite.workers if workers is None else workers
+    cells = suite.cells()  # resolves "all" and fails early on unknown algorithm names
+    (out / "suite.json").write_text(json.dumps({"suite": suite.name, "path": str(suite.path),
+                                                "cells": [c.id for c in cells], "tasks": [asdict(t) for t in suite.tasks]},
+                                               indent=2))  # fmt: skip
+    base_jobs = [(f"{t.label}/base", prepare_task, (t, str(out), suite.device, suite.eval_prompts))
+                 for t in suite.tasks if (read_result(base_dir(out, t)) or {}).get("status") != "ok"]  # fmt: skip
+    todo = [c for c in cells if (read_result(cell_dir(out, c)) or {}).get("status") != "ok"]
+    if len(todo) < len(cells):
+        print(f"{suite.name}: {len(cells) - len(todo)} of {len(cells)} cells already finished in {out}, skipping them")
+    display = _Display(len(base_jobs) + len(todo), f"bench {suite.name}", progress)
+    threads = suite.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
+    execute = _run_inline if workers == 0 else _run_pool
+    try:
+        # Base models first (in parallel across tasks): every cell of a task starts from it.
+        execute(base_jobs, display, workers, threads, out)
+        args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every)
+        jobs = []
+        for c in todo:
+            base = read_result(base_dir(out, c.task)) or {"error": "not built"}
+            if base.get("status") == "ok":
+                jobs.append((c.id, run_cell, (c, *args)))
+            else:
+                _write_result(cell_dir(out, c), _failed(c, f"the task's base model failed: {base['error']}"))
+                display.finish(c.id, f"  FAILED {c.id}: the task's base model failed")
+        execute(jobs, display, workers, threads, out)
+    finally:
+        display.close()
+    return [read_result(cell_dir(out, c)) or _failed(c, "no result") for c in cells]
+
+
+def _failed(cell: Cell, error: str) -> dict[str, Any]:
+    return {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget,
+            "status": "failed", "error": error}  # fmt: skip
+
+
+def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any]:
+    """The result of a job that did not come back from its worker (the process died, or pickling failed)."""
+    if isinstance(exc, BrokenProcessPool):
+        error = "worker process died (out of memory or a native crash); the cells running beside it fail too"
+    else:
+        error = f"{type(exc).__name__}: {exc}"
+    if fn is run_cell:
+        result = _failed(args[0], error)
+        _write_result(cell_dir(out, args[0]), result)
+        return result
+    task = args[0]
+    result = {"status": "failed", "task": task.label, "algorithm": "base", "error": error}
+    _write_result(base_dir(out, task), result)
+    return result
+
+
+def _run_inline(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:
+    import torch
+
+    saved = torch.get_num_threads()
+    _init_worker(None, threads)
+    try:
+        for key, fn, args in jobs:
+            display.start(key)
+            display.finish(key, _summary(fn(*args)))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_pool(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:
+    if not jobs:
+        return
+    ctx = mp.get_context("spawn")  # no forked torch/OpenMP state
+    q = ctx.Queue()
+    pending = list(jobs)
+    while pending:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(q, threads))
+        running: dict = {}
+        broken = False
+        try:
+            while running or (pending and not broken):
+                while pending and not broken and len(running) < workers:
+                    job = pending.pop(0)
+                    try:
+                        running[pool.submit(job[1], *job[2])] = job
+                    except BrokenProcessPool:
+                        pending.insert(0, job)
+                        broken = True
+                        break
+                    display.start(job[0])
+                finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(q, display)
+                for fut in finished:
+                    key, fn, args = running.pop(fut)
+                    exc = fut.exception()
+                    # A dead worker breaks the pool: the jobs it ran fail, the rest go on in a new pool.
+                    broken |= isinstance(exc, BrokenProcessPool)
+                    display.finish(key, _summary(fut.result() if exc is None else _crashed(key, fn, args, out, exc)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _drain(q, display)
+
+
+def _drain(q, display: _Display) -> None:
+    while True:
+        try:
+            key, fraction, gold = q.get_nowait()
+        except (queue_mod.Empty, OSError, ValueError):
+            return
+        display.update(key, fraction, gold)

@@ -1,0 +1,272 @@
+"""``rlhf bench``: suites, budgets in the loop, the runner's faults and resume, the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from algorithms.base import AlgorithmSpec
+from algorithms.loop import Budget, train
+from benchmarks.report import write_report
+from benchmarks.runner import _write_result, cell_dir, run_suite, base_dir
+from benchmarks.suite import SUITES_DIR, SuiteError, load_suite
+from rlhf_env import cli
+from rlhf_env.tasks.arithmetic import make_arithmetic_task
+
+TASK_KNOBS = 'knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }'
+
+PLUGIN_SOURCE = '''
+import os
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgorithmSpec
+from rlhf_env import hookimpl
+from rlhf_env.tasks.base_models import sft_loss
+
+
+@dataclass
+class Config:
+    lr: float = 1e-2
+    fail_at: int = -1  # raise at this step
+    die_at: int = -1  # kill the process at this step
+
+
+class Trainer:
+    """A third-party algorithm: SFT steps on the task's data, with ways to fail."""
+
+    def __init__(self, ctx, config):
+        self.ctx, self.config = ctx, config
+        self.opt = torch.optim.SGD(ctx.policy.parameters(), lr=config.lr)
+
+    def step(self, step, seed):
+        if step == self.config.fail_at:
+            raise RuntimeError("toy failure on purpose")
+        if step == self.config.die_at:
+            os._exit(3)
+        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, self.ctx.task.sft_data[:8])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss/policy": loss.item(), "perf/tokens": 20}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@hookimpl
+def rlhf_register_algorithms(register):
+    register("toy", AlgorithmSpec(Config, Trainer))
+    register("toy_crash", AlgorithmSpec(Config, Trainer))
+'''
+
+
+@pytest.fixture
+def toy_plugin(plugin_path, write_dist, monkeypatch):
+    """An installed-looking third-party dist registering ``toy`` and ``toy_crash``."""
+    write_dist(plugin_path, "rlhf_demo_bench", {"bench_toys": "rlhf_demo_bench"}, {"rlhf_demo_bench": PLUGIN_SOURCE})
+    return plugin_path
+
+
+def write_suite(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+# -- suites ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "gpu"])
+def test_shipped_suites_load_and_give_every_algorithm_the_same_budget(name):
+    suite = load_suite(name)
+    assert suite.path == SUITES_DIR / f"{name}.toml"
+    cells = suite.cells()
+    assert len(cells) == len(suite.tasks) * len(suite.seeds) * len(suite.algorithm_names())
+    for task in suite.tasks:
+        budgets = {json.dumps(c.task.budget) for c in cells if c.task.label == task.label}
+        assert len(budgets) == 1  # equal across algorithms and seeds
+
+
+def test_all_means_every_policy_trainer_including_third_party_ones(toy_plugin, tmp_path):
+    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = "all"\nexclude = ["toy_crash"]\n'
+                                   '[budget]\ntokens = 100\n[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    names = suite.algorithm_names()
+    assert "toy" in names and {"ppo", "grpo", "dr_grpo", "reinforce", "dpo", "sft"} <= set(names)
+    assert "reward_model" not in names and "toy_crash" not in names  # no policy to score; excluded
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('seeds = [0]\n[budget]\ntokens = 10\n', "missing 'tasks'"),
+        ('seeds = [0]\n[budget]\nsteps = 10\n[[tasks]]\nname = "arithmetic"\n', "unknown budget keys ['steps']"),
+        ('seeds = [0]\n[budget]\ntokens = -5\n[[tasks]]\nname = "arithmetic"\n', "budget.tokens must be a positive"),
+        ('seeds = []\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n', "seeds must be a non-empty list"),
+        ('seeds = [0]\nalgos = "all"\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n', "unknown keys ['algos']"),
+        ('seeds = [0]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n[[tasks]]\nname = "arithmetic"\n',
+         "task labels repeat"),
+        ('seeds = [0]\n[budget]\ntokens = 10\n[hparams]\nppo = 3\n[[tasks]]\nname = "arithmetic"\n', "hparams must be tables"),
+        ('seeds = [0\n', "not valid TOML"),
+    ],
+)
+def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
+    with pytest.raises(SuiteError, match="s.toml") as info:
+        load_suite(write_suite(tmp_path / "s.toml", body))
+    assert message in str(info.value)
+
+
+def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
+    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'gpu', 'quick'\]"):
+        load_suite("nope")
+    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n'
+                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    with pytest.raises(KeyError, match="ppp.*grpo"):
+        suite.cells()
+
+
+def test_task_budget_and_hparams_override_the_suite_ones(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "sft"]\n[budget]\ntokens = 10\n'
+                                   '[hparams.ppo]\nlr = 0.1\nnum_envs = 8\n[[tasks]]\nname = "arithmetic"\n'
+                                   'budget = { seconds = 5 }\nhparams = { ppo = { lr = 0.2 } }\n'
+                                   '[[tasks]]\nname = "sentiment"\n'))  # fmt: skip
+    cells = {c.id: c for c in suite.cells()}
+    assert len(cells) == 8
+    assert cells["arithmetic/ppo/seed1"].task.budget == {"seconds": 5}
+    assert cells["arithmetic/ppo/seed1"].config == {"lr": 0.2, "num_envs": 8}
+    assert cells["sentiment/ppo/seed0"].config == {"lr": 0.1, "num_envs": 8}
+    assert cells["sentiment/sft/seed0"].task.budget == {"tokens": 10} and cells["sentiment/sft/seed0"].config == {}
+
+
+# -- budgets in the training loop ------------------------------------------------------------
+
+
+@dataclass
+class CountConfig:
+    tokens_per_step: int = 10
+
+
+class CountTrainer:
+    """Trains nothing; reports a fixed number of tokens per step."""
+
+    def __init__(self, ctx, config):
+        self.n = config.tokens_per_step
+
+    def step(self, step, seed):
+        return {"perf/tokens": self.n}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.fixture
+def tiny_task():
+    return make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
+
+
+def test_token_budget_stops_at_the_first_step_past_it_and_evaluates_at_equal_fractions(tiny_task, tmp_path):
+    seen = []
+    records = train(AlgorithmSpec(CountConfig, CountTrainer), tiny_task, tmp_path, max_tokens=95, eval_points=5,
+                    eval_prompts=4, progress=False, device="cpu", callback=lambda r, f: seen.append(f))  # fmt: skip
+    assert len(records) == 10 and records[-1]["perf/tokens_total"] == 100  # 90 < 95 <= 100
+    # 10 tokens a step: the budget's fifths (19, 38, 57, 76, 95 tokens) are passed at steps 1, 3, 5, 7 and 9.
+    assert [r["step"] for r in records if "reward/gold" in r] == [1, 3, 5, 7, 9]
+    assert seen[-1] == 1.0 and seen == sorted(seen) and math.isclose(seen[0], 10 / 95)
+
+
+def test_budget_needs_a_positive_limit():
+    with pytest.raises(ValueError, match="give a budget"):
+        Budget()
+    with pytest.raises(ValueError, match="must be > 0"):
+        Budget(tokens=0)
+    assert Budget(steps=10, tokens=100).fraction(5, 80, 0.0) == 0.8  # the nearest limit counts
+
+
+# -- the runner --------------------------------------------------------------------------------
+
+
+def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(toy_plugin, tmp_path):
+    body = (f'seeds = [0, 1]\nalgorithms = ["toy", "toy_crash"]\neval_points = 2\neval_prompts = 8\n'
+            f'[budget]\ntokens = 60\n[hparams.toy_crash]\nfail_at = 1\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    suite = load_suite(write_suite(tmp_path / "s.toml", body))
+    out = tmp_path / "out"
+    results = run_suite(suite, out, workers=0, progress=False)
+    status = {(r["algorithm"], r["seed"]): r["status"] for r in results}
+    assert status == {("toy", 0): "ok", ("toy", 1): "ok", ("toy_crash", 0): "failed", ("toy_crash", 1): "failed"}
+    crash = next(r for r in results if r["algorithm"] == "toy_crash")
+    assert crash["error"] == "RuntimeError: toy failure on purpose"
+    assert "Traceback" in (cell_dir(out, suite.cells()[1]) / "error.txt").read_text()
+    ok = next(r for r in results if r["status"] == "ok")
+    assert ok["tokens"] == 60 and ok["steps"] == 3 and ok["peak_mem_mb"] > 0 and 0 <= ok["gold"] <= 1
+    assert (cell_dir(out, suite.cells()[0]) / "tb").is_dir()  # each cell is its own TensorBoard run
+
+    # Second run: the finished cells are left alone; the failed ones are tried again.
+    finished = {c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"}
+    suite.tasks[0].hparams["toy_crash"]["fail_at"] = -1  # the fault is fixed
+    results = run_suite(suite, out, workers=0, progress=False)
+    assert all(r["status"] == "ok" for r in results)
+    assert finished == {c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"}
+
+    paths = write_report(suite, out)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [(r["algorithm"], r["status"]) for r in rows][0] == ("base", "ok") and len(rows) == 5
+    for name in ("frontier", "gold_vs_tokens", "gold_vs_time"):
+        assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy_plugin, tmp_path):
+    body = (f'seeds = [0]\nalgorithms = "all"\nexclude = ["ppo", "grpo", "dr_grpo", "reinforce", "dpo"]\nworkers = 1\n'
+            f'eval_points = 1\neval_prompts = 8\n[budget]\ntokens = 40\n[hparams.toy_crash]\ndie_at = 0\n'
+            f'[hparams.sft]\nbatch_size = 4\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    suite = load_suite(write_suite(tmp_path / "s.toml", body))
+    results = {r["algorithm"]: r for r in run_suite(suite, tmp_path / "out", progress=False)}
+    assert set(results) == {"sft", "toy", "toy_crash"}
+    assert results["toy_crash"]["status"] == "failed" and "worker process died" in results["toy_crash"]["error"]
+    assert results["sft"]["status"] == "ok" and results["toy"]["status"] == "ok"
+
+
+def test_cli_bench_writes_the_table_and_exits_nonzero_when_a_cell_failed(toy_plugin, tmp_path, capsys):
+    body = (f'name = "tiny"\nseeds = [0]\nalgorithms = ["toy", "toy_crash"]\neval_points = 1\neval_prompts = 8\n'
+            f'[budget]\ntokens = 40\n[hparams.toy_crash]\nfail_at = 0\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    suite_file = write_suite(tmp_path / "tiny.toml", body)
+    assert cli.main(["bench", "--suite", str(suite_file), "--out", str(tmp_path / "o"), "--workers", "0", "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    assert "| toy | 1 |" in text and "toy_crash/seed0`: RuntimeError: toy failure on purpose" in text
+    assert "1 of 2 cells ok" in text and (tmp_path / "o" / "results.md").exists()
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def test_report_gives_mean_and_std_over_seeds(tmp_path):
+    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "dpo"]\n[budget]\ntokens = 100\n'
+                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    out = tmp_path / "out"
+    _write_result(base_dir(out, suite.tasks[0]), {"status": "ok", "task": "arithmetic", "algorithm": "base", "gold": 0.25, "kl": 0.0})
+    figures = {("ppo", 0): (0.5, 2.0), ("ppo", 1): (0.7, 4.0), ("dpo", 0): (0.9, 1.0)}
+    for c in suite.cells():
+        if (c.algorithm, c.seed) not in figures:
+            _write_result(cell_dir(out, c), {"status": "failed", "error": "ValueError: boom"})
+            continue
+        gold, kl = figures[(c.algorithm, c.seed)]
+        _write_result(cell_dir(out, c), {"status": "ok", "gold": gold, "kl": kl, "tokens": 100, "tokens_per_s": 50.0,
+                                         "train_s": 2.0, "wall_s": 3.0, "peak_mem_mb": 400.0})  # fmt: skip
+        (cell_dir(out, c) / "metrics.jsonl").write_text(json.dumps(
+            {"step": 0, "perf/tokens_total": 100, "time/elapsed_s": 2.0, "reward/gold": gold, "objective/kl_eval": kl}) + "\n")
+    md = write_report(suite, out)["markdown"].read_text()
+    # ppo: mean(0.5, 0.7) = 0.6, sample std = 0.1414; KL mean 3, std 1.414. dpo: one seed ok, one failed.
+    assert "| ppo | 2 | 0.600 ± 0.141 | 3.00 ± 1.41 | 50 ± 0 | 3 ± 0 | 400 ± 0 |" in md
+    assert "| dpo | 1 (1 failed) | 0.900 | 1.00 |" in md
+    assert md.index("| dpo |") < md.index("| ppo |")  # best gold first
+    assert "| *base model* | – | 0.250 |" in md and "`arithmetic/dpo/seed1`: ValueError: boom" in md
