@@ -114,6 +114,7 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
             lines.append(f"| {e['algorithm']} | {seeds} | {_fmt(e['gold'], 3)} | {_fmt(e['kl'], 2)} | "
                          f"{_fmt(e['tokens_per_s'], 0)} | {_fmt(e['wall_s'], 0)} | {_fmt(e['peak_mem_mb'], 0)} |")  # fmt: skip
         lines.append("")
+    lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
     if failed:
         lines += ["## Failed cells", ""]
@@ -122,6 +123,30 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
                          + f"`: {r.get('error', r['status'])}")  # fmt: skip
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _trl_section(suite: Suite, out_dir: Path) -> list[str]:
+    """Ours beside TRL's trainers (``--baseline trl``) at equal iterations, if that was run."""
+    rows = []
+    for task in suite.tasks:
+        for algo in ("grpo", "dpo"):
+            found = [read_result(p) for p in sorted((out_dir / "runs" / task.label / f"trl_{algo}").glob("seed*"))]
+            found = [r for r in found if r and r.get("status") == "ok"]
+            if found:
+                rows.append((task.label, algo, found))
+    if not rows:
+        return []
+    lines = ["## Peer baseline: TRL at equal iterations", "",
+             "Same base model, prompts or pairs, hyperparameters and number of iterations; both evaluated by "
+             "`evaluate_policy`. Steps/s counts iterations over set-up plus training time.", "",
+             "| task | algorithm | seeds | iterations | gold (ours) | gold (TRL) | KL (ours) | KL (TRL) | steps/s (ours) | steps/s (TRL) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task, algo, rs in rows:
+        col = lambda k: [r[k] for r in rs]  # noqa: E731
+        lines.append(f"| {task} | {algo} | {len(rs)} | {_fmt(col('steps'), 0)} | {_fmt(col('ours_gold'), 3)} | "
+                     f"{_fmt(col('gold'), 3)} | {_fmt(col('ours_kl'), 2)} | {_fmt(col('kl'), 2)} | "
+                     f"{_fmt(col('ours_steps_per_s'), 2)} | {_fmt(col('steps_per_s'), 2)} |")  # fmt: skip
+    return lines + [""]
 
 
 def _cores() -> int:

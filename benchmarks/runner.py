@@ -121,7 +121,13 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 
         device = _device(device_name)
         t = get_task(task.name, **task.knobs)
-        ref, tok = load_base_model(t, task.model, device=device, progress=False)
+        key = f"{task.label}/base"
+
+        def report(step: int, steps: int) -> None:
+            if _progress_queue is not None and (step % 10 == 0 or step == steps):
+                _progress_queue.put((key, 0.95 * step / steps, None))  # the evaluation is the last 5 %
+
+        ref, tok = load_base_model(t, task.model, device=device, progress=False, callback=report)
         metrics = evaluate_policy(TrainContext(t, copy.deepcopy(ref), ref, tok, device), eval_prompts)
         result = {"status": "ok", "task": task.label, "algorithm": "base", "gold": metrics["reward/gold"],
                   "kl": metrics["objective/kl_eval"], "params": sum(p.numel() for p in ref.parameters()),
@@ -280,17 +286,27 @@ def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any
     return result
 
 
+class _DirectQueue:
+    """In-process stand-in for the workers' progress queue: updates the display at once."""
+
+    def __init__(self, display: _Display):
+        self.display = display
+
+    def put(self, item) -> None:
+        self.display.update(*item)
+
+
 def _run_inline(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:
     import torch
 
     saved = torch.get_num_threads()
-    _init_worker(None, threads)
+    _init_worker(_DirectQueue(display), threads)
     try:
         for key, fn, args in jobs:
             display.start(key)
             display.finish(key, _summary(fn(*args)))
     finally:
-        torch.set_num_threads(saved)
+        _init_worker(None, saved)
 
 
 def _run_pool(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:

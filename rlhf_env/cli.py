@@ -253,6 +253,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.suite import load_suite
 
     suite = load_suite(args.suite)
+    if args.baseline:
+        from benchmarks.trl_baseline import require_trl
+
+        require_trl()  # before the suite runs, not after
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()
@@ -260,7 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.baseline:
         from benchmarks.trl_baseline import run_trl_baseline
 
-        run_trl_baseline(suite, out, progress=not args.no_progress)
+        run_trl_baseline(suite, out, progress=not args.no_progress)  # failures are recorded in the table
     paths = write_report(suite, out, total_s=time.perf_counter() - t0)
     print(Path(paths["markdown"]).read_text())
     failed = [r for r in results if r.get("status") != "ok"]

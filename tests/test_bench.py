@@ -270,3 +270,38 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     assert "| dpo | 1 (1 failed) | 0.900 | 1.00 |" in md
     assert md.index("| dpo |") < md.index("| ppo |")  # best gold first
     assert "| *base model* | – | 0.250 |" in md and "`arithmetic/dpo/seed1`: ValueError: boom" in md
+
+
+# -- the TRL peer baseline ---------------------------------------------------------------------
+
+
+def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from benchmarks.trl_baseline import run_trl_baseline
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = ["grpo"]\n[budget]\ntokens = 10\n'
+                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[compare\]"'):
+        run_trl_baseline(suite, tmp_path)
+
+
+def test_trl_baseline_trains_trl_beside_ours_at_equal_iterations(tmp_path):
+    pytest.importorskip("trl")
+    from benchmarks.trl_baseline import run_trl_baseline
+
+    body = (f'seeds = [0]\nalgorithms = ["grpo", "dpo"]\neval_points = 1\neval_prompts = 8\n[budget]\ntokens = 400\n'
+            f'[hparams.grpo]\nnum_prompts = 4\ngroup_size = 4\nnum_minibatches = 2\n[hparams.dpo]\nnum_pairs = 32\n'
+            f'batch_size = 8\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    suite = load_suite(write_suite(tmp_path / "s.toml", body))
+    out = tmp_path / "out"
+    ours = {r["algorithm"]: r for r in run_suite(suite, out, workers=0, progress=False)}
+    trl = {r["algorithm"]: r for r in run_trl_baseline(suite, out, progress=False)}
+    assert set(trl) == {"trl_grpo", "trl_dpo"} and all(r["status"] == "ok" for r in trl.values()), trl
+    for algo in ("grpo", "dpo"):
+        r = trl[f"trl_{algo}"]
+        assert r["steps"] == ours[algo]["steps"] and r["ours_gold"] == ours[algo]["gold"]
+        assert 0 <= r["gold"] <= 1 and r["kl"] > 0 and r["steps_per_s"] > 0  # trained: it moved off the reference
+    md = write_report(suite, out)["markdown"].read_text()
+    assert "## Peer baseline: TRL at equal iterations" in md and "| arithmetic | dpo | 1 |" in md

@@ -36,5 +36,24 @@ def test_ci_runs_the_readme_test_command():
     setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
     assert len(commands) == 2, "the README has exactly two set-up commands"
-    assert "rlhf " in commands[0]
+    assert commands[0].endswith("&& rlhf bench")  # the main job: the embedded default suite
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_shows_the_committed_default_results():
+    results = ROOT / "benchmarks" / "results" / "bench_default"
+    committed = [line for line in (results / "results.md").read_text().splitlines() if line.startswith("| ")]
+    shown = [line for line in README.splitlines() if line.startswith("| ")]
+    assert committed and all(line in shown for line in committed), "README's bench table differs from results.md"
+    assert "benchmarks/results/bench_default/frontier.png" in README and (results / "frontier.png").is_file()
+
+
+def test_readme_suite_example_is_a_valid_suite(tmp_path):
+    from benchmarks.suite import load_suite
+
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", README, flags=re.S) if "[budget]" in b)
+    (tmp_path / "mine.toml").write_text(block)
+    suite = load_suite(tmp_path / "mine.toml")
+    cells = suite.cells()
+    assert suite.name == "mine" and "sft" not in suite.algorithm_names() and "grpo" in suite.algorithm_names()
+    assert cells[0].task.budget == {"tokens": 8000} and len(cells) == 3 * len(suite.algorithm_names())

@@ -46,8 +46,12 @@ def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
     return -(logp * target).sum() / target.sum()
 
 
-def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True):
-    """AdamW on ``sft_loss`` over random minibatches, linear warm-up then linear decay."""
+def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
+              callback=None):
+    """AdamW on ``sft_loss`` over random minibatches, linear warm-up then linear decay.
+
+    ``callback(step, steps)``, if given, is called after every step (progress displays).
+    """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -55,7 +59,7 @@ def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float
     model.train()
     bar = tqdm(range(steps), desc="SFT base model", disable=not progress, leave=False)
     loss = torch.tensor(float("nan"))
-    for _ in bar:
+    for i in bar:
         idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
         loss = sft_loss(model, tokenizer, [pairs[i] for i in idx])
         opt.zero_grad(set_to_none=True)
@@ -64,11 +68,13 @@ def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at tqdm's own pace
+        if callback is not None:
+            callback(i + 1, steps)
     return model.eval(), loss.item()
 
 
-def build_base_model(task: Task, *, force: bool = False, progress: bool = True) -> Path:
-    """The task's base model directory, built (SFT) and cached on first use."""
+def build_base_model(task: Task, *, force: bool = False, progress: bool = True, callback=None) -> Path:
+    """The task's base model directory, built (SFT) and cached on first use (``callback``: see ``train_sft``)."""
     target = base_model_dir(task)
     if (target / "model.safetensors").exists() and not force:
         return target
@@ -80,7 +86,7 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True) 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
         model, final_loss = train_sft(model, tokenizer, task.sft_data, steps=r.sft_steps, batch_size=r.batch_size,
-                                      lr=r.lr, seed=r.seed, progress=progress)  # fmt: skip
+                                      lr=r.lr, seed=r.seed, progress=progress, callback=callback)  # fmt: skip
     info = {"task": task.name, "config": task.config, "recipe": r.__dict__, "final_sft_loss": final_loss,
             "build_seconds": round(time.perf_counter() - start, 1),
             "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
@@ -97,7 +103,8 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True) 
     return target
 
 
-def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, progress: bool = True):
+def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, progress: bool = True,
+                    callback=None):
     """``(model, tokenizer)``: the checkpoint at ``model_path`` if given, else the task's base model."""
-    path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress)
+    path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress, callback=callback)
     return load_causal_lm(path, device=device), load_tokenizer(path)

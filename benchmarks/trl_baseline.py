@@ -1,0 +1,146 @@
+"""``rlhf bench --baseline trl``: TRL's GRPOTrainer and DPOTrainer beside our grpo and dpo.
+
+For every task and seed of the suite whose ``grpo`` / ``dpo`` cell finished, TRL trains the
+same base model on the same data with the same hyperparameters for the same number of our
+iterations, then the result is evaluated exactly as our cells are (``evaluate_policy``:
+gold reward and KL on the held-out prompts). Results go to
+``runs/<task>/trl_<algo>/seed<k>/result.json``; the report puts them side by side.
+
+- GRPO: one of our iterations samples ``num_prompts × group_size`` completions and takes
+  ``num_minibatches`` optimizer steps on them (per epoch). TRL is set up the same way:
+  ``steps_per_generation = num_minibatches`` minibatches of ``num_prompts × group_size /
+  num_minibatches`` completions, ``num_generations = group_size``, ``beta = kl_coef``,
+  ``epsilon = clip_eps``, constant learning rate, T = 1 sampling, the gold reward.
+- DPO: the pairs our DPO draws (``task.preference_pairs`` with the same annotator, count
+  and seed), ``batch_size`` pairs per step, ``beta``, constant learning rate.
+
+Needs the ``compare`` extra (``pip install -e ".[compare]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import _device, _write_result, cell_dir, read_result
+from benchmarks.suite import Cell, Suite
+
+ALGOS = ("grpo", "dpo")
+
+
+def require_trl():
+    try:
+        import trl  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError('--baseline trl needs TRL: pip install -e ".[compare]"') from exc
+    return trl
+
+
+def trl_dir(out: Path, cell: Cell) -> Path:
+    return out / "runs" / cell.task.label / f"trl_{cell.algorithm}" / f"seed{cell.seed}"
+
+
+def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, max_grad_norm: float) -> dict[str, Any]:
+    return dict(output_dir=str(out_dir), seed=seed, learning_rate=lr, lr_scheduler_type="constant", warmup_ratio=0.0,
+                max_steps=max_steps, max_grad_norm=max_grad_norm, weight_decay=0.0, logging_steps=max(1, max_steps // 5),
+                save_strategy="no", report_to="none", use_cpu=device.type != "cuda", bf16=device.type == "cuda",
+                gradient_accumulation_steps=1, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+
+
+def run_trl_grpo(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    batch = cfg.num_prompts * cfg.group_size
+
+    def gold(prompts, completions, **_):
+        return task.gold_reward(list(prompts), list(completions))
+
+    args = GRPOConfig(**_common_args(out_dir, seed, device, cfg.lr, steps * cfg.num_minibatches * cfg.num_iterations,
+                                     cfg.max_grad_norm),
+                      per_device_train_batch_size=batch // cfg.num_minibatches, steps_per_generation=cfg.num_minibatches,
+                      num_generations=cfg.group_size, num_iterations=cfg.num_iterations, beta=cfg.kl_coef,
+                      epsilon=cfg.clip_eps, loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0,
+                      max_completion_length=task.max_new_tokens, mask_truncated_completions=False)  # fmt: skip
+    data = Dataset.from_dict({"prompt": list(task.train_prompts)})
+    trainer = GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=data, processing_class=tokenizer)
+    return trainer
+
+
+def run_trl_dpo(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = task.preference_pairs(ref, tokenizer, cfg.num_pairs, tau=cfg.annotator_tau, seed=seed)
+    data = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
+                              "rejected": [p.rejected for p in pairs]})  # fmt: skip
+    args = DPOConfig(**_common_args(out_dir, seed, device, cfg.lr, steps, cfg.max_grad_norm),
+                     per_device_train_batch_size=cfg.batch_size, beta=cfg.beta, loss_type="sigmoid")  # fmt: skip
+    return DPOTrainer(model=model, ref_model=copy.deepcopy(ref), args=args, train_dataset=data, processing_class=tokenizer)
+
+
+def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
+    """Train TRL's trainer for the same iterations as our finished cell; evaluate like ours."""
+    import plugins
+    from algorithms.base import TrainContext
+    from algorithms.loop import evaluate_policy
+    from rlhf_env.tasks import get_task
+    from rlhf_env.tasks.base_models import load_base_model
+
+    ours = read_result(cell_dir(out, cell)) or {}
+    path = trl_dir(out, cell)
+    base = {"task": cell.task.label, "algorithm": f"trl_{cell.algorithm}", "seed": cell.seed, "steps": ours.get("steps")}
+    try:
+        import torch
+
+        device = _device(suite.device)
+        task = get_task(cell.task.name, **cell.task.knobs)
+        ref, tok = load_base_model(task, cell.task.model, device=device, progress=False)
+        cfg = plugins.get_host().algorithms.get(cell.algorithm).make_config(**cell.config)
+        torch.manual_seed(cell.seed)
+        model = copy.deepcopy(ref).train()
+        path.mkdir(parents=True, exist_ok=True)
+        # Timed like our train_s: set-up (pairs, tokenisation) plus training. TRL's log lines go to a file.
+        t0 = time.perf_counter()
+        with open(path / "trl.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            if cell.algorithm == "grpo":
+                trainer = run_trl_grpo(task, model, tok, cfg, ours["steps"], cell.seed, path, device)
+            else:
+                trainer = run_trl_dpo(task, model, ref, tok, cfg, ours["steps"], cell.seed, path, device)
+            trainer.train()
+        train_s = time.perf_counter() - t0
+        policy = trainer.model.eval()
+        metrics = evaluate_policy(TrainContext(task, policy, ref, tok, device), suite.eval_prompts)
+        result = {**base, "status": "ok", "gold": metrics["reward/gold"], "kl": metrics["objective/kl_eval"],
+                  "train_s": train_s, "steps_per_s": ours["steps"] / train_s,
+                  "ours_gold": ours["gold"], "ours_kl": ours["kl"], "ours_steps_per_s": ours["steps"] / ours["train_s"]}  # fmt: skip
+    except Exception as exc:  # recorded, like any failing cell
+        result = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    _write_result(path, result)
+    return result
+
+
+def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
+    """TRL's GRPO and DPO for every finished ``grpo``/``dpo`` cell of the suite (skipping done ones)."""
+    require_trl()
+    out = Path(out)
+    cells = [c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"]
+    if not cells:
+        raise RuntimeError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")
+    results = []
+    for i, cell in enumerate(cells):
+        done = read_result(trl_dir(out, cell))
+        if done and done.get("status") == "ok":
+            results.append(done)
+            continue
+        if progress:
+            print(f"  trl baseline {i + 1}/{len(cells)}: {cell.id}", flush=True)
+        results.append(run_trl_cell(cell, out, suite))
+        r = results[-1]
+        if progress:
+            print(f"    {r['status']}: " + (f"gold {r['gold']:+.3f} (ours {r['ours_gold']:+.3f}), {r['steps_per_s']:.2f} steps/s "
+                                          f"(ours {r['ours_steps_per_s']:.2f})" if r["status"] == "ok" else r["error"]))  # fmt: skip
+    return results
