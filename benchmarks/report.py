@@ -91,7 +91,7 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
     if suite.description:
         lines += [suite.description, ""]
     devices = sorted({r.get("device", "") for r in rows if r.get("device")})
-    lines += [f"Seeds {suite.seeds}; {suite.eval_prompts} eval prompts; machine: {platform.processor() or platform.machine()}, "
+    lines += [f"Seeds {suite.seeds}; up to {suite.eval_prompts} held-out prompts per evaluation; machine: {platform.processor() or platform.machine()}, "
               f"{_cores()} cores, torch {torch.__version__}, device {', '.join(devices) or '–'}"
               + (f"; whole run {total_s / 60:.1f} min" if total_s else "") + ".", ""]  # fmt: skip
     lines += ["Gold reward and KL (Σ log π − log π_ref per completion, sampled) are measured on held-out prompts "
