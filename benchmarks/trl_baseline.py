@@ -10,9 +10,17 @@ gold reward and KL on the held-out prompts). Results go to
   ``num_minibatches`` optimizer steps on them (per epoch). TRL is set up the same way:
   ``steps_per_generation = num_minibatches`` minibatches of ``num_prompts × group_size /
   num_minibatches`` completions, ``num_generations = group_size``, ``beta = kl_coef``,
-  ``epsilon = clip_eps``, constant learning rate, T = 1 sampling, the gold reward.
+  ``epsilon = clip_eps``, constant learning rate, T = 1 sampling, the gold reward, and
+  dropout off (GPT-2 configs default to 0.1; our trainers keep models in eval mode, and
+  TRL's GRPO leaves dropout on unless told, which alone costs it most of its progress).
 - DPO: the pairs our DPO draws (``task.preference_pairs`` with the same annotator, count
   and seed), ``batch_size`` pairs per step, ``beta``, constant learning rate.
+
+TRL's GRPO and DPO score left-padded batches without ``position_ids``; a model with learned
+absolute positions (GPT-2, like our tiny models) then sees every padded row's tokens at
+shifted positions when TRL computes training log-probs, though ``generate`` placed them
+correctly. ``mask_positions`` gives TRL's copies of the model positions from the attention
+mask (what TRL's own PPO does), so the comparison is of the algorithms, not of that gap.
 
 Needs the ``compare`` extra (``pip install -e ".[compare]"``).
 """
@@ -43,11 +51,29 @@ def trl_dir(out: Path, cell: Cell) -> Path:
     return out / "runs" / cell.task.label / f"trl_{cell.algorithm}" / f"seed{cell.seed}"
 
 
+def mask_positions(model):
+    """Make ``model`` derive missing ``position_ids`` from the attention mask (left padding safe).
+
+    Done by swapping in a subclass, so copies TRL makes (its reference model) keep it.
+    """
+    base = type(model)
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None and attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return base.forward(self, input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+                            position_ids=position_ids, **kwargs)  # fmt: skip
+
+    model.__class__ = type(f"MaskPositions{base.__name__}", (base,), {"forward": forward})
+    return model
+
+
 def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, max_grad_norm: float) -> dict[str, Any]:
     return dict(output_dir=str(out_dir), seed=seed, learning_rate=lr, lr_scheduler_type="constant", warmup_ratio=0.0,
                 max_steps=max_steps, max_grad_norm=max_grad_norm, weight_decay=0.0, logging_steps=max(1, max_steps // 5),
                 save_strategy="no", report_to="none", use_cpu=device.type != "cuda", bf16=device.type == "cuda",
-                gradient_accumulation_steps=1, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+                gradient_accumulation_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+                disable_dropout=True)  # fmt: skip  # our trainers keep models in eval mode: no dropout
 
 
 def run_trl_grpo(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
@@ -79,7 +105,7 @@ def run_trl_dpo(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir
                               "rejected": [p.rejected for p in pairs]})  # fmt: skip
     args = DPOConfig(**_common_args(out_dir, seed, device, cfg.lr, steps, cfg.max_grad_norm),
                      per_device_train_batch_size=cfg.batch_size, beta=cfg.beta, loss_type="sigmoid")  # fmt: skip
-    return DPOTrainer(model=model, ref_model=copy.deepcopy(ref), args=args, train_dataset=data, processing_class=tokenizer)
+    return DPOTrainer(model=model, ref_model=mask_positions(copy.deepcopy(ref)), args=args, train_dataset=data, processing_class=tokenizer)
 
 
 def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
@@ -101,7 +127,7 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
         ref, tok = load_base_model(task, cell.task.model, device=device, progress=False)
         cfg = plugins.get_host().algorithms.get(cell.algorithm).make_config(**cell.config)
         torch.manual_seed(cell.seed)
-        model = copy.deepcopy(ref).train()
+        model = mask_positions(copy.deepcopy(ref)).train()
         path.mkdir(parents=True, exist_ok=True)
         # Timed like our train_s: set-up (pairs, tokenisation) plus training. TRL's log lines go to a file.
         t0 = time.perf_counter()
@@ -126,7 +152,13 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
 def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
     """TRL's GRPO and DPO for every finished ``grpo``/``dpo`` cell of the suite (skipping done ones)."""
     require_trl()
+    import os
+
+    import torch
+
     out = Path(out)
+    # The same torch threads as one of the suite's workers, so steps/s compare like with like.
+    torch.set_num_threads(suite.threads or max(1, (os.cpu_count() or 1) // max(suite.workers, 1)))
     cells = [c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"]
     if not cells:
         raise RuntimeError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")

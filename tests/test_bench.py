@@ -305,3 +305,23 @@ def test_trl_baseline_trains_trl_beside_ours_at_equal_iterations(tmp_path):
         assert 0 <= r["gold"] <= 1 and r["kl"] > 0 and r["steps_per_s"] > 0  # trained: it moved off the reference
     md = write_report(suite, out)["markdown"].read_text()
     assert "## Peer baseline: TRL at equal iterations" in md and "| arithmetic | dpo | 1 |" in md
+
+
+def test_mask_positions_scores_left_padded_rows_like_unpadded_ones():
+    import copy
+
+    import torch
+
+    from benchmarks.trl_baseline import mask_positions
+    from rlhf_env.tiny import build_tiny_model
+
+    model, tok = build_tiny_model(seed=0)
+    ids = torch.tensor([tok("ab")["input_ids"]])
+    pad = torch.full((1, 3), tok.pad_token_id)
+    padded, mask = torch.cat([pad, ids], 1), torch.cat([torch.zeros(1, 3), torch.ones_like(ids)], 1).long()
+    want = model(ids).logits[0]
+    assert not torch.allclose(model(padded, attention_mask=mask).logits[0, 3:], want, atol=1e-4)  # shifted positions
+    fixed = mask_positions(copy.deepcopy(model))
+    twin = copy.deepcopy(fixed)  # copies (TRL's reference model) keep the fix
+    for m in (fixed, twin):
+        assert torch.allclose(m(padded, attention_mask=mask).logits[0, 3:], want, atol=1e-5)
