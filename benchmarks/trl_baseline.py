@@ -157,22 +157,26 @@ def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> li
     import torch
 
     out = Path(out)
-    # The same torch threads as one of the suite's workers, so steps/s compare like with like.
-    torch.set_num_threads(suite.threads or max(1, (os.cpu_count() or 1) // max(suite.workers, 1)))
     cells = [c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"]
     if not cells:
         raise RuntimeError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")
+    saved = torch.get_num_threads()
+    # The same torch threads as one of the suite's workers, so steps/s compare like with like.
+    torch.set_num_threads(suite.threads or max(1, (os.cpu_count() or 1) // max(suite.workers, 1)))
     results = []
-    for i, cell in enumerate(cells):
-        done = read_result(trl_dir(out, cell))
-        if done and done.get("status") == "ok":
-            results.append(done)
-            continue
-        if progress:
-            print(f"  trl baseline {i + 1}/{len(cells)}: {cell.id}", flush=True)
-        results.append(run_trl_cell(cell, out, suite))
-        r = results[-1]
-        if progress:
-            print(f"    {r['status']}: " + (f"gold {r['gold']:+.3f} (ours {r['ours_gold']:+.3f}), {r['steps_per_s']:.2f} steps/s "
-                                          f"(ours {r['ours_steps_per_s']:.2f})" if r["status"] == "ok" else r["error"]))  # fmt: skip
+    try:
+        for i, cell in enumerate(cells):
+            done = read_result(trl_dir(out, cell))
+            if done and done.get("status") == "ok":
+                results.append(done)
+                continue
+            if progress:
+                print(f"  trl baseline {i + 1}/{len(cells)}: {cell.id}", flush=True)
+            results.append(run_trl_cell(cell, out, suite))
+            r = results[-1]
+            if progress:
+                print(f"    {r['status']}: " + (f"gold {r['gold']:+.3f} (ours {r['ours_gold']:+.3f}), {r['steps_per_s']:.2f} "
+                                              f"steps/s (ours {r['ours_steps_per_s']:.2f})" if r["status"] == "ok" else r["error"]))  # fmt: skip
+    finally:
+        torch.set_num_threads(saved)  # leave the caller's process as it was
     return results
