@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.runner import base_dir, cell_dir, read_result
+from benchmarks.runner import base_dir, cell_dir, read_result, run_dir
 from benchmarks.suite import Suite
 
 CSV_FIELDS = ["task", "algorithm", "seed", "status", "gold", "kl", "tokens", "tokens_per_s", "train_s", "wall_s",
@@ -44,7 +44,7 @@ def collect(suite: Suite, out: Path) -> tuple[dict[str, dict], list[dict]]:
 def curve(out: Path, row: dict, base_gold: float) -> np.ndarray:
     """(n, 4) [tokens, seconds, gold, kl] at the cell's evaluations, starting at the base model."""
     points = [(0.0, 0.0, base_gold, 0.0)]
-    path = out / "runs" / row["task"] / row["algorithm"] / f"seed{row['seed']}" / "metrics.jsonl"
+    path = run_dir(out, row["task"], row["algorithm"], row["seed"]) / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
         if "reward/gold" in r:

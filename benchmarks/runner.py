@@ -35,8 +35,12 @@ from benchmarks.suite import Cell, Suite, TaskEntry
 _progress_queue = None  # set in each worker by _init_worker
 
 
+def run_dir(out: Path, task_label: str, algorithm: str, seed: int) -> Path:
+    return out / "runs" / task_label / algorithm / f"seed{seed}"
+
+
 def cell_dir(out: Path, cell: Cell) -> Path:
-    return out / "runs" / cell.task.label / cell.algorithm / f"seed{cell.seed}"
+    return run_dir(out, cell.task.label, cell.algorithm, cell.seed)
 
 
 def base_dir(out: Path, task: TaskEntry) -> Path:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runner import _device, _write_result, cell_dir, read_result
+from benchmarks.runner import _device, _write_result, cell_dir, read_result, run_dir
 from benchmarks.suite import Cell, Suite
 
 ALGOS = ("grpo", "dpo")
@@ -48,7 +48,7 @@ def require_trl():
 
 
 def trl_dir(out: Path, cell: Cell) -> Path:
-    return out / "runs" / cell.task.label / f"trl_{cell.algorithm}" / f"seed{cell.seed}"
+    return run_dir(out, cell.task.label, f"trl_{cell.algorithm}", cell.seed)
 
 
 def mask_positions(model):
