@@ -17,63 +17,16 @@ from benchmarks.runner import _write_result, cell_dir, run_suite, base_dir
 from benchmarks.suite import SUITES_DIR, SuiteError, load_suite
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
+from tinyparts import TOY_ALGO_SOURCE
 
 TASK_KNOBS = 'knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }'
 
-PLUGIN_SOURCE = '''
-import os
-from dataclasses import dataclass
-
-import torch
-
-from algorithms.base import AlgorithmSpec
-from rlhf_env import hookimpl
-from rlhf_env.tasks.base_models import sft_loss
-
-
-@dataclass
-class Config:
-    lr: float = 1e-2
-    fail_at: int = -1  # raise at this step
-    die_at: int = -1  # kill the process at this step
-
-
-class Trainer:
-    """A third-party algorithm: SFT steps on the task's data, with ways to fail."""
-
-    def __init__(self, ctx, config):
-        self.ctx, self.config = ctx, config
-        self.opt = torch.optim.SGD(ctx.policy.parameters(), lr=config.lr)
-
-    def step(self, step, seed):
-        if step == self.config.fail_at:
-            raise RuntimeError("toy failure on purpose")
-        if step == self.config.die_at:
-            os._exit(3)
-        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, self.ctx.task.sft_data[:8])
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        return {"loss/policy": loss.item(), "perf/tokens": 20}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-@hookimpl
-def rlhf_register_algorithms(register):
-    register("toy", AlgorithmSpec(Config, Trainer))
-    register("toy_crash", AlgorithmSpec(Config, Trainer))
-'''
 
 
 @pytest.fixture
 def toy_plugin(plugin_path, write_dist, monkeypatch):
     """An installed-looking third-party dist registering ``toy`` and ``toy_crash``."""
-    write_dist(plugin_path, "rlhf_demo_bench", {"bench_toys": "rlhf_demo_bench"}, {"rlhf_demo_bench": PLUGIN_SOURCE})
+    write_dist(plugin_path, "rlhf_demo_bench", {"bench_toys": "rlhf_demo_bench"}, {"rlhf_demo_bench": TOY_ALGO_SOURCE})
     return plugin_path
 
 
@@ -231,9 +184,9 @@ def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy
             f'[hparams.sft]\nbatch_size = 4\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
     suite = load_suite(write_suite(tmp_path / "s.toml", body))
     results = {r["algorithm"]: r for r in run_suite(suite, tmp_path / "out", progress=False)}
-    assert set(results) == {"sft", "toy", "toy_crash"}
+    assert set(results) == {"sft", "toy", "toy_sft", "toy_crash"}
     assert results["toy_crash"]["status"] == "failed" and "worker process died" in results["toy_crash"]["error"]
-    assert results["sft"]["status"] == "ok" and results["toy"]["status"] == "ok"
+    assert all(results[a]["status"] == "ok" for a in ("sft", "toy", "toy_sft"))
 
 
 def test_cli_bench_writes_the_table_and_exits_nonzero_when_a_cell_failed(toy_plugin, tmp_path, capsys):

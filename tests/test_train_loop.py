@@ -14,6 +14,7 @@ from algorithms.base import AlgorithmSpec
 from algorithms.loop import TrainingError, train
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
+from tinyparts import TOY_ALGO_SOURCE
 
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
 SPEC = AlgorithmSpec(reinforce.Config, reinforce.Trainer)
@@ -72,49 +73,11 @@ def test_cli_names_the_known_algorithms_and_tasks(tmp_path, capsys):
     assert "unknown task 'nope'; registered: arithmetic, sentiment" in capsys.readouterr().err
 
 
-PLUGIN_SOURCE = '''
-from dataclasses import dataclass
-
-import torch
-from rlhf_env import hookimpl
-from algorithms.base import AlgorithmSpec
-from rlhf_env.tasks.base_models import sft_loss
-
-
-@dataclass
-class Config:
-    lr: float = 1e-3
-
-
-class Trainer:
-    """A third-party algorithm: plain SFT steps on the task's data."""
-
-    def __init__(self, ctx, config):
-        self.ctx, self.opt = ctx, torch.optim.SGD(ctx.policy.parameters(), lr=config.lr)
-
-    def step(self, step, seed):
-        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, self.ctx.task.sft_data[:8])
-        self.opt.zero_grad()
-        loss.backward()
-        self.opt.step()
-        return {"loss/policy": loss.item(), "perf/tokens": 8}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-@hookimpl
-def rlhf_register_algorithms(register):
-    register("toy_sft", AlgorithmSpec(Config, Trainer))
-'''
 
 
 def test_an_algorithm_from_a_plugin_trains_through_rlhf_train(plugin_path, write_dist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
-    write_dist(plugin_path, "rlhf_demo_toy", {"toy": "rlhf_demo_toy"}, {"rlhf_demo_toy": PLUGIN_SOURCE})
+    write_dist(plugin_path, "rlhf_demo_toy", {"toy": "rlhf_demo_toy"}, {"rlhf_demo_toy": TOY_ALGO_SOURCE})
     assert plugins.get_host().algorithms.entry("toy_sft").plugin == "toy"
     checkpoint = tmp_path / "ckpt"
     from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny

@@ -37,3 +37,56 @@ def hand_rewards(policy, ref, prompt_ids, completion, beta, score):
 def count_e(prompts, completions):
     """A deterministic text reward for tests: 0.1 per 'e' in the completion, minus 0.05 per char."""
     return [0.1 * c.count("e") - 0.05 * len(c) for c in completions]
+
+
+# A third-party algorithm (SFT steps on the task's data) with switches to fail in the ways a
+# real one can; registered as toy_sft, toy and toy_crash.
+TOY_ALGO_SOURCE = '''
+import os
+from dataclasses import dataclass
+
+import torch
+
+from algorithms.base import AlgorithmSpec
+from rlhf_env import hookimpl
+from rlhf_env.tasks.base_models import sft_loss
+
+
+@dataclass
+class Config:
+    lr: float = 1e-2
+    fail_at: int = -1  # raise at this step
+    die_at: int = -1  # kill the process at this step
+
+
+class Trainer:
+    """A third-party algorithm: SFT steps on the task's data, with ways to fail."""
+
+    def __init__(self, ctx, config):
+        self.ctx, self.config = ctx, config
+        self.opt = torch.optim.SGD(ctx.policy.parameters(), lr=config.lr)
+
+    def step(self, step, seed):
+        if step == self.config.fail_at:
+            raise RuntimeError("toy failure on purpose")
+        if step == self.config.die_at:
+            os._exit(3)
+        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, self.ctx.task.sft_data[:8])
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss/policy": loss.item(), "perf/tokens": 20}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@hookimpl
+def rlhf_register_algorithms(register):
+    register("toy_sft", AlgorithmSpec(Config, Trainer))
+    register("toy", AlgorithmSpec(Config, Trainer))
+    register("toy_crash", AlgorithmSpec(Config, Trainer))
+'''
