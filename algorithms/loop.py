@@ -14,8 +14,8 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch

@@ -98,6 +98,7 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
               "after the budget is spent; mean ± std over seeds. Tokens/s counts training tokens over training "
               "time (set-up included, evaluation excluded); wall is the whole cell; memory is the peak resident "
               "set (CPU) or peak allocated GPU memory.", ""]  # fmt: skip
+    summaries = summarise(bases, rows)
     for summary_task in dict.fromkeys(r["task"] for r in rows):
         task = next(t for t in suite.tasks if t.label == summary_task)
         budget = ", ".join(f"{v:,} {k}" for k, v in task.budget.items())
@@ -107,7 +108,7 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         if base.get("status") == "ok":
             lines.append(f"| *base model* | – | {base['gold']:.3f} | 0 | – | – | – |")
-        entries = [e for e in summarise(bases, rows) if e["task"] == summary_task]
+        entries = [e for e in summaries if e["task"] == summary_task]
         entries.sort(key=lambda e: -mean(e["gold"]) if e["gold"] else math.inf)
         for e in entries:
             seeds = f"{len(e['ok'])}" + (f" ({len(e['failed'])} failed)" if e["failed"] else "")

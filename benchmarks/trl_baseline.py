@@ -76,7 +76,7 @@ def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, ma
                 disable_dropout=True)  # fmt: skip  # our trainers keep models in eval mode: no dropout
 
 
-def run_trl_grpo(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -92,11 +92,10 @@ def run_trl_grpo(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Pa
                       epsilon=cfg.clip_eps, loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0,
                       max_completion_length=task.max_new_tokens, mask_truncated_completions=False)  # fmt: skip
     data = Dataset.from_dict({"prompt": list(task.train_prompts)})
-    trainer = GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=data, processing_class=tokenizer)
-    return trainer
+    return GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=data, processing_class=tokenizer)
 
 
-def run_trl_dpo(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+def dpo_trainer(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -133,9 +132,9 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
         t0 = time.perf_counter()
         with open(path / "trl.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             if cell.algorithm == "grpo":
-                trainer = run_trl_grpo(task, model, tok, cfg, ours["steps"], cell.seed, path, device)
+                trainer = grpo_trainer(task, model, tok, cfg, ours["steps"], cell.seed, path, device)
             else:
-                trainer = run_trl_dpo(task, model, ref, tok, cfg, ours["steps"], cell.seed, path, device)
+                trainer = dpo_trainer(task, model, ref, tok, cfg, ours["steps"], cell.seed, path, device)
             trainer.train()
         train_s = time.perf_counter() - t0
         policy = trainer.model.eval()
