@@ -58,11 +58,17 @@ def mask_positions(model):
     """
     base = type(model)
 
-    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None, **kwargs):
-        if position_ids is None and attention_mask is not None and input_ids is not None and attention_mask.shape == input_ids.shape:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if (
+            position_ids is None
+            and attention_mask is not None
+            and input_ids is not None
+            and attention_mask.shape == input_ids.shape
+        ):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return base.forward(self, input_ids=input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-                            position_ids=position_ids, **kwargs)  # fmt: skip
+        return base.forward(
+            self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
 
     model.__class__ = type(f"MaskPositions{base.__name__}", (base,), {"forward": forward})
     return model

@@ -14,8 +14,17 @@ cache logic, written once.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers 5.x,
+    ``past_key_values`` before the rename (deprecated, removed in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 class IncrementalLM:
@@ -32,6 +41,7 @@ class IncrementalLM:
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
+        self._cache_kwarg = cache_kwarg(model)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
@@ -104,8 +114,8 @@ class IncrementalLM:
             input_ids=chunk.masked_fill(visible == 0, self.pad_token_id),
             attention_mask=self._attention_mask(past, width),
             position_ids=positions[:, None] + offsets[None, :],
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
         )
         last = (lengths - 1).clamp(min=0)
         return torch.log_softmax(out.logits[torch.arange(rows, device=self.device), last].float(), dim=-1)
