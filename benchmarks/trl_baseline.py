@@ -75,7 +75,7 @@ def mask_positions(model):
 
 
 def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, max_grad_norm: float) -> dict[str, Any]:
-    return dict(output_dir=str(out_dir), seed=seed, learning_rate=lr, lr_scheduler_type="constant", warmup_ratio=0.0,
+    return dict(output_dir=str(out_dir), seed=seed, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
                 max_steps=max_steps, max_grad_norm=max_grad_norm, weight_decay=0.0, logging_steps=max(1, max_steps // 5),
                 save_strategy="no", report_to="none", use_cpu=device.type != "cuda", bf16=device.type == "cuda",
                 gradient_accumulation_steps=1, disable_tqdm=True, dataloader_num_workers=0,
