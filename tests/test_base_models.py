@@ -77,3 +77,40 @@ def test_base_model_build_is_reproducible_for_a_seed(cache):
     first = load_file(build_base_model(task, progress=False) / "model.safetensors")
     second = load_file(build_base_model(task, force=True, progress=False) / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "sentiment"])
+def test_default_tasks_start_from_the_shipped_base_model_without_building(name, cache):
+    from rlhf_env.tasks import get_task
+    from rlhf_env.tasks.base_models import SHIPPED, shipped_base_model
+
+    task = get_task(name)
+    path = build_base_model(task, progress=False)
+    assert path == SHIPPED / task.cache_key() == shipped_base_model(task)  # a recipe change must re-ship it
+    assert not cache.exists()  # nothing was built or written
+    info = json.loads((path / "build_info.json").read_text())
+    assert info["task"] == name and info["config"] == task.config
+    model, tok = load_base_model(task)
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+
+
+def test_a_forced_build_goes_to_the_cache_and_then_takes_precedence(cache, monkeypatch):
+    from rlhf_env.tasks.base_models import shipped_base_model
+
+    task = make_arithmetic_task(digits=1, n_train=40, n_eval=10, sft_steps=2)
+    monkeypatch.setattr("rlhf_env.tasks.base_models.SHIPPED", cache / "shipped")
+    build_base_model(task, progress=False)
+    shipped = cache / "shipped" / task.cache_key()
+    shipped.parent.mkdir()
+    base_model_dir(task).rename(shipped)  # pretend this build was shipped
+    assert shipped_base_model(task) == shipped and build_base_model(task, progress=False) == shipped
+    assert build_base_model(task, force=True, progress=False) == base_model_dir(task)
+    assert build_base_model(task, progress=False) == base_model_dir(task)
+
+
+def test_the_learning_tests_base_model_fixture_matches_their_task():
+    """conftest seeds the test cache with it; a changed recipe must re-commit it (see conftest)."""
+    from conftest import FIXTURE_BASE_MODELS
+
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
+    assert (FIXTURE_BASE_MODELS / task.cache_key() / "model.safetensors").is_file()

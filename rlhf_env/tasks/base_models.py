@@ -1,9 +1,17 @@
-"""Base models for the embedded tasks: a tiny GPT-2 trained by SFT, cached on disk.
+"""Base models for the embedded tasks: a tiny GPT-2 trained by SFT, shipped or cached on disk.
 
-The first use of a task builds its base model (a progress bar shows the SFT steps) and
-saves it under the user cache directory, keyed by the task's configuration; later uses
-load it. Writes are atomic (a temporary directory renamed into place), so an interrupted
-build never leaves a half-written model behind.
+The default configuration of each embedded task has a **canonical** base model shipped in
+the package (``rlhf_env/tasks/shipped/<cache key>/``, a few MB of safetensors). SFT is not
+bit-reproducible across CPUs (AVX2 and AVX-512 kernels round differently, and 300 noisy
+steps amplify that), so a build on another machine gives a different model: the sampled
+gold of the arithmetic base model ranged 0.29-0.41 over machines. Shipping the weights makes
+every machine start from the same model.
+
+Any other configuration builds its base model on first use (a progress bar shows the SFT
+steps) and saves it under the user cache directory, keyed by the task's configuration;
+later uses load it. A model in the cache (``rlhf base-model --force`` rebuilds one) takes
+precedence over the shipped one. Writes are atomic (a temporary directory renamed into
+place), so an interrupted build never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -34,8 +42,18 @@ def cache_root() -> Path:
     return Path(base) / "rlhf_env"
 
 
+SHIPPED = Path(__file__).with_name("shipped")
+
+
 def base_model_dir(task: Task) -> Path:
+    """Where a build of ``task``'s base model is cached."""
     return cache_root() / "base_models" / task.cache_key()
+
+
+def shipped_base_model(task: Task) -> Path | None:
+    """The canonical base model shipped for ``task``'s configuration, if there is one."""
+    path = SHIPPED / task.cache_key()
+    return path if (path / "model.safetensors").is_file() else None
 
 
 def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -74,10 +92,16 @@ def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float
 
 
 def build_base_model(task: Task, *, force: bool = False, progress: bool = True, callback=None) -> Path:
-    """The task's base model directory, built (SFT) and cached on first use (``callback``: see ``train_sft``)."""
+    """The task's base model directory: cached, else shipped, else built (SFT) and cached.
+
+    ``force`` builds afresh into the cache. ``callback``: see ``train_sft``.
+    """
     target = base_model_dir(task)
-    if (target / "model.safetensors").exists() and not force:
-        return target
+    if not force:
+        if (target / "model.safetensors").exists():
+            return target
+        if (shipped := shipped_base_model(task)) is not None:
+            return shipped
     r = task.recipe
     tokenizer = build_char_tokenizer(r.chars or DEFAULT_CHARS)
     model, _ = build_tiny_model(tokenizer, n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd,
