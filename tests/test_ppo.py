@@ -211,16 +211,10 @@ def test_bad_config_fails_before_any_work(tmp_path, monkeypatch):
 # -- trainer -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One base-model cache for this module: the 1-digit task's base is built once."""
-    return tmp_path_factory.mktemp("ppo_cache")
-
-
 @pytest.fixture
-def task(cache_dir, monkeypatch):
-    """1-digit addition; evaluated on the first 64 training prompts (what the policy trains on)."""
-    monkeypatch.setenv("RLHF_ENV_CACHE", str(cache_dir))
+def task():
+    """1-digit addition (its base model is the committed fixture, see conftest); evaluated on
+    the first 64 training prompts (what the policy trains on)."""
     task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
     return dataclasses.replace(task, eval_prompts=task.train_prompts[:64])
 
