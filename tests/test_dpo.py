@@ -196,8 +196,9 @@ def p_correct(model, tok, prompts) -> float:
 
 def test_learns_one_digit_addition_from_simulated_preferences(tmp_path):
     """Default config, seed 0, 300 steps: the gold reward on the training prompts (320 samples,
-    ±0.03) rises from the base model's 0.39 to 0.57 (KL 0.57), and the exact probability of the
-    right answer from 0.38 to 0.55. Seeds 1 and 2 reached 0.55 and 0.60 gold."""
+    ±0.03) rises from the base model's 0.39 to 0.54-0.55 over seeds 0-1 and two CPU kernels
+    (earlier builds: 0.55-0.60), and the exact probability of the right answer from 0.38 to
+    about 0.55. The margins asked for, 0.07 and 0.05, sit well inside those gains."""
     task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
     task = dataclasses.replace(task, eval_prompts=task.train_prompts * 4)  # evaluate what it trained on
     ref, tok = load_base_model(task, device="cpu", progress=False)
@@ -205,8 +206,8 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path):
     records = train(SPEC, task, tmp_path / "run", steps=300, eval_every=100, eval_prompts=320, progress=False,
                     device="cpu", seed=0)  # fmt: skip
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
-    assert len(gold) == 3 and gold[-1] > base["reward/gold"] + 0.1, (base, gold)
+    assert len(gold) == 3 and gold[-1] > base["reward/gold"] + 0.07, (base, gold)
     assert 0 < records[-1]["objective/kl_eval"] < 5
     policy = load_causal_lm(tmp_path / "run" / "checkpoint", device="cpu")
-    assert p_correct(policy, tok, task.train_prompts) > p_correct(ref, tok, task.train_prompts) + 0.1
+    assert p_correct(policy, tok, task.train_prompts) > p_correct(ref, tok, task.train_prompts) + 0.05
     assert all(math.isfinite(r["loss/policy"]) for r in records)
