@@ -93,17 +93,20 @@ def test_an_algorithm_from_a_plugin_trains_through_rlhf_train(plugin_path, write
 
 
 def test_reinforce_raises_the_gold_reward(task, tmp_path):
-    # Evaluate on prompts it trains on: 1-digit sums are too few for unseen ones to be a steady signal.
-    task = dataclasses.replace(task, eval_prompts=task.train_prompts[:64])
-    records = train(SPEC, task, tmp_path / "run", steps=120, eval_every=60, eval_prompts=64, progress=False,
-                    device="cpu")  # fmt: skip
+    """128 episodes a step (64, the default, is too noisy a gradient to rise reliably in 120
+    steps: 0.08-0.29 over seeds), 120 steps, gold on the training prompts (320 samples, ±0.03;
+    1-digit sums are too few for unseen ones to be a steady signal). Measured over seeds 0-2:
+    0.39 -> 0.68-0.74 (KL 0.6-0.7). The margin asked for is 0.15."""
+    task = dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
+    records = train(SPEC, task, tmp_path / "run", steps=120, eval_every=60, eval_prompts=320, progress=False,
+                    device="cpu", config={"num_envs": 128})
     golds = [r["reward/gold"] for r in records if "reward/gold" in r]
     base = base_gold(task, tmp_path)
-    assert golds[-1] >= base + 0.1, (base, golds)
+    assert golds[-1] >= base + 0.15, (base, golds)
 
 
 def base_gold(task, tmp_path):
     """reward/gold of the untrained base model, measured the way the loop measures it."""
-    records = train(SPEC, task, tmp_path / "base", steps=1, eval_every=1, eval_prompts=64, progress=False,
-                    device="cpu", config={"lr": 1e-12})  # fmt: skip
+    records = train(SPEC, task, tmp_path / "base", steps=1, eval_every=1, eval_prompts=320, progress=False,
+                    device="cpu", config={"lr": 1e-12})
     return records[-1]["reward/gold"]
