@@ -178,8 +178,9 @@ class AdaptiveKLController(FixedKLController):
 # -- the trainer -------------------------------------------------------------------------------
 
 
-def logprobs_and_values(policy, value_head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        vocab_size: int | None = None):  # fmt: skip
+def logprobs_and_values(
+    policy, value_head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int | None = None
+):
     """One forward: (B, L-1) log π of ``input_ids[:, 1:]`` (over the first ``vocab_size`` ids) and (B, L-1)
     V(s_t) from the last hidden state."""
     out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)

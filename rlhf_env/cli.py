@@ -133,8 +133,8 @@ def run_rollout(
         if model is not None:
             ref, tokenizer = load_pretrained(model, device="cpu")
             parts = {"tokenizer": tokenizer, "ref_model": ref}
-        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts,
-                                      **{"max_new_tokens": 24, **limit})  # fmt: skip
+        limit = {"max_new_tokens": 24, **limit}
+        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
     else:
         from rlhf_env.tasks import get_task, make_task_env
 
@@ -183,8 +183,8 @@ def format_summary(result: RolloutResult) -> str:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Print every finished episode, then a summary line."""
-    result = run_rollout(args.episodes, args.num_envs, args.max_new_tokens, args.beta, args.seed, args.task, args.model,
-                         torch_dtype(args.dtype))  # fmt: skip
+    a = args
+    result = run_rollout(a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype))
     for i, ep in enumerate(result.episodes):
         print(format_episode(i, ep))
     print(format_summary(result))

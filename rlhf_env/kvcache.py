@@ -93,7 +93,7 @@ class IncrementalLM:
         self._windows = layer_windows(model)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T)
-        self.column_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T) position of each column
+        self.column_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T) positions
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
         self.compactions = 0  # how many times the cache was repacked
         # (B, V) float32 log-probs of the next token of each row, from the last feed.

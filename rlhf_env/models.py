@@ -83,7 +83,7 @@ def _check_model_dir(p: Path, mapping: dict, what: str, trust_remote_code: bool)
     """Raise ``ModelLoadError`` unless ``p`` holds a ``what`` transformers can build offline."""
     config_file = p / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory (save one with save_pretrained)")
+        raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory (see save_pretrained)")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
@@ -91,7 +91,8 @@ def _check_model_dir(p: Path, mapping: dict, what: str, trust_remote_code: bool)
     model_type = config.get("model_type")
     if not trust_remote_code:
         if model_type not in CONFIG_MAPPING_NAMES:
-            why = "needs remote code (auto_map in config.json)" if config.get("auto_map") else "is unknown to transformers"
+            remote = config.get("auto_map")
+            why = "needs remote code (auto_map in config.json)" if remote else "is unknown to transformers"
             raise ModelLoadError(
                 f"{p}: model type {model_type!r} {why}; rlhf_env runs only the architectures transformers ships"
             )
@@ -125,14 +126,14 @@ def _load(auto_cls, mapping, what, model: Any, device, dtype, trust_remote_code:
 
 def load_causal_lm(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM in eval mode from a local path or a model object, moved to ``device``/``dtype``."""
-    return _load(AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "causal-LM", model, device, dtype,
-                 trust_remote_code)  # fmt: skip
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return _load(AutoModelForCausalLM, mapping, "causal-LM", model, device, dtype, trust_remote_code)
 
 
 def load_reward_model(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A sequence-classification model with one label (a scalar reward head), in eval mode."""
-    model = _load(AutoModelForSequenceClassification, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                  "sequence-classification", model, device, dtype, trust_remote_code)  # fmt: skip
+    mapping, what = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "sequence-classification"
+    model = _load(AutoModelForSequenceClassification, mapping, what, model, device, dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise ValueError(f"a reward model needs exactly one label, this one has {model.config.num_labels}")
     return model

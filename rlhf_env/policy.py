@@ -38,8 +38,15 @@ class SamplingPolicy:
         seed: seed of the sampling generator.
     """
 
-    def __init__(self, model, batch_size: int, pad_token_id: int = 0, temperature: float = 1.0, seed: int = 0,
-                 vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        pad_token_id: int = 0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        vocab_size: int | None = None,
+    ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)

@@ -68,9 +68,11 @@ def build_bpe_tokenizer(
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
-    )  # fmt: skip
+    )
     core.train_from_iterator(texts or list(DEFAULT_PROMPTS), trainer=trainer)
     if bos is not None:
         core.post_processor = processors.TemplateProcessing(

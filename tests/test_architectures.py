@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinyarch import ARCHITECTURES, TOKENIZERS, WINDOW, build
+from tinyparts import count_e
 
 from rlhf_env import VectorTextGenEnv
 from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
 from rlhf_env.scoring import next_token_logprobs, pack
-from tinyarch import ARCHITECTURES, TOKENIZERS, WINDOW, build
-from tinyparts import count_e
 
 ATOL = 1e-4
 BETA = 0.3
@@ -37,8 +37,9 @@ def kernel_mask(model, allowed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_logprobs(model, ids: list[int], vocab: int, *, gap: bool = False, window: bool = True,
-                  hide_first: bool = False) -> torch.Tensor:  # fmt: skip
+def full_logprobs(
+    model, ids: list[int], vocab: int, *, gap: bool = False, window: bool = True, hide_first: bool = False
+) -> torch.Tensor:
     """(T, vocab) log-probs of the token after each prefix of ``ids``, from one plain forward.
 
     The switches break it on purpose: ``gap`` skips a position halfway, ``window=False``
@@ -64,8 +65,15 @@ def drive(env: VectorTextGenEnv, agent: SamplingPolicy, steps: int, seed: int) -
     obs, _ = env.reset(seed=seed)
 
     def start(r):
-        return {"prompt": obs["input_ids"][r, : obs["prompt_length"][r]].tolist(), "prompt_text": env.core.prompt_text[r],
-                "tokens": [], "logprob": [], "ref_logprob": [], "kl": [], "reward": []}  # fmt: skip
+        return {
+            "prompt": obs["input_ids"][r, : obs["prompt_length"][r]].tolist(),
+            "prompt_text": env.core.prompt_text[r],
+            "tokens": [],
+            "logprob": [],
+            "ref_logprob": [],
+            "kl": [],
+            "reward": [],
+        }
 
     episodes = [start(r) for r in range(B)]
     finished, ended = [], np.zeros(B, dtype=bool)
@@ -82,8 +90,12 @@ def drive(env: VectorTextGenEnv, agent: SamplingPolicy, steps: int, seed: int) -
                 continue
             ep = episodes[r]
             ep["tokens"].append(int(action["token"][r]))
-            for key, value in (("logprob", action["logprob"]), ("ref_logprob", info["ref_logprob"]),
-                               ("kl", info["kl"]), ("reward", reward)):  # fmt: skip
+            for key, value in (
+                ("logprob", action["logprob"]),
+                ("ref_logprob", info["ref_logprob"]),
+                ("kl", info["kl"]),
+                ("reward", reward),
+            ):
                 ep[key].append(float(value[r]))
             if terminated[r] or truncated[r]:
                 ep["score"] = float(info["score"][r])
@@ -99,8 +111,9 @@ def test_env_and_sampler_equal_full_forwards(arch, tok_kind, arch_checkpoint):
     ref, tok = load_causal_lm(path, device="cpu"), load_tokenizer(path)
     policy = build(arch, tok_kind, seed=1)
     V = len(tok)
-    env = VectorTextGenEnv(tok, ref, count_e, PROMPTS, num_envs=4, group_size=2, beta=BETA, max_new_tokens=6,
-                           device="cpu")  # fmt: skip
+    env = VectorTextGenEnv(
+        tok, ref, count_e, PROMPTS, num_envs=4, group_size=2, beta=BETA, max_new_tokens=6, device="cpu"
+    )
     agent = SamplingPolicy(policy, 4, env.core.pad_token_id, seed=0, vocab_size=env.core.vocab_size)
     episodes = drive(env, agent, steps=48, seed=0)
 
@@ -118,8 +131,12 @@ def test_env_and_sampler_equal_full_forwards(arch, tok_kind, arch_checkpoint):
         score = count_e([ep["prompt_text"]], [tok.decode(ep["tokens"], skip_special_tokens=True)])[0]
         expected_reward = -BETA * (pol_lp - ref_lp)
         expected_reward[-1] += score
-        for got, want in ((ep["ref_logprob"], ref_lp), (ep["logprob"], pol_lp), (ep["kl"], pol_lp - ref_lp),
-                          (ep["reward"], expected_reward)):  # fmt: skip
+        for got, want in (
+            (ep["ref_logprob"], ref_lp),
+            (ep["logprob"], pol_lp),
+            (ep["kl"], pol_lp - ref_lp),
+            (ep["reward"], expected_reward),
+        ):
             worst = max(worst, float((torch.tensor(got) - want).abs().max()))
         assert ep["score"] == pytest.approx(score, abs=1e-6)
 
@@ -138,7 +155,10 @@ def test_env_and_sampler_equal_full_forwards(arch, tok_kind, arch_checkpoint):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_a_wrong_position_mask_or_window_moves_logprobs_far_beyond_the_tolerance(arch, arch_checkpoint):
     """The matrix above could not catch a mistake that moves log-probs by less than ATOL."""
-    model, tok = load_causal_lm(arch_checkpoint(arch, "gpt2"), device="cpu"), load_tokenizer(arch_checkpoint(arch, "gpt2"))
+    model, tok = (
+        load_causal_lm(arch_checkpoint(arch, "gpt2"), device="cpu"),
+        load_tokenizer(arch_checkpoint(arch, "gpt2")),
+    )
     ids = tok(PROMPTS[0] + " and the cat")["input_ids"]
     assert len(ids) > 2 * WINDOW
     right = full_logprobs(model, ids, len(tok))

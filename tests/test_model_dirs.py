@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tinyarch import build, tokenizer
+from tinyparts import count_e
 
 from rlhf_env import IncrementalLM, VectorTextGenEnv, cli
 from rlhf_env.errors import UnsupportedModelError
 from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id, save_pretrained
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
-from tinyarch import build, tokenizer
-from tinyparts import count_e
 
 # Three checkpoints between them cover: sliding and full layers alternating with a BOS
 # tokenizer, GQA with a padded vocabulary (pad = EOS), partial rotary without a pad token.
@@ -44,8 +44,23 @@ def test_every_builtin_algorithm_is_run_here():
 def test_train_runs_every_algorithm_on_a_model_dir(algo, arch_checkpoint, tmp_path, capsys):
     (arch, tok_kind), overrides = ALGORITHMS[algo]
     out = tmp_path / "run"
-    argv = ["train", "--algo", algo, "--task", "arithmetic", "--model", str(arch_checkpoint(arch, tok_kind)),
-            "--out", str(out), "--steps", "1", "--eval-every", "1", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "train",
+        "--algo",
+        algo,
+        "--task",
+        "arithmetic",
+        "--model",
+        str(arch_checkpoint(arch, tok_kind)),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--eval-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert cli.main(argv + [a for o in overrides for a in ("--set", o)]) == 0
     err = capsys.readouterr().err
     assert not any(bar in err for bar in HF_BARS)  # transformers' progress bars are silenced
@@ -114,8 +129,9 @@ def _bad_dirs(root, good):
         (d / f).unlink()
     cases["no tokenizer"] = (d, "has no tokenizer")
     d = root / "small"
-    small = transformers.LlamaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=16)  # fmt: skip
+    small = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
     save_pretrained(transformers.LlamaForCausalLM(small), tokenizer("gpt2"), d)
     cases["tokenizer too large"] = (d, "tokenizer has 300 tokens but the model embeds only 100")
     return cases
@@ -144,14 +160,20 @@ def _flex_attention():
 @pytest.mark.parametrize(
     "make,feature",
     [
-        (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=300, hidden_size=16, n_layer=1,
-                                                                        n_head=2)), "takes no position_ids"),
-        (lambda: _with_layer_types(build("qwen2", "gpt2"), ["linear_attention", "full_attention"]),
-         "'linear_attention' layers"),
+        (
+            lambda: transformers.BloomForCausalLM(
+                transformers.BloomConfig(vocab_size=300, hidden_size=16, n_layer=1, n_head=2)
+            ),
+            "takes no position_ids",
+        ),
+        (
+            lambda: _with_layer_types(build("qwen2", "gpt2"), ["linear_attention", "full_attention"]),
+            "'linear_attention' layers",
+        ),
         (_flex_attention, "attention implementation 'flex_attention'"),
     ],
     ids=["alibi-bloom", "linear-attention", "flex-attention"],
-)  # fmt: skip
+)
 def test_models_the_cache_cannot_serve_exactly_are_refused_at_construction(make, feature):
     model = make()
     with pytest.raises(UnsupportedModelError, match=feature):
@@ -163,8 +185,12 @@ def test_models_the_cache_cannot_serve_exactly_are_refused_at_construction(make,
 def test_bfloat16_on_cpu_gives_float32_logprobs_near_float32(arch_checkpoint, capsys):
     path = arch_checkpoint("gemma2", "llama")
     tok = load_tokenizer(path)
-    envs = [VectorTextGenEnv(tok, str(path), count_e, ["Hello there"], num_envs=2, beta=0.1, max_new_tokens=4,
-                             device="cpu", dtype=dt) for dt in (None, torch.bfloat16)]  # fmt: skip
+    envs = [
+        VectorTextGenEnv(
+            tok, str(path), count_e, ["Hello there"], num_envs=2, beta=0.1, max_new_tokens=4, device="cpu", dtype=dt
+        )
+        for dt in (None, torch.bfloat16)
+    ]
     assert envs[1].core.ref_model.dtype == torch.bfloat16
     ref_lps, policy_lps = [], []
     for env in envs:
@@ -197,9 +223,12 @@ def test_training_recomputes_the_sampled_logprobs(arch, tok_kind, arch_checkpoin
     assert batch.vocab_size == len(tok)
     mask = batch.action_mask.bool()
     with torch.no_grad():
-        for recomputed in (policy_logprobs(ctx.policy, batch),
-                           logprobs_and_values(ctx.policy, torch.nn.Linear(32, 1), batch.input_ids,
-                                               batch.attention_mask, batch.vocab_size)[0]):  # fmt: skip
+        for recomputed in (
+            policy_logprobs(ctx.policy, batch),
+            logprobs_and_values(
+                ctx.policy, torch.nn.Linear(32, 1), batch.input_ids, batch.attention_mask, batch.vocab_size
+            )[0],
+        ):
             assert (recomputed - batch.logprobs)[mask].abs().max() < 1e-4
 
 

@@ -41,7 +41,7 @@ TOKENIZERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer(kind: str):
     if kind == "gpt2":
         return build_bpe_tokenizer()
@@ -52,7 +52,7 @@ def tokenizer(kind: str):
     raise KeyError(kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loaded_tokenizer(arch: str, tok_kind: str):
     """``tokenizer(tok_kind)`` as transformers loads it from an ``arch`` directory.
 
@@ -73,15 +73,24 @@ def config(arch: str, tok_kind: str):
 def _config(arch: str, tok_kind: str, vocab: int):
     tok = tokenizer(tok_kind)
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=128, initializer_range=INIT_STD, **ids)  # fmt: skip
-    gqa = dict(num_key_value_heads=2)
-    window = dict(sliding_window=WINDOW)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=INIT_STD,
+        **ids,
+    )
+    gqa = {"num_key_value_heads": 2}
+    window = {"sliding_window": WINDOW}
     alternating = dict(layer_types=["sliding_attention", "full_attention"], head_dim=8, **window, **gqa)
     t = transformers
     if arch == "gpt2":
-        return t.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                            initializer_range=INIT_STD, **ids)  # fmt: skip
+        return t.GPT2Config(
+            vocab_size=vocab, n_positions=128, n_embd=32, n_layer=2, n_head=4, initializer_range=INIT_STD, **ids
+        )
     if arch == "llama":
         return t.LlamaConfig(**common, **gqa)
     if arch == "qwen2":
@@ -99,8 +108,17 @@ def _config(arch: str, tok_kind: str, vocab: int):
     if arch == "gpt_neox":
         return t.GPTNeoXConfig(**common, rotary_pct=0.25)
     if arch == "opt":
-        return t.OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                           max_position_embeddings=128, word_embed_proj_dim=32, init_std=INIT_STD, **ids)  # fmt: skip
+        return t.OPTConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            init_std=INIT_STD,
+            **ids,
+        )
     raise KeyError(arch)
 
 
