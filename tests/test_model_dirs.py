@@ -170,9 +170,17 @@ def _flex_attention():
             lambda: _with_layer_types(build("qwen2", "gpt2"), ["linear_attention", "full_attention"]),
             "'linear_attention' layers",
         ),
+        (
+            lambda: transformers.FalconForCausalLM(
+                transformers.FalconConfig(
+                    vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, alibi=True
+                )
+            ),
+            "uses ALiBi position biases",
+        ),
         (_flex_attention, "attention implementation 'flex_attention'"),
     ],
-    ids=["alibi-bloom", "linear-attention", "flex-attention"],
+    ids=["bloom-no-positions", "linear-attention", "falcon-alibi", "flex-attention"],
 )
 def test_models_the_cache_cannot_serve_exactly_are_refused_at_construction(make, feature):
     model = make()
