@@ -42,12 +42,12 @@ def full_logprobs(
 ) -> torch.Tensor:
     """(T, vocab) log-probs of the token after each prefix of ``ids``, from one plain forward.
 
-    The switches break it on purpose: ``gap`` skips a position halfway, ``window=False``
+    The switches break it on purpose: ``gap`` skips 4 positions halfway, ``window=False``
     drops sliding windows, ``hide_first`` hides the first token from the later ones.
     """
     T = len(ids)
     # Positions always given: OPT would derive them from a 4-D mask.
-    kwargs = {"position_ids": (torch.arange(T) + int(gap) * (torch.arange(T) >= T // 2))[None]}
+    kwargs = {"position_ids": (torch.arange(T) + 4 * int(gap) * (torch.arange(T) >= T // 2))[None]}
     if not window or hide_first:
         allowed = torch.ones(T, T).tril().bool()
         if hide_first:
