@@ -83,6 +83,7 @@ class RolloutBatch:
     ref_logprobs: torch.Tensor  # (B, L-1) log π_ref
     rewards: torch.Tensor  # (B, L-1) the env's token rewards (KL-shaped, score at the end)
     scores: torch.Tensor  # (B,) the reward at the end of each episode (gold here)
+    vocab_size: int | None = None  # the tokenizer's ids: log-probs are over these (see ``token_logprobs``)
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +96,7 @@ def collect_rollouts(ctx: TrainContext, env: VectorTextGenEnv, seed: int, prompt
     ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
     """
     B, N = env.num_envs, env.core.max_new_tokens
-    agent = SamplingPolicy(ctx.policy, B, env.core.pad_token_id, seed=seed)
+    agent = SamplingPolicy(ctx.policy, B, env.core.pad_token_id, seed=seed, vocab_size=env.core.vocab_size)
     obs, info = env.reset(seed=seed, options={"prompts": prompts} if prompts is not None else None)
     prompts = list(info["prompt"])
     prompt_ids = [obs["input_ids"][r, : obs["prompt_length"][r]].tolist() for r in range(B)]
@@ -135,12 +136,12 @@ def collect_rollouts(ctx: TrainContext, env: VectorTextGenEnv, seed: int, prompt
         rew[r, start : start + n] = torch.from_numpy(rewards[r, :n])
     dev = ctx.device
     return RolloutBatch(prompts, completions, ids.to(dev), attn.to(dev), action_mask.to(dev), old.to(dev),
-                        ref.to(dev), rew.to(dev), torch.from_numpy(scores).to(dev))  # fmt: skip
+                        ref.to(dev), rew.to(dev), torch.from_numpy(scores).to(dev), env.core.vocab_size)  # fmt: skip
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients)."""
-    return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows])
+    return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
 
 
 class NonFiniteLossError(FloatingPointError):

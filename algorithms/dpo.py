@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from algorithms.base import TrainContext, check_finite
 from algorithms.core import masked_sum
+from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import PreferencePair
 
@@ -77,10 +78,14 @@ def dpo_loss(
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """(B,) log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t); prompt and padding masked out."""
-    return masked_sum(next_token_logprobs(model, input_ids, attention_mask), completion_mask, 1)
+    """(B,) log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t); prompt and padding masked out.
+
+    ``vocab_size``: the tokenizer's size, as in ``token_logprobs``.
+    """
+    return masked_sum(next_token_logprobs(model, input_ids, attention_mask, vocab_size), completion_mask, 1)
 
 
 # -- the trainer ---------------------------------------------------------------------------
@@ -106,13 +111,13 @@ class Trainer:
         longest = max(len(ids) for ids, _ in self.chosen + self.rejected)
         if limit is not None and longest > limit:
             raise ValueError(f"a preference pair is {longest} tokens long; the model reads at most {limit}")
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad, self.vocab_size = pad_token_id(tok), len(tok)
         # log π_ref(y±|x), once per pair.
         ref_c, ref_r = [], []
         with torch.no_grad():
             for s in range(0, len(self.pairs), eval_batch_size):
                 rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
-                lp = sequence_logprobs(ctx.ref, *pack_completions(rows, self.pad, ctx.device))
+                lp = sequence_logprobs(ctx.ref, *pack_completions(rows, self.pad, ctx.device), self.vocab_size)
                 n = len(rows) // 2
                 ref_c.append(lp[:n])
                 ref_r.append(lp[n:])
@@ -126,7 +131,7 @@ class Trainer:
         idx = torch.randperm(n, generator=gen)[: min(c.batch_size, n)].tolist()
         rows = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
         ids, attn, mask = pack_completions(rows, self.pad, self.ctx.device)
-        logp = sequence_logprobs(policy, ids, attn, mask)  # chosen and rejected in one forward
+        logp = sequence_logprobs(policy, ids, attn, mask, self.vocab_size)  # chosen and rejected in one forward
         b = len(idx)
         index = torch.tensor(idx, device=logp.device)
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]

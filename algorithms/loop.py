@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algorithms.base import NonFiniteLossError, TrainContext, collect_rollouts, sequence_kl
-from rlhf_env.models import default_device, load_causal_lm
+from rlhf_env.models import default_device, load_causal_lm, save_pretrained
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -50,8 +50,7 @@ def _atomic_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None
     """Write ``out/checkpoint`` via a temporary directory and a rename."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     try:
-        ctx.policy.save_pretrained(tmp, safe_serialization=True)
-        ctx.tokenizer.save_pretrained(tmp)
+        save_pretrained(ctx.policy, ctx.tokenizer, tmp)
         torch.save({"step": step, "trainer": trainer.state_dict()}, tmp / "trainer_state.pt")
         old = out / CHECKPOINT
         if old.exists():
@@ -82,6 +81,7 @@ def train(
     eval_prompts: int = 64,
     checkpoint_every: int = 10,
     device=None,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
     algo_name: str = "",
     callback: Callable[[dict[str, float], float], None] | None = None,
@@ -94,18 +94,19 @@ def train(
     training time (``time/elapsed_s``: the trainer's set-up plus its steps; evaluation and
     checkpoints are not counted). Evaluation runs every ``eval_every`` steps, or, with
     ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
-    ``callback(record, fraction_of_budget_spent)`` is called after every step.
+    ``callback(record, fraction_of_budget_spent)`` is called after every step. ``dtype``: the
+    weights' dtype (default: as saved); log-probs are float32 whatever it is.
     """
     budget = Budget(steps, max_tokens, max_seconds)
     cfg = spec.make_config(**(config or {}))  # bad config fails before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else default_device()
-    ref, tokenizer = load_base_model(task, model_path, device=device)
+    ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
     ckpt = out / CHECKPOINT
     resuming = resume and (ckpt / "trainer_state.pt").exists()
     # The policy starts as the reference, or as the checkpoint's weights when resuming.
-    policy = load_causal_lm(ckpt, device=device) if resuming else copy.deepcopy(ref).eval()
+    policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
     ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()

@@ -178,10 +178,13 @@ class AdaptiveKLController(FixedKLController):
 # -- the trainer -------------------------------------------------------------------------------
 
 
-def logprobs_and_values(policy, value_head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """One forward: (B, L-1) log π of ``input_ids[:, 1:]`` and (B, L-1) V(s_t) from the last hidden state."""
+def logprobs_and_values(
+    policy, value_head: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int | None = None
+):
+    """One forward: (B, L-1) log π of ``input_ids[:, 1:]`` (over the first ``vocab_size`` ids) and (B, L-1)
+    V(s_t) from the last hidden state."""
     out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:])
+    logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], vocab_size)
     values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
     return logprobs, values
 
@@ -209,7 +212,8 @@ class Trainer:
         batch = collect_rollouts(self.ctx, self.env, seed)
         mask = batch.action_mask
         with torch.no_grad():
-            old_logprobs, old_values = logprobs_and_values(policy, self.value_head, batch.input_ids, batch.attention_mask)
+            old_logprobs, old_values = logprobs_and_values(policy, self.value_head, batch.input_ids, batch.attention_mask,
+                                                           batch.vocab_size)  # fmt: skip
             old_values = old_values * mask
             advantages, returns = advantages_and_returns(batch.rewards, old_values, mask, c.gamma, c.gae_lambda,
                                                          c.whiten_advantages)  # fmt: skip
@@ -222,7 +226,7 @@ class Trainer:
             for rows in torch.randperm(B, generator=generator).to(mask.device).chunk(c.num_minibatches):
                 m = mask[rows]
                 logprobs, values = logprobs_and_values(policy, self.value_head, batch.input_ids[rows],
-                                                       batch.attention_mask[rows])  # fmt: skip
+                                                       batch.attention_mask[rows], batch.vocab_size)  # fmt: skip
                 pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps)
                 vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
                 loss = pg_loss + c.vf_coef * vf_loss

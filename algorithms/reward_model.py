@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.base import TrainContext, check_finite
-from rlhf_env.scoring import encode_completion
-from rlhf_env.scoring import pack
+from rlhf_env.models import pad_token_id, save_pretrained
+from rlhf_env.scoring import encode_completion, pack
 from rlhf_env.tasks.base import PreferencePair
 
 
@@ -123,7 +123,7 @@ class Trainer:
     def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
         self.ctx, self.config, self.eval_batch_size = ctx, config, eval_batch_size
         tok = ctx.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad = pad_token_id(tok)
         self.pairs = ctx.task.preference_pairs(ctx.ref, tok, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed)
         self.heldout = heldout_pairs(ctx, config.num_heldout_pairs, config.annotator_tau)
         self.chosen, self.rejected = self._encode(self.pairs)
@@ -187,10 +187,7 @@ class Trainer:
 
     def save_reward_model(self, path: str | os.PathLike) -> Path:
         """Write the reward model and tokenizer as a local HF checkpoint ``rlhf_env.RewardModel(path)`` loads."""
-        path = Path(path)
-        self.model.to_sequence_classifier(self.pad).save_pretrained(path, safe_serialization=True)
-        self.ctx.tokenizer.save_pretrained(path)
-        return path
+        return save_pretrained(self.model.to_sequence_classifier(self.pad), self.ctx.tokenizer, path)
 
     def state_dict(self) -> dict:
         return {"reward_model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -209,8 +206,4 @@ def export_reward_model(checkpoint: str | os.PathLike, path: str | os.PathLike) 
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
     model = ScalarRewardModel(lm)
     model.load_state_dict(state["trainer"]["reward_model"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    path = Path(path)
-    model.to_sequence_classifier(pad).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    return save_pretrained(model.to_sequence_classifier(pad_token_id(tok)), tok, path)

@@ -68,7 +68,7 @@ def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, devi
         tokenizer, ref, reward, DEFAULT_PROMPTS,
         num_envs=batch, beta=BETA, max_new_tokens=n, device=device, dtype=dtype,
     )  # fmt: skip
-    agent = SamplingPolicy(policy_model, batch, tokenizer.pad_token_id, seed=0)
+    agent = SamplingPolicy(policy_model, batch, tokenizer.pad_token_id, seed=0, vocab_size=len(tokenizer))
     return env, agent
 
 

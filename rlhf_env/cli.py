@@ -114,25 +114,34 @@ def run_rollout(
     seed: int = 0,
     task: str | None = None,
     model: str | None = None,
+    dtype=None,
 ) -> RolloutResult:
     """Roll a vector env with the reference as policy until ``episodes`` end.
 
-    The env is the embedded default, or ``task``'s (its base model, or ``model``).
+    The env is ``task``'s (its base model, or ``model``), else the embedded default's prompts
+    and reward with ``model`` (default: the embedded tiny model). ``dtype``: the weights'
+    torch dtype (log-probs are float32 whatever it is).
     """
     from rlhf_env.policy import SamplingPolicy
 
     limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     if task is None:
         from rlhf_env.default import make_default_vector_env
+        from rlhf_env.models import load_pretrained
 
-        env = make_default_vector_env(num_envs=num_envs, beta=beta, **{"max_new_tokens": 24, **limit})
+        parts = {}
+        if model is not None:
+            ref, tokenizer = load_pretrained(model, device="cpu")
+            parts = {"tokenizer": tokenizer, "ref_model": ref}
+        limit = {"max_new_tokens": 24, **limit}
+        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
     else:
         from rlhf_env.tasks import get_task, make_task_env
 
-        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", **limit)
+        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, **limit)
     # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
     model = copy.deepcopy(env.core.ref_model)
-    policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed)
+    policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed, vocab_size=env.core.vocab_size)
     tracker = EpisodeTracker(num_envs)
     obs, _ = env.reset(seed=seed)
     finished: list[Episode] = []
@@ -174,7 +183,8 @@ def format_summary(result: RolloutResult) -> str:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Print every finished episode, then a summary line."""
-    result = run_rollout(args.episodes, args.num_envs, args.max_new_tokens, args.beta, args.seed, args.task, args.model)
+    a = args
+    result = run_rollout(a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype))
     for i, ep in enumerate(result.episodes):
         print(format_episode(i, ep))
     print(format_summary(result))
@@ -191,7 +201,7 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     path = args.model or build_base_model(task, force=args.force)
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
-    model, tokenizer = load_base_model(task, path)
+    model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
     sampled, greedy = evaluate(task, model, tokenizer), evaluate(task, model, tokenizer, greedy=True)
     report = {
         "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
@@ -235,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     records = train(spec, task, args.out, steps=args.steps, seed=args.seed, model_path=args.model,
                     config=parse_overrides(args.set), resume=args.resume, eval_every=args.eval_every,
-                    device=args.device, algo_name=args.algo)  # fmt: skip
+                    device=args.device, dtype=torch_dtype(args.dtype), algo_name=args.algo)  # fmt: skip
     evals = [r for r in records if "reward/gold" in r]
     if evals:
         last = evals[-1]
@@ -274,6 +284,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- entry point -------------------------------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str | None):
+    """``--dtype`` -> a torch dtype (None: as the checkpoint is saved)."""
+    import torch  # here, so ``rlhf --help`` stays cheap
+
+    return getattr(torch, name) if name else None
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -296,13 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", default=None, help="a registered task (default: the embedded default env)")
-    p.add_argument("--model", default=None, help="local HF checkpoint replacing the task's base model")
+    p.add_argument("--model", default=None, help="local HF checkpoint: the task's base model, or the default env's")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("base-model", help="build (or load) a task's base model and evaluate it")
     p.add_argument("--task", required=True)
     p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_base_model)
     p = sub.add_parser("train", help="train an algorithm on a task")
@@ -315,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--eval-every", type=positive_int, default=10)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
     p.set_defaults(func=cmd_train)
 

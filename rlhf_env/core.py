@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from rlhf_env.errors import InvalidActionError
 from rlhf_env.kvcache import IncrementalLM
-from rlhf_env.models import check_vocab, default_device, load_causal_lm, load_tokenizer
+from rlhf_env.models import check_vocab, default_device, load_causal_lm, load_tokenizer, pad_token_id
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores
 
@@ -89,8 +89,7 @@ class EpisodeBatch:
         self.device = torch.device(device) if device is not None else default_device()
         self.vocab_size = len(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else (self.eos_token_id or 0)
+        self.pad_token_id = pad_token_id(tokenizer)
 
         self.ref_model = None
         if ref_model is not None:
@@ -123,7 +122,10 @@ class EpisodeBatch:
         self.length = torch.zeros(B, dtype=torch.long)
         self.prompt_length = torch.zeros(B, dtype=torch.long)
         self.prompt_text = [""] * B
-        self.ref = IncrementalLM(self.ref_model, B, self.pad_token_id) if self.ref_model is not None else None
+        self.ref = None
+        if self.ref_model is not None:
+            # Log-probs over the tokenizer's ids only, as the sampler's (the model may pad its vocabulary).
+            self.ref = IncrementalLM(self.ref_model, B, self.pad_token_id, vocab_size=self.vocab_size)
 
     # -- prompts -------------------------------------------------------------------------
     def _encode(self, prompt: str, limit: int | None) -> list[int]:

@@ -23,7 +23,10 @@ def default_parts(seed: int = 0) -> dict[str, Any]:
 
 def _with_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     model_seed = kwargs.pop("model_seed", 0)
-    parts = default_parts(model_seed) if not {"tokenizer", "ref_model"} <= kwargs.keys() else {}
+    if {"tokenizer", "ref_model"} <= kwargs.keys():  # the caller's model: only the reward and prompts are ours
+        parts = {"reward": letter_fraction("e"), "prompts": DEFAULT_PROMPTS}
+    else:
+        parts = default_parts(model_seed)
     kwargs.setdefault("device", "cpu")  # the tiny model is fastest where it is
     return {**parts, **kwargs}
 

@@ -23,3 +23,11 @@ class RewardError(ValueError):
 
 class DataFileError(ValueError):
     """A prompt or preference data file is unsupported, unparsable, or has a missing or bad field."""
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose attention the env's KV cache cannot reproduce exactly (named in the message)."""
+
+
+class ModelLoadError(ValueError):
+    """A model directory that holds no loadable causal LM, needs remote code, or whose tokenizer does not fit."""

@@ -4,9 +4,13 @@
 ``feed`` runs one batched forward for the rows that continue (one token each; rows that
 wait feed nothing) and, when some rows restart, one prefill of just their new prompts,
 spliced into the shared cache. Positions are explicit per row and the attention mask
-hides everything a row must not see (its old episode, padding), so rows never need to be
-aligned. Columns that no row can see any more
+hides everything a row must not see (its old episode, padding, keys outside a sliding
+window), so rows never need to be aligned. Columns that no row can see any more
 are squeezed out now and then, which bounds the cache near the longest live sequence.
+
+Because the cache builds its own 4-D masks, it serves the models whose attention it can
+describe exactly: 'sdpa' or 'eager' kernels, full and sliding-window layers, positions
+given by ``position_ids``. Anything else is refused at construction (``check_servable``).
 
 It serves both the environment (the reference model) and agents (the policy): the same
 cache logic, written once.
@@ -19,12 +23,53 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from rlhf_env.errors import UnsupportedModelError
+
+MASK_KERNELS = ("sdpa", "eager")  # attention kernels that take an explicit 4-D mask
+
 
 def cache_kwarg(model) -> str:
     """The forward argument that takes a KV cache: ``cache`` in recent transformers 5.x,
     ``past_key_values`` before the rename (deprecated, removed in 5.40)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def layer_windows(model) -> dict[str, int | None]:
+    """``{layer type: sliding window or None}`` for the attention layers of ``model``.
+
+    One entry when every layer attends alike (the model then takes one 4-D mask); several
+    for models that mix full and sliding-window layers (Gemma 2/3, Qwen2 with
+    ``use_sliding_window``), which take ``{"full_attention": m, "sliding_attention": m}``.
+    Raises ``UnsupportedModelError`` for attention this cache cannot reproduce.
+    """
+    config = model.config.get_text_config(decoder=True)
+    name = type(model).__name__
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in MASK_KERNELS:
+        raise UnsupportedModelError(
+            f"{name} uses attention implementation {impl!r}; the KV cache passes explicit 4-D masks, "
+            f"which only {' and '.join(map(repr, MASK_KERNELS))} take: load it with attn_implementation='sdpa'"
+        )
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise UnsupportedModelError(f"{name} takes no position_ids, so rows cannot sit at their own positions")
+    if getattr(config, "alibi", False):
+        raise UnsupportedModelError(f"{name} uses ALiBi position biases, which ignore position_ids")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError(f"{name} has use_bidirectional_attention=True: not a causal LM")
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"]
+    out: dict[str, int | None] = {}
+    for kind in kinds:
+        if kind not in ("full_attention", "sliding_attention"):
+            raise UnsupportedModelError(
+                f"{name} has {kind!r} layers (config.layer_types); the env serves full and "
+                "sliding-window attention layers only"
+            )
+        if kind == "sliding_attention" and not window:
+            raise UnsupportedModelError(f"{name} has sliding-attention layers but no config.sliding_window")
+        out[kind] = int(window) if kind == "sliding_attention" else None
+    return out
 
 
 class IncrementalLM:
@@ -34,17 +79,23 @@ class IncrementalLM:
         model: a Hugging Face causal LM (already on its device, in eval mode).
         batch_size: number of rows ``B``.
         pad_token_id: id fed in padding slots (never attended to).
+        vocab_size: only the first ``vocab_size`` logits count (the tokenizer's ids; a
+            model may pad its embedding beyond them); default all of them.
     """
 
-    def __init__(self, model, batch_size: int, pad_token_id: int = 0):
+    def __init__(self, model, batch_size: int, pad_token_id: int = 0, vocab_size: int | None = None):
         self.model = model
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
+        self.vocab_size = vocab_size
         self.device = next(model.parameters()).device
         self._cache_kwarg = cache_kwarg(model)
+        self._windows = layer_windows(model)
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T)
+        self.column_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T) positions
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
+        self.compactions = 0  # how many times the cache was repacked
         # (B, V) float32 log-probs of the next token of each row, from the last feed.
         self.next_logprobs: torch.Tensor | None = None
 
@@ -69,8 +120,10 @@ class IncrementalLM:
         if bool((restart & (lengths < 1)).any()):
             raise ValueError("a restarted row needs at least one token")
         if self.cache is None or bool(restart.all()):
+            # No config: a config would give sliding layers a cache that crops old keys by
+            # column, but rows are not column-aligned; the mask applies windows by position.
             self.cache, self.next_logprobs = DynamicCache(), None
-            self.mask = self.mask[:, :0]
+            self.mask, self.column_pos = self.mask[:, :0], self.column_pos[:, :0]
             self.positions = torch.zeros_like(self.positions)
             self._append(chunk, lengths)
         else:
@@ -84,22 +137,33 @@ class IncrementalLM:
         self._compact()
         return self.next_logprobs
 
-    def _attention_mask(self, past: int, width: int) -> torch.Tensor:
-        """The mask for ``width`` new queries after ``past`` cached columns.
+    def _attention_mask(self, past: int, width: int, positions: torch.Tensor):
+        """The mask(s) for ``width`` new queries after ``past`` cached columns.
 
-        Built here rather than by transformers from the 2-D mask, which costs more than
-        the forward of a small model. Causal by column, limited to each row's visible
-        columns; every query also sees its own column, so no attention row is empty
-        (an empty row would put NaNs into the cache).
+        Built here rather than by transformers from a 2-D mask, which costs more than the
+        forward of a small model and could not express rows that are not column-aligned.
+        Key k is allowed to query q when the row can see k and, by position,
+        0 <= pos(q) - pos(k) < window (no window for full layers); every query also sees
+        its own column, so no attention row is empty (an empty row would put NaNs into
+        the cache). One 4-D mask, or ``{layer type: mask}`` for models mixing layer types.
+
+        Args:
+            positions: (B,) position of each row's first new query.
         """
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        if impl not in ("sdpa", "eager"):
-            return self.mask  # let transformers build what its kernel needs
+        q_pos = positions[:, None] + torch.arange(width, device=self.device)  # (B, width)
+        gap = q_pos[:, :, None] - self.column_pos[:, None, :]  # (B, width, past + width)
         q = past + torch.arange(width, device=self.device)
-        k = torch.arange(past + width, device=self.device)
-        allowed = (self.mask.bool()[:, None, :] & (k[None, :] <= q[:, None])[None]) | (k[None, :] == q[:, None])[None]
-        allowed = allowed[:, None]  # (B, 1, width, past + width)
-        if impl == "sdpa":
+        own = (torch.arange(past + width, device=self.device)[None, :] == q[:, None])[None]
+        seen = self.mask.bool()[:, None, :] & (gap >= 0)
+        masks = {}
+        for kind, window in self._windows.items():
+            allowed = (seen & (gap < window) if window else seen) | own
+            masks[kind] = self._kernel_mask(allowed[:, None])  # (B, 1, width, past + width)
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def _kernel_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """Boolean for sdpa; additive (0 or the dtype's minimum) for eager."""
+        if self.model.config._attn_implementation == "sdpa":
             return allowed
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -109,21 +173,24 @@ class IncrementalLM:
         rows, width = chunk.shape
         offsets = torch.arange(width, device=self.device)
         visible = (offsets[None, :] < lengths[:, None]).long()
-        past = self.mask.shape[1] - width  # the caller has already appended ``visible``
+        past = self.mask.shape[1] - width  # the caller has already appended ``visible`` and its positions
         out = self.model(
             input_ids=chunk.masked_fill(visible == 0, self.pad_token_id),
-            attention_mask=self._attention_mask(past, width),
+            attention_mask=self._attention_mask(past, width, positions),
             position_ids=positions[:, None] + offsets[None, :],
             use_cache=True,
             **{self._cache_kwarg: cache},
         )
         last = (lengths - 1).clamp(min=0)
-        return torch.log_softmax(out.logits[torch.arange(rows, device=self.device), last].float(), dim=-1)
+        logits = out.logits[torch.arange(rows, device=self.device), last, : self.vocab_size]
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def _append(self, chunk: torch.Tensor, lengths: torch.Tensor) -> None:
         """Every row gets ``chunk.shape[1]`` new columns, visible up to its length."""
-        visible = (torch.arange(chunk.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
+        offsets = torch.arange(chunk.shape[1], device=self.device)
+        visible = (offsets[None, :] < lengths[:, None]).long()
         self.mask = torch.cat([self.mask, visible], dim=1)
+        self.column_pos = torch.cat([self.column_pos, self.positions[:, None] + offsets[None, :]], dim=1)
         new = self._forward(chunk, lengths, self.cache, self.positions)
         fed = lengths > 0
         self.next_logprobs = new if self.next_logprobs is None else torch.where(fed[:, None], new, self.next_logprobs)
@@ -133,8 +200,11 @@ class IncrementalLM:
         """Start ``rows`` afresh: prefill their prompts alone, then splice into the cache."""
         width = int(lengths[rows].max())
         sub_chunk, sub_len = chunk[rows, :width], lengths[rows]
-        visible = (torch.arange(width, device=self.device)[None, :] < sub_len[:, None]).long()
-        shared_mask, self.mask = self.mask, visible  # the sub-batch sees only its own columns
+        offsets = torch.arange(width, device=self.device)
+        visible = (offsets[None, :] < sub_len[:, None]).long()
+        # The sub-batch sees only its own columns, at positions 0..width-1.
+        shared_mask, shared_pos = self.mask, self.column_pos
+        self.mask, self.column_pos = visible, offsets.expand(len(rows), -1)
         sub_cache = DynamicCache()
         new = self._forward(sub_chunk, sub_len, sub_cache, torch.zeros_like(sub_len))
         # Splice: ``width`` new columns for every row, visible only to the restarted ones.
@@ -143,6 +213,7 @@ class IncrementalLM:
         columns = torch.zeros(self.batch_size, width, dtype=self.mask.dtype, device=self.device)
         columns[rows] = visible
         self.mask = torch.cat([self.mask, columns], dim=1)
+        self.column_pos = torch.cat([shared_pos, offsets.expand(self.batch_size, -1)], dim=1)
         for layer, sub in zip(self.cache.layers, sub_cache.layers):
             for name in ("keys", "values"):
                 big = getattr(layer, name)
@@ -167,6 +238,8 @@ class IncrementalLM:
         # Stable sort puts each row's hidden columns first and its visible ones last, in order.
         index = torch.argsort(visible.to(torch.int8), dim=1, stable=True)[:, -width:]  # (B, width)
         self.mask = torch.gather(self.mask, 1, index)
+        self.column_pos = torch.gather(self.column_pos, 1, index)
+        self.compactions += 1
         for layer in self.cache.layers:
             H, D = layer.keys.shape[1], layer.keys.shape[3]
             kv_index = index[:, None, :, None].expand(-1, H, -1, D)

@@ -1,11 +1,14 @@
 """Loading models and tokenizers from local paths, and checking they fit together.
 
 Nothing here downloads: paths must be local directories (``local_files_only``), weights are
-read as safetensors, and ``trust_remote_code`` stays off unless the caller asks for it.
+read as safetensors, and ``trust_remote_code`` stays off unless the caller asks for it. A
+directory that cannot give what is asked raises ``ModelLoadError`` naming the problem.
 """
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +19,54 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+from transformers.utils import logging as hf_logging
 
-from rlhf_env.errors import VocabMismatchError
+from rlhf_env.errors import ModelLoadError, VocabMismatchError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding slots: the pad token, else EOS, else 0.
+
+    Padding is never attended to nor scored, so any id the model embeds will do; GPT-2's
+    and Llama's tokenizers ship without a pad token. The one pad rule of the package.
+    """
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+@contextmanager
+def quiet_progress():
+    """Silence transformers' "Loading weights" / "Writing model shards" bars inside the block."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def save_pretrained(model, tokenizer, path: str | Path) -> Path:
+    """Save a model (safetensors) and its tokenizer to ``path``, without progress bars."""
+    path = Path(path)
+    with quiet_progress():
+        model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def _local_dir(path: str | Path) -> Path:
@@ -34,20 +79,46 @@ def _local_dir(path: str | Path) -> Path:
     return p
 
 
+def _check_model_dir(p: Path, mapping: dict, what: str, trust_remote_code: bool) -> None:
+    """Raise ``ModelLoadError`` unless ``p`` holds a ``what`` transformers can build offline."""
+    config_file = p / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{p} has no config.json: not a Hugging Face model directory (see save_pretrained)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from None
+    model_type = config.get("model_type")
+    if not trust_remote_code:
+        if model_type not in CONFIG_MAPPING_NAMES:
+            remote = config.get("auto_map")
+            why = "needs remote code (auto_map in config.json)" if remote else "is unknown to transformers"
+            raise ModelLoadError(
+                f"{p}: model type {model_type!r} {why}; rlhf_env runs only the architectures transformers ships"
+            )
+        if model_type not in mapping:
+            raise ModelLoadError(f"{p} holds a {model_type!r} model, which has no {what} class in transformers")
+    if not any(p.glob("*.safetensors")):
+        found = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        also = f" (found {', '.join(found)}: re-save with safe_serialization=True)" if found else ""
+        raise ModelLoadError(f"{p} has no .safetensors weights{also}")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(
-        _local_dir(path), local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    p = _local_dir(path)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
-def _load(auto_cls, model: Any, device, dtype, trust_remote_code: bool) -> PreTrainedModel:
+def _load(auto_cls, mapping, what, model: Any, device, dtype, trust_remote_code: bool) -> PreTrainedModel:
     if isinstance(model, (str, Path)):
-        model = auto_cls.from_pretrained(
-            _local_dir(model),
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        path = _local_dir(model)
+        _check_model_dir(path, mapping, what, trust_remote_code)
+        with quiet_progress():
+            model = auto_cls.from_pretrained(
+                path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()  # no dropout; gradients are off where it runs (inference_mode)
@@ -55,15 +126,25 @@ def _load(auto_cls, model: Any, device, dtype, trust_remote_code: bool) -> PreTr
 
 def load_causal_lm(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM in eval mode from a local path or a model object, moved to ``device``/``dtype``."""
-    return _load(AutoModelForCausalLM, model, device, dtype, trust_remote_code)
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return _load(AutoModelForCausalLM, mapping, "causal-LM", model, device, dtype, trust_remote_code)
 
 
 def load_reward_model(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A sequence-classification model with one label (a scalar reward head), in eval mode."""
-    model = _load(AutoModelForSequenceClassification, model, device, dtype, trust_remote_code)
+    mapping, what = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "sequence-classification"
+    model = _load(AutoModelForSequenceClassification, mapping, what, model, device, dtype, trust_remote_code)
     if model.config.num_labels != 1:
         raise ValueError(f"a reward model needs exactly one label, this one has {model.config.num_labels}")
     return model
+
+
+def load_pretrained(path: str | Path, device=None, dtype=None, trust_remote_code: bool = False):
+    """``(causal LM, tokenizer)`` from one local checkpoint directory, checked to fit together."""
+    model = load_causal_lm(path, device, dtype, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    check_vocab(tokenizer, model)
+    return model, tokenizer
 
 
 def model_vocab_size(model) -> int:
@@ -72,7 +153,11 @@ def model_vocab_size(model) -> int:
 
 
 def check_vocab(tokenizer, model, what: str = "model") -> None:
-    """Raise ``VocabMismatchError`` if the tokenizer can emit ids the model cannot embed."""
+    """Raise ``VocabMismatchError`` if the tokenizer can emit ids the model cannot embed.
+
+    A model may embed more ids than the tokenizer has (Qwen pads its vocabulary); samplers
+    and log-probs then use only the tokenizer's ``len(tokenizer)`` ids.
+    """
     n_tok, n_model = len(tokenizer), model_vocab_size(model)
     if n_tok > n_model:
         raise VocabMismatchError(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rlhf_env.kvcache import IncrementalLM
+from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import pack
 
 
@@ -28,16 +29,27 @@ class SamplingPolicy:
     Args:
         model: a Hugging Face causal LM (eval mode; on the device it should run on).
         batch_size: rows of the env (1 for ``TextGenEnv``).
-        pad_token_id: the tokenizer's pad id.
+        pad_token_id: the id fed in padding slots (``rlhf_env.models.pad_token_id``).
+        vocab_size: the tokenizer's size (``env.core.vocab_size``): ids beyond it are never
+            sampled and the log-probs are over the first ``vocab_size`` ids, as training
+            recomputes them; default all of the model's logits.
         temperature: sampling temperature; the log-prob reported is that of the sampled
             distribution, softmax(logits / temperature), which is the acting policy.
         seed: seed of the sampling generator.
     """
 
-    def __init__(self, model, batch_size: int, pad_token_id: int = 0, temperature: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        pad_token_id: int = 0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        vocab_size: int | None = None,
+    ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.lm = IncrementalLM(model, batch_size, pad_token_id)
+        self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
         self.temperature = temperature
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
@@ -84,13 +96,13 @@ def sample_completions(
 
     Returns the decoded completions without special tokens, in the order of ``prompts``.
     """
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
         n = len(batch)
-        lm = IncrementalLM(model, n, pad)
+        lm = IncrementalLM(model, n, pad, vocab_size=len(tokenizer))
         chunk, mask = pack(batch, pad)
         logprobs = lm.feed(chunk, mask.sum(1), torch.ones(n, dtype=torch.bool))
         done = torch.zeros(n, dtype=torch.bool)

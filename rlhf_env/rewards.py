@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf_env.errors import RewardError
-from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer
+from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer, pad_token_id
 from rlhf_env.scoring import pack
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -39,13 +39,13 @@ class RewardModel:
         self.model = load_reward_model(model, device, dtype, trust_remote_code)
         self.tokenizer = tokenizer
         check_vocab(tokenizer, self.model, "reward model")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            # Sequence classifiers find the last real token by the pad id: it must not be a real token.
             raise ValueError("the reward model's tokenizer has neither a pad nor an EOS token")
-        self.pad_token_id = pad
+        self.pad_token_id = pad_token_id(tokenizer)
         # Sequence classifiers read the last non-pad token; they need to know the pad id.
         if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = pad
+            self.model.config.pad_token_id = self.pad_token_id
         self.device = next(self.model.parameters()).device
 
     def shares_vocab_with(self, tokenizer) -> bool:

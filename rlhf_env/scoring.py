@@ -7,30 +7,36 @@ from typing import Sequence
 import torch
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[labels], in float32.
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """log softmax(logits[..., :vocab_size])[labels], in float32.
 
     Args:
         logits: (..., V) unnormalised scores.
         labels: (...) int64 token ids.
+        vocab_size: the tokenizer's size when the model pads its vocabulary beyond it
+            (the softmax then runs over the ids the tokenizer can produce, as the sampler's
+            does); None: all V.
     Returns:
         (...) float32 log-probs.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int | None = None
+) -> torch.Tensor:
     """Log-prob of every token given the ones before it, for right-padded sequences.
 
     Args:
         input_ids: (B, T) int64, right-padded.
         attention_mask: (B, T) 0/1.
+        vocab_size: see ``token_logprobs``.
     Returns:
         (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 
 def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +52,8 @@ def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[to
 
 def encode_completion(tokenizer, prompt: str, completion: str, eos: bool = True) -> tuple[list[int], int]:
     """``(ids, prompt_length)``: ``tokenizer(prompt)`` then the completion's ids (and EOS)."""
+    if eos and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, so a completion cannot be ended")
     p = tokenizer(prompt)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return p + c + ([tokenizer.eos_token_id] if eos else []), len(p)

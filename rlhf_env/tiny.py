@@ -1,4 +1,5 @@
-"""Tiny offline models: a GPT-2-shaped causal LM and a character-level tokenizer.
+"""Tiny offline models: a GPT-2-shaped causal LM, a character-level tokenizer, and
+byte-level BPE tokenizers shaped like the ones real checkpoints ship.
 
 Everything here is built from code, so tests and the embedded default never touch a
 model hub. The pair round-trips through ``save_pretrained``/``from_pretrained`` like any
@@ -11,8 +12,11 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from rlhf_env.models import save_pretrained
+from rlhf_env.prompts import DEFAULT_PROMPTS
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # Printable ASCII without the rarely useful control whitespace.
@@ -37,6 +41,50 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS) -> PreTrainedTokenizerFast:
         eos_token=EOS,
         bos_token=EOS,
         unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_bpe_tokenizer(
+    texts: list[str] | None = None,
+    *,
+    vocab_size: int = 300,
+    eos: str = "<|endoftext|>",
+    bos: str | None = None,
+    pad: str | None = None,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (default: the embedded prompts).
+
+    Byte-level, so any text encodes. Specials come first: ``eos``, then ``bos`` and ``pad``
+    when given. The shapes real checkpoints ship:
+
+    - GPT-2: ``bos=None, pad=None``: no pad token, ``<|endoftext|>`` is both BOS and EOS and
+      nothing is added to the text;
+    - Llama: ``bos="<s>", eos="</s>"``: BOS prepended to every encoded text, no pad token;
+    - Qwen: ``pad=eos``: the pad token is EOS.
+    """
+    specials = list(dict.fromkeys(t for t in (eos, bos, pad) if t is not None))
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts or list(DEFAULT_PROMPTS), trainer=trainer)
+    if bos is not None:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))]
+        )
+    else:
+        core.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=eos,
+        bos_token=bos if bos is not None else eos,
+        pad_token=pad,
         clean_up_tokenization_spaces=False,
     )
 
@@ -74,7 +122,4 @@ def build_tiny_model(
 
 def save_tiny(model, tokenizer, path: str | Path) -> Path:
     """Save a model/tokenizer pair as a local Hugging Face checkpoint (safetensors)."""
-    path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_pretrained(model, tokenizer, path)

@@ -83,3 +83,21 @@ def demo_dist(plugin_path):
     """An installed-looking dist whose entry point ``demo`` adds demo_algo/demo_task/demo_reward."""
     _write_dist(plugin_path, "rlhf_demo_plugin", {"demo": "rlhf_demo_plugin"}, {"rlhf_demo_plugin": DEMO_SOURCE})
     return plugin_path
+
+
+@pytest.fixture(scope="session")
+def arch_checkpoint(tmp_path_factory):
+    """``arch_checkpoint(arch, tokenizer kind) -> dir``: a tiny ``tests/tinyarch.py`` checkpoint saved
+    with ``save_pretrained``, built once per session."""
+    from rlhf_env.models import save_pretrained
+    from tinyarch import build, tokenizer
+
+    root = tmp_path_factory.mktemp("arch_checkpoints")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, tok_kind: str) -> Path:
+        if (arch, tok_kind) not in made:
+            made[arch, tok_kind] = save_pretrained(build(arch, tok_kind), tokenizer(tok_kind), root / f"{arch}-{tok_kind}")
+        return made[arch, tok_kind]
+
+    return get

@@ -36,7 +36,7 @@ def make_task_env(task: Task, model_path=None, *, num_envs: int | None = None, *
     from rlhf_env import TextGenEnv, VectorTextGenEnv
     from rlhf_env.tasks.base_models import load_base_model
 
-    model, tokenizer = load_base_model(task, model_path, device=env_kwargs.get("device"))
+    model, tokenizer = load_base_model(task, model_path, device=env_kwargs.get("device"), dtype=env_kwargs.get("dtype"))
     kwargs = {"max_new_tokens": task.max_new_tokens, **env_kwargs}
     if num_envs is None:
         return TextGenEnv(tokenizer, model, task.gold_reward, task.train_prompts, **kwargs)

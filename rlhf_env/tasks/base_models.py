@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.models import load_causal_lm, load_tokenizer
+from rlhf_env.models import load_pretrained, pad_token_id
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
@@ -59,8 +59,9 @@ def shipped_base_model(task: Task) -> Path | None:
 def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
     """Mean negative log-likelihood of ``completion + EOS`` given ``prompt`` (prompt tokens masked)."""
     device = next(model.parameters()).device
-    ids, attn, target = pack_completions([encode_completion(tokenizer, p, c) for p, c in pairs], tokenizer.pad_token_id, device)
-    logp = next_token_logprobs(model, ids, attn)  # (B, T-1), entry t predicts token t+1
+    encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
+    ids, attn, target = pack_completions(encoded, pad_token_id(tokenizer), device)
+    logp = next_token_logprobs(model, ids, attn, len(tokenizer))  # (B, T-1), entry t predicts token t+1
     return -(logp * target).sum() / target.sum()
 
 
@@ -127,8 +128,8 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True, 
     return target
 
 
-def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, progress: bool = True,
-                    callback=None):
+def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, dtype=None,
+                    progress: bool = True, callback=None):
     """``(model, tokenizer)``: the checkpoint at ``model_path`` if given, else the task's base model."""
     path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress, callback=callback)
-    return load_causal_lm(path, device=device), load_tokenizer(path)
+    return load_pretrained(path, device=device, dtype=dtype)
