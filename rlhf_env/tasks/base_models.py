@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_env.models import load_causal_lm, load_tokenizer
-from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
+from rlhf_env.scoring import sft_loss
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
 
@@ -54,14 +54,6 @@ def shipped_base_model(task: Task) -> Path | None:
     """The canonical base model shipped for ``task``'s configuration, if there is one."""
     path = SHIPPED / task.cache_key()
     return path if (path / "model.safetensors").is_file() else None
-
-
-def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    """Mean negative log-likelihood of ``completion + EOS`` given ``prompt`` (prompt tokens masked)."""
-    device = next(model.parameters()).device
-    ids, attn, target = pack_completions([encode_completion(tokenizer, p, c) for p, c in pairs], tokenizer.pad_token_id, device)
-    logp = next_token_logprobs(model, ids, attn)  # (B, T-1), entry t predicts token t+1
-    return -(logp * target).sum() / target.sum()
 
 
 def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
