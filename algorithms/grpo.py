@@ -86,7 +86,9 @@ def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 def group_advantages(
     scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
 ) -> torch.Tensor:
-    """(B,) advantages relative to the group: r_i − mean, divided by (std + eps) if ``scale_by_std`` (docs/maths.md §7).
+    """(B,) advantages relative to the group: r_i − mean, divided by (std + eps) if ``scale_by_std``.
+
+    The formulas: docs/maths.md §7.
 
     The std is the sample std (n−1), as ``torch.std`` and the common GRPO implementations
     compute it. With ``eps`` > 0 a group whose rewards are all equal gets 0 for every member
