@@ -144,18 +144,7 @@ def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = sli
     return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; raised before the optimizer step it would poison."""
-
-
-def check_finite(**losses: torch.Tensor) -> None:
-    """Raise ``NonFiniteLossError`` naming every non-finite loss."""
-    bad = {name: float(v) for name, v in losses.items() if not torch.isfinite(v).all()}
-    if bad:
-        raise NonFiniteLossError(f"non-finite loss: {bad}")
-
-
 @torch.no_grad()
 def sequence_kl(batch: RolloutBatch) -> torch.Tensor:
-    """(B,) Σ_t (log π − log π_ref) over each completion: the sampled KL to the reference."""
+    """(B,) Σ_t (log π − log π_ref) over each completion: the sampled KL to the reference (docs/maths.md §3)."""
     return ((batch.logprobs - batch.ref_logprobs) * batch.action_mask).sum(1)

@@ -1,7 +1,8 @@
 """Shared maths of the zoo, written once: masked reductions, advantages, KL estimators.
 
 Pure functions of tensors. ``mask`` is 1 for completion tokens and 0 for padding (and
-prompt tokens, which never enter a loss, a KL or a normalisation).
+prompt tokens, which never enter a loss, a KL or a normalisation). The formulas, with their
+papers: docs/maths.md (§1 reductions, §3 KL estimators, §4 GAE, §5 the clipped surrogate).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked-in entries (biased variance); padding stays 0."""
+    """(x − mean) / std over the masked-in entries (biased variance); padding stays 0 (docs/maths.md §1)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
@@ -33,7 +34,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):
-    """Generalised advantage estimation over right-padded token sequences.
+    """Generalised advantage estimation over right-padded token sequences (docs/maths.md §4).
 
     δ_t = r_t + γ V(s_{t+1}) − V(s_t) with V = 0 after the last real token;
     Â_t = Σ_l (γλ)^l δ_{t+l};  returns R̂_t = Â_t + V(s_t).
@@ -61,23 +62,23 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k1 = log π − log π_ref (unbiased, can be negative)."""
+    """k1 = log π − log π_ref (unbiased, can be negative; docs/maths.md §3)."""
     return logp - ref_logp
 
 
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k2 = ½ (log π − log π_ref)² (biased, low variance)."""
+    """k2 = ½ (log π − log π_ref)² (biased, low variance; docs/maths.md §3)."""
     return 0.5 * (logp - ref_logp) ** 2
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """k3 = π_ref/π − log(π_ref/π) − 1 (unbiased, ≥ 0): the GRPO estimator."""
+    """k3 = π_ref/π − log(π_ref/π) − 1 (unbiased, ≥ 0): the GRPO estimator (docs/maths.md §3)."""
     log_ratio = ref_logp - logp
     return torch.exp(log_ratio) - log_ratio - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
-    """Per-token PPO surrogate min(ρ Â, clip(ρ, 1−ε, 1+ε) Â), ρ = exp(log π − log π_old).
+    """Per-token PPO surrogate min(ρ Â, clip(ρ, 1−ε, 1+ε) Â), ρ = exp(log π − log π_old) (docs/maths.md §5).
 
     Args:
         logp: (B, T) log π_θ of the taken tokens (with gradients).
@@ -90,3 +91,21 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     ratio = torch.exp(logp - old_logp.detach())
     adv = advantages.detach()
     return torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv), ratio
+
+
+def clipped(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Where clipping changed the objective: ρ > 1+ε with Â > 0, or ρ < 1−ε with Â < 0.
+
+    There the min of ``clipped_surrogate`` takes the clipped term, which differs from ρÂ, and
+    the token's gradient is cut. A ratio outside [1−ε, 1+ε] on the side the advantage does
+    not push towards is *not* clipped: the min keeps ρÂ. ``policy/clipfrac`` is the masked
+    mean of this (docs/maths.md §5), as PPO, TRL and verl count it.
+
+    Args:
+        ratio: (B, T) ρ; advantages: (B, T) or broadcastable to it.
+    Returns:
+        (B, T) bool.
+    """
+    adv = advantages.detach()
+    ratio = ratio.detach()
+    return ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))

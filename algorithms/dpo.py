@@ -8,9 +8,9 @@ or from a user file (``preference_file``: ``prompt``/``chosen``/``rejected`` col
 reference log-probs of every pair are computed once then too. Each step takes a random
 minibatch of pairs. The loop still evaluates the policy with env rollouts (gold reward, KL).
 
-A completion is scored as the base models were trained (``base_models.sft_loss``): the
+A completion is scored as the base models were trained (``rlhf_env.scoring.sft_loss``): the
 prompt's ids, then the completion's ids and EOS; log π(y|x) sums over the completion and
-EOS tokens only, never the prompt or the padding.
+EOS tokens only, never the prompt or the padding. The formulas: docs/maths.md §9.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from algorithms.base import TrainContext, check_finite
+from algorithms import metrics as M
+from algorithms.base import TrainContext
 from algorithms.core import masked_sum
+from algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import PreferencePair
@@ -61,7 +63,7 @@ def dpo_loss(
     ref_rejected: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """−mean log σ(β[(π+ − r+) − (π− − r−)]) and the implicit rewards.
+    """−mean log σ(β[(π+ − r+) − (π− − r−)]) and the implicit rewards (docs/maths.md §9).
 
     Args:
         policy_chosen, policy_rejected: (B,) log π_θ(y±|x), summed over completion tokens.
@@ -100,7 +102,7 @@ def load_pairs(ctx: TrainContext, config: Config) -> list[PreferencePair]:
     return ctx.task.preference_pairs(ctx.ref, ctx.tokenizer, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed)
 
 
-class Trainer:
+class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
         self.ctx, self.config = ctx, config
         self.pairs = load_pairs(ctx, config)
@@ -122,13 +124,11 @@ class Trainer:
                 ref_c.append(lp[:n])
                 ref_r.append(lp[n:])
         self.ref_chosen, self.ref_rejected = torch.cat(ref_c), torch.cat(ref_r)
-        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=config.lr)
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
-        n = len(self.pairs)
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(n, generator=gen)[: min(c.batch_size, n)].tolist()
+        idx = draw_rows(len(self.pairs), c.batch_size, seed)
         rows = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
         ids, attn, mask = pack_completions(rows, self.pad, self.ctx.device)
         logp = sequence_logprobs(policy, ids, attn, mask, self.vocab_size)  # chosen and rejected in one forward
@@ -136,19 +136,13 @@ class Trainer:
         index = torch.tensor(idx, device=logp.device)
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]
         loss, chosen_r, rejected_r = dpo_loss(logp[:b], logp[b:], ref_c, ref_r, c.beta)
-        check_finite(policy=loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-        self.optimizer.step()
-        return {"loss/policy": loss.item(),
-                "dpo/reward_accuracy": (chosen_r > rejected_r).float().mean().item(),
-                "dpo/reward_margin": (chosen_r - rejected_r).mean().item(),
-                "dpo/chosen_reward": chosen_r.mean().item(), "dpo/rejected_reward": rejected_r.mean().item(),
-                "perf/tokens": float(mask.sum())}  # fmt: skip
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        grad_norm = self.optimizer.step(loss, policy=loss)
+        return {
+            M.LOSS_POLICY: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
+            M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
+            M.DPO_CHOSEN_REWARD: chosen_r.mean().item(),
+            M.DPO_REJECTED_REWARD: rejected_r.mean().item(),
+            M.PERF_TOKENS: float(mask.sum()),
+        }

@@ -17,7 +17,8 @@ the length bias of 1/|y_i|. The objective is maximised: the loss minimised is it
 
 The two variants are two registered algorithms sharing one trainer; they differ only in
 the advantage (``scale_by_std``) and the token aggregation (``aggregate``), which are
-pure functions below.
+pure functions below. The formulas: docs/maths.md §7 (and §3 for k3, §5 for the clipped
+surrogate and ``policy/clipfrac``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import NamedTuple
 
 import torch
 
-from algorithms.base import TrainContext, check_finite, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms import core
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import kl_k3, masked_mean, masked_sum
+from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
 
 @dataclass
@@ -85,6 +88,8 @@ def group_advantages(
 ) -> torch.Tensor:
     """(B,) advantages relative to the group: r_i − mean, divided by (std + eps) if ``scale_by_std``.
 
+    The formulas: docs/maths.md §7.
+
     The std is the sample std (n−1), as ``torch.std`` and the common GRPO implementations
     compute it. With ``eps`` > 0 a group whose rewards are all equal gets 0 for every member
     (no NaN, and no blown-up rounding noise: mean(0.1, 0.1, 0.1) ≠ 0.1 in floating point).
@@ -110,17 +115,17 @@ class LossParts(NamedTuple):
     loss: torch.Tensor  # scalar, −objective
     policy: torch.Tensor  # scalar, −(aggregated clipped surrogate)
     kl: torch.Tensor  # scalar, β·(aggregated k3)
-    clipfrac: torch.Tensor  # scalar, share of completion tokens whose ratio was clipped
+    clipfrac: torch.Tensor  # scalar, share of completion tokens where clipping changed the objective
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float):
     """Per-token surrogate with one advantage per completion (B,) broadcast over its tokens.
 
     Returns:
-        (surrogate (B, T), clipped (B, T) bool: ρ outside [1−ε, 1+ε]).
+        (surrogate (B, T), clipped (B, T) bool: clipping changed the objective, ``core.clipped``).
     """
     surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
-    return surrogate, (ratio - 1).abs() > clip_eps
+    return surrogate, core.clipped(ratio, advantages[:, None], clip_eps)
 
 
 def per_completion_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -184,14 +189,14 @@ def dr_grpo_loss(
 # -- trainer -----------------------------------------------------------------------------------
 
 
-class Trainer:
+class Trainer(Stateful):
     """GRPO: sample groups, compute group advantages, then epochs of clipped minibatch updates."""
 
     scale_by_std = True  # GRPO divides the advantage by the group's std
 
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
-        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=config.lr)
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
         c = self.config
@@ -203,35 +208,27 @@ class Trainer:
         # β = 0 in the env: the rewards are raw scores; ref log-probs still come back.
         batch = collect_rollouts(self.ctx, self.ctx.env(B, group_size=c.group_size, beta=0.0), seed)
         advantages = group_advantages(batch.scores, c.group_size, self.scale_by_std, c.std_eps)
-        generator = torch.Generator().manual_seed(seed)
-        size = B // c.num_minibatches
-        sums = {"loss": 0.0, "policy": 0.0, "kl": 0.0, "clipfrac": 0.0}
-        updates = 0
-        for _ in range(c.num_iterations):
-            order = torch.randperm(B, generator=generator).to(batch.input_ids.device)
-            for start in range(0, B, size):
-                rows = order[start : start + size]
-                parts = self.loss(policy_logprobs(policy, batch, rows), batch.logprobs[rows],
-                                  batch.ref_logprobs[rows], advantages[rows], batch.action_mask[rows])  # fmt: skip
-                check_finite(policy=parts.policy, kl=parts.kl)
-                self.optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                for key, value in zip(LossParts._fields, parts):
-                    sums[key] += value.item()
-                updates += 1
-        return {"loss/total": sums["loss"] / updates, "loss/policy": sums["policy"] / updates,
-                "loss/kl": sums["kl"] / updates, "policy/clipfrac": sums["clipfrac"] / updates,
-                "reward/score": batch.scores.mean().item(),
-                "reward/group_std": group_std(batch.scores, c.group_size).mean().item(),
-                "objective/kl": sequence_kl(batch).mean().item(), "perf/tokens": batch.num_tokens}  # fmt: skip
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        means = Means()
+        for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
+            logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
+            parts = self.loss(logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
+            grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
+            means.add(
+                {
+                    M.LOSS_TOTAL: parts.loss,
+                    M.LOSS_POLICY: parts.policy,
+                    M.LOSS_KL: parts.kl,
+                    M.POLICY_CLIPFRAC: parts.clipfrac,
+                    M.OPTIM_GRAD_NORM: grad_norm,
+                }
+            )
+        return {
+            **means.means(),
+            M.REWARD_SCORE: batch.scores.mean().item(),
+            M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
+            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
+            M.PERF_TOKENS: batch.num_tokens,
+        }
 
 
 class DrTrainer(Trainer):

@@ -2,7 +2,9 @@
 
 Each iteration is a function of (weights, trainer state, step): the torch RNG and the
 rollout seeds are derived from ``(seed, step)``, so a run resumed from a checkpoint
-reproduces the metrics of an uninterrupted one.
+reproduces the metrics of an uninterrupted one. Records use the names of
+``algorithms.metrics`` (documented in docs/architecture.md), in ``metrics.jsonl`` and as
+TensorBoard tags alike.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from algorithms.base import NonFiniteLossError, TrainContext, collect_rollouts, sequence_kl
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, sequence_kl
+from algorithms.plumbing import NonFiniteLossError
 from rlhf_env.models import default_device, load_causal_lm, save_pretrained
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
@@ -43,7 +47,7 @@ def evaluate_policy(ctx: TrainContext, n: int = 64, seed: int = 12345) -> dict[s
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
     batch = collect_rollouts(ctx, env, seed, prompts=prompts)
-    return {"reward/gold": float(batch.scores.mean()), "objective/kl_eval": float(sequence_kl(batch).mean())}
+    return {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
 
 
 def _atomic_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
@@ -130,8 +134,8 @@ def train(
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start)
-    tokens_total = sum(r.get("perf/tokens", 0) for r in records)
-    elapsed = (records[-1]["time/elapsed_s"] if records else 0.0) + setup_s
+    tokens_total = sum(r.get(M.PERF_TOKENS, 0) for r in records)
+    elapsed = (records[-1][M.TIME_ELAPSED_S] if records else 0.0) + setup_s
     done = budget.fraction(start, tokens_total, elapsed) if records else 0.0
     bar = tqdm(total=100, desc=f"{algo_name or 'train'} on {task.name}", disable=not progress, initial=int(100 * done),
                unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")  # fmt: skip
@@ -150,9 +154,16 @@ def train(
                 ) from exc
             dt = time.perf_counter() - t0
             elapsed += dt
-            tokens_total += metrics.get("perf/tokens", 0)
-            metrics.update({"perf/tokens_per_s": metrics.get("perf/tokens", 0) / dt, "perf/step_time_s": dt,
-                            "perf/tokens_total": tokens_total, "time/elapsed_s": elapsed})  # fmt: skip
+            tokens = metrics.get(M.PERF_TOKENS, 0)
+            tokens_total += tokens
+            metrics.update(
+                {
+                    M.PERF_TOKENS_PER_S: tokens / dt,
+                    M.PERF_STEP_TIME_S: dt,
+                    M.PERF_TOKENS_TOTAL: tokens_total,
+                    M.TIME_ELAPSED_S: elapsed,
+                }
+            )
             before, done = done, budget.fraction(step + 1, tokens_total, elapsed)
             if eval_points:
                 due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
@@ -168,7 +179,8 @@ def train(
                 if key != "step" and math.isfinite(value):
                     writer.add_scalar(key, value, step)
             bar.update(int(100 * min(done, 1.0)) - bar.n)
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("reward/score", "reward/gold") if k in record}, refresh=False)
+            shown = {k: f"{record[k]:.3f}" for k in (M.REWARD_SCORE, M.REWARD_GOLD) if k in record}
+            bar.set_postfix(shown, refresh=False)
             if callback is not None:
                 callback(record, min(done, 1.0))
             step += 1

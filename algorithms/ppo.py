@@ -28,6 +28,9 @@ first advantages are plain returns and the first value gradient leaves the trunk
 is trained by the same optimizer, and lives in the trainer's ``state_dict``: checkpoints
 carry it with the optimizer and the KL controller's β, so a resumed run continues exactly.
 
+The formulas, with their papers: docs/maths.md §2 (token reward), §4 (GAE), §5 (losses and
+``policy/clipfrac``), §6 (the KL controller).
+
 Coordinates: tensors are ``(B, L-1)`` "action" tensors (see ``RolloutBatch``); a row's
 completion is a contiguous run of ``action_mask`` that starts after its prompt, not at
 column 0. ``core.gae`` zeroes its running sum outside the mask and never bootstraps past
@@ -41,8 +44,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from algorithms.base import TrainContext, check_finite, collect_rollouts, sequence_kl
-from algorithms.core import clipped_surrogate, gae, kl_k3, masked_mean, masked_sum, masked_whiten, token_logprobs
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, sequence_kl
+from algorithms.core import (
+    clipped,
+    clipped_surrogate,
+    gae,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    token_logprobs,
+)
+from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
 
 @dataclass
@@ -98,17 +112,17 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
         mask: (B, T) 1 on completion tokens.
         clip_eps: ε > 0.
     Returns:
-        (loss, clipfrac): scalar loss; the share of masked tokens whose clipped term is the
-        one used (the gradient through ρ is cut there).
+        (loss, clipfrac): scalar loss; the share of masked tokens where clipping changed the
+        objective (``core.clipped``: the gradient through ρ is cut there).
     """
     surrogate, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
     loss = -masked_mean(surrogate, mask)
-    clipfrac = masked_mean((surrogate < ratio * advantages.detach()).float(), mask)  # clipped term used
-    return loss, clipfrac.detach()
+    clipfrac = masked_mean(clipped(ratio, advantages, clip_eps).float(), mask)
+    return loss, clipfrac
 
 
 def value_loss(values, old_values, returns, mask, clip_value: float | None):
-    """½ masked_mean((V − R̂)²), or with ``clip_value`` c the pessimistic clipped variant
+    """½ masked_mean((V − R̂)²), or with ``clip_value`` c the pessimistic clipped variant (docs/maths.md §5)
     ½ masked_mean(max((V − R̂)², (clip(V, V_old − c, V_old + c) − R̂)²)).
 
     Args:
@@ -163,6 +177,8 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, §2.2: e = clip(KL / KL_target − 1, −0.2, 0.2); β ← β (1 + e · n / horizon).
 
+The formulas: docs/maths.md §6.
+
     ``n`` is the number of episodes behind the observed ``KL`` (the sampled sequence KL).
     """
 
@@ -189,16 +205,18 @@ def logprobs_and_values(
     return logprobs, values
 
 
-class Trainer:
+class Trainer(Stateful):
     """Rollout, GAE, then ``ppo_epochs`` × ``num_minibatches`` Adam steps on policy + value head."""
+
+    state = {"optimizer": "optimizer", "value_head": "value_head", "kl_ctl": "kl_ctl"}  # checkpoint key -> attribute
 
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
         self.value_head = nn.Linear(ctx.policy.config.hidden_size, 1).to(ctx.device)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self.params = [*ctx.policy.parameters(), *self.value_head.parameters()]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr)
+        params = [*ctx.policy.parameters(), *self.value_head.parameters()]
+        self.optimizer = Optimizer(params, config.lr, config.max_grad_norm)
         if config.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         else:
@@ -219,43 +237,39 @@ class Trainer:
                                                          c.whiten_advantages)  # fmt: skip
 
         B = mask.shape[0]
-        generator = torch.Generator().manual_seed(seed)
-        sums = dict.fromkeys(("loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/approx_kl"), 0.0)
-        updates = 0
-        for _ in range(c.ppo_epochs):
-            for rows in torch.randperm(B, generator=generator).to(mask.device).chunk(c.num_minibatches):
-                m = mask[rows]
-                logprobs, values = logprobs_and_values(policy, self.value_head, batch.input_ids[rows],
-                                                       batch.attention_mask[rows], batch.vocab_size)  # fmt: skip
-                pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps)
-                vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
-                loss = pg_loss + c.vf_coef * vf_loss
-                check_finite(policy=pg_loss, value=vf_loss)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-                self.optimizer.step()
-                with torch.no_grad():  # KL(π_old ‖ π_θ) by k3 on π_old's samples
-                    approx_kl = masked_mean(kl_k3(old_logprobs[rows], logprobs), m)
-                for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss), ("loss/total", loss),
-                                   ("policy/clipfrac", clipfrac), ("policy/approx_kl", approx_kl)):  # fmt: skip
-                    sums[key] += value.item()
-                updates += 1
+        means = Means()
+        for rows in minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
+            m = mask[rows]
+            ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
+            logprobs, values = logprobs_and_values(policy, self.value_head, ids, attn, batch.vocab_size)
+            pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps)
+            vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
+            loss = pg_loss + c.vf_coef * vf_loss
+            grad_norm = self.optimizer.step(loss, policy=pg_loss, value=vf_loss)
+            with torch.no_grad():  # KL(π_old ‖ π_θ) by k3 on π_old's samples (docs/maths.md §3)
+                approx_kl = masked_mean(kl_k3(old_logprobs[rows], logprobs), m)
+            means.add(
+                {
+                    M.LOSS_POLICY: pg_loss,
+                    M.LOSS_VALUE: vf_loss,
+                    M.LOSS_TOTAL: loss,
+                    M.POLICY_CLIPFRAC: clipfrac,
+                    M.POLICY_APPROX_KL: approx_kl,
+                    M.OPTIM_GRAD_NORM: grad_norm,
+                }
+            )
 
         kl = sequence_kl(batch).mean().item()
         self.kl_ctl.update(kl, B)
-        metrics = {k: v / updates for k, v in sums.items()}
-        metrics.update({"reward/score": batch.scores.mean().item(), "objective/kl": kl, "objective/kl_coef": beta,
-                        "objective/return": masked_sum(batch.rewards, mask, 1).mean().item(),
-                        "perf/tokens": batch.num_tokens})  # fmt: skip
-        return metrics
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "value_head": self.value_head.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict()}  # fmt: skip
+        return {
+            **means.means(),
+            M.REWARD_SCORE: batch.scores.mean().item(),
+            M.OBJECTIVE_KL: kl,
+            M.OBJECTIVE_KL_COEF: beta,
+            M.OBJECTIVE_RETURN: masked_sum(batch.rewards, mask, 1).mean().item(),
+            M.PERF_TOKENS: batch.num_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        super().load_state_dict(state)
         self.env.core.beta = self.kl_ctl.value

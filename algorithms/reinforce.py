@@ -1,7 +1,8 @@
-"""REINFORCE, the seed's policy gradient: ∇ ≈ (1/m) Σ (R(x, y) − b) ∇ log π_θ(y|x).
+"""REINFORCE (Williams 1992), the seed's policy gradient: ∇ ≈ (1/m) Σ (R(x, y) − b) ∇ log π_θ(y|x).
 
 R is the episode's KL-shaped return from the env (score − β Σ_t KL_t); b is the batch
 mean of R when ``baseline`` is on (lower variance, same expected gradient up to O(1/m)).
+The formulas: docs/maths.md §2 (the return) and §8 (the estimator).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import TrainContext, check_finite, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import masked_sum
+from algorithms.plumbing import Optimizer, Stateful
 
 
 @dataclass
@@ -28,7 +31,7 @@ class Config:
 
 
 def reinforce_loss(seq_logprobs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """−mean((R − b) · log π(y|x)).
+    """−mean((R − b) · log π(y|x)) (docs/maths.md §8).
 
     Args:
         seq_logprobs: (B,) log π_θ(y|x), summed over completion tokens (with gradients).
@@ -38,10 +41,10 @@ def reinforce_loss(seq_logprobs: torch.Tensor, returns: torch.Tensor, baseline: 
     return -((returns - baseline).detach() * seq_logprobs).mean()
 
 
-class Trainer:
+class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
-        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=config.lr)
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
@@ -49,17 +52,12 @@ class Trainer:
         returns = masked_sum(batch.rewards, batch.action_mask, 1)
         seq_logp = masked_sum(policy_logprobs(policy, batch), batch.action_mask, 1)
         loss = reinforce_loss(seq_logp, returns, returns.mean() if c.baseline else 0.0)
-        check_finite(policy=loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-        self.optimizer.step()
-        return {"loss/policy": loss.item(), "reward/score": batch.scores.mean().item(),
-                "objective/kl": sequence_kl(batch).mean().item(), "objective/return": returns.mean().item(),
-                "perf/tokens": batch.num_tokens}  # fmt: skip
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        grad_norm = self.optimizer.step(loss, policy=loss)
+        return {
+            M.LOSS_POLICY: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.REWARD_SCORE: batch.scores.mean().item(),
+            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
+            M.OBJECTIVE_RETURN: returns.mean().item(),
+            M.PERF_TOKENS: batch.num_tokens,
+        }

@@ -12,7 +12,7 @@ The shared loop trains and checkpoints ``ctx.policy``; this trainer leaves the p
 and trains its own model, which lives in its ``state_dict`` (so in the checkpoint's
 ``trainer_state.pt``). ``Trainer.save_reward_model(path)`` (or ``export_reward_model`` on a
 checkpoint) writes it as a Hugging Face sequence classifier that ``rlhf_env.RewardModel``
-loads, to be used as an env reward.
+loads, to be used as an env reward. The formulas: docs/maths.md §11.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import TrainContext, check_finite
+from algorithms import metrics as M
+from algorithms.base import TrainContext
+from algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pack
 from rlhf_env.tasks.base import PreferencePair
@@ -56,7 +58,7 @@ class Config:
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """−mean log σ(r+ − r−), the Bradley-Terry negative log-likelihood.
+    """−mean log σ(r+ − r−), the Bradley-Terry negative log-likelihood (docs/maths.md §11).
 
     Args:
         r_chosen, r_rejected: (B,) scores r_φ(x, y+) and r_φ(x, y−).
@@ -119,7 +121,9 @@ def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]
     return sample_preference_pairs(task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1)
 
 
-class Trainer:
+class Trainer(Stateful):
+    state = {"reward_model": "model", "optimizer": "optimizer"}  # checkpoint key -> attribute
+
     def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
         self.ctx, self.config, self.eval_batch_size = ctx, config, eval_batch_size
         tok = ctx.tokenizer
@@ -134,7 +138,7 @@ class Trainer:
         gold_r = torch.tensor(ctx.task.gold_reward([p.prompt for p in h], [p.rejected for p in h]), dtype=torch.float64)
         self.gold_differs, self.gold_prefers_chosen = gold_c != gold_r, gold_c > gold_r
         self.model = ScalarRewardModel(ctx.ref).train(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = Optimizer(self.model.parameters(), config.lr, config.max_grad_norm)
 
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[list[int]], list[list[int]]]:
         tok, prompts = self.ctx.tokenizer, [p.prompt for p in pairs]
@@ -157,30 +161,27 @@ class Trainer:
         b = self.eval_batch_size
         margins = torch.cat([self._scores(self.heldout_chosen[s : s + b]) - self._scores(self.heldout_rejected[s : s + b])
                              for s in range(0, len(self.heldout), b)]).cpu()  # fmt: skip
-        out = {"rm/heldout_accuracy": (margins > 0).float().mean().item()}
+        out = {M.RM_HELDOUT_ACCURACY: (margins > 0).float().mean().item()}
         if self.gold_differs.any():
             agree = (margins > 0) == self.gold_prefers_chosen
-            out["rm/heldout_gold_accuracy"] = agree[self.gold_differs].float().mean().item()
+            out[M.RM_HELDOUT_GOLD_ACCURACY] = agree[self.gold_differs].float().mean().item()
         return out
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c = self.config
-        n = len(self.pairs)
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(n, generator=gen)[: min(c.batch_size, n)].tolist()
+        idx = draw_rows(len(self.pairs), c.batch_size, seed)
         scores = self._scores([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx])  # one forward
         r_chosen, r_rejected = scores[: len(idx)], scores[len(idx) :]
         loss = bt_loss(r_chosen, r_rejected)
-        check_finite(reward_model=loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-        self.optimizer.step()
-        metrics = {"loss/reward_model": loss.item(),
-                   "rm/accuracy": (r_chosen > r_rejected).float().mean().item(),
-                   "rm/margin": (r_chosen - r_rejected).mean().item(),
-                   # every token is scored (the whole sequence feeds the last hidden state)
-                   "perf/tokens": float(sum(len(self.chosen[i]) + len(self.rejected[i]) for i in idx))}  # fmt: skip
+        grad_norm = self.optimizer.step(loss, reward_model=loss)
+        metrics = {
+            M.LOSS_REWARD_MODEL: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.RM_ACCURACY: (r_chosen > r_rejected).float().mean().item(),
+            M.RM_MARGIN: (r_chosen - r_rejected).mean().item(),
+            # every token is scored (the whole sequence feeds the last hidden state)
+            M.PERF_TOKENS: float(sum(len(self.chosen[i]) + len(self.rejected[i]) for i in idx)),
+        }
         if c.heldout_every and (step + 1) % c.heldout_every == 0:
             metrics.update(self.heldout_metrics())
         return metrics
@@ -188,13 +189,6 @@ class Trainer:
     def save_reward_model(self, path: str | os.PathLike) -> Path:
         """Write the reward model and tokenizer as a local HF checkpoint ``rlhf_env.RewardModel(path)`` loads."""
         return save_pretrained(self.model.to_sequence_classifier(self.pad), self.ctx.tokenizer, path)
-
-    def state_dict(self) -> dict:
-        return {"reward_model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["reward_model"])
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def export_reward_model(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -2,19 +2,19 @@
 
     L = −(1/N) Σ_i Σ_t log π_θ(y_t | x_i, y_<t)    (N: completion tokens in the batch)
 
-The same loss that built the base models (``base_models.sft_loss``: completion + EOS,
-prompt tokens masked), on random minibatches of the task's ``sft_data``. The baseline
-every RLHF method should beat when demonstrations exist.
+The same loss that built the base models (``rlhf_env.scoring.sft_loss``: completion + EOS,
+prompt tokens masked; docs/maths.md §10), on random minibatches of the task's ``sft_data``
+(drawn with replacement). The baseline every RLHF method should beat when demonstrations exist.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from algorithms.base import TrainContext, check_finite
-from rlhf_env.tasks.base_models import sft_loss
+from algorithms import metrics as M
+from algorithms.base import TrainContext
+from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.scoring import sft_loss
 
 
 @dataclass
@@ -28,29 +28,21 @@ class Config:
             raise ValueError(f"invalid SFT config (need batch_size >= 1, lr > 0, max_grad_norm > 0): {self}")
 
 
-class Trainer:
+class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
         self.data = list(ctx.task.sft_data)
         tok = ctx.tokenizer
         # Loss-bearing tokens per example: the completion and its EOS.
         self.target_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for _, c in self.data]
-        self.optimizer = torch.optim.Adam(ctx.policy.parameters(), lr=config.lr)
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
-        c, policy = self.config, self.ctx.policy
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(len(self.data), (c.batch_size,), generator=gen).tolist()
-        loss = sft_loss(policy, self.ctx.tokenizer, [self.data[i] for i in idx])
-        check_finite(sft=loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-        self.optimizer.step()
-        return {"loss/sft": loss.item(), "perf/tokens": float(sum(self.target_tokens[i] for i in idx))}
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        idx = draw_rows(len(self.data), self.config.batch_size, seed, replacement=True)
+        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, [self.data[i] for i in idx])
+        grad_norm = self.optimizer.step(loss, sft=loss)
+        return {
+            M.LOSS_SFT: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.PERF_TOKENS: float(sum(self.target_tokens[i] for i in idx)),
+        }

@@ -1,6 +1,6 @@
 """Rollout throughput: ``VectorTextGenEnv`` against Hugging Face ``generate`` + post-hoc scoring.
 
-Both sides do the same work on the same models, batch and lengths (DESIGN §6):
+Both sides do the same work on the same models, batch and lengths (benchmarks/README.md):
 
 * **env**: ``reset(seed)`` then exactly ``N`` steps of ``VectorTextGenEnv`` driven by
   ``SamplingPolicy`` (the policy's own KV-cached forward and sampling), with the env's

@@ -24,11 +24,30 @@ from typing import Any
 
 import numpy as np
 
+from algorithms import metrics as M
 from benchmarks.runner import base_dir, cell_dir, read_result, run_dir
 from benchmarks.suite import Suite
 
-CSV_FIELDS = ["task", "algorithm", "seed", "status", "gold", "kl", "tokens", "tokens_per_s", "train_s", "wall_s",
-              "peak_mem_mb", "steps", "device", "error"]  # fmt: skip
+# The figures of a cell's result.json, named as in metrics.jsonl.
+FIGURES = [
+    M.REWARD_GOLD,
+    M.OBJECTIVE_KL_EVAL,
+    M.PERF_TOKENS_TOTAL,
+    M.PERF_MEAN_TOKENS_PER_S,
+    M.TIME_ELAPSED_S,
+    M.TIME_WALL_S,
+    M.PERF_PEAK_MEM_MB,
+    M.TIME_STEPS,
+]
+CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, "device", "error"]
+# results.md columns after the seeds: (metric, decimals).
+TABLE_COLUMNS = [
+    (M.REWARD_GOLD, 3),
+    (M.OBJECTIVE_KL_EVAL, 2),
+    (M.PERF_MEAN_TOKENS_PER_S, 0),
+    (M.TIME_WALL_S, 0),
+    (M.PERF_PEAK_MEM_MB, 0),
+]
 
 
 def collect(suite: Suite, out: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -47,8 +66,8 @@ def curve(out: Path, row: dict, base_gold: float) -> np.ndarray:
     path = run_dir(out, row["task"], row["algorithm"], row["seed"]) / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
         r = json.loads(line)
-        if "reward/gold" in r:
-            points.append((r["perf/tokens_total"], r["time/elapsed_s"], r["reward/gold"], r["objective/kl_eval"]))
+        if M.REWARD_GOLD in r:
+            points.append((r[M.PERF_TOKENS_TOTAL], r[M.TIME_ELAPSED_S], r[M.REWARD_GOLD], r[M.OBJECTIVE_KL_EVAL]))
     return np.array(points)
 
 
@@ -61,15 +80,16 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def summarise(bases: dict[str, dict], rows: list[dict]) -> list[dict[str, Any]]:
-    """One entry per (task, algorithm): the ok seeds' figures and the failed seeds' errors."""
+    """One entry per (task, algorithm): the ok seeds' figures (lists, by metric name) and the failed seeds' errors."""
     out = []
     for task, base in bases.items():
         algos = list(dict.fromkeys(r["algorithm"] for r in rows if r["task"] == task))
         for algo in algos:
             ok = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] == "ok"]
             bad = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] != "ok"]
-            out.append({"task": task, "algorithm": algo, "base_gold": base.get("gold"), "ok": ok, "failed": bad,
-                        **{k: [r[k] for r in ok] for k in ("gold", "kl", "tokens_per_s", "wall_s", "peak_mem_mb", "tokens")}})  # fmt: skip
+            figures = {k: [r[k] for r in ok if k in r] for k in FIGURES}
+            entry = {"task": task, "algorithm": algo, "base_gold": base.get(M.REWARD_GOLD), "ok": ok, "failed": bad}
+            out.append({**entry, **figures})
     return out
 
 
@@ -78,8 +98,9 @@ def write_csv(path: Path, bases: dict[str, dict], rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for task, b in bases.items():
-            w.writerow({"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "gold": b.get("gold"),
-                        "kl": b.get("kl"), "tokens": 0, "error": b.get("error", "")})  # fmt: skip
+            figures = {k: b.get(k) for k in (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.TIME_WALL_S)}
+            row = {"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "error": b.get("error")}
+            w.writerow({**row, **figures, M.PERF_TOKENS_TOTAL: 0})
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
 
@@ -107,13 +128,13 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
                   "| algorithm | seeds | gold reward | KL to ref | tokens/s | wall s | peak MB |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         if base.get("status") == "ok":
-            lines.append(f"| *base model* | – | {base['gold']:.3f} | 0 | – | – | – |")
+            lines.append(f"| *base model* | – | {base[M.REWARD_GOLD]:.3f} | 0 | – | – | – |")
         entries = [e for e in summaries if e["task"] == summary_task]
-        entries.sort(key=lambda e: -mean(e["gold"]) if e["gold"] else math.inf)
+        entries.sort(key=lambda e: -mean(e[M.REWARD_GOLD]) if e[M.REWARD_GOLD] else math.inf)
         for e in entries:
             seeds = f"{len(e['ok'])}" + (f" ({len(e['failed'])} failed)" if e["failed"] else "")
-            lines.append(f"| {e['algorithm']} | {seeds} | {_fmt(e['gold'], 3)} | {_fmt(e['kl'], 2)} | "
-                         f"{_fmt(e['tokens_per_s'], 0)} | {_fmt(e['wall_s'], 0)} | {_fmt(e['peak_mem_mb'], 0)} |")  # fmt: skip
+            figures = " | ".join(_fmt(e[k], digits) for k, digits in TABLE_COLUMNS)
+            lines.append(f"| {e['algorithm']} | {seeds} | {figures} |")
         lines.append("")
     lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
@@ -143,10 +164,10 @@ def _trl_section(suite: Suite, out_dir: Path) -> list[str]:
              "| task | algorithm | seeds | iterations | gold (ours) | gold (TRL) | KL (ours) | KL (TRL) | steps/s (ours) | steps/s (TRL) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task, algo, rs in rows:
-        col = lambda k: [r[k] for r in rs]  # noqa: E731
-        lines.append(f"| {task} | {algo} | {len(rs)} | {_fmt(col('steps'), 0)} | {_fmt(col('ours_gold'), 3)} | "
-                     f"{_fmt(col('gold'), 3)} | {_fmt(col('ours_kl'), 2)} | {_fmt(col('kl'), 2)} | "
-                     f"{_fmt(col('ours_steps_per_s'), 2)} | {_fmt(col('steps_per_s'), 2)} |")  # fmt: skip
+        cells = [_fmt([r[M.TIME_STEPS] for r in rs], 0)]
+        for name, digits in ((M.REWARD_GOLD, 3), (M.OBJECTIVE_KL_EVAL, 2), (M.PERF_STEPS_PER_S, 2)):
+            cells += [_fmt([r["ours"][name] for r in rs], digits), _fmt([r[name] for r in rs], digits)]
+        lines.append(f"| {task} | {algo} | {len(rs)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -170,7 +191,7 @@ def write_plots(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict
     curves = {(r["task"], r["algorithm"]): [] for r in rows}
     for r in rows:
         if r["status"] == "ok":
-            curves[(r["task"], r["algorithm"])].append(curve(out, r, bases[r["task"]]["gold"]))
+            curves[(r["task"], r["algorithm"])].append(curve(out, r, bases[r["task"]][M.REWARD_GOLD]))
     written = []
     for fname, x, xlabel in (("gold_vs_tokens.png", 0, "training tokens"), ("gold_vs_time.png", 1, "training time (s)"),
                              ("frontier.png", 3, "KL to the reference (nats per completion)")):  # fmt: skip
@@ -189,7 +210,7 @@ def write_plots(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict
                     ax.errorbar(m[-1, 3], m[-1, 2], xerr=s[-1, 3], yerr=s[-1, 2], fmt="o", ms=7, color=colors[algo], capsize=3)
                 else:
                     ax.fill_between(m[:, x], m[:, 2] - s[:, 2], m[:, 2] + s[:, 2], color=colors[algo], alpha=0.2, linewidth=0)
-            base = bases[task]["gold"]
+            base = bases[task][M.REWARD_GOLD]
             ax.axhline(base, color="grey", ls=":", lw=1, label="base model")
             ax.set(title=task, xlabel=xlabel, ylabel="gold reward (held-out prompts)")
             ax.grid(alpha=0.3)

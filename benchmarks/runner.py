@@ -11,6 +11,12 @@ interrupted cell resumes from its checkpoint; a failed cell is recorded with its
 (and traceback in ``error.txt``) and tried again on the next run. A worker process that
 dies (out of memory, a crash in native code) fails the cells running at that moment; the
 pool is rebuilt and the remaining cells go on.
+
+``result.json`` names its figures as ``metrics.jsonl`` does (``algorithms.metrics``):
+``reward/gold``, ``objective/kl_eval``, ``perf/tokens_total`` and ``time/elapsed_s`` are the
+run's last record's; ``time/steps``, ``perf/mean_tokens_per_s``, ``time/wall_s`` and
+``perf/peak_mem_mb`` are the runner's. ``task``, ``algorithm``, ``seed``, ``budget``,
+``status``, ``error`` and ``device`` say which cell it is and how it went.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from algorithms import metrics as M
 from benchmarks.suite import Cell, Suite, TaskEntry
 
 _progress_queue = None  # set in each worker by _init_worker
@@ -133,9 +140,14 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 
         ref, tok = load_base_model(t, task.model, device=device, progress=False, callback=report)
         metrics = evaluate_policy(TrainContext(t, copy.deepcopy(ref), ref, tok, device), eval_prompts)
-        result = {"status": "ok", "task": task.label, "algorithm": "base", "gold": metrics["reward/gold"],
-                  "kl": metrics["objective/kl_eval"], "params": sum(p.numel() for p in ref.parameters()),
-                  "seconds": time.perf_counter() - t0}  # fmt: skip
+        result = {
+            "status": "ok",
+            "task": task.label,
+            "algorithm": "base",
+            **metrics,
+            M.MODEL_PARAMS: sum(p.numel() for p in ref.parameters()),
+            M.TIME_WALL_S: time.perf_counter() - t0,
+        }
     except Exception as exc:
         base_dir(Path(out), task).mkdir(parents=True, exist_ok=True)
         (base_dir(Path(out), task) / "error.txt").write_text(traceback.format_exc())
@@ -162,7 +174,7 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
 
         def report(record: dict, fraction: float) -> None:
             if _progress_queue is not None:
-                _progress_queue.put((cell.id, fraction, record.get("reward/gold")))
+                _progress_queue.put((cell.id, fraction, record.get(M.REWARD_GOLD)))
 
         records = train(spec, task, path, max_tokens=cell.task.budget.get("tokens"),
                         max_seconds=cell.task.budget.get("seconds"), seed=cell.seed, model_path=cell.task.model,
@@ -170,15 +182,23 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
                         checkpoint_every=checkpoint_every, device=device, progress=False, algo_name=cell.algorithm,
                         callback=report)  # fmt: skip
         last = records[-1]
-        train_s = last["time/elapsed_s"]
-        result = {**base, "status": "ok", "gold": last["reward/gold"], "kl": last["objective/kl_eval"],
-                  "steps": len(records), "tokens": last["perf/tokens_total"],
-                  "tokens_per_s": last["perf/tokens_total"] / train_s, "train_s": train_s,
-                  "wall_s": time.perf_counter() - t0, "peak_mem_mb": _peak_memory_mb(device), "device": str(device)}  # fmt: skip
+        # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
+        names = (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
+        result = {
+            **base,
+            "status": "ok",
+            **{name: last[name] for name in names},
+            M.TIME_STEPS: len(records),
+            M.PERF_MEAN_TOKENS_PER_S: last[M.PERF_TOKENS_TOTAL] / last[M.TIME_ELAPSED_S],
+            M.TIME_WALL_S: time.perf_counter() - t0,
+            M.PERF_PEAK_MEM_MB: _peak_memory_mb(device),
+            "device": str(device),
+        }
         (path / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # a failing cell must not stop the suite
         (path / "error.txt").write_text(traceback.format_exc())
-        result = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - t0}
+        error = f"{type(exc).__name__}: {exc}"
+        result = {**base, "status": "failed", "error": error, M.TIME_WALL_S: time.perf_counter() - t0}
     _write_result(path, result)
     return result
 
@@ -228,10 +248,11 @@ def _summary(result: dict[str, Any]) -> str:
     key = f"{result['task']}/{result['algorithm']}" + (f"/seed{result['seed']}" if "seed" in result else "")
     if result["status"] != "ok":
         return f"  FAILED {key}: {result['error']}"
+    gold, wall = result[M.REWARD_GOLD], result[M.TIME_WALL_S]
     if result["algorithm"] == "base":
-        return f"  base   {key}: gold {result['gold']:+.3f} ({result['params']:,} params, {result['seconds']:.0f} s)"
-    return (f"  done   {key}: gold {result['gold']:+.3f}  KL {result['kl']:.2f}  {result['tokens']:,.0f} tokens  "
-            f"{result['tokens_per_s']:,.0f} tok/s  {result['wall_s']:.0f} s")  # fmt: skip
+        return f"  base   {key}: gold {gold:+.3f} ({result[M.MODEL_PARAMS]:,} params, {wall:.0f} s)"
+    kl, tokens, rate = result[M.OBJECTIVE_KL_EVAL], result[M.PERF_TOKENS_TOTAL], result[M.PERF_MEAN_TOKENS_PER_S]
+    return f"  done   {key}: gold {gold:+.3f}  KL {kl:.2f}  {tokens:,.0f} tokens  {rate:,.0f} tok/s  {wall:.0f} s"
 
 
 def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> list[dict]:

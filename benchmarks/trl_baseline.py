@@ -4,7 +4,8 @@ For every task and seed of the suite whose ``grpo`` / ``dpo`` cell finished, TRL
 same base model on the same data with the same hyperparameters for the same number of our
 iterations, then the result is evaluated exactly as our cells are (``evaluate_policy``:
 gold reward and KL on the held-out prompts). Results go to
-``runs/<task>/trl_<algo>/seed<k>/result.json``; the report puts them side by side.
+``runs/<task>/trl_<algo>/seed<k>/result.json`` (TRL's figures, and ours under ``ours``, both
+named as in ``algorithms.metrics``); the report puts them side by side.
 
 - GRPO: one of our iterations samples ``num_prompts × group_size`` completions and takes
   ``num_minibatches`` optimizer steps on them (per epoch). TRL is set up the same way:
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from algorithms import metrics as M
 from benchmarks.runner import _device, _write_result, cell_dir, read_result, run_dir
 from benchmarks.suite import Cell, Suite
 
@@ -123,7 +125,8 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
 
     ours = read_result(cell_dir(out, cell)) or {}
     path = trl_dir(out, cell)
-    base = {"task": cell.task.label, "algorithm": f"trl_{cell.algorithm}", "seed": cell.seed, "steps": ours.get("steps")}
+    steps = ours.get(M.TIME_STEPS)
+    base = {"task": cell.task.label, "algorithm": f"trl_{cell.algorithm}", "seed": cell.seed, M.TIME_STEPS: steps}
     try:
         import torch
 
@@ -138,20 +141,30 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
         t0 = time.perf_counter()
         with open(path / "trl.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             if cell.algorithm == "grpo":
-                trainer = grpo_trainer(task, model, tok, cfg, ours["steps"], cell.seed, path, device)
+                trainer = grpo_trainer(task, model, tok, cfg, steps, cell.seed, path, device)
             else:
-                trainer = dpo_trainer(task, model, ref, tok, cfg, ours["steps"], cell.seed, path, device)
+                trainer = dpo_trainer(task, model, ref, tok, cfg, steps, cell.seed, path, device)
             trainer.train()
         train_s = time.perf_counter() - t0
         policy = trainer.model.eval()
         metrics = evaluate_policy(TrainContext(task, policy, ref, tok, device), suite.eval_prompts)
-        result = {**base, "status": "ok", "gold": metrics["reward/gold"], "kl": metrics["objective/kl_eval"],
-                  "train_s": train_s, "steps_per_s": ours["steps"] / train_s,
-                  "ours_gold": ours["gold"], "ours_kl": ours["kl"], "ours_steps_per_s": ours["steps"] / ours["train_s"]}  # fmt: skip
+        # Ours beside TRL's under the same names: gold, KL and iterations per second of training time.
+        ours_figures = {k: ours[k] for k in (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL)}
+        ours_figures[M.PERF_STEPS_PER_S] = steps / ours[M.TIME_ELAPSED_S]
+        result = {**base, "status": "ok", **metrics, M.TIME_ELAPSED_S: train_s, M.PERF_STEPS_PER_S: steps / train_s}
+        result["ours"] = ours_figures
     except Exception as exc:  # recorded, like any failing cell
         result = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     _write_result(path, result)
     return result
+
+
+def _compare(result: dict[str, Any]) -> str:
+    gold, rate, ours = result[M.REWARD_GOLD], result[M.PERF_STEPS_PER_S], result["ours"]
+    return (
+        f"gold {gold:+.3f} (ours {ours[M.REWARD_GOLD]:+.3f}), "
+        f"{rate:.2f} steps/s (ours {ours[M.PERF_STEPS_PER_S]:.2f})"
+    )
 
 
 def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> list[dict[str, Any]]:
@@ -180,8 +193,7 @@ def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> li
             results.append(run_trl_cell(cell, out, suite))
             r = results[-1]
             if progress:
-                print(f"    {r['status']}: " + (f"gold {r['gold']:+.3f} (ours {r['ours_gold']:+.3f}), {r['steps_per_s']:.2f} "
-                                              f"steps/s (ours {r['ours_steps_per_s']:.2f})" if r["status"] == "ok" else r["error"]))  # fmt: skip
+                print(f"    {r['status']}: " + (_compare(r) if r["status"] == "ok" else r["error"]))
     finally:
         torch.set_num_threads(saved)  # leave the caller's process as it was
     return results

@@ -17,6 +17,7 @@ import time
 import torch
 
 import plugins
+from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.loop import evaluate_policy, train
 from rlhf_env.tasks import get_task
@@ -49,10 +50,18 @@ def main() -> None:
                                 device="cpu", algo_name=algo)  # fmt: skip
                 seconds = time.perf_counter() - start
             final = records[-1]
-            rows.append({"task": task_name, "algorithm": algo, "base_gold": base["reward/gold"],
-                         "final_gold": final["reward/gold"], "kl": final["objective/kl_eval"],
-                         "steps": args.steps, "seconds": round(seconds, 1),
-                         **{k: final[k] for k in ("rm/heldout_accuracy",) if k in final}})  # fmt: skip
+            rows.append(
+                {
+                    "task": task_name,
+                    "algorithm": algo,
+                    "base_gold": base[M.REWARD_GOLD],
+                    "final_gold": final[M.REWARD_GOLD],
+                    "kl": final[M.OBJECTIVE_KL_EVAL],
+                    "steps": args.steps,
+                    "seconds": round(seconds, 1),
+                    **{k: final[k] for k in (M.RM_HELDOUT_ACCURACY,) if k in final},
+                }
+            )
             r = rows[-1]
             print(f"{task_name:<11} {algo:<13} base {r['base_gold']:+.3f}  final {r['final_gold']:+.3f}  "
                   f"KL {r['kl']:6.2f}  {r['steps']} steps  {r['seconds']:6.1f}s", flush=True)

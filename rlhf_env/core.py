@@ -2,7 +2,7 @@
 
 ``EpisodeBatch`` holds ``B`` rows of prompt ∘ completion token ids and a KV-cached
 reference model. ``advance`` appends one token to each acting row, computes the KL-shaped
-token reward of DESIGN §2,
+token reward of docs/maths.md §2,
 
     r_t = -β (log π_θ(y_t|s_t) - log π_ref(y_t|s_t))      (+ r_φ(x, y) on the last token),
 

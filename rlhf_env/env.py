@@ -40,7 +40,7 @@ def split_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 class TextGenEnv(gymnasium.Env):
-    """Token-level text generation with KL-shaped rewards (DESIGN §3).
+    """Token-level text generation with KL-shaped rewards (docs/maths.md §2).
 
     Args:
         tokenizer: policy tokenizer (object or local path).

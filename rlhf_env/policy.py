@@ -3,7 +3,7 @@
 It reads the env's observation, feeds each row's new token (or, for a row that has just
 started an episode, its whole prompt) through ``IncrementalLM`` in one batched forward,
 and samples the next token. Its log-prob of that token travels with the action, so the
-env never runs the policy again (DESIGN §3).
+env never runs the policy again (docs/architecture.md, "Decisions").
 """
 
 from __future__ import annotations

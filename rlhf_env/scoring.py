@@ -1,10 +1,17 @@
-"""Log-probs of given tokens under a causal LM: the shared primitive of SFT, DPO and scoring."""
+"""Log-probs of given tokens under a causal LM: the shared primitive of SFT, DPO and scoring.
+
+``sft_loss`` lives here, in the env layer, because the env layer builds the tasks' base
+models with it; the ``sft`` algorithm imports it from here (downward), and DPO scores
+completions the same way (prompt, completion, EOS).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+
+from rlhf_env.models import pad_token_id
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -73,3 +80,15 @@ def pack_completions(encoded: Sequence[tuple[list[int], int]], pad_token_id: int
     starts = torch.tensor([e[1] for e in encoded], device=ids.device)[:, None]
     completion_mask = ((pos >= starts) & attn[:, 1:].bool()).float()
     return ids, attn, completion_mask
+
+
+def sft_loss(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """Mean NLL of ``completion + EOS`` given ``prompt``, over the batch's completion tokens (docs/maths.md §10).
+
+    Prompt tokens and padding are masked out; the mean is per token, not per example.
+    """
+    device = next(model.parameters()).device
+    encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
+    ids, attn, target = pack_completions(encoded, pad_token_id(tokenizer), device)
+    logp = next_token_logprobs(model, ids, attn, len(tokenizer))  # (B, T-1), entry t predicts token t+1
+    return -(logp * target).sum() / target.sum()

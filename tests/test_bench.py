@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from algorithms import metrics as M
 from algorithms.base import AlgorithmSpec
 from algorithms.loop import Budget, train
 from benchmarks.report import write_report
@@ -161,7 +162,12 @@ def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(to
     assert crash["error"] == "RuntimeError: toy failure on purpose"
     assert "Traceback" in (cell_dir(out, suite.cells()[1]) / "error.txt").read_text()
     ok = next(r for r in results if r["status"] == "ok")
-    assert ok["tokens"] == 60 and ok["steps"] == 3 and ok["peak_mem_mb"] > 0 and 0 <= ok["gold"] <= 1
+    assert ok[M.PERF_TOKENS_TOTAL] == 60 and ok[M.TIME_STEPS] == 3 and ok[M.PERF_PEAK_MEM_MB] > 0
+    assert 0 <= ok[M.REWARD_GOLD] <= 1
+    # result.json speaks metrics.jsonl's vocabulary: its figures are the last record's, under the same names.
+    last = json.loads((cell_dir(out, suite.cells()[0]) / "metrics.jsonl").read_text().splitlines()[-1])
+    figures = set(ok) - {"task", "algorithm", "seed", "budget", "status", "device"}
+    assert figures <= set(M.VOCABULARY) and ok[M.REWARD_GOLD] == last[M.REWARD_GOLD]
     assert (cell_dir(out, suite.cells()[0]) / "tb").is_dir()  # each cell is its own TensorBoard run
 
     # Second run: the finished cells are left alone; the failed ones are tried again.
@@ -206,15 +212,17 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "dpo"]\n[budget]\ntokens = 100\n'
                                    '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
     out = tmp_path / "out"
-    _write_result(base_dir(out, suite.tasks[0]), {"status": "ok", "task": "arithmetic", "algorithm": "base", "gold": 0.25, "kl": 0.0})
+    base = {"status": "ok", "task": "arithmetic", "algorithm": "base", M.REWARD_GOLD: 0.25, M.OBJECTIVE_KL_EVAL: 0.0}
+    _write_result(base_dir(out, suite.tasks[0]), base)
     figures = {("ppo", 0): (0.5, 2.0), ("ppo", 1): (0.7, 4.0), ("dpo", 0): (0.9, 1.0)}
     for c in suite.cells():
         if (c.algorithm, c.seed) not in figures:
             _write_result(cell_dir(out, c), {"status": "failed", "error": "ValueError: boom"})
             continue
         gold, kl = figures[(c.algorithm, c.seed)]
-        _write_result(cell_dir(out, c), {"status": "ok", "gold": gold, "kl": kl, "tokens": 100, "tokens_per_s": 50.0,
-                                         "train_s": 2.0, "wall_s": 3.0, "peak_mem_mb": 400.0})  # fmt: skip
+        result = {"status": "ok", M.REWARD_GOLD: gold, M.OBJECTIVE_KL_EVAL: kl, M.PERF_TOKENS_TOTAL: 100}
+        result |= {M.TIME_ELAPSED_S: 2.0, M.PERF_MEAN_TOKENS_PER_S: 50.0, M.TIME_WALL_S: 3.0, M.PERF_PEAK_MEM_MB: 400.0}
+        _write_result(cell_dir(out, c), result)
         (cell_dir(out, c) / "metrics.jsonl").write_text(json.dumps(
             {"step": 0, "perf/tokens_total": 100, "time/elapsed_s": 2.0, "reward/gold": gold, "objective/kl_eval": kl}) + "\n")
     md = write_report(suite, out)["markdown"].read_text()
@@ -254,8 +262,9 @@ def test_trl_baseline_trains_trl_beside_ours_at_equal_iterations(tmp_path):
     assert set(trl) == {"trl_grpo", "trl_dpo"} and all(r["status"] == "ok" for r in trl.values()), trl
     for algo in ("grpo", "dpo"):
         r = trl[f"trl_{algo}"]
-        assert r["steps"] == ours[algo]["steps"] and r["ours_gold"] == ours[algo]["gold"]
-        assert 0 <= r["gold"] <= 1 and r["kl"] > 0 and r["steps_per_s"] > 0  # trained: it moved off the reference
+        assert r[M.TIME_STEPS] == ours[algo][M.TIME_STEPS] and r["ours"][M.REWARD_GOLD] == ours[algo][M.REWARD_GOLD]
+        # trained: it moved off the reference
+        assert 0 <= r[M.REWARD_GOLD] <= 1 and r[M.OBJECTIVE_KL_EVAL] > 0 and r[M.PERF_STEPS_PER_S] > 0
     md = write_report(suite, out)["markdown"].read_text()
     assert "## Peer baseline: TRL at equal iterations" in md and "| arithmetic | dpo | 1 |" in md
 

@@ -1,4 +1,4 @@
-"""The env's token rewards equal DESIGN §2 computed by hand from plain forwards."""
+"""The env's token rewards equal docs/maths.md §2 computed by hand from plain forwards."""
 
 from __future__ import annotations
 

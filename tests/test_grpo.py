@@ -82,11 +82,14 @@ def test_clipped_surrogate_takes_the_pessimistic_branch():
     adv_pos, adv_neg = torch.tensor([1.0]), torch.tensor([-1.0])
     old = torch.zeros_like(ratios)
     s_pos, clipped = grpo.clipped_surrogate(ratios.log(), old, adv_pos, clip_eps=0.2)
-    s_neg, _ = grpo.clipped_surrogate(ratios.log(), old, adv_neg, clip_eps=0.2)
+    s_neg, clipped_neg = grpo.clipped_surrogate(ratios.log(), old, adv_neg, clip_eps=0.2)
     # Â > 0: min(ρ, clip ρ) -> 1.2 (clipped), 0.5 (not); Â < 0: min(−ρ, −clip ρ) -> −1.5, −0.8.
     torch.testing.assert_close(s_pos, torch.tensor([[1.2, 1.2, 0.5, 0.5, 1.1]]))
     torch.testing.assert_close(s_neg, torch.tensor([[-1.5, -1.5, -0.8, -0.8, -1.1]]))
-    assert clipped.tolist() == [[True, True, True, True, False]]
+    # "Clipped" = clipping changed the objective (docs/maths.md §5), not "ρ outside [1−ε, 1+ε]":
+    # ρ = 0.5 with Â > 0 and ρ = 1.5 with Â < 0 keep ρÂ, so they do not count.
+    assert clipped.tolist() == [[True, True, False, False, False]]
+    assert clipped_neg.tolist() == [[False, False, True, True, False]]
 
 
 def test_grpo_loss_averages_each_completion_over_its_own_tokens():

@@ -1,4 +1,4 @@
-"""The plugin contract (DESIGN §4): registration, duplicates, entry points, failures."""
+"""The plugin contract (docs/architecture.md, "Decisions"): registration, duplicates, entry points, failures."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ from algorithms.base import AlgorithmSpec, TrainContext
 from algorithms.loop import evaluate_policy, train
 from rlhf_env import RewardModel
 from rlhf_env.models import load_causal_lm
-from rlhf_env.scoring import pack
+from rlhf_env.scoring import pack, sft_loss
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
-from rlhf_env.tasks.base_models import load_base_model, sft_loss
+from rlhf_env.tasks.base_models import load_base_model
 from rlhf_env.tiny import save_tiny
 from tinyparts import count_e, tiny_pair
 

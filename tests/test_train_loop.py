@@ -12,6 +12,7 @@ import plugins
 from algorithms import reinforce
 from algorithms.base import AlgorithmSpec
 from algorithms.loop import TrainingError, train
+from algorithms.plumbing import check_finite
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from tinyparts import TOY_ALGO_SOURCE
@@ -44,7 +45,7 @@ def test_resumed_run_reproduces_an_uninterrupted_one(task, tmp_path):
 class NaNAtStep2(reinforce.Trainer):
     def step(self, step, seed):
         if step == 2:
-            reinforce.check_finite(policy=torch.tensor(float("nan")))
+            check_finite(policy=torch.tensor(float("nan")))
         return super().step(step, seed)
 
 

@@ -22,7 +22,7 @@ def next_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def hand_rewards(policy, ref, prompt_ids, completion, beta, score):
-    """DESIGN §2 by hand: r_t = -β(log π(y_t|s_t) − log π_ref(y_t|s_t)), + score at t = |y|."""
+    """docs/maths.md §2 by hand: r_t = -β(log π(y_t|s_t) − log π_ref(y_t|s_t)), + score at t = |y|."""
     out, ids = [], list(prompt_ids)
     for t, y in enumerate(completion):
         kl = next_logprobs(policy, ids)[y] - next_logprobs(ref, ids)[y]
@@ -49,7 +49,7 @@ import torch
 
 from algorithms.base import AlgorithmSpec
 from rlhf_env import hookimpl
-from rlhf_env.tasks.base_models import sft_loss
+from rlhf_env.scoring import sft_loss
 
 
 @dataclass

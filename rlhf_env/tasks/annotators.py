@@ -1,6 +1,6 @@
 """Simulated annotators: Bradley-Terry preferences over a task's gold reward.
 
-``p(a ≻ b) = σ((g(a) − g(b)) / τ)``: τ → 0 is a perfect annotator, large τ a coin flip.
+``p(a ≻ b) = σ((g(a) − g(b)) / τ)`` (docs/maths.md §11): τ → 0 is a perfect annotator, large τ a coin flip.
 Pairs are two samples of a model (the base model) for the same prompt.
 """
 

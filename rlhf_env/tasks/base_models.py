@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.models import load_pretrained, pad_token_id
-from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
+from rlhf_env.models import load_pretrained
+from rlhf_env.scoring import sft_loss
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
 
@@ -54,15 +54,6 @@ def shipped_base_model(task: Task) -> Path | None:
     """The canonical base model shipped for ``task``'s configuration, if there is one."""
     path = SHIPPED / task.cache_key()
     return path if (path / "model.safetensors").is_file() else None
-
-
-def sft_loss(model, tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    """Mean negative log-likelihood of ``completion + EOS`` given ``prompt`` (prompt tokens masked)."""
-    device = next(model.parameters()).device
-    encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
-    ids, attn, target = pack_completions(encoded, pad_token_id(tokenizer), device)
-    logp = next_token_logprobs(model, ids, attn, len(tokenizer))  # (B, T-1), entry t predicts token t+1
-    return -(logp * target).sum() / target.sum()
 
 
 def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,

@@ -1,0 +1,136 @@
+"""The trainer's shared plumbing: one optimizer step, one minibatch order, one state format.
+
+Every trainer of the zoo updates weights through ``Optimizer.step``, walks a rollout batch
+with ``minibatches`` (offline trainers draw rows with ``draw_rows``), averages its metrics
+over updates with ``Means`` and checkpoints through ``Stateful``. These are the single call
+sites data-parallel training hooks into: a gradient all-reduce between backward and clip in
+``Optimizer.step``, a per-rank share of each minibatch in ``minibatches``/``draw_rows``, and
+rank-0 writes of ``Stateful.state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN or infinite; raised before the optimizer step it would poison."""
+
+
+def check_finite(**losses: torch.Tensor) -> None:
+    """Raise ``NonFiniteLossError`` naming every non-finite loss."""
+    bad = {name: float(v.detach()) for name, v in losses.items() if not torch.isfinite(v).all()}
+    if bad:
+        raise NonFiniteLossError(f"non-finite loss: {bad}")
+
+
+class Optimizer:
+    """Adam on ``params`` with gradient clipping by global norm, behind one ``step(loss)`` (docs/maths.md §12).
+
+    ``state_dict``/``load_state_dict`` are the torch optimizer's, so checkpoints hold
+    exactly what ``torch.optim.Adam`` saves.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, max_grad_norm: float):
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.params = list(params)
+        self.max_grad_norm = float(max_grad_norm)
+        self.torch = torch.optim.Adam(self.params, lr=lr)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.torch.param_groups
+
+    def step(self, loss: torch.Tensor, **parts: torch.Tensor) -> float:
+        """Check, zero-grad, backward, clip, step; returns the gradient norm before clipping.
+
+        Args:
+            loss: the scalar minimised.
+            parts: named scalar parts of ``loss`` (``policy=…, value=…``): a non-finite one is
+                named in the error. Without parts, ``loss`` itself is checked.
+        Raises:
+            NonFiniteLossError: a part or the gradient norm is NaN/inf; the weights and the
+                optimizer state are left as they were.
+        """
+        check_finite(**(parts or {"loss": loss}))
+        self.torch.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"non-finite gradient norm {float(norm)} (the losses were finite)")
+        self.torch.step()
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return self.torch.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.torch.load_state_dict(state)
+
+
+def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, device=None) -> Iterator[torch.Tensor]:
+    """Row indices of ``epochs`` passes over a batch of ``num_rows`` rows.
+
+    Each epoch is a fresh permutation from one generator seeded with ``seed``, cut into
+    exactly ``num_minibatches`` parts whose sizes differ by at most one: every row once per
+    epoch, the same order for the same seed.
+
+    Yields:
+        (b,) int64 row indices on ``device``.
+    """
+    if not 1 <= num_minibatches <= num_rows:
+        raise ValueError(f"num_minibatches must be in [1, {num_rows}] (the rows), got {num_minibatches}")
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for rows in torch.randperm(num_rows, generator=generator).tensor_split(num_minibatches):
+            yield rows.to(device)
+
+
+def draw_rows(num_rows: int, size: int, seed: int, replacement: bool = False) -> list[int]:
+    """``size`` random row indices of ``num_rows`` (distinct, at most ``num_rows`` of them, unless ``replacement``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if replacement:
+        return torch.randint(num_rows, (size,), generator=generator).tolist()
+    return torch.randperm(num_rows, generator=generator)[: min(size, num_rows)].tolist()
+
+
+class Means:
+    """Running means of scalar metrics over a step's updates."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for name, value in values.items():
+            value = value.item() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
+
+
+class Stateful:
+    """Default ``state_dict``/``load_state_dict`` of a trainer: ``{key: attribute.state_dict()}``.
+
+    ``state`` maps checkpoint keys to the attributes holding state (an ``Optimizer``, an
+    ``nn.Module``, anything with ``state_dict``). Random number state is not saved: the loop
+    seeds torch from ``(seed, step)`` before every step and trainers draw from generators
+    seeded with the step's seed, so a resumed step draws what an uninterrupted one would.
+    """
+
+    state: dict[str, str] = {"optimizer": "optimizer"}
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, attr).state_dict() for key, attr in self.state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.state) - set(state))
+        if missing:
+            raise ValueError(f"{type(self).__module__} trainer state lacks {missing}; it has {sorted(state)}")
+        for key, attr in self.state.items():
+            getattr(self, attr).load_state_dict(state[key])
