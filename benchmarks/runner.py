@@ -103,13 +103,9 @@ def _peak_memory_mb(device) -> float:
 
 
 def _device(name: str):
-    import torch
+    from rlhf_env.models import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the suite asks for device = \"cuda\" but torch sees no CUDA device")
-    return torch.device(name)
+    return resolve_device(None if name == "auto" else name)
 
 
 def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int) -> dict[str, Any]:
@@ -178,7 +174,12 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
         (path / "error.txt").unlink(missing_ok=True)
     except Exception as exc:  # a failing cell must not stop the suite
         (path / "error.txt").write_text(traceback.format_exc())
-        result = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - t0}
+        error = f"{type(exc).__name__}: {exc}"
+        changes = getattr(exc, "changes", None)  # a loop.ResumeError: the cell's settings are not its run's
+        if isinstance(changes, dict):
+            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            error = f"ResumeError: the suite changed since this cell started ({diffs}); remove {path} to run it again"
+        result = {**base, "status": "failed", "error": error, "wall_s": time.perf_counter() - t0}
     _write_result(path, result)
     return result
 
@@ -235,9 +236,15 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Run every unfinished cell of ``suite`` into ``out``; returns the results of all cells."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells."""
+    from algorithms.runfolder import claim_run_folder
+
+    _device(suite.device)  # a device this machine lacks fails here, not in every cell
+    with claim_run_folder(out) as out:
+        return _run_suite(suite, out, workers, progress)
+
+
+def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> list[dict]:
     workers = suite.workers if workers is None else workers
     cells = suite.cells()  # resolves "all" and fails early on unknown algorithm names
     (out / "suite.json").write_text(json.dumps({"suite": suite.name, "path": str(suite.path),

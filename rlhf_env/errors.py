@@ -23,3 +23,15 @@ class RewardError(ValueError):
 
 class DataFileError(ValueError):
     """A prompt or preference data file is unsupported, unparsable, or has a missing or bad field."""
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded: pickle-only weights, a damaged or incomplete weights file."""
+
+
+class DeviceError(ValueError):
+    """A device name torch does not know, or a device this machine does not have."""
+
+
+class RunWarning(UserWarning):
+    """Something in a run folder was repaired: a torn metrics line dropped, an interrupted checkpoint restored."""

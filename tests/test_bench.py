@@ -80,10 +80,9 @@ def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
 def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
     with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'gpu', 'quick'\]"):
         load_suite("nope")
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n'
-                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
-    with pytest.raises(KeyError, match="ppp.*grpo"):
-        suite.cells()
+    body = 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n'
+    with pytest.raises(SuiteError, match=r"s.toml: algorithms: unknown algorithm 'ppp'; registered: .*grpo"):
+        load_suite(write_suite(tmp_path / "s.toml", body))  # when the suite is read, before any cell runs
 
 
 def test_task_budget_and_hparams_override_the_suite_ones(tmp_path):
