@@ -94,7 +94,7 @@ def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], override
         for knob in sorted(set(old_knobs) | set(new_knobs)):
             if old_knobs.get(knob) != new_knobs.get(knob):
                 changes[f"task knob {knob}"] = (old_knobs.get(knob), new_knobs.get(knob))
-    config = typed_overrides(spec.Config, saved.get("config") or {}, where=f"{out / 'config.json'}: ")
+    config = typed_overrides(spec.Config, saved.get("config") or {}, where=str(out / "config.json"))
     for key, new in overrides.items():
         if key in config and config[key] != new:
             changes[key] = (config[key], new)
@@ -142,6 +142,7 @@ def train(
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
     if not resume:
         spec.Config(**overrides)  # and so does an impossible config
+    device = resolve_device(device)  # and a device this machine lacks
     with claim_run_folder(out) as out:
         recover_checkpoint(out)
         ckpt = out / CHECKPOINT
@@ -166,7 +167,6 @@ def train(
             if changes and not override:
                 raise ResumeError(out, changes)
         cfg = spec.Config(**overrides)
-        device = resolve_device(device)
         ref, tokenizer = load_base_model(task, model_path, device=device)
         # The policy starts as the reference, or as the checkpoint's weights when resuming.
         policy = load_causal_lm(ckpt, device=device) if resuming else copy.deepcopy(ref).eval()

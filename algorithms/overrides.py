@@ -73,12 +73,12 @@ def typed_values(
     """Each value converted to its key's type; unknown keys list the known ones.
 
     ``from_text``: the values are command-line text to parse; else they are typed values to check.
-    ``where`` prefixes every message (a flag, a file and table).
+    ``where`` says where they come from in every message (a flag; a file and its table).
     """
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(f"{where}unknown {what} {unknown}; known: {sorted(types_)}")
-    return {k: convert(v, types_[k], f"{where}{k}", from_text) for k, v in values.items()}
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {what} {unknown}; known: {sorted(types_)}")
+    return {k: convert(v, types_[k], f"{where} {k}".strip(), from_text) for k, v in values.items()}
 
 
 def typed_overrides(config_cls: type, values: Mapping[str, Any], **kw: Any) -> dict[str, Any]:

@@ -127,15 +127,19 @@ def _budget(raw: Any, where: str) -> dict[str, float]:
     return dict(raw)
 
 
-def _hparams(raw: Any, where: str, host) -> dict[str, dict[str, Any]]:
-    """Per-algorithm config tables, each algorithm registered and each value of its field's type."""
+def _hparams(raw: Any, where: str, host, table: str = "[hparams.{}]") -> dict[str, dict[str, Any]]:
+    """Per-algorithm config tables, each algorithm registered and each value of its field's type.
+
+    ``table``: how messages name an algorithm's table (``[hparams.ppo]``, ``tasks[0].hparams.ppo``).
+    """
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise SuiteError(f"{where}: hparams must be tables per algorithm, like [hparams.ppo], got {raw!r}")
     out = {}
-    for algo, table in raw.items():
-        _known(host.algorithms, algo, f"{where}: [hparams.{algo}]", "algorithm")
+    for algo, values in raw.items():
+        label = f"{where}: {table.format(algo)}"
+        _known(host.algorithms, algo, label, "algorithm")
         try:
-            out[algo] = typed_overrides(host.algorithms.get(algo).Config, table, where=f"{where}: [hparams.{algo}] ")
+            out[algo] = typed_overrides(host.algorithms.get(algo).Config, values, where=label)
         except ConfigError as exc:
             raise SuiteError(str(exc)) from None
     return out
@@ -163,8 +167,9 @@ def _string(raw: dict, key: str, where: str, default: Any = None) -> Any:
     return value
 
 
-def _task(t: Any, tw: str, hparams: dict, budget: dict, host) -> TaskEntry:
-    """One ``[[tasks]]`` entry: a registered task, knobs its factory takes (typed), its own budget and hparams."""
+def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host) -> TaskEntry:
+    """``tasks[i]``: a registered task, knobs its factory takes (typed), its own budget and hparams."""
+    tw = f"{where}: tasks[{i}]"
     if not isinstance(t, dict) or "name" not in t:
         raise SuiteError(f"{tw}: each task needs a name")
     bad = set(t) - TASK_KEYS
@@ -177,10 +182,11 @@ def _task(t: Any, tw: str, hparams: dict, budget: dict, host) -> TaskEntry:
     types = signature_types(host.tasks.get(t["name"]))
     if types is not None:  # a factory taking **kwargs checks its knobs itself
         try:
-            knobs = typed_values(types, knobs, where=f"{tw}.knobs ", what="knobs")
+            knobs = typed_values(types, knobs, where=f"{tw}.knobs", what="knobs")
         except ConfigError as exc:
             raise SuiteError(str(exc)) from None
-    task_hparams = {a: {**hparams.get(a, {}), **h} for a, h in _hparams(t.get("hparams", {}), tw, host).items()}
+    own = _hparams(t.get("hparams", {}), where, host, f"tasks[{i}].hparams.{{}}")
+    task_hparams = {a: {**hparams.get(a, {}), **h} for a, h in own.items()}
     tb = _budget(t["budget"], f"{tw}.budget") if "budget" in t else budget
     model = _string(t, "model", tw)
     if model is not None and not Path(model).expanduser().is_dir():
@@ -228,7 +234,7 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     hparams = _hparams(raw.get("hparams", {}), where, host)
     if not isinstance(raw["tasks"], list) or not raw["tasks"]:
         raise SuiteError(f"{where}: tasks must be a non-empty array of tables ([[tasks]])")
-    tasks = [_task(t, f"{where}: tasks[{i}]", hparams, budget, host) for i, t in enumerate(raw["tasks"])]
+    tasks = [_task(t, where, i, hparams, budget, host) for i, t in enumerate(raw["tasks"])]
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise SuiteError(f"{where}: task labels repeat {labels}; give repeated tasks a distinct label")

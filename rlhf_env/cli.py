@@ -242,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         task = _saved_task(task_name, saved.get("task_config") or {})
     else:
         task = get_task(task_name)
-    config = typed_overrides(spec.Config, split_assignments(args.set), from_text=True, where="--set ")
+    config = typed_overrides(spec.Config, split_assignments(args.set), from_text=True, where="--set")
     steps = args.steps or (saved.get("budget") or {}).get("steps") or 50
     seed = args.seed if args.seed is not None else saved.get("seed", 0)
     model = args.model if args.model is not None else saved.get("model")

@@ -85,6 +85,38 @@ def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
         load_suite(write_suite(tmp_path / "s.toml", body))  # when the suite is read, before any cell runs
 
 
+REGISTERED = "registered: dpo, dr_grpo, grpo, ppo, reinforce, reward_model, sft"
+KNOBS = "known: ['digits', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
+
+
+@pytest.mark.parametrize(
+    "top, tables, task, message",
+    [
+        ('algorithms = ["ppo", "ppo"]', "", "", "algorithms lists ['ppo'] more than once"),
+        ('exclude = "ppo"', "", "", "exclude must be a list of names, got 'ppo'"),  # not ['p', 'p', 'o']
+        ('exclude = ["ppoo"]', "", "", f"exclude: unknown algorithm 'ppoo'; {REGISTERED}"),
+        ("", "[hparams.ppoo]\nlr = 0.1", "", f"[hparams.ppoo]: unknown algorithm 'ppoo'; {REGISTERED}"),
+        ("", '[hparams.ppo]\nlr = "3e-4"', "", "[hparams.ppo] lr: expected a number, got str '3e-4'"),
+        ("", "[hparams.ppo]\nlr = nan", "", "[hparams.ppo] lr: expected a finite number, got float nan"),
+        ("", '[hparams.reinforce]\nbaseline = "no"', "", "[hparams.reinforce] baseline: expected true or false"),
+        ("", "[hparams.ppo]\nlearning_rate = 0.1", "", "[hparams.ppo]: unknown config keys ['learning_rate']"),
+        ("", "", 'name = "arithmetik"', "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, sentiment"),
+        ("", "", 'name = "arithmetic"\nknobs = { digit = 1 }', f"tasks[0].knobs: unknown knobs ['digit']; {KNOBS}"),
+        ("", "", 'name = "arithmetic"\nknobs = { digits = "2" }', "tasks[0].knobs digits: expected an integer"),
+        ("", "", 'name = "arithmetic"\nhparams = { ppo = { num_envs = 8.5 } }', "tasks[0].hparams.ppo num_envs: "),
+    ],
+)
+def test_rlhf_bench_checks_the_suite_against_the_registry_before_any_cell(tmp_path, capsys, top, tables, task, message):
+    top = top if top.startswith("algorithms") else f'algorithms = ["ppo", "reinforce"]\n{top}'
+    task = task or f'name = "arithmetic"\n{TASK_KNOBS}'
+    body = f"seeds = [0]\n{top}\n[budget]\ntokens = 10\n{tables}\n[[tasks]]\n{task}\n"
+    suite = write_suite(tmp_path / "s.toml", body)
+    assert cli.main(["bench", "--suite", str(suite), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlhf bench: error: {suite}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_task_budget_and_hparams_override_the_suite_ones(tmp_path):
     suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "sft"]\n[budget]\ntokens = 10\n'
                                    '[hparams.ppo]\nlr = 0.1\nnum_envs = 8\n[[tasks]]\nname = "arithmetic"\n'
