@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from algorithms import runfolder
 from rlhf_env import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
@@ -114,9 +113,9 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_the_old_checkpoint(
 
     assert cli.main(sft(out, model_dir)) == 0
     first = rows(out)
-    monkeypatch.setattr(runfolder.os, "replace", power_cut)
+    monkeypatch.setattr(os, "replace", power_cut)
     assert cli.main(sft(out, model_dir, "--resume", steps=4)) == 1
-    monkeypatch.setattr(runfolder.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert not (out / "checkpoint").exists() and len(list(out.glob(".old-*"))) == 1  # the moment the issue names
     assert cli.main(sft(out, model_dir, "--resume", steps=4)) == 0
     lines = stderr_lines(capsys)
