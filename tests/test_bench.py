@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,6 +208,23 @@ def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(to
     assert [(r["algorithm"], r["status"]) for r in rows][0] == ("base", "ok") and len(rows) == 5
     for name in ("frontier", "gold_vs_tokens", "gold_vs_time"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_cell_whose_suite_changed_says_so_instead_of_mixing_settings(toy_plugin, tmp_path):
+    body = (
+        'seeds = [0]\nalgorithms = ["toy_crash"]\neval_points = 1\neval_prompts = 8\ncheckpoint_every = 1\n'
+        f'[budget]\ntokens = 80\n[hparams.toy_crash]\nfail_at = 2\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
+    out = tmp_path / "out"
+    suite = load_suite(write_suite(tmp_path / "s.toml", body))
+    assert run_suite(suite, out, workers=0, progress=False)[0]["error"] == "RuntimeError: toy failure on purpose"
+    path = cell_dir(out, suite.cells()[0])  # checkpointed after steps 1 and 2
+    suite = load_suite(write_suite(tmp_path / "s.toml", body.replace("fail_at = 2", "fail_at = -1")))
+    [result] = run_suite(suite, out, workers=0, progress=False)
+    changed = "ResumeError: the suite changed since this cell started (fail_at 2 -> -1)"
+    assert result["error"] == f"{changed}; remove {path} to run it again"
+    shutil.rmtree(path)
+    assert run_suite(suite, out, workers=0, progress=False)[0]["status"] == "ok"
 
 
 def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy_plugin, tmp_path):

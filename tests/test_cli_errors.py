@@ -81,34 +81,15 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def user_plugin(plugin_path, write_dist):
-    write_dist(
-        plugin_path,
-        "rlhf_demo_cli_errors",
-        {"cli_errors": "rlhf_demo_cli_errors"},
-        {"rlhf_demo_cli_errors": PLUGIN_SOURCE},
-    )
+    module = "rlhf_demo_cli_errors"
+    write_dist(plugin_path, module, {"cli_errors": module}, {module: PLUGIN_SOURCE})
     return plugin_path
 
 
-def train_argv(out, model, *extra):
-    return [
-        "train",
-        "--algo",
-        "sft",
-        "--task",
-        "arithmetic",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--eval-every",
-        "2",
-        "--set",
-        "batch_size=4",
-        *extra,
-    ]
+def train_argv(out, model, *extra, algo="sft", task="arithmetic", steps=2, batch=4):
+    """``rlhf train`` on a tiny model: ``batch`` examples a step (None: no batch_size), evaluated at the end."""
+    argv = ["train", "--algo", algo, "--task", task, "--model", str(model), "--out", str(out), "--steps", str(steps)]
+    return [*argv, "--eval-every", str(steps), *(["--set", f"batch_size={batch}"] if batch else []), *extra]
 
 
 def error_line(capsys, command: str = "train") -> str:
@@ -175,10 +156,9 @@ def test_model_folder_with_only_pickle_weights(tmp_path, model_dir, capsys):
 
 def test_invalid_utf8_in_a_data_file_names_the_file(tmp_path, model_dir, capsys):
     prefs = tmp_path / "prefs.jsonl"
-    prefs.write_bytes(
-        b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
-    )
-    assert cli.main(train_argv(tmp_path / "run", model_dir, "--algo", "dpo", "--set", f"preference_file={prefs}")) == 1
+    good, latin1 = b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}', b'{"prompt": "caf\xe9", "chosen": "a"}'
+    prefs.write_bytes(good + b"\n" + latin1 + b"\n")
+    assert cli.main(train_argv(tmp_path / "run", model_dir, "--set", f"preference_file={prefs}", algo="dpo")) == 1
     assert error_line(capsys) == (
         f"rlhf train: error: {prefs}: not UTF-8 text: byte 0xe9 at line 2, column 16 "
         "(invalid continuation byte); save the file as UTF-8"
@@ -188,23 +168,7 @@ def test_invalid_utf8_in_a_data_file_names_the_file(tmp_path, model_dir, capsys)
 def test_arithmetic_preferences_in_csv_are_read_as_text(tmp_path, model_dir, capsys):
     prefs = tmp_path / "prefs.csv"
     prefs.write_text("prompt,chosen,rejected\n12+7=,19,18\n3+4=,7,8\n9*9=,81,18\n")
-    argv = [
-        "train",
-        "--algo",
-        "dpo",
-        "--task",
-        "arithmetic",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "1",
-        "--set",
-        f"preference_file={prefs}",
-        "--set",
-        "batch_size=3",
-    ]
+    argv = train_argv(tmp_path / "run", model_dir, "--set", f"preference_file={prefs}", algo="dpo", steps=1, batch=3)
     assert cli.main(argv) == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert record["perf/tokens"] == 2 * (3 + 2 + 3)  # chosen + rejected characters, EOS included: 3 pairs
@@ -222,21 +186,7 @@ def test_a_reward_that_returns_no_numbers_is_named(user_plugin, model_dir, capsy
 
 def test_ctrl_c_says_how_to_resume_and_the_same_command_does(user_plugin, tmp_path, model_dir, monkeypatch, capsys):
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--algo",
-        "sleepy",
-        "--task",
-        "arithmetic",
-        "--model",
-        str(model_dir),
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--eval-every",
-        "3",
-    ]
+    argv = train_argv(out, model_dir, algo="sleepy", steps=3, batch=None)
     monkeypatch.setenv("TOY_SIGINT_AT", "1")
     try:
         code = cli.main(argv)
@@ -257,7 +207,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(user_plugin, tmp_pa
 
 
 def test_an_internal_error_is_one_line_that_points_to_debug(user_plugin, tmp_path, model_dir, capsys):
-    assert cli.main(train_argv(tmp_path / "run", model_dir, "--task", "clumsy")) == 1
+    assert cli.main(train_argv(tmp_path / "run", model_dir, task="clumsy")) == 1
     assert error_line(capsys) == (
         "rlhf train: error: AttributeError: 'NoneType' object has no attribute 'prompts' "
         "(an internal error; --debug shows the traceback)"

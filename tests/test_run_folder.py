@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,19 @@ def test_a_damaged_metrics_line_before_the_end_is_an_error_naming_the_file(tmp_p
         "damaged"
     )
     assert metrics.read_text().startswith("{oops")  # left as it was
+
+
+def test_a_lost_checkpoint_is_not_papered_over_by_starting_again(tmp_path, model_dir, capsys):
+    out = tmp_path / "run"
+    assert cli.main(sft(out, model_dir, "--eval-every", "12", steps=12)) == 0  # checkpoints after steps 10 and 12
+    shutil.rmtree(out / "checkpoint")
+    before = (out / "metrics.jsonl").read_text()
+    assert cli.main(sft(out, model_dir, "--eval-every", "12", "--resume", steps=14)) == 1
+    assert stderr_lines(capsys) == [
+        f"rlhf train: error: {out}: metrics.jsonl has 12 steps but there is no checkpoint to resume from; "
+        "move metrics.jsonl away to start the run again"
+    ]
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 # -- one process per run folder ----------------------------------------------------------------
