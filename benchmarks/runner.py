@@ -102,7 +102,8 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device(name: str):
+def suite_device(name: str):
+    """The torch device a suite's ``device`` names (``auto``: CUDA if present); a missing one is an error."""
     from rlhf_env.models import resolve_device
 
     return resolve_device(None if name == "auto" else name)
@@ -119,7 +120,7 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
-        device = _device(device_name)
+        device = suite_device(device_name)
         t = get_task(task.name, **task.knobs)
         key = f"{task.label}/base"
 
@@ -151,7 +152,7 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
         from algorithms.loop import train
         from rlhf_env.tasks import get_task
 
-        device = _device(device_name)
+        device = suite_device(device_name)
         spec = plugins.get_host().algorithms.get(cell.algorithm)
         task = get_task(cell.task.name, **cell.task.knobs)
         _reset_peak_memory(device)
@@ -239,7 +240,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = Non
     """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells."""
     from algorithms.runfolder import claim_run_folder
 
-    _device(suite.device)  # a device this machine lacks fails here, not in every cell
+    suite_device(suite.device)  # a device this machine lacks fails here, not in every cell
     with claim_run_folder(out) as out:
         return _run_suite(suite, out, workers, progress)
 

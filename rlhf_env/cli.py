@@ -262,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # The CLI is the top layer: the benchmark runner sits on the algorithms.
     from algorithms.runfolder import claim_run_folder
     from benchmarks.report import write_report
-    from benchmarks.runner import run_suite
+    from benchmarks.runner import run_suite, suite_device
     from benchmarks.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -270,6 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks.trl_baseline import require_trl
 
         require_trl()  # before the suite runs, not after
+    suite_device(suite.device)  # a device this machine lacks fails before the folder is touched
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()

@@ -128,6 +128,11 @@ def test_a_device_that_is_not_there(tmp_path, model_dir, capsys):
     assert cli.main(train_argv(tmp_path / "run", model_dir, "--device", "gpu")) == 1
     assert error_line(capsys) == "rlhf train: error: unknown device 'gpu'; use cpu, cuda or cuda:N"
     assert not (tmp_path / "run").exists()  # refused before any work
+    suite = tmp_path / "gpu.toml"
+    suite.write_text('seeds = [0]\ndevice = "cuda"\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n')
+    assert cli.main(["bench", "--suite", str(suite), "--out", str(tmp_path / "out")]) == 1
+    assert error_line(capsys, "bench").startswith("rlhf bench: error: device 'cuda' is not available (")
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupted_model_safetensors(tmp_path, model_dir, capsys):

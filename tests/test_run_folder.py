@@ -23,10 +23,10 @@ def model_dir(tmp_path_factory):
     return save_tiny(model, tok, tmp_path_factory.mktemp("ckpt") / "model")
 
 
-def sft(out, model, *extra, steps=2, batch=4):
-    """``rlhf train`` of SFT on arithmetic: ``batch`` pairs a step, evaluated every 2 steps, checkpointed at the end."""
+def sft(out, model, *extra, steps=2, batch=4, every=2):
+    """``rlhf train`` of SFT on arithmetic: ``batch`` pairs a step, evaluated every ``every`` steps."""
     argv = ["train", "--algo", "sft", "--task", "arithmetic", "--model", str(model), "--out", str(out)]
-    return [*argv, "--steps", str(steps), "--eval-every", "2", "--set", f"batch_size={batch}", *extra]
+    return [*argv, "--steps", str(steps), "--eval-every", str(every), "--set", f"batch_size={batch}", *extra]
 
 
 def rows(out: Path) -> list[dict]:
@@ -150,18 +150,17 @@ def test_a_damaged_metrics_line_before_the_end_is_an_error_naming_the_file(tmp_p
     metrics.write_text("\n".join(["{oops", *lines[1:]]) + "\n")
     assert cli.main(sft(out, model_dir, "--resume", steps=4)) == 1
     line = stderr_lines(capsys)[0]
-    assert line.startswith(f"rlhf train: error: {metrics}: line 1 is not a metrics record (") and line.endswith(
-        "damaged"
-    )
+    assert line.startswith(f"rlhf train: error: {metrics}: line 1 is not a metrics record (")
+    assert line.endswith("; the file is damaged")
     assert metrics.read_text().startswith("{oops")  # left as it was
 
 
 def test_a_lost_checkpoint_is_not_papered_over_by_starting_again(tmp_path, model_dir, capsys):
     out = tmp_path / "run"
-    assert cli.main(sft(out, model_dir, "--eval-every", "12", steps=12)) == 0  # checkpoints after steps 10 and 12
+    assert cli.main(sft(out, model_dir, steps=12, every=12)) == 0  # checkpoints after steps 10 and 12
     shutil.rmtree(out / "checkpoint")
     before = (out / "metrics.jsonl").read_text()
-    assert cli.main(sft(out, model_dir, "--eval-every", "12", "--resume", steps=14)) == 1
+    assert cli.main(sft(out, model_dir, "--resume", steps=14, every=12)) == 1
     assert stderr_lines(capsys) == [
         f"rlhf train: error: {out}: metrics.jsonl has 12 steps but there is no checkpoint to resume from; "
         "move metrics.jsonl away to start the run again"
