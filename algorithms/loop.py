@@ -58,7 +58,7 @@ class ResumeError(ValueError):
 
     def __init__(self, out: Path, changes: dict[str, tuple[Any, Any]], fixed: str = ""):
         self.out, self.changes = out, changes
-        diffs = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in ((k, *v) for k, v in changes.items()))
+        diffs = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
         if fixed:
             hint = f"the {fixed} of a run cannot change; start a new run (its checkpoint can be its --model)"
         else:

@@ -10,7 +10,8 @@ A cell whose ``result.json`` says ``ok`` is skipped when the command runs again;
 interrupted cell resumes from its checkpoint; a failed cell is recorded with its error
 (and traceback in ``error.txt``) and tried again on the next run. A worker process that
 dies (out of memory, a crash in native code) fails the cells running at that moment; the
-pool is rebuilt and the remaining cells go on.
+pool is rebuilt and the remaining cells go on. ``out`` is owned by one process at a time
+(``algorithms.runfolder``), and so is each cell's folder.
 """
 
 from __future__ import annotations
