@@ -7,12 +7,13 @@ An algorithm module defines a ``Config`` dataclass, pure loss functions, and a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from algorithms.overrides import typed_overrides
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.scoring import next_token_logprobs, pack
 from rlhf_env.tasks.base import Task
@@ -29,12 +30,9 @@ class AlgorithmSpec:
     trains_policy: bool = True  # False for e.g. a reward model: ``all`` in a bench suite skips it
 
     def make_config(self, **overrides: Any):
-        """``Config(**overrides)``; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(self.Config)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-        return self.Config(**overrides)
+        """``Config(**overrides)``, each value checked against its field's type (``overrides.ConfigError``
+        names the key: unknown keys list the known ones, a wrong type says the expected one)."""
+        return self.Config(**typed_overrides(self.Config, overrides))
 
 
 @dataclass

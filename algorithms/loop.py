@@ -13,8 +13,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +23,21 @@ from tqdm.auto import tqdm
 
 from algorithms import metrics as M
 from algorithms.base import TrainContext, collect_rollouts, sequence_kl
+from algorithms.overrides import typed_overrides
 from algorithms.plumbing import NonFiniteLossError
-from rlhf_env.models import default_device, load_causal_lm, save_pretrained
+from algorithms.runfolder import (
+    CHECKPOINT,
+    RunFolderError,
+    claim_run_folder,
+    read_metrics,
+    read_run_config,
+    recover_checkpoint,
+    write_checkpoint,
+    write_text_atomic,
+)
+from rlhf_env.models import load_causal_lm, resolve_device, save_pretrained
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
-
-CHECKPOINT = "checkpoint"
 
 
 class TrainingError(RuntimeError):
@@ -50,22 +57,51 @@ def evaluate_policy(ctx: TrainContext, n: int = 64, seed: int = 12345) -> dict[s
     return {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
 
 
-def _atomic_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
-    """Write ``out/checkpoint`` via a temporary directory and a rename."""
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
-    try:
-        save_pretrained(ctx.policy, ctx.tokenizer, tmp)
-        torch.save({"step": step, "trainer": trainer.state_dict()}, tmp / "trainer_state.pt")
-        old = out / CHECKPOINT
-        if old.exists():
-            trash = out / f".old-{os.getpid()}"
-            os.replace(old, trash)
-            os.replace(tmp, old)
-            shutil.rmtree(trash, ignore_errors=True)
+class ResumeError(ValueError):
+    """A resumed run asked for settings other than the run's own; ``changes`` maps each key to (old, new)."""
+
+    def __init__(self, out: Path, changes: dict[str, tuple[Any, Any]], fixed: str = ""):
+        self.out, self.changes = out, changes
+        diffs = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+        if fixed:
+            hint = f"the {fixed} of a run cannot change; start a new run (its checkpoint can be its --model)"
         else:
-            os.replace(tmp, old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            hint = "drop those flags, override them (--override; recorded in config.json), or use another output folder"
+        super().__init__(f"{out} holds a run with other settings: {diffs}; a resumed run keeps its settings: {hint}")
+
+
+def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
+    def save(folder: Path) -> None:
+        save_pretrained(ctx.policy, ctx.tokenizer, folder)
+        torch.save({"step": step, "trainer": trainer.state_dict()}, folder / "trainer_state.pt")
+
+    write_checkpoint(out, save)
+
+
+def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], overrides: dict[str, Any]):
+    """The config a resumed run continues with (the saved one, then ``overrides``) and what differs.
+
+    ``now``: the algorithm, task, task knobs, model and seed this call asks for.
+    """
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in ("algorithm", "task", "model", "seed"):
+        old = saved.get(key, now[key])  # a run from before a key was saved: nothing to compare
+        if key == "algorithm" and not (old and now[key]):
+            continue  # an API call without a name
+        if old != now[key]:
+            changes[key] = (old, now[key])
+    if "algorithm" in changes:  # the saved config is another algorithm's: nothing more to compare
+        return {}, changes
+    if saved.get("task") == now["task"]:
+        old_knobs, new_knobs = saved.get("task_config") or {}, json.loads(json.dumps(now["task_config"], default=str))
+        for knob in sorted(set(old_knobs) | set(new_knobs)):
+            if old_knobs.get(knob) != new_knobs.get(knob):
+                changes[f"task knob {knob}"] = (old_knobs.get(knob), new_knobs.get(knob))
+    config = typed_overrides(spec.Config, saved.get("config") or {}, where=str(out / "config.json"))
+    for key, new in overrides.items():
+        if key in config and config[key] != new:
+            changes[key] = (config[key], new)
+    return {**config, **overrides}, changes
 
 
 def train(
@@ -80,6 +116,7 @@ def train(
     model_path: str | None = None,
     config: dict[str, Any] | None = None,
     resume: bool = False,
+    override: bool = False,
     eval_every: int = 10,
     eval_points: int | None = None,
     eval_prompts: int = 64,
@@ -100,96 +137,133 @@ def train(
     ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
     ``callback(record, fraction_of_budget_spent)`` is called after every step. ``dtype``: the
     weights' dtype (default: as saved); log-probs are float32 whatever it is.
+
+    ``out`` is owned by this call (a lock). A folder that holds a run needs ``resume``: the
+    run continues from its checkpoint with its saved algorithm, task, model, seed and config,
+    ``config`` entries on top; anything that differs from the saved settings raises
+    ``ResumeError``, unless ``override`` (the change is then recorded in ``config.json``).
     """
     budget = Budget(steps, max_tokens, max_seconds)
-    cfg = spec.make_config(**(config or {}))  # bad config fails before any work
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else default_device()
-    ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
-    ckpt = out / CHECKPOINT
-    resuming = resume and (ckpt / "trainer_state.pt").exists()
-    # The policy starts as the reference, or as the checkpoint's weights when resuming.
-    policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
-    ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    trainer = spec.Trainer(ctx, cfg)
-    setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost
+    overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
+    if not resume:
+        spec.Config(**overrides)  # and so does an impossible config
+    device = resolve_device(device)  # and a device this machine lacks
+    with claim_run_folder(out) as out:
+        recover_checkpoint(out)
+        ckpt = out / CHECKPOINT
+        metrics_file = out / "metrics.jsonl"
+        has_checkpoint = (ckpt / "trainer_state.pt").exists()
+        history = read_metrics(metrics_file)
+        if not resume and (has_checkpoint or history):
+            held = f"{len(history)} steps in metrics.jsonl" + (", a checkpoint" if has_checkpoint else "")
+            raise RunFolderError(f"{out} already holds a run ({held}); resume it, or use another output folder")
+        if resume and not has_checkpoint and any(r["step"] >= checkpoint_every for r in history):
+            lost = f"{out}: metrics.jsonl has {len(history)} steps but there is no checkpoint to resume from"
+            raise RunFolderError(f"{lost}; move metrics.jsonl away to start the run again")
+        resuming = resume and has_checkpoint
+        model = str(Path(model_path).expanduser().resolve()) if model_path is not None else None
+        now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
+        saved = read_run_config(out) if resuming else None
+        changes: dict[str, tuple[Any, Any]] = {}
+        if saved is not None:
+            overrides, changes = _resume_settings(out, saved, spec, now, overrides)
+            if "algorithm" in changes:
+                raise ResumeError(out, changes, fixed="algorithm")
+            if changes and not override:
+                raise ResumeError(out, changes)
+        cfg = spec.Config(**overrides)
+        ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
+        # The policy starts as the reference, or as the checkpoint's weights when resuming.
+        policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
+        ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        trainer = spec.Trainer(ctx, cfg)
+        setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost
 
-    start, records = 0, []
-    metrics_file = out / "metrics.jsonl"
-    if resuming:
-        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
-        trainer.load_state_dict(state["trainer"])
-        start = state["step"]
-        if metrics_file.exists():
-            records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-            records = [r for r in records if r["step"] < start]
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    (out / "config.json").write_text(json.dumps({"algorithm": algo_name, "task": task.name, "task_config": task.config,
-                                                 "budget": budget.__dict__, "seed": seed, "config": cfg.__dict__},
-                                                indent=2, default=str))  # fmt: skip
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"), purge_step=start)
-    tokens_total = sum(r.get(M.PERF_TOKENS, 0) for r in records)
-    elapsed = (records[-1][M.TIME_ELAPSED_S] if records else 0.0) + setup_s
-    done = budget.fraction(start, tokens_total, elapsed) if records else 0.0
-    bar = tqdm(total=100, desc=f"{algo_name or 'train'} on {task.name}", disable=not progress, initial=int(100 * done),
-               unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]")  # fmt: skip
-    step = start
-    try:
-        while done < 1.0:
-            t0 = time.perf_counter()
-            torch.manual_seed(step_seed(seed, step))
+        start, records = 0, []
+        if resuming:
             try:
-                # bf16 autocast on CUDA; log-probs are taken in float32 either way.
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    metrics = dict(trainer.step(step, step_seed(seed, step)))
-            except NonFiniteLossError as exc:
-                raise TrainingError(
-                    f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"
-                ) from exc
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            tokens = metrics.get(M.PERF_TOKENS, 0)
-            tokens_total += tokens
-            metrics.update(
-                {
-                    M.PERF_TOKENS_PER_S: tokens / dt,
-                    M.PERF_STEP_TIME_S: dt,
-                    M.PERF_TOKENS_TOTAL: tokens_total,
-                    M.TIME_ELAPSED_S: elapsed,
-                }
-            )
-            before, done = done, budget.fraction(step + 1, tokens_total, elapsed)
-            if eval_points:
-                due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
-            else:
-                due = bool(eval_every) and ((step + 1) % eval_every == 0 or done >= 1.0)
-            if due:
-                metrics.update(evaluate_policy(ctx, eval_prompts))
-            record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-            records.append(record)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if key != "step" and math.isfinite(value):
-                    writer.add_scalar(key, value, step)
-            bar.update(int(100 * min(done, 1.0)) - bar.n)
-            shown = {k: f"{record[k]:.3f}" for k in (M.REWARD_SCORE, M.REWARD_GOLD) if k in record}
-            bar.set_postfix(shown, refresh=False)
-            if callback is not None:
-                callback(record, min(done, 1.0))
-            step += 1
-            if step % checkpoint_every == 0 or done >= 1.0:
-                _atomic_checkpoint(out, ctx, trainer, step)
-    finally:
-        writer.close()
-        bar.close()
-    return records
+                state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
+            except (OSError, RuntimeError, EOFError, ValueError) as exc:
+                raise RunFolderError(f"{ckpt / 'trainer_state.pt'}: cannot read the trainer state ({exc})") from exc
+            trainer.load_state_dict(state["trainer"])
+            start = state["step"]
+            records = [r for r in history if r["step"] < start]
+        write_text_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in records))
+        saved = saved or {}
+        log = list(saved.get("overrides", []))  # every accepted change of settings, with the step it came at
+        if changes:
+            log.append({"at_step": start, "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}})
+        settings = {**now, "algorithm": algo_name or saved.get("algorithm", ""), "budget": budget.__dict__}
+        settings.update({"config": cfg.__dict__, **({"overrides": log} if log else {})})
+        write_text_atomic(out / "config.json", json.dumps(settings, indent=2, default=str))
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        tokens_total = sum(r.get(M.PERF_TOKENS, 0) for r in records)
+        elapsed = (records[-1][M.TIME_ELAPSED_S] if records else 0.0) + setup_s
+        done = budget.fraction(start, tokens_total, elapsed) if records else 0.0
+        bar = tqdm(
+            total=100,
+            desc=f"{algo_name or 'train'} on {task.name}",
+            disable=not progress,
+            initial=int(100 * done),
+            unit="%",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]",
+        )
+        step = start
+        try:
+            while done < 1.0:
+                t0 = time.perf_counter()
+                torch.manual_seed(step_seed(seed, step))
+                try:
+                    # bf16 autocast on CUDA; log-probs are taken in float32 either way.
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        metrics = dict(trainer.step(step, step_seed(seed, step)))
+                except NonFiniteLossError as exc:
+                    raise TrainingError(
+                        f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"
+                    ) from exc
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                tokens = metrics.get(M.PERF_TOKENS, 0)
+                tokens_total += tokens
+                metrics.update(
+                    {
+                        M.PERF_TOKENS_PER_S: tokens / dt,
+                        M.PERF_STEP_TIME_S: dt,
+                        M.PERF_TOKENS_TOTAL: tokens_total,
+                        M.TIME_ELAPSED_S: elapsed,
+                    }
+                )
+                before, done = done, budget.fraction(step + 1, tokens_total, elapsed)
+                if eval_points:
+                    due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
+                else:
+                    due = bool(eval_every) and ((step + 1) % eval_every == 0 or done >= 1.0)
+                if due:
+                    metrics.update(evaluate_policy(ctx, eval_prompts))
+                record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+                records.append(record)
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for key, value in record.items():
+                    if key != "step" and math.isfinite(value):
+                        writer.add_scalar(key, value, step)
+                bar.update(int(100 * min(done, 1.0)) - bar.n)
+                shown = {k: f"{record[k]:.3f}" for k in (M.REWARD_SCORE, M.REWARD_GOLD) if k in record}
+                bar.set_postfix(shown, refresh=False)
+                if callback is not None:
+                    callback(record, min(done, 1.0))
+                step += 1
+                if step % checkpoint_every == 0 or done >= 1.0:
+                    _save_checkpoint(out, ctx, trainer, step)
+        finally:
+            writer.close()
+            bar.close()
+        return records
 
 
 @dataclass(frozen=True)

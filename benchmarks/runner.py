@@ -10,7 +10,8 @@ A cell whose ``result.json`` says ``ok`` is skipped when the command runs again;
 interrupted cell resumes from its checkpoint; a failed cell is recorded with its error
 (and traceback in ``error.txt``) and tried again on the next run. A worker process that
 dies (out of memory, a crash in native code) fails the cells running at that moment; the
-pool is rebuilt and the remaining cells go on.
+pool is rebuilt and the remaining cells go on. ``out`` is owned by one process at a time
+(``algorithms.runfolder``), and so is each cell's folder.
 
 ``result.json`` names its figures as ``metrics.jsonl`` does (``algorithms.metrics``):
 ``reward/gold``, ``objective/kl_eval``, ``perf/tokens_total`` and ``time/elapsed_s`` are the
@@ -109,14 +110,11 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _device(name: str):
-    import torch
+def suite_device(name: str):
+    """The torch device a suite's ``device`` names (``auto``: CUDA if present); a missing one is an error."""
+    from rlhf_env.models import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the suite asks for device = \"cuda\" but torch sees no CUDA device")
-    return torch.device(name)
+    return resolve_device(None if name == "auto" else name)
 
 
 def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int) -> dict[str, Any]:
@@ -130,7 +128,7 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
-        device = _device(device_name)
+        device = suite_device(device_name)
         t = get_task(task.name, **task.knobs)
         key = f"{task.label}/base"
 
@@ -167,7 +165,7 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
         from algorithms.loop import train
         from rlhf_env.tasks import get_task
 
-        device = _device(device_name)
+        device = suite_device(device_name)
         spec = plugins.get_host().algorithms.get(cell.algorithm)
         task = get_task(cell.task.name, **cell.task.knobs)
         _reset_peak_memory(device)
@@ -198,6 +196,10 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
     except Exception as exc:  # a failing cell must not stop the suite
         (path / "error.txt").write_text(traceback.format_exc())
         error = f"{type(exc).__name__}: {exc}"
+        changes = getattr(exc, "changes", None)  # a loop.ResumeError: the cell's settings are not its run's
+        if isinstance(changes, dict):
+            diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            error = f"ResumeError: the suite changed since this cell started ({diffs}); remove {path} to run it again"
         result = {**base, "status": "failed", "error": error, M.TIME_WALL_S: time.perf_counter() - t0}
     _write_result(path, result)
     return result
@@ -256,9 +258,15 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Run every unfinished cell of ``suite`` into ``out``; returns the results of all cells."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells."""
+    from algorithms.runfolder import claim_run_folder
+
+    suite_device(suite.device)  # a device this machine lacks fails here, not in every cell
+    with claim_run_folder(out) as out:
+        return _run_suite(suite, out, workers, progress)
+
+
+def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> list[dict]:
     workers = suite.workers if workers is None else workers
     cells = suite.cells()  # resolves "all" and fails early on unknown algorithm names
     (out / "suite.json").write_text(json.dumps({"suite": suite.name, "path": str(suite.path),

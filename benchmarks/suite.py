@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from algorithms.overrides import ConfigError, signature_types, typed_overrides, typed_values
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -125,18 +127,87 @@ def _budget(raw: Any, where: str) -> dict[str, float]:
     return dict(raw)
 
 
-def _hparams(raw: Any, where: str) -> dict[str, dict[str, Any]]:
+def _hparams(raw: Any, where: str, host, table: str = "[hparams.{}]") -> dict[str, dict[str, Any]]:
+    """Per-algorithm config tables, each algorithm registered and each value of its field's type.
+
+    ``table``: how messages name an algorithm's table (``[hparams.ppo]``, ``tasks[0].hparams.ppo``).
+    """
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise SuiteError(f"{where}: hparams must be tables per algorithm, like [hparams.ppo], got {raw!r}")
-    return {k: dict(v) for k, v in raw.items()}
+    out = {}
+    for algo, values in raw.items():
+        label = f"{where}: {table.format(algo)}"
+        _known(host.algorithms, algo, label, "algorithm")
+        try:
+            out[algo] = typed_overrides(host.algorithms.get(algo).Config, values, where=label)
+        except ConfigError as exc:
+            raise SuiteError(str(exc)) from None
+    return out
 
 
-def load_suite(suite: str | Path) -> Suite:
-    """Parse and check a suite (a path or a shipped name); errors name the file and key."""
+def _known(registry, name: Any, where: str, kind: str) -> None:
+    if not isinstance(name, str) or name not in registry:
+        raise SuiteError(f"{where}: unknown {kind} {name!r}; registered: {', '.join(sorted(registry.names()))}")
+
+
+def _names(raw: Any, where: str, key: str) -> list[str]:
+    """A list of distinct names (a string is not a list of its letters)."""
+    if not isinstance(raw, list) or not all(isinstance(a, str) for a in raw):
+        raise SuiteError(f"{where}: {key} must be a list of names, got {raw!r}")
+    repeated = sorted({a for a in raw if raw.count(a) > 1})
+    if repeated:
+        raise SuiteError(f"{where}: {key} lists {repeated} more than once")
+    return list(raw)
+
+
+def _string(raw: dict, key: str, where: str, default: Any = None) -> Any:
+    value = raw.get(key, default)
+    if value is not default and not isinstance(value, str):
+        raise SuiteError(f"{where}: {key} must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host) -> TaskEntry:
+    """``tasks[i]``: a registered task, knobs its factory takes (typed), its own budget and hparams."""
+    tw = f"{where}: tasks[{i}]"
+    if not isinstance(t, dict) or "name" not in t:
+        raise SuiteError(f"{tw}: each task needs a name")
+    bad = set(t) - TASK_KEYS
+    if bad:
+        raise SuiteError(f"{tw}: unknown keys {sorted(bad)}; known: {sorted(TASK_KEYS)}")
+    _known(host.tasks, t["name"], f"{tw}.name", "task")
+    knobs = t.get("knobs", {})
+    if not isinstance(knobs, dict):
+        raise SuiteError(f"{tw}: knobs must be a table, got {knobs!r}")
+    types = signature_types(host.tasks.get(t["name"]))
+    if types is not None:  # a factory taking **kwargs checks its knobs itself
+        try:
+            knobs = typed_values(types, knobs, where=f"{tw}.knobs", what="knobs")
+        except ConfigError as exc:
+            raise SuiteError(str(exc)) from None
+    own = _hparams(t.get("hparams", {}), where, host, f"tasks[{i}].hparams.{{}}")
+    task_hparams = {a: {**hparams.get(a, {}), **h} for a, h in own.items()}
+    tb = _budget(t["budget"], f"{tw}.budget") if "budget" in t else budget
+    model = _string(t, "model", tw)
+    if model is not None and not Path(model).expanduser().is_dir():
+        raise SuiteError(f"{tw}: model {model!r} is not a local folder")
+    label = _string(t, "label", tw, t["name"])
+    return TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model)
+
+
+def load_suite(suite: str | Path, host=None) -> Suite:
+    """Parse and check a suite (a path or a shipped name) against the registry; errors name the file and key.
+
+    Every algorithm and task name (in lists and ``[hparams.*]`` tables) must be registered, and
+    every hyperparameter and knob of its field's type, before any cell runs.
+    """
+    import plugins
+
+    host = host or plugins.get_host()
     path = resolve(suite)
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SuiteError(f"{path}: not valid TOML: {exc}") from exc
     where = str(path)
     unknown = set(raw) - TOP_KEYS
@@ -151,37 +222,28 @@ def load_suite(suite: str | Path) -> Suite:
     if len(set(seeds)) != len(seeds):
         raise SuiteError(f"{where}: seeds repeat: {seeds}")
     algorithms = raw.get("algorithms", "all")
-    if algorithms != "all" and not (isinstance(algorithms, list) and algorithms and all(isinstance(a, str) for a in algorithms)):
-        raise SuiteError(f"{where}: algorithms must be \"all\" or a list of names, got {algorithms!r}")
+    if algorithms != "all":
+        if not isinstance(algorithms, list) or not algorithms:
+            raise SuiteError(f"{where}: algorithms must be \"all\" or a list of names, got {algorithms!r}")
+        for a in _names(algorithms, where, "algorithms"):
+            _known(host.algorithms, a, f"{where}: algorithms", "algorithm")
+    exclude = _names(raw.get("exclude", []), where, "exclude")
+    for a in exclude:
+        _known(host.algorithms, a, f"{where}: exclude", "algorithm")
     budget = _budget(raw["budget"], f"{where}: [budget]")
-    hparams = _hparams(raw.get("hparams", {}), where)
+    hparams = _hparams(raw.get("hparams", {}), where, host)
     if not isinstance(raw["tasks"], list) or not raw["tasks"]:
         raise SuiteError(f"{where}: tasks must be a non-empty array of tables ([[tasks]])")
-    tasks = []
-    for i, t in enumerate(raw["tasks"]):
-        tw = f"{where}: tasks[{i}]"
-        if not isinstance(t, dict) or "name" not in t:
-            raise SuiteError(f"{tw}: each task needs a name")
-        bad = set(t) - TASK_KEYS
-        if bad:
-            raise SuiteError(f"{tw}: unknown keys {sorted(bad)}; known: {sorted(TASK_KEYS)}")
-        task_hparams = {a: {**hparams.get(a, {}), **h} for a, h in _hparams(t.get("hparams", {}), tw).items()}
-        merged = {**hparams, **task_hparams}
-        tb = _budget(t["budget"], f"{tw}.budget") if "budget" in t else budget
-        knobs = t.get("knobs", {})
-        if not isinstance(knobs, dict):
-            raise SuiteError(f"{tw}: knobs must be a table, got {knobs!r}")
-        tasks.append(TaskEntry(str(t.get("label", t["name"])), t["name"], knobs, tb, merged, t.get("model")))
+    tasks = [_task(t, where, i, hparams, budget, host) for i, t in enumerate(raw["tasks"])]
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise SuiteError(f"{where}: task labels repeat {labels}; give repeated tasks a distinct label")
     opts = {k: raw[k] for k in ("workers", "threads", "device", "eval_points", "eval_prompts", "checkpoint_every") if k in raw}
     for k in ("workers", "threads", "eval_points", "eval_prompts", "checkpoint_every"):
         v = opts.get(k)
-        if v is not None and (not isinstance(v, int) or v < (0 if k == "workers" else 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "workers" else 1)):
             raise SuiteError(f"{where}: {k} must be an integer >= {0 if k == 'workers' else 1}, got {v!r}")
     if opts.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise SuiteError(f"{where}: device must be auto, cpu or cuda, got {opts['device']!r}")
-    exclude = raw.get("exclude", [])
-    return Suite(name=str(raw.get("name", path.stem)), path=path, tasks=tasks, algorithms=algorithms, seeds=seeds,
-                 exclude=list(exclude), description=str(raw.get("description", "")), **opts)  # fmt: skip
+    name, description = _string(raw, "name", where, path.stem), _string(raw, "description", where, "")
+    return Suite(name, path, tasks, algorithms, seeds, exclude, description, **opts)

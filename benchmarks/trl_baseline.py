@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms import metrics as M
-from benchmarks.runner import _device, _write_result, cell_dir, read_result, run_dir
+from benchmarks.runner import _write_result, cell_dir, read_result, run_dir, suite_device
 from benchmarks.suite import Cell, Suite
 
 ALGOS = ("grpo", "dpo")
@@ -130,7 +130,7 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
     try:
         import torch
 
-        device = _device(suite.device)
+        device = suite_device(suite.device)
         task = get_task(cell.task.name, **cell.task.knobs)
         ref, tok = load_base_model(task, cell.task.model, device=device, progress=False)
         cfg = plugins.get_host().algorithms.get(cell.algorithm).make_config(**cell.config)

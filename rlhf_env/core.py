@@ -22,7 +22,7 @@ from rlhf_env.errors import InvalidActionError
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.models import check_vocab, default_device, load_causal_lm, load_tokenizer, pad_token_id
 from rlhf_env.prompts import PromptSource
-from rlhf_env.rewards import RewardModel, as_scores
+from rlhf_env.rewards import RewardModel, as_scores, reward_name
 
 
 @dataclass
@@ -226,10 +226,10 @@ class EpisodeBatch:
         if self._score_ids:
             # Same vocabulary: hand the ids over instead of decoding and re-tokenising.
             seqs = [self.ids[r, : self.length[r] - int(terminated[r])].tolist() for r in rows]
-            return as_scores(self.reward.score_ids(seqs), len(rows))
+            return as_scores(self.reward.score_ids(seqs), len(rows), reward_name(self.reward))
         prompts = [self.prompt_text[r] for r in rows]
         completions = [self.completion_text(r) for r in rows]
-        return as_scores(self.reward(prompts, completions), len(rows))
+        return as_scores(self.reward(prompts, completions), len(rows), reward_name(self.reward))
 
     def _feed_reference(self, out: StepOut, restarts: dict[int, str]) -> None:
         """One reference forward: the new token of continuing rows, the prompt of new ones."""

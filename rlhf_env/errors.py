@@ -30,4 +30,13 @@ class UnsupportedModelError(ValueError):
 
 
 class ModelLoadError(ValueError):
-    """A model directory that holds no loadable causal LM, needs remote code, or whose tokenizer does not fit."""
+    """A model folder that cannot be loaded: no causal LM, remote code needed, a tokenizer that does not fit,
+    pickle-only weights, a damaged or incomplete weights file."""
+
+
+class DeviceError(ValueError):
+    """A device name torch does not know, or a device this machine does not have."""
+
+
+class RunWarning(UserWarning):
+    """Something in a run folder was repaired: a torn metrics line dropped, an interrupted checkpoint restored."""

@@ -26,9 +26,10 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import logging as hf_logging
 
-from rlhf_env.errors import ModelLoadError, VocabMismatchError
+from rlhf_env.errors import DeviceError, ModelLoadError, VocabMismatchError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def default_device() -> torch.device:
@@ -69,6 +70,26 @@ def save_pretrained(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def resolve_device(device=None) -> torch.device:
+    """``device`` (a name or ``torch.device``; None: CUDA if present, else CPU), checked to exist here."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise DeviceError(f"device {str(device)!r} is not available ({why}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceError(f"device {str(device)!r} is not available: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r} is not available (torch sees no Apple GPU); use cpu")
+    return dev
+
+
 def _local_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -99,9 +120,14 @@ def _check_model_dir(p: Path, mapping: dict, what: str, trust_remote_code: bool)
         if model_type not in mapping:
             raise ModelLoadError(f"{p} holds a {model_type!r} model, which has no {what} class in transformers")
     if not any(p.glob("*.safetensors")):
-        found = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        also = f" (found {', '.join(found)}: re-save with safe_serialization=True)" if found else ""
-        raise ModelLoadError(f"{p} has no .safetensors weights{also}")
+        pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{p} holds only pickle weights ({', '.join(pickles)}); models are loaded from safetensors only "
+                "(unpickling can run arbitrary code): convert it once, where you trust it, with "
+                "model.save_pretrained(path, safe_serialization=True)"
+            )
+        raise ModelLoadError(f"{p} has no .safetensors weights")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -112,16 +138,43 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def _load(auto_cls, mapping, what, model: Any, device, dtype, trust_remote_code: bool) -> PreTrainedModel:
+    device = resolve_device(device)  # before reading any weights
     if isinstance(model, (str, Path)):
         path = _local_dir(model)
         _check_model_dir(path, mapping, what, trust_remote_code)
-        with quiet_progress():
-            model = auto_cls.from_pretrained(
-                path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
-    device = torch.device(device) if device is not None else default_device()
+        model = _from_pretrained(auto_cls, path, trust_remote_code)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()  # no dropout; gradients are off where it runs (inference_mode)
+
+
+def _from_pretrained(auto_cls, path: Path, trust_remote_code: bool) -> PreTrainedModel:
+    """``auto_cls.from_pretrained`` on a checked local folder; damaged weights raise ``ModelLoadError``."""
+    weights = sorted(path.glob("*.safetensors"))  # _check_model_dir made sure there are some
+    try:
+        with quiet_progress():
+            return auto_cls.from_pretrained(
+                path, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+    except Exception as exc:  # transformers and safetensors raise many kinds; the message names the file
+        damaged = _damaged_safetensors(weights)
+        if damaged is not None:
+            raise ModelLoadError(f"{damaged[0]}: damaged or incomplete safetensors file ({damaged[1]})") from exc
+        if isinstance(exc, (OSError, ValueError)):
+            raise ModelLoadError(f"{path}: cannot load the model: {exc}") from exc
+        raise
+
+
+def _damaged_safetensors(files: list[Path]) -> tuple[Path, str] | None:
+    """The first weights file whose header or size is broken, with safetensors' complaint."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError, or an OSError for an unreadable file
+            return f, str(exc)
+    return None
 
 
 def load_causal_lm(model, device=None, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:

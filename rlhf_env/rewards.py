@@ -8,9 +8,11 @@ env hands it token ids directly instead of decoding and re-tokenising text.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from rlhf_env.errors import RewardError
@@ -64,14 +66,39 @@ class RewardModel:
         return self.score_ids(enc["input_ids"])
 
 
-def as_scores(raw, n: int) -> torch.Tensor:
-    """Check a reward's output: ``n`` finite floats, returned as a (n,) float32 CPU tensor."""
-    scores = torch.as_tensor(raw, dtype=torch.float32).detach().cpu().reshape(-1)
+def reward_name(reward) -> str:
+    """How messages name a reward: ``module.function`` (or its class), or the reward model's class."""
+    if isinstance(reward, RewardModel):
+        return f"reward model {type(reward.model).__name__}"
+    fn = getattr(reward, "func", reward)  # a functools.partial names its function
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}" if module else name
+
+
+def as_scores(raw, n: int, name: str = "") -> torch.Tensor:
+    """Check a reward's output: ``n`` finite numbers, returned as a (n,) float32 CPU tensor.
+
+    ``name`` (see ``reward_name``) is said in the errors, so a user knows whose reward to fix.
+    """
+    who = f"the reward {name}" if name else "the reward"
+    need = "a reward returns one number per completion"
+    if raw is None or isinstance(raw, (str, bytes)):
+        raise RewardError(f"{who} returned {type(raw).__name__} {raw!r}; {need}")
+    if isinstance(raw, (list, tuple)):
+        # Strings are not read as numbers, even "0.5": a reward that returns text has a bug.
+        for row, value in enumerate(raw):
+            if not isinstance(value, (numbers.Real, np.bool_)) and not (torch.is_tensor(value) and value.numel() == 1):
+                raise RewardError(f"{who} returned {type(value).__name__} {value!r} at row {row}; {need}")
+    try:
+        scores = torch.as_tensor(raw, dtype=torch.float32).detach().cpu().reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RewardError(f"{who} returned {type(raw).__name__}, not numbers ({exc}); {need}") from exc
     if scores.numel() != n:
-        raise RewardError(f"the reward returned {scores.numel()} scores for {n} completions")
+        raise RewardError(f"{who} returned {scores.numel()} scores for {n} completions")
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
-        raise RewardError(f"the reward returned non-finite scores at rows {bad}: {scores[bad].tolist()}")
+        raise RewardError(f"{who} returned non-finite scores at rows {bad}: {scores[bad].tolist()}")
     return scores
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +82,41 @@ def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
 def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
     with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'gpu', 'quick'\]"):
         load_suite("nope")
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n'
-                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
-    with pytest.raises(KeyError, match="ppp.*grpo"):
-        suite.cells()
+    body = 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n'
+    with pytest.raises(SuiteError, match=r"s.toml: algorithms: unknown algorithm 'ppp'; registered: .*grpo"):
+        load_suite(write_suite(tmp_path / "s.toml", body))  # when the suite is read, before any cell runs
+
+
+REGISTERED = "registered: dpo, dr_grpo, grpo, ppo, reinforce, reward_model, sft"
+KNOBS = "known: ['digits', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
+
+
+@pytest.mark.parametrize(
+    "top, tables, task, message",
+    [
+        ('algorithms = ["ppo", "ppo"]', "", "", "algorithms lists ['ppo'] more than once"),
+        ('exclude = "ppo"', "", "", "exclude must be a list of names, got 'ppo'"),  # not ['p', 'p', 'o']
+        ('exclude = ["ppoo"]', "", "", f"exclude: unknown algorithm 'ppoo'; {REGISTERED}"),
+        ("", "[hparams.ppoo]\nlr = 0.1", "", f"[hparams.ppoo]: unknown algorithm 'ppoo'; {REGISTERED}"),
+        ("", '[hparams.ppo]\nlr = "3e-4"', "", "[hparams.ppo] lr: expected a number, got str '3e-4'"),
+        ("", "[hparams.ppo]\nlr = nan", "", "[hparams.ppo] lr: expected a finite number, got float nan"),
+        ("", '[hparams.reinforce]\nbaseline = "no"', "", "[hparams.reinforce] baseline: expected true or false"),
+        ("", "[hparams.ppo]\nlearning_rate = 0.1", "", "[hparams.ppo]: unknown config keys ['learning_rate']"),
+        ("", "", 'name = "arithmetik"', "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, sentiment"),
+        ("", "", 'name = "arithmetic"\nknobs = { digit = 1 }', f"tasks[0].knobs: unknown knobs ['digit']; {KNOBS}"),
+        ("", "", 'name = "arithmetic"\nknobs = { digits = "2" }', "tasks[0].knobs digits: expected an integer"),
+        ("", "", 'name = "arithmetic"\nhparams = { ppo = { num_envs = 8.5 } }', "tasks[0].hparams.ppo num_envs: "),
+    ],
+)
+def test_rlhf_bench_checks_the_suite_against_the_registry_before_any_cell(tmp_path, capsys, top, tables, task, message):
+    top = top if top.startswith("algorithms") else f'algorithms = ["ppo", "reinforce"]\n{top}'
+    task = task or f'name = "arithmetic"\n{TASK_KNOBS}'
+    body = f"seeds = [0]\n{top}\n[budget]\ntokens = 10\n{tables}\n[[tasks]]\n{task}\n"
+    suite = write_suite(tmp_path / "s.toml", body)
+    assert cli.main(["bench", "--suite", str(suite), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rlhf bench: error: {suite}: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_task_budget_and_hparams_override_the_suite_ones(tmp_path):
@@ -182,6 +214,23 @@ def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(to
     assert [(r["algorithm"], r["status"]) for r in rows][0] == ("base", "ok") and len(rows) == 5
     for name in ("frontier", "gold_vs_tokens", "gold_vs_time"):
         assert paths[name].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_cell_whose_suite_changed_says_so_instead_of_mixing_settings(toy_plugin, tmp_path):
+    body = (
+        'seeds = [0]\nalgorithms = ["toy_crash"]\neval_points = 1\neval_prompts = 8\ncheckpoint_every = 1\n'
+        f'[budget]\ntokens = 80\n[hparams.toy_crash]\nfail_at = 2\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
+    out = tmp_path / "out"
+    suite = load_suite(write_suite(tmp_path / "s.toml", body))
+    assert run_suite(suite, out, workers=0, progress=False)[0]["error"] == "RuntimeError: toy failure on purpose"
+    path = cell_dir(out, suite.cells()[0])  # checkpointed after steps 1 and 2
+    suite = load_suite(write_suite(tmp_path / "s.toml", body.replace("fail_at = 2", "fail_at = -1")))
+    [result] = run_suite(suite, out, workers=0, progress=False)
+    changed = "ResumeError: the suite changed since this cell started (fail_at 2 -> -1)"
+    assert result["error"] == f"{changed}; remove {path} to run it again"
+    shutil.rmtree(path)
+    assert run_suite(suite, out, workers=0, progress=False)[0]["status"] == "ok"
 
 
 def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy_plugin, tmp_path):

@@ -177,7 +177,7 @@ def test_adaptive_kl_controller_follows_ziegler():
     ({"gamma": 1.01}, "gamma must be in"),
     ({"gamma": -0.1}, "gamma must be in"),
     ({"gae_lambda": 1.5}, "gae_lambda must be in"),
-    ({"gae_lambda": float("nan")}, "gae_lambda must be in"),
+    ({"gae_lambda": float("nan")}, "gae_lambda: expected a finite number"),  # refused before __post_init__
     ({"lr": 0.0}, "lr must be > 0"),
     ({"num_envs": 0}, "num_envs must be >= 1"),
     ({"num_envs": 4, "num_minibatches": 5}, "num_minibatches must be in"),

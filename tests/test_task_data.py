@@ -181,17 +181,26 @@ def test_not_a_parquet_file(tmp_path):
 # ---------------------------------------------------------------- field-level errors
 
 
-def test_number_in_a_csv_column_is_not_turned_into_a_string(tmp_path):
-    path = write_csv(tmp_path / "prefs.csv", "prompt,chosen,rejected\np1,7,x\np2,8,y\n")
-    expected = r"row 0, column 'chosen': expected a string, got int 7 \(column read as int64\)"
-    with pytest.raises(DataFileError, match=err(path, expected)):
+def test_csv_cells_are_text_even_where_they_look_like_numbers(tmp_path):
+    # Arithmetic preferences: pandas alone would read the answers as ints (and "09" as 9).
+    path = write_csv(tmp_path / "prefs.csv", "prompt,chosen,rejected\n12+7=,19,18\n3*3=,09,9.0\n")
+    assert load_preferences(path) == [PreferencePair("12+7=", "19", "18"), PreferencePair("3*3=", "09", "9.0")]
+    prompts = write_csv(tmp_path / "prompts.csv", "prompt\n1.5\n2.50\n")
+    assert load_prompts(prompts) == ["1.5", "2.50"]
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("prefs.csv", b"prompt,chosen,rejected\na,b,c\nx,y,caf\xe9\n", "line 3, column 8"),
+        ("prefs.jsonl", b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n', "line 1, column 16"),
+    ],
+)
+def test_invalid_utf8_names_the_file_line_and_byte(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_bytes(text)  # "café" saved as Latin-1
+    with pytest.raises(DataFileError, match=err(path, f"not UTF-8 text: byte 0xe9 at {where}")):
         load_preferences(path)
-
-
-def test_float_prompt_column_in_csv(tmp_path):
-    path = write_csv(tmp_path / "prompts.csv", "prompt\n1.5\n2.5\n")
-    with pytest.raises(DataFileError, match=err(path, r"row 0, column 'prompt': expected a string, got float 1.5")):
-        load_prompts(path)
 
 
 def test_number_among_strings_in_jsonl_names_its_row(tmp_path):

@@ -12,9 +12,11 @@ directory, so nothing is written to the user's cache and no stale cache can be r
 Every problem raises :class:`~rlhf_env.errors.DataFileError` with a message that starts with
 the file's path and, for a bad field, names the 0-based row and the column::
 
-    data/prefs.csv: row 3, column 'chosen': expected a string, got int 7 (column read as int64)
+    data/prefs.jsonl: row 3, column 'chosen': expected a string, got int 7
 
-Values are never converted: a number where a string belongs is an error, not a string.
+A CSV file holds text, so its columns are read as text (``12+7=,19,18`` is three strings, not
+a string and two numbers). Typed formats (JSON, Parquet) are not converted: a number where a
+string belongs is an error, not a string. Text files must be UTF-8.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ from rlhf_env.tasks.base import PreferencePair
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _STRING_DTYPES = frozenset({"string", "large_string"})
-# pandas would read the texts "NA", "None", "null", "nan", ... as missing; only an empty cell is.
-_BUILDER_KWARGS = {"csv": {"keep_default_na": False, "na_values": [""]}}
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
@@ -62,6 +62,8 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
         raise DataFileError(f"{path}: not a regular file")
     if path.stat().st_size == 0:
         raise DataFileError(f"{path}: the file is empty")
+    if builder != "parquet":
+        _check_utf8(path)
 
     import datasets  # deferred: importing datasets costs seconds
     import pyarrow
@@ -75,7 +77,7 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
                 split="train",
                 cache_dir=cache_dir,
                 keep_in_memory=True,
-                **_BUILDER_KWARGS.get(builder, {}),
+                **_builder_kwargs(builder, required),
             )
         except (DatasetsError, pyarrow.ArrowException, ValueError) as exc:  # pandas' errors are ValueErrors
             raise _parse_error(path, builder, exc, required) from exc
@@ -89,17 +91,38 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
         return {c: _checked_column(path, c, ds.features[c], list(ds[c])) for c in required}
 
 
+def _builder_kwargs(builder: str, required: Sequence[str]) -> dict[str, Any]:
+    if builder != "csv":
+        return {}
+    # CSV cells are text: keep them text (pandas would read "19" as 19 and "NA", "None", "null",
+    # "nan", ... as missing); only an empty cell is missing.
+    return {"keep_default_na": False, "na_values": [""], "converters": {c: str for c in required}}
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise naming the file, line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataFileError(
+            f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column} ({exc.reason}); "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _checked_column(path: Path, column: str, feature: Any, values: list[Any]) -> list[str]:
     """Return ``values`` if they are all strings (prompts non-empty), else raise naming the first bad row."""
     from datasets import Value
 
-    if not (isinstance(feature, Value) and feature.dtype in _STRING_DTYPES):
-        # Every value of a non-string column is wrong; report the first row.
-        kind = feature.dtype if isinstance(feature, Value) else str(feature)
-        raise _bad_field(path, 0, column, values[0], f" (column read as {kind})")
+    # A column of one non-string type says so; a mixed JSON column (datasets >= 5 reads it as
+    # Json) holds the decoded values, checked row by row like a string column.
+    note = f" (column read as {feature.dtype})" if isinstance(feature, Value) and feature.dtype not in _STRING_DTYPES else ""
     for row, value in enumerate(values):
-        if value is None:
-            raise _bad_field(path, row, column, value)
+        if value is None or not isinstance(value, str):
+            raise _bad_field(path, row, column, value, note)
         if column == "prompt" and value == "":
             raise DataFileError(f"{path}: row {row}, column 'prompt': empty prompt")
     return values
