@@ -19,3 +19,10 @@ def rlhf_register_algorithms(register):
     register("reward_model", AlgorithmSpec(reward_model.Config, reward_model.Trainer,
                                            "Bradley-Terry reward model from preference pairs (exportable as an env reward)",
                                            trains_policy=False))
+
+
+@hookimpl
+def rlhf_register_commands(register):
+    from algorithms.commands import TRAIN
+
+    register("train", TRAIN)

@@ -31,3 +31,12 @@ def rlhf_register_rewards(register):
     A reward factory takes keyword options and returns a callable
     ``reward(prompts: list[str], completions: list[str]) -> sequence of floats``.
     """
+
+
+@hookspec
+def rlhf_register_commands(register):
+    """Add ``rlhf`` subcommands: ``register(name, plugins.cli.Command(help, add_arguments, run))``.
+
+    The built-in commands (``list``, ``rollout``, ``base-model``, ``train``, ``bench``) are
+    registered through this hook too.
+    """

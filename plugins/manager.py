@@ -24,13 +24,14 @@ ENTRY_POINT_GROUP = "rlhf_env"
 DISABLE_AUTOLOAD_ENV = "RLHF_ENV_DISABLE_PLUGIN_AUTOLOAD"
 # Modules whose hookimpls are the built-in tasks, rewards and algorithms. Named, not
 # imported, so this layer never imports the layers above it.
-BUILTIN_MODULES: tuple[str, ...] = ("rlhf_env.builtins", "algorithms.builtins")
+BUILTIN_MODULES: tuple[str, ...] = ("rlhf_env.builtins", "algorithms.builtins", "benchmarks.builtins")
 
 # hook name -> (registry kind, registry attribute)
 KINDS = {
     "rlhf_register_algorithms": ("algorithm", "algorithms"),
     "rlhf_register_tasks": ("task", "tasks"),
     "rlhf_register_rewards": ("reward", "rewards"),
+    "rlhf_register_commands": ("command", "commands"),
 }
 
 
@@ -144,13 +145,25 @@ class PluginHost:
     def rewards(self) -> Registry:
         return self._registry("rewards")
 
+    @property
+    def commands(self) -> Registry:
+        return self._registry("commands")
+
     def describe(self) -> dict[str, Any]:
         """Everything registered, with the plugin that provided it (what ``rlhf list`` prints)."""
         out: dict[str, Any] = {}
         for _, attr in KINDS.values():
-            out[attr] = [{"name": e.name, "plugin": e.plugin} for e in self._registry(attr)]
+            out[attr] = [
+                {"name": e.name, "plugin": e.plugin, "description": _describe(e.obj)} for e in self._registry(attr)
+            ]
         out["failed"] = [{"plugin": p, "error": m} for p, m in self.failures.items()]
         return out
+
+
+def _describe(obj: Any) -> str:
+    """A registered object's one-line description (an algorithm's ``description``, a command's ``help``)."""
+    text = getattr(obj, "description", None) or getattr(obj, "help", None) or ""
+    return text.strip().splitlines()[0] if isinstance(text, str) and text.strip() else ""
 
 
 _HOST: PluginHost | None = None

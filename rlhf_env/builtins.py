@@ -22,3 +22,11 @@ def rlhf_register_tasks(register):
     """Task factories: ``factory(**knobs) -> Task``."""
     register("arithmetic", arithmetic.make_arithmetic_task)
     register("sentiment", sentiment.make_sentiment_task)
+
+
+@hookimpl
+def rlhf_register_commands(register):
+    from rlhf_env.commands import COMMANDS
+
+    for name, command in COMMANDS.items():
+        register(name, command)

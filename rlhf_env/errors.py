@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from plugins.cli import CommandWarning
+
 import gymnasium
 
 
@@ -38,5 +40,5 @@ class DeviceError(ValueError):
     """A device name torch does not know, or a device this machine does not have."""
 
 
-class RunWarning(UserWarning):
+class RunWarning(CommandWarning):
     """Something in a run folder was repaired: a torn metrics line dropped, an interrupted checkpoint restored."""

@@ -20,6 +20,11 @@ BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
 
 
+def named(entries) -> set[tuple[str, str]]:
+    """(name, plugin) of each ``describe()`` entry."""
+    return {(e["name"], e["plugin"]) for e in entries}
+
+
 @pytest.fixture
 def fresh_host(monkeypatch):
     """The CLI uses the global host: start from, and leave, a clean one."""
@@ -36,10 +41,10 @@ def run_json(capsys) -> dict:
 
 def test_list_json_has_the_describe_structure(fresh_host, capsys):
     desc = run_json(capsys)
-    assert set(desc) == {"algorithms", "tasks", "rewards", "failed"}
+    assert set(desc) == {"algorithms", "tasks", "rewards", "commands", "failed"}
     for reward in BUILTIN_REWARDS:
-        assert {"name": reward, "plugin": "rlhf_env.builtins"} in desc["rewards"]
-    assert {"name": "arithmetic", "plugin": "rlhf_env.builtins"} in desc["tasks"]
+        assert (reward, "rlhf_env.builtins") in named(desc["rewards"])
+    assert ("arithmetic", "rlhf_env.builtins") in named(desc["tasks"])
     assert desc == plugins.get_host().describe()
 
 
@@ -57,8 +62,8 @@ def test_list_shows_entry_point_plugins_and_failures(demo_dist, write_dist, caps
     write_dist(demo_dist, "rlhf_broken_cli", {"broken_cli": "rlhf_broken_cli"}, {"rlhf_broken_cli": "import nope_x\n"})
     with pytest.warns(plugins.PluginLoadWarning, match="broken_cli"):
         desc = run_json(capsys)
-    assert {"name": "demo_reward", "plugin": "demo"} in desc["rewards"]
-    assert {"name": "demo_algo", "plugin": "demo"} in desc["algorithms"]
+    assert ("demo_reward", "demo") in named(desc["rewards"])
+    assert ("demo_algo", "demo") in named(desc["algorithms"])
     assert [f["plugin"] for f in desc["failed"]] == ["broken_cli"]
     assert "ModuleNotFoundError" in desc["failed"][0]["error"]
 
@@ -139,7 +144,7 @@ def test_console_script_lists_json():
     proc = subprocess.run([console_script(), "list", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     desc = json.loads(proc.stdout)
-    assert {"name": "letter_fraction", "plugin": "rlhf_env.builtins"} in desc["rewards"]
+    assert ("letter_fraction", "rlhf_env.builtins") in named(desc["rewards"])
 
 
 def test_task_commands_use_a_given_local_checkpoint(tmp_path, monkeypatch, capsys):
@@ -156,3 +161,43 @@ def test_task_commands_use_a_given_local_checkpoint(tmp_path, monkeypatch, capsy
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]
     assert len(lines) == 2 and all(re.search(r"prompt='\d+\+\d+='", line) for line in lines)
     assert not (tmp_path / "cache").exists()  # --model replaced the base model: nothing built
+
+
+def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsys):
+    desc = run_json(capsys)
+    assert named(desc["commands"]) == {
+        ("list", "rlhf_env.builtins"),
+        ("rollout", "rlhf_env.builtins"),
+        ("base-model", "rlhf_env.builtins"),
+        ("train", "algorithms.builtins"),
+        ("bench", "benchmarks.builtins"),
+    }
+    algos = {e["name"]: e["description"] for e in desc["algorithms"]}
+    assert all(algos.values()) and algos["grpo"].startswith("GRPO")  # rlhf list shows one line each
+
+
+COMMAND_SOURCE = """
+from plugins.cli import Command
+from rlhf_env import hookimpl
+
+
+def run(args):
+    print(f"hello {args.name}")
+    if args.name == "boom":
+        raise ValueError("no booms here")
+    return 0
+
+
+@hookimpl
+def rlhf_register_commands(register):
+    register("hello", Command("say hello", lambda p: p.add_argument("--name", default="world"), run))
+"""
+
+
+def test_a_third_party_command_runs_like_a_built_in_one(plugin_path, write_dist, capsys):
+    write_dist(plugin_path, "rlhf_demo_hello_cmd", {"hello_cmd": "rlhf_demo_hello_cmd"}, {"rlhf_demo_hello_cmd": COMMAND_SOURCE})
+    plugins.reset_host()
+    assert cli.main(["hello", "--name", "you"]) == 0
+    assert capsys.readouterr().out == "hello you\n"
+    assert cli.main(["hello", "--name", "boom"]) == 1
+    assert capsys.readouterr().err == "rlhf hello: error: no booms here\n"

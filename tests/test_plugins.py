@@ -11,6 +11,11 @@ from rlhf_env import hookimpl
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 
 
+def named(entries) -> set[tuple[str, str]]:
+    """(name, plugin) of each ``describe()`` entry."""
+    return {(e["name"], e["plugin"]) for e in entries}
+
+
 class ThingsPlugin:
     """Adds one algorithm, one task and one reward, with configurable names."""
 
@@ -61,7 +66,7 @@ def test_plugin_things_show_up_with_plugin_name(test_plugin):
     assert host.rewards.entry("test_reward").plugin == "test_plugin"
     assert host.failures == {}
     desc = host.describe()
-    assert {"name": "test_task", "plugin": "test_plugin"} in desc["tasks"]
+    assert ("test_task", "test_plugin") in named(desc["tasks"])
 
 
 def test_duplicate_name_rejects_whole_second_plugin(test_plugin):

@@ -1,0 +1,86 @@
+"""The algorithms layer's ``rlhf train`` command (registered in ``algorithms.builtins``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from algorithms import metrics as M
+from plugins.cli import Command
+from rlhf_env.commands import DTYPES, positive_int, torch_dtype
+
+
+# -- rlhf train ---------------------------------------------------------------------------
+def _saved_task(name: str, knobs: dict[str, Any]):
+    """Task ``name`` built with the knobs a run saved (those its factory still takes)."""
+    import plugins
+    from algorithms.overrides import signature_types
+    from rlhf_env.tasks import get_task
+
+    takes = signature_types(plugins.get_host().tasks.get(name))
+    return get_task(name, **{k: v for k, v in knobs.items() if takes is None or k in takes})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a registered algorithm on a registered task; metrics, TensorBoard, checkpoints in --out.
+
+    ``--resume`` continues the run in --out with its saved algorithm, task, model, seed, config and
+    step budget; flags given again must agree with them (or ``--override`` changes them).
+    """
+    import plugins
+    from rlhf_env.tasks import get_task
+
+    # The CLI is the top layer: it may use the training loop that the algorithms layer provides.
+    from algorithms.loop import train
+    from algorithms.overrides import split_assignments, typed_overrides
+    from algorithms.runfolder import read_run_config
+
+    saved = (read_run_config(Path(args.out)) if args.resume and Path(args.out).is_dir() else None) or {}
+    algo, task_name = args.algo or saved.get("algorithm"), args.task or saved.get("task")
+    if not algo or not task_name:
+        raise ValueError("--algo and --task are required to start a run (--resume takes them from the run in --out)")
+    spec = plugins.get_host().algorithms.get(algo)  # unknown names list the registered ones
+    if task_name == saved.get("task"):
+        task = _saved_task(task_name, saved.get("task_config") or {})
+    else:
+        task = get_task(task_name)
+    config = typed_overrides(spec.Config, split_assignments(args.set), from_text=True, where="--set")
+    steps = args.steps or (saved.get("budget") or {}).get("steps") or 50
+    seed = args.seed if args.seed is not None else saved.get("seed", 0)
+    model = args.model if args.model is not None else saved.get("model")
+    run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
+    run.update(eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo)
+    records = train(spec, task, args.out, **run)
+    evals = [r for r in records if M.REWARD_GOLD in r]
+    if evals:
+        last = evals[-1]
+        print(
+            f"{algo} on {task.name}: step {last['step'] + 1}  {M.REWARD_GOLD}={last[M.REWARD_GOLD]:.4f}  "
+            f"{M.OBJECTIVE_KL_EVAL}={last[M.OBJECTIVE_KL_EVAL]:.4f}  ({last[M.TIME_ELAPSED_S]:.1f}s)  -> {args.out}"
+        )
+    return 0
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", default=None, help="a registered algorithm (required unless --resume)")
+    p.add_argument("--task", default=None, help="a registered task (required unless --resume)")
+    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, tb/, checkpoint/")
+    p.add_argument("--model", default=None, help="local HF causal LM replacing the task's base model")
+    p.add_argument("--steps", type=positive_int, default=None, help="default: 50, or the resumed run's")
+    p.add_argument("--seed", type=int, default=None, help="default: 0, or the resumed run's")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")
+    p.add_argument("--override", action="store_true", help="with --resume: change the run's settings (recorded in it)")
+    p.add_argument("--eval-every", type=positive_int, default=10)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
+
+
+def _train_interrupted(args: argparse.Namespace) -> str:
+    if args.resume:
+        return "interrupted; run the same command to resume"
+    return "interrupted; run the same command with --resume to continue from the last checkpoint"
+
+
+TRAIN = Command("train an algorithm on a task", _train_arguments, cmd_train, _train_interrupted)

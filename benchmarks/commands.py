@@ -1,0 +1,57 @@
+"""The benchmarks layer's ``rlhf bench`` command (registered in ``benchmarks.builtins``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from plugins.cli import Command
+
+
+# -- rlhf bench ---------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark suite (algorithms × tasks × seeds, equal budgets); tables and plots in --out."""
+    # The CLI is the top layer: the benchmark runner sits on the algorithms.
+    from algorithms.runfolder import claim_run_folder
+    from benchmarks.report import write_report
+    from benchmarks.runner import run_suite, suite_device
+    from benchmarks.suite import load_suite
+
+    suite = load_suite(args.suite)
+    if args.baseline:
+        from benchmarks.trl_baseline import require_trl
+
+        require_trl()  # before the suite runs, not after
+    suite_device(suite.device)  # a device this machine lacks fails before the folder is touched
+    out = Path(args.out or Path("runs") / "bench" / suite.name)
+    print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
+    t0 = time.perf_counter()
+    with claim_run_folder(out):  # one bench at a time writes a results folder
+        results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress)
+        if args.baseline:
+            from benchmarks.trl_baseline import run_trl_baseline
+
+            run_trl_baseline(suite, out, progress=not args.no_progress)  # failures are recorded in the table
+        paths = write_report(suite, out, total_s=time.perf_counter() - t0)
+    print(Path(paths["markdown"]).read_text())
+    failed = [r for r in results if r.get("status") != "ok"]
+    print(f"{len(results) - len(failed)} of {len(results)} cells ok in {(time.perf_counter() - t0) / 60:.1f} min; "
+          + ", ".join(str(p) for p in paths.values()))  # fmt: skip
+    return 1 if failed else 0
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default="default", help="a suite TOML file, or a shipped suite: default, quick, gpu")
+    p.add_argument("--out", default=None, help="results directory (default: runs/bench/<suite>); rerun to resume")
+    p.add_argument("--workers", type=int, default=None, help="cells at once (default: the suite's; 0: in-process)")
+    p.add_argument("--baseline", choices=["trl"], default=None, help="also run TRL's GRPO/DPO trainers (extra: compare)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+BENCH = Command(
+    "compare algorithms on tasks over seeds at equal budgets",
+    _bench_arguments,
+    cmd_bench,
+    lambda args: "interrupted; run the same command to resume",
+)

@@ -1,0 +1,7 @@
+"""``python -m rlhf_env``: the ``rlhf`` command (also what ``torchrun -m rlhf_env`` runs)."""
+
+import sys
+
+from plugins.cli import main
+
+sys.exit(main())

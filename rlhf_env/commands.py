@@ -1,0 +1,268 @@
+"""The env layer's ``rlhf`` commands: ``list``, ``rollout`` and ``base-model``.
+
+Registered through the ``rlhf_register_commands`` hook (``rlhf_env.builtins``), like any
+plugin's commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plugins.cli import Command
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str | None):
+    """``--dtype`` -> a torch dtype (None: as the checkpoint is saved)."""
+    import torch  # here, so ``rlhf --help`` stays cheap
+
+    return getattr(torch, name) if name else None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+KINDS = ("algorithms", "tasks", "rewards", "commands")
+
+
+# -- rlhf list ---------------------------------------------------------------------------
+def format_listing(desc: dict[str, Any]) -> str:
+    """Plain-text tables, one per kind, of a ``PluginHost.describe()`` structure."""
+    lines: list[str] = []
+    for kind in KINDS:
+        entries = desc.get(kind, [])
+        lines.append(f"{kind} ({len(entries)})")
+        if not entries:
+            lines.append("  (none)")
+        width = max([len(e["name"]) for e in entries] + [4])
+        for e in entries:
+            about = f"  {e['description']}" if e.get("description") else ""
+            lines.append(f"  {e['name']:<{width}}  plugin: {e['plugin']}{about}")
+        lines.append("")
+    failed = desc.get("failed", [])
+    if failed:
+        lines.append(f"failed plugins ({len(failed)})")
+        for f in failed:
+            lines.append(f"  {f['plugin']}: {f['error']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the registries (text table or ``--json``)."""
+    import plugins  # imported here so ``rlhf --help`` stays cheap
+
+    desc = plugins.get_host().describe()
+    if args.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        print(format_listing(desc), end="")
+    return 0
+
+
+# -- rlhf rollout ------------------------------------------------------------------------
+@dataclass
+class Episode:
+    """One finished episode of one env row."""
+
+    row: int
+    prompt: str
+    completion: str
+    score: float
+    kl: float  # sum of the per-token KL terms log π_θ − log π_ref
+    ret: float  # sum of the env's (KL-shaped) rewards
+
+
+@dataclass
+class RolloutResult:
+    episodes: list[Episode]
+    tokens: int  # tokens the policy generated (acting rows over all steps)
+    seconds: float
+
+
+class EpisodeTracker:
+    """Per-row running sums of reward and KL over a ``NEXT_STEP``-autoreset vector env."""
+
+    def __init__(self, num_envs: int):
+        self.kl = np.zeros(num_envs, dtype=np.float64)
+        self.ret = np.zeros(num_envs, dtype=np.float64)
+        self.ended = np.zeros(num_envs, dtype=bool)  # row ended last step: this step is its reset
+
+    def update(self, env, reward, terminated, truncated, info) -> list[Episode]:
+        """Add one step's values; return the episodes that ended on it."""
+        acting = ~self.ended  # a resetting row's reward (0) and kl belong to no episode
+        self.ret[acting] += reward[acting]
+        if "kl" in info:
+            mask = info["_kl"] & acting
+            self.kl[mask] += info["kl"][mask]
+        self.ended = np.asarray(terminated) | np.asarray(truncated)
+        rows = np.flatnonzero(self.ended)
+        if not len(rows):
+            return []
+        # The ended rows still hold their episode's text until the next step resets them.
+        completions = env.completions()
+        done = [
+            Episode(int(r), env.core.prompt_text[r], completions[r], float(info["score"][r]),
+                    float(self.kl[r]), float(self.ret[r]))
+            for r in rows
+        ]  # fmt: skip
+        self.kl[rows] = 0.0
+        self.ret[rows] = 0.0
+        return done
+
+
+def run_rollout(
+    episodes: int = 8,
+    num_envs: int = 4,
+    max_new_tokens: int | None = None,
+    beta: float = 0.05,
+    seed: int = 0,
+    task: str | None = None,
+    model: str | None = None,
+    dtype=None,
+) -> RolloutResult:
+    """Roll a vector env with the reference as policy until ``episodes`` end.
+
+    The env is ``task``'s (its base model, or ``model``), else the embedded default's prompts
+    and reward with ``model`` (default: the embedded tiny model). ``dtype``: the weights'
+    torch dtype (log-probs are float32 whatever it is).
+    """
+    from rlhf_env.policy import SamplingPolicy
+
+    limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    if task is None:
+        from rlhf_env.default import make_default_vector_env
+        from rlhf_env.models import load_pretrained
+
+        parts = {}
+        if model is not None:
+            ref, tokenizer = load_pretrained(model, device="cpu")
+            parts = {"tokenizer": tokenizer, "ref_model": ref}
+        limit = {"max_new_tokens": 24, **limit}
+        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
+    else:
+        from rlhf_env.tasks import get_task, make_task_env
+
+        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, **limit)
+    # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
+    model = copy.deepcopy(env.core.ref_model)
+    policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed, vocab_size=env.core.vocab_size)
+    tracker = EpisodeTracker(num_envs)
+    obs, _ = env.reset(seed=seed)
+    finished: list[Episode] = []
+    tokens = 0
+    start = time.perf_counter()
+    while len(finished) < episodes:
+        tokens += int((~tracker.ended).sum())
+        obs, reward, terminated, truncated, info = env.step(policy.act(obs))
+        finished += tracker.update(env, reward, terminated, truncated, info)
+    seconds = time.perf_counter() - start
+    env.close()
+    return RolloutResult(finished[:episodes], tokens, seconds)
+
+
+def clip(text: str, width: int) -> str:
+    """``repr`` of ``text`` cut to about ``width`` characters (cut before quoting)."""
+    if len(text) > width:
+        text = text[: width - 1] + "\u2026"
+    return repr(text)
+
+
+def format_episode(i: int, ep: Episode) -> str:
+    return (
+        f"episode {i:>3}  prompt={clip(ep.prompt, 32):<36} completion={clip(ep.completion, 40):<44} "
+        f"score={ep.score:.4f}  kl={ep.kl:+.4f}  return={ep.ret:+.4f}"
+    )
+
+
+def format_summary(result: RolloutResult) -> str:
+    eps = result.episodes
+    mean_score = float(np.mean([e.score for e in eps])) if eps else 0.0
+    mean_return = float(np.mean([e.ret for e in eps])) if eps else 0.0
+    rate = result.tokens / result.seconds if result.seconds > 0 else float("inf")
+    return (
+        f"summary: episodes={len(eps)}  mean_score={mean_score:.4f}  "
+        f"mean_return={mean_return:+.4f}  tokens/s={rate:.1f}"
+    )
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Print every finished episode, then a summary line."""
+    a = args
+    result = run_rollout(a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype))
+    for i, ep in enumerate(result.episodes):
+        print(format_episode(i, ep))
+    print(format_summary(result))
+    return 0
+
+
+# -- rlhf base-model ---------------------------------------------------------------------
+def cmd_base_model(args: argparse.Namespace) -> int:
+    """Build or load a task's base model; print its size, build time and eval figures."""
+    from rlhf_env.tasks import evaluate, get_task
+    from rlhf_env.tasks.base_models import build_base_model, load_base_model
+
+    task = get_task(args.task)
+    path = args.model or build_base_model(task, force=args.force)
+    info_file = Path(path) / "build_info.json"
+    built = json.loads(info_file.read_text()) if info_file.exists() else {}
+    model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
+    sampled, greedy = evaluate(task, model, tokenizer), evaluate(task, model, tokenizer, greedy=True)
+    report = {
+        "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": built.get("build_seconds"), "eval_prompts": sampled["n"],
+        "gold_mean_sampled": round(sampled["gold_mean"], 4), "gold_mean_greedy": round(greedy["gold_mean"], 4),
+        "examples": sampled["examples"],
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>18}: {value}")
+    return 0
+
+
+# -- registration ------------------------------------------------------------------------
+def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _rollout_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--episodes", type=positive_int, default=8)
+    p.add_argument("--num-envs", type=positive_int, default=4)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 24, or the task's")
+    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", default=None, help="a registered task (default: the embedded default env)")
+    p.add_argument("--model", default=None, help="local HF checkpoint: the task's base model, or the default env's")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+
+
+def _base_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True)
+    p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+COMMANDS = {
+    "list": Command("show registered algorithms, tasks and rewards", _list_arguments, cmd_list),
+    "rollout": Command("roll the default env with the reference policy", _rollout_arguments, cmd_rollout),
+    "base-model": Command(
+        "build (or load) a task's base model and evaluate it", _base_model_arguments, cmd_base_model
+    ),
+}
