@@ -109,9 +109,9 @@ def test_a_forced_build_goes_to_the_cache_and_then_takes_precedence(cache, monke
     assert build_base_model(task, progress=False) == base_model_dir(task)
 
 
-def test_the_learning_tests_base_model_fixture_matches_their_task():
-    """conftest seeds the test cache with it; a changed recipe must re-commit it (see conftest)."""
-    from conftest import FIXTURE_BASE_MODELS
+def test_the_quick_suite_and_learning_tests_task_has_a_shipped_base_model():
+    """Its base model is shipped so learning tests and the quick suite start alike on every CPU."""
+    from rlhf_env.tasks.base_models import shipped_base_model
 
     task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
-    assert (FIXTURE_BASE_MODELS / task.cache_key() / "model.safetensors").is_file()
+    assert shipped_base_model(task) is not None  # a changed recipe must re-ship it

@@ -40,7 +40,7 @@ def write_suite(path: Path, body: str) -> Path:
 # -- suites ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default", "quick", "gpu"])
+@pytest.mark.parametrize("name", ["default", "full", "quick", "gpu"])
 def test_shipped_suites_load_and_give_every_algorithm_the_same_budget(name):
     suite = load_suite(name)
     assert suite.path == SUITES_DIR / f"{name}.toml"
@@ -80,7 +80,7 @@ def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
 
 
 def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
-    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'gpu', 'quick'\]"):
+    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'full', 'gpu', 'quick'\]"):
         load_suite("nope")
     body = 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n'
     with pytest.raises(SuiteError, match=r"s.toml: algorithms: unknown algorithm 'ppp'; registered: .*grpo"):

@@ -1,7 +1,7 @@
 """Base models for the embedded tasks: a tiny GPT-2 trained by SFT, shipped or cached on disk.
 
-The default configuration of each embedded task has a **canonical** base model shipped in
-the package (``rlhf_env/tasks/shipped/<cache key>/``, a few MB of safetensors). SFT is not
+The default configuration of each embedded task (and the one-digit addition task of the
+quick suite and the learning tests) has a **canonical** base model shipped in the package (``rlhf_env/tasks/shipped/<cache key>/``, a few MB of safetensors). SFT is not
 bit-reproducible across CPUs (AVX2 and AVX-512 kernels round differently, and 300 noisy
 steps amplify that), so a build on another machine gives a different model: the sampled
 gold of the arithmetic base model ranged 0.29-0.41 over machines. Shipping the weights makes
