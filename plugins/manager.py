@@ -31,6 +31,7 @@ KINDS = {
     "rlhf_register_algorithms": ("algorithm", "algorithms"),
     "rlhf_register_tasks": ("task", "tasks"),
     "rlhf_register_rewards": ("reward", "rewards"),
+    "rlhf_register_generators": ("generator", "generators"),
 }
 
 
@@ -143,6 +144,10 @@ class PluginHost:
     @property
     def rewards(self) -> Registry:
         return self._registry("rewards")
+
+    @property
+    def generators(self) -> Registry:
+        return self._registry("generators")
 
     def describe(self) -> dict[str, Any]:
         """Everything registered, with the plugin that provided it (what ``rlhf list`` prints)."""

@@ -30,12 +30,15 @@ class SamplingPolicy:
         model: a Hugging Face causal LM (eval mode; on the device it should run on).
         batch_size: rows of the env (1 for ``TextGenEnv``).
         pad_token_id: the id fed in padding slots (``rlhf_env.models.pad_token_id``).
-        vocab_size: the tokenizer's size (``env.core.vocab_size``): ids beyond it are never
+        vocab_size: the tokenizer's size (the env's ``vocab_size``): ids beyond it are never
             sampled and the log-probs are over the first ``vocab_size`` ids, as training
             recomputes them; default all of the model's logits.
         temperature: sampling temperature; the log-prob reported is that of the sampled
             distribution, softmax(logits / temperature), which is the acting policy.
         seed: seed of the sampling generator.
+        greedy: take the most likely token (its log-prob reported) instead of sampling.
+
+    The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``).
     """
 
     def __init__(
@@ -46,11 +49,12 @@ class SamplingPolicy:
         temperature: float = 1.0,
         seed: int = 0,
         vocab_size: int | None = None,
+        greedy: bool = False,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
-        self.temperature = temperature
+        self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
     def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -72,7 +76,7 @@ class SamplingPolicy:
         logprobs = self.lm.feed(chunk, lengths, restart)
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
-        token = sample_tokens(logprobs, self.generator)
+        token = logprobs.argmax(-1) if self.greedy else sample_tokens(logprobs, self.generator)
         lp = logprobs.gather(1, token[:, None]).squeeze(1)
         token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
         if single:
