@@ -56,8 +56,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # -- rlhf rollout ---------------------------------------------------------------------------
 def run_rollout(*args, **kwargs):
-    """``rlhf_env.rollout.run_rollout``: the env layer's rollout path, with the reference as policy."""
-    from rlhf_env.rollout import run_rollout
+    """``rlhf_env.rollout_command.run_rollout``: the env layer's rollout path, with the reference as policy."""
+    from rlhf_env.rollout_command import run_rollout
 
     return run_rollout(*args, **kwargs)
 

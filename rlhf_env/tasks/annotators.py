@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from rlhf_env.policy import sample_completions
-from rlhf_env.tasks.base import PreferencePair, RewardFn
+from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
 
 def preference_probability(gold_a: np.ndarray, gold_b: np.ndarray, tau: float) -> np.ndarray:
