@@ -108,7 +108,8 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
     model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
-    sampled, greedy = evaluate(task, model, tokenizer), evaluate(task, model, tokenizer, greedy=True)
+    n = args.eval_prompts  # "base-model gold": the first n eval prompts, as the bench's base row
+    sampled, greedy = evaluate(task, model, tokenizer, n=n), evaluate(task, model, tokenizer, n=n, greedy=True)
     report = {
         "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": built.get("build_seconds"), "eval_prompts": sampled["n"],
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--eval-prompts", type=positive_int, default=64, help="evaluate on the first N eval prompts")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_base_model)

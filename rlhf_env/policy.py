@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 from rlhf_env.kvcache import IncrementalLM
-from rlhf_env.models import pad_token_id
-from rlhf_env.scoring import pack
 
 
 def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -82,46 +80,3 @@ class SamplingPolicy:
         if single:
             return {"token": np.int64(token[0]), "logprob": np.float32(lp[0])}
         return {"token": token, "logprob": lp}
-
-
-@torch.inference_mode()
-def sample_completions(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    greedy: bool = False,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[str]:
-    """Complete each prompt (sampled, or greedy) with a KV cache; EOS ends a completion.
-
-    Returns the decoded completions without special tokens, in the order of ``prompts``.
-    """
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
-        n = len(batch)
-        lm = IncrementalLM(model, n, pad, vocab_size=len(tokenizer))
-        chunk, mask = pack(batch, pad)
-        logprobs = lm.feed(chunk, mask.sum(1), torch.ones(n, dtype=torch.bool))
-        done = torch.zeros(n, dtype=torch.bool)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        for _ in range(max_new_tokens):
-            if greedy:
-                token = logprobs.argmax(-1)
-            else:
-                token = sample_tokens(torch.log_softmax(logprobs / temperature, dim=-1), generator)
-            token = token.cpu()
-            for i in (~done).nonzero().flatten().tolist():
-                tokens[i].append(int(token[i]))
-            done |= token == eos
-            if bool(done.all()):
-                break
-            logprobs = lm.feed(token[:, None], (~done).long(), torch.zeros(n, dtype=torch.bool))
-        out.extend(tokenizer.batch_decode(tokens, skip_special_tokens=True))
-    return out

@@ -203,3 +203,19 @@ def evaluate(env, model, prompts: list[str], *, seed: int = EVAL_SEED, device=No
         "n": len(batch.prompts),
         "examples": list(zip(batch.prompts[:3], batch.completions[:3])),
     }
+
+
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, seed: int = 0, greedy: bool = False,
+             generator: str = DEFAULT_GENERATOR) -> list[str]:
+    """``model``'s completions of ``prompts`` (sampled at temperature 1, or greedy), in their order.
+
+    The rollout path in an env without reference or reward (β = 0), one row per prompt.
+    """
+    from rlhf_env.vector_env import VectorTextGenEnv
+
+    device = next(model.parameters()).device
+    env = VectorTextGenEnv(
+        tokenizer, None, lambda p, c: [0.0] * len(c), prompts,
+        num_envs=len(prompts), beta=0.0, max_new_tokens=max_new_tokens, device=device,
+    )
+    return collect(env, model, seed, list(prompts), generator=generator, greedy=greedy).completions
