@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, sequence_kl
+from algorithms.base import TrainContext
 from algorithms.overrides import typed_overrides
 from algorithms.plumbing import NonFiniteLossError
 from algorithms.runfolder import (
@@ -36,6 +36,7 @@ from algorithms.runfolder import (
     write_text_atomic,
 )
 from rlhf_env.models import load_causal_lm, resolve_device, save_pretrained
+from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, evaluate
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -49,12 +50,12 @@ def step_seed(seed: int, step: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_policy(ctx: TrainContext, n: int = 64, seed: int = 12345) -> dict[str, float]:
-    """``reward/gold`` and ``objective/kl_eval`` (Σ_t log π − log π_ref) of policy samples on the first ``n`` eval prompts."""
+def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) -> dict[str, float]:
+    """``reward/gold`` and ``objective/kl_eval`` of policy samples on the first ``n`` eval prompts (``rlhf_env.rollout.evaluate``)."""
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
-    batch = collect_rollouts(ctx, env, seed, prompts=prompts)
-    return {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
+    result = evaluate(env, ctx.policy, prompts, seed=seed, device=ctx.device, generator=ctx.generator)
+    return {M.REWARD_GOLD: result["gold_mean"], M.OBJECTIVE_KL_EVAL: result["kl_mean"]}
 
 
 class ResumeError(ValueError):
@@ -119,7 +120,7 @@ def train(
     override: bool = False,
     eval_every: int = 10,
     eval_points: int | None = None,
-    eval_prompts: int = 64,
+    eval_prompts: int = EVAL_PROMPTS,
     checkpoint_every: int = 10,
     device=None,
     dtype: torch.dtype | None = None,

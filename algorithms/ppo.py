@@ -57,6 +57,7 @@ from algorithms.core import (
     token_logprobs,
 )
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.rollout import set_env_attr
 
 
 @dataclass
@@ -226,7 +227,7 @@ class Trainer(Stateful):
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
         beta = self.kl_ctl.value
-        self.env.core.beta = beta
+        set_env_attr(self.env, "beta", beta)
         batch = collect_rollouts(self.ctx, self.env, seed)
         mask = batch.action_mask
         with torch.no_grad():
@@ -272,4 +273,4 @@ class Trainer(Stateful):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.env.core.beta = self.kl_ctl.value
+        set_env_attr(self.env, "beta", self.kl_ctl.value)

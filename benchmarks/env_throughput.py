@@ -38,8 +38,9 @@ import transformers
 from transformers import GPT2ForSequenceClassification
 
 from rlhf_env import RewardModel, VectorTextGenEnv, build_tiny_model
-from rlhf_env.policy import SamplingPolicy
+from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.prompts import DEFAULT_PROMPTS
+from rlhf_env.rollout import EpisodeStream, first_episodes
 
 BETA = 0.05
 CONFIGS = {  # name -> build_tiny_model keyword arguments
@@ -68,18 +69,17 @@ def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, devi
         tokenizer, ref, reward, DEFAULT_PROMPTS,
         num_envs=batch, beta=BETA, max_new_tokens=n, device=device, dtype=dtype,
     )  # fmt: skip
-    agent = SamplingPolicy(policy_model, batch, tokenizer.pad_token_id, seed=0, vocab_size=len(tokenizer))
+    agent = make_sampler(DEFAULT_GENERATOR, policy_model, batch, pad_token_id=env.pad_token_id,
+                         vocab_size=env.vocab_size, seed=0)  # the registered generation backend
     return env, agent
 
 
 def env_rollout(env, agent, n: int, seed: int) -> int:
-    """``reset(seed)`` then ``n`` policy steps; returns the number of generated tokens."""
-    obs, _ = env.reset(seed=seed)
-    tokens = 0
-    for _ in range(n):
-        obs, _, _, _, info = env.step(agent.act(obs))
-        tokens += int(info["_kl"].sum())
-    return tokens
+    """``reset(seed)``, then the rollout path until every row finished one episode (at most ``n`` steps,
+    ``max_new_tokens`` = n); returns the number of generated tokens."""
+    stream = EpisodeStream(env, agent, seed)
+    first_episodes(stream, env.num_envs)
+    return stream.tokens
 
 
 def left_padded_batch(tokenizer, prompts: list[str], device):

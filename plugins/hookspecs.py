@@ -40,3 +40,14 @@ def rlhf_register_commands(register):
     The built-in commands (``list``, ``rollout``, ``base-model``, ``train``, ``bench``) are
     registered through this hook too.
     """
+
+
+@hookspec
+def rlhf_register_generators(register):
+    """Add generation backends: ``register(name, generator)``.
+
+    A generator follows ``rlhf_env.generation.Generator``: called as
+    ``generator(model, batch_size, pad_token_id=, vocab_size=, seed=, temperature=, greedy=)``
+    it returns a sampler whose ``act(obs)`` gives ``{"token": (B,) int64, "logprob": (B,) float32}``.
+    The rollout path picks one by name (``rlhf_env.rollout``; the built-in is ``kv_cache``).
+    """

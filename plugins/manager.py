@@ -32,6 +32,7 @@ KINDS = {
     "rlhf_register_tasks": ("task", "tasks"),
     "rlhf_register_rewards": ("reward", "rewards"),
     "rlhf_register_commands": ("command", "commands"),
+    "rlhf_register_generators": ("generator", "generators"),
 }
 
 
@@ -148,6 +149,10 @@ class PluginHost:
     @property
     def commands(self) -> Registry:
         return self._registry("commands")
+
+    @property
+    def generators(self) -> Registry:
+        return self._registry("generators")
 
     def describe(self) -> dict[str, Any]:
         """Everything registered, with the plugin that provided it (what ``rlhf list`` prints)."""

@@ -1,9 +1,10 @@
-"""The built-in tasks and rewards, registered through the same hooks as any plugin."""
+"""The built-in tasks, rewards and generator, registered through the same hooks as any plugin."""
 
 from __future__ import annotations
 
 from plugins import hookimpl
 from rlhf_env import rewards
+from rlhf_env.policy import SamplingPolicy
 from rlhf_env.tasks import arithmetic, sentiment
 
 
@@ -30,3 +31,9 @@ def rlhf_register_commands(register):
 
     for name, command in COMMANDS.items():
         register(name, command)
+
+
+@hookimpl
+def rlhf_register_generators(register):
+    """Generation backends (``rlhf_env.generation.Generator``)."""
+    register("kv_cache", SamplingPolicy)

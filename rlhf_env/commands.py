@@ -7,16 +7,18 @@ plugin's commands.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from plugins.cli import Command
+
+if TYPE_CHECKING:
+    from rlhf_env.rollout import Episode
+    from rlhf_env.rollout_command import RolloutResult
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -36,7 +38,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-KINDS = ("algorithms", "tasks", "rewards", "commands")
+KINDS = ("algorithms", "tasks", "rewards", "generators", "commands")
 
 
 # -- rlhf list ---------------------------------------------------------------------------
@@ -73,105 +75,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- rlhf rollout ------------------------------------------------------------------------
-@dataclass
-class Episode:
-    """One finished episode of one env row."""
+# -- rlhf rollout ---------------------------------------------------------------------------
+def run_rollout(*args, **kwargs):
+    """``rlhf_env.rollout_command.run_rollout``: the env layer's rollout path, with the reference as policy."""
+    from rlhf_env.rollout_command import run_rollout
 
-    row: int
-    prompt: str
-    completion: str
-    score: float
-    kl: float  # sum of the per-token KL terms log π_θ − log π_ref
-    ret: float  # sum of the env's (KL-shaped) rewards
-
-
-@dataclass
-class RolloutResult:
-    episodes: list[Episode]
-    tokens: int  # tokens the policy generated (acting rows over all steps)
-    seconds: float
-
-
-class EpisodeTracker:
-    """Per-row running sums of reward and KL over a ``NEXT_STEP``-autoreset vector env."""
-
-    def __init__(self, num_envs: int):
-        self.kl = np.zeros(num_envs, dtype=np.float64)
-        self.ret = np.zeros(num_envs, dtype=np.float64)
-        self.ended = np.zeros(num_envs, dtype=bool)  # row ended last step: this step is its reset
-
-    def update(self, env, reward, terminated, truncated, info) -> list[Episode]:
-        """Add one step's values; return the episodes that ended on it."""
-        acting = ~self.ended  # a resetting row's reward (0) and kl belong to no episode
-        self.ret[acting] += reward[acting]
-        if "kl" in info:
-            mask = info["_kl"] & acting
-            self.kl[mask] += info["kl"][mask]
-        self.ended = np.asarray(terminated) | np.asarray(truncated)
-        rows = np.flatnonzero(self.ended)
-        if not len(rows):
-            return []
-        # The ended rows still hold their episode's text until the next step resets them.
-        completions = env.completions()
-        done = [
-            Episode(int(r), env.core.prompt_text[r], completions[r], float(info["score"][r]),
-                    float(self.kl[r]), float(self.ret[r]))
-            for r in rows
-        ]  # fmt: skip
-        self.kl[rows] = 0.0
-        self.ret[rows] = 0.0
-        return done
-
-
-def run_rollout(
-    episodes: int = 8,
-    num_envs: int = 4,
-    max_new_tokens: int | None = None,
-    beta: float = 0.05,
-    seed: int = 0,
-    task: str | None = None,
-    model: str | None = None,
-    dtype=None,
-) -> RolloutResult:
-    """Roll a vector env with the reference as policy until ``episodes`` end.
-
-    The env is ``task``'s (its base model, or ``model``), else the embedded default's prompts
-    and reward with ``model`` (default: the embedded tiny model). ``dtype``: the weights'
-    torch dtype (log-probs are float32 whatever it is).
-    """
-    from rlhf_env.policy import SamplingPolicy
-
-    limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-    if task is None:
-        from rlhf_env.default import make_default_vector_env
-        from rlhf_env.models import load_pretrained
-
-        parts = {}
-        if model is not None:
-            ref, tokenizer = load_pretrained(model, device="cpu")
-            parts = {"tokenizer": tokenizer, "ref_model": ref}
-        limit = {"max_new_tokens": 24, **limit}
-        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
-    else:
-        from rlhf_env.tasks import get_task, make_task_env
-
-        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, **limit)
-    # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
-    model = copy.deepcopy(env.core.ref_model)
-    policy = SamplingPolicy(model, num_envs, env.core.pad_token_id, seed=seed, vocab_size=env.core.vocab_size)
-    tracker = EpisodeTracker(num_envs)
-    obs, _ = env.reset(seed=seed)
-    finished: list[Episode] = []
-    tokens = 0
-    start = time.perf_counter()
-    while len(finished) < episodes:
-        tokens += int((~tracker.ended).sum())
-        obs, reward, terminated, truncated, info = env.step(policy.act(obs))
-        finished += tracker.update(env, reward, terminated, truncated, info)
-    seconds = time.perf_counter() - start
-    env.close()
-    return RolloutResult(finished[:episodes], tokens, seconds)
+    return run_rollout(*args, **kwargs)
 
 
 def clip(text: str, width: int) -> str:
@@ -220,7 +129,8 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
     model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
-    sampled, greedy = evaluate(task, model, tokenizer), evaluate(task, model, tokenizer, greedy=True)
+    n = args.eval_prompts  # "base-model gold": the first n eval prompts, as the bench's base row
+    sampled, greedy = evaluate(task, model, tokenizer, n=n), evaluate(task, model, tokenizer, n=n, greedy=True)
     report = {
         "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": built.get("build_seconds"), "eval_prompts": sampled["n"],
@@ -255,6 +165,7 @@ def _base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True)
     p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--eval-prompts", type=positive_int, default=64, help="evaluate on the first N eval prompts")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

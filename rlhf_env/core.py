@@ -42,20 +42,38 @@ class StepOut:
         return self.terminated | self.truncated
 
 
+def load_parts(tokenizer, ref_model, reward, *, reward_tokenizer=None, device=None, dtype=None,
+               trust_remote_code: bool = False):
+    """The env factories' loading step: paths become objects, models move to ``device``/``dtype``.
+
+    Returns ``(tokenizer, ref_model or None, reward callable, torch.device)``, what
+    ``EpisodeBatch`` takes. A ``PreTrainedModel`` or a path as ``reward`` becomes a
+    ``RewardModel`` scored with ``reward_tokenizer`` (default the policy's tokenizer).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code)
+    if ref_model is not None:
+        ref_model = load_causal_lm(ref_model, device, dtype, trust_remote_code)
+    if isinstance(reward, PreTrainedModel) or (reward is not None and isinstance(reward, (str, os.PathLike))):
+        reward = RewardModel(reward, reward_tokenizer or tokenizer, device, dtype, trust_remote_code)
+    return tokenizer, ref_model, reward, device
+
+
 class EpisodeBatch:
     """State and maths for ``batch_size`` generation episodes (see module docstring).
 
+    Takes loaded objects (``load_parts`` turns paths into them):
+
     Args:
-        tokenizer: the policy's tokenizer (object or local path).
-        ref_model: reference causal LM (object or local path); optional when ``beta == 0``.
-        reward: ``reward(prompts, completions) -> scores``, a ``RewardModel``, or a
-            sequence-classification model with one label (scored with ``reward_tokenizer``,
-            default the policy's).
+        tokenizer: the policy's tokenizer.
+        ref_model: reference causal LM, on ``device``; optional when ``beta == 0``.
+        reward: ``reward(prompts, completions) -> scores`` or a ``RewardModel``.
         prompts: the prompt source (a non-empty sequence of strings).
         beta: KL coefficient β ≥ 0.
         max_new_tokens: episode length limit (``truncated`` when reached).
         max_prompt_tokens: prompt length limit; default the longest prompt of ``prompts``.
-        device, dtype: where the reference and reward models run (default CUDA if present).
+        device: where the reference model runs.
     """
 
     def __init__(
@@ -69,10 +87,7 @@ class EpisodeBatch:
         max_new_tokens: int,
         max_prompt_tokens: int | None,
         batch_size: int,
-        reward_tokenizer=None,
-        device=None,
-        dtype: torch.dtype | None = None,
-        trust_remote_code: bool = False,
+        device: torch.device,
     ):
         if not beta >= 0:
             raise ValueError(f"beta (the KL coefficient) must be >= 0, got {beta}")
@@ -80,24 +95,18 @@ class EpisodeBatch:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if beta > 0 and ref_model is None:
             raise ValueError(f"beta={beta} > 0 needs a reference model (ref_model=None)")
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer, trust_remote_code)
         self.tokenizer = tokenizer
         self.beta = float(beta)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = device
         self.vocab_size = len(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = pad_token_id(tokenizer)
 
-        self.ref_model = None
+        self.ref_model = ref_model
         if ref_model is not None:
-            self.ref_model = load_causal_lm(ref_model, self.device, dtype, trust_remote_code)
             check_vocab(tokenizer, self.ref_model, "reference model")
-
-        if isinstance(reward, PreTrainedModel) or (reward is not None and isinstance(reward, (str, os.PathLike))):
-            reward = RewardModel(reward, reward_tokenizer or tokenizer, self.device, dtype, trust_remote_code)
         if not callable(reward):
             raise TypeError(f"reward must be callable(prompts, completions) or a reward model, got {reward!r}")
         self.reward = reward
@@ -252,3 +261,64 @@ class EpisodeBatch:
             restart[r] = True
         if bool(lengths.any()):
             self.ref.feed(chunk, lengths, restart)
+
+
+class EnvProperties:
+    """The envs' public attributes (both envs; ``core`` is private).
+
+    Through Gymnasium wrappers read them with ``rlhf_env.rollout.env_attr(env, name)``
+    (``get_wrapper_attr`` where the wrapper has it) and set ``beta`` with ``set_env_attr``.
+    """
+
+    core: EpisodeBatch
+
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer."""
+        return self.core.tokenizer
+
+    @property
+    def ref_model(self):
+        """The reference model π_ref (None without one)."""
+        return self.core.ref_model
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Completion length limit (``truncated`` when reached)."""
+        return self.core.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.core.max_prompt_tokens
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id in padding slots of observations."""
+        return self.core.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.core.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's ids: actions are in [0, vocab_size)."""
+        return self.core.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reference and reward models run."""
+        return self.core.device
+
+    @property
+    def beta(self) -> float:
+        """KL coefficient β of the token reward; settable (adaptive KL changes it between rollouts)."""
+        return self.core.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {value}")
+        if value > 0 and self.core.ref is None:
+            raise ValueError(f"beta={value} > 0 needs a reference model (ref_model=None)")
+        self.core.beta = float(value)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rlhf_env import spaces
-from rlhf_env.core import EpisodeBatch
+from rlhf_env.core import EnvProperties, EpisodeBatch, load_parts
 from rlhf_env.errors import EpisodeEndedError, InvalidActionError
 
 
@@ -39,7 +39,7 @@ def split_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None
     return tokens.cpu(), logprobs
 
 
-class TextGenEnv(gymnasium.Env):
+class TextGenEnv(EnvProperties, gymnasium.Env):
     """Token-level text generation with KL-shaped rewards (docs/maths.md §2).
 
     Args:
@@ -82,20 +82,18 @@ class TextGenEnv(gymnasium.Env):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
-        self.core = EpisodeBatch(
-            tokenizer, ref_model, reward, prompts,
-            beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-            batch_size=1, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
+        parts = load_parts(
+            tokenizer, ref_model, reward, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+        )
+        self.core = EpisodeBatch(
+            *parts[:3], prompts, beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+            batch_size=1, device=parts[3],
+        )
         self.observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.action_space = spaces.action_space(self.core.vocab_size)
         self._done = True
         self._started = False
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
 
     def _obs(self) -> dict[str, Any]:
         c = self.core

@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 from rlhf_env.kvcache import IncrementalLM
-from rlhf_env.models import pad_token_id
-from rlhf_env.scoring import pack
 
 
 def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -30,12 +28,15 @@ class SamplingPolicy:
         model: a Hugging Face causal LM (eval mode; on the device it should run on).
         batch_size: rows of the env (1 for ``TextGenEnv``).
         pad_token_id: the id fed in padding slots (``rlhf_env.models.pad_token_id``).
-        vocab_size: the tokenizer's size (``env.core.vocab_size``): ids beyond it are never
+        vocab_size: the tokenizer's size (the env's ``vocab_size``): ids beyond it are never
             sampled and the log-probs are over the first ``vocab_size`` ids, as training
             recomputes them; default all of the model's logits.
         temperature: sampling temperature; the log-prob reported is that of the sampled
             distribution, softmax(logits / temperature), which is the acting policy.
         seed: seed of the sampling generator.
+        greedy: take the most likely token (its log-prob reported) instead of sampling.
+
+    The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``).
     """
 
     def __init__(
@@ -46,11 +47,12 @@ class SamplingPolicy:
         temperature: float = 1.0,
         seed: int = 0,
         vocab_size: int | None = None,
+        greedy: bool = False,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
-        self.temperature = temperature
+        self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
     def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -72,52 +74,9 @@ class SamplingPolicy:
         logprobs = self.lm.feed(chunk, lengths, restart)
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
-        token = sample_tokens(logprobs, self.generator)
+        token = logprobs.argmax(-1) if self.greedy else sample_tokens(logprobs, self.generator)
         lp = logprobs.gather(1, token[:, None]).squeeze(1)
         token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
         if single:
             return {"token": np.int64(token[0]), "logprob": np.float32(lp[0])}
         return {"token": token, "logprob": lp}
-
-
-@torch.inference_mode()
-def sample_completions(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    greedy: bool = False,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[str]:
-    """Complete each prompt (sampled, or greedy) with a KV cache; EOS ends a completion.
-
-    Returns the decoded completions without special tokens, in the order of ``prompts``.
-    """
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = [tokenizer(p)["input_ids"] for p in prompts[start : start + batch_size]]
-        n = len(batch)
-        lm = IncrementalLM(model, n, pad, vocab_size=len(tokenizer))
-        chunk, mask = pack(batch, pad)
-        logprobs = lm.feed(chunk, mask.sum(1), torch.ones(n, dtype=torch.bool))
-        done = torch.zeros(n, dtype=torch.bool)
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        for _ in range(max_new_tokens):
-            if greedy:
-                token = logprobs.argmax(-1)
-            else:
-                token = sample_tokens(torch.log_softmax(logprobs / temperature, dim=-1), generator)
-            token = token.cpu()
-            for i in (~done).nonzero().flatten().tolist():
-                tokens[i].append(int(token[i]))
-            done |= token == eos
-            if bool(done.all()):
-                break
-            logprobs = lm.feed(token[:, None], (~done).long(), torch.zeros(n, dtype=torch.bool))
-        out.extend(tokenizer.batch_decode(tokens, skip_special_tokens=True))
-    return out

@@ -16,11 +16,11 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlhf_env import spaces
-from rlhf_env.core import EpisodeBatch
+from rlhf_env.core import EnvProperties, EpisodeBatch, load_parts
 from rlhf_env.env import split_action
 
 
-class VectorTextGenEnv(VectorEnv):
+class VectorTextGenEnv(EnvProperties, VectorEnv):
     """Batched ``TextGenEnv`` (same arguments) with ``num_envs`` rows.
 
     Args:
@@ -32,8 +32,10 @@ class VectorTextGenEnv(VectorEnv):
 
     Observations are the batched ``TextGenEnv`` observations: ``input_ids`` (B, L),
     ``length`` (B,), ``prompt_length`` (B,). Actions: ``{"token": (B,), "logprob": (B,)}``.
-    ``info`` holds ``ref_logprob``/``kl`` for acting rows and ``score`` for rows that ended,
-    each with the Gymnasium ``_key`` mask.
+    ``info`` holds ``ref_logprob``/``kl`` for acting rows and ``score``, ``prompt`` and
+    ``completion`` for rows that ended, each with the Gymnasium ``_key`` mask. The public
+    properties (``max_new_tokens``, ``pad_token_id``, ``vocab_size``, settable ``beta``, ...)
+    are ``EnvProperties``'.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -63,12 +65,14 @@ class VectorTextGenEnv(VectorEnv):
         self.render_mode = render_mode
         self.num_envs, self.group_size = num_envs, group_size
         self.num_groups = num_envs // group_size
-        self.core = EpisodeBatch(
-            tokenizer, ref_model, reward, prompts,
-            beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-            batch_size=num_envs, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
+        parts = load_parts(
+            tokenizer, ref_model, reward, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code,
-        )  # fmt: skip
+        )
+        self.core = EpisodeBatch(
+            *parts[:3], prompts, beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+            batch_size=num_envs, device=parts[3],
+        )
         self.single_observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.single_action_space = spaces.action_space(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
@@ -78,10 +82,6 @@ class VectorTextGenEnv(VectorEnv):
         self._queues: list[list[str]] = []  # per group: prompts of episodes not yet finished by all
         self._queue_start = np.zeros(self.num_groups, dtype=np.int64)  # episode index of queue[0]
         self._started = False
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
 
     # -- prompts per group -------------------------------------------------------------------
     def _prompt_for(self, row: int) -> str:
@@ -136,7 +136,14 @@ class VectorTextGenEnv(VectorEnv):
         if out.kl is not None:
             info["kl"], info["_kl"] = out.kl.numpy(), acting_np.copy()
         if self._autoreset.any():
-            info["score"], info["_score"] = out.score.numpy(), self._autoreset.copy()
+            ended = self._autoreset.copy()
+            info["score"], info["_score"] = out.score.numpy(), ended
+            # The ended rows' text, as TextGenEnv gives it on the last step ("" elsewhere).
+            prompt, completion = np.full(B, "", dtype=object), np.full(B, "", dtype=object)
+            for r in np.flatnonzero(ended):
+                prompt[r], completion[r] = self.core.prompt_text[r], self.core.completion_text(r)
+            info["prompt"], info["_prompt"] = prompt, ended.copy()
+            info["completion"], info["_completion"] = completion, ended.copy()
         return self._obs(), out.reward.numpy(), terminated, truncated, info
 
     def _obs(self) -> dict[str, np.ndarray]:

@@ -8,13 +8,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import plugins
-from rlhf_env import cli
+from rlhf_env import cli, rollout
 
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
@@ -41,7 +40,7 @@ def run_json(capsys) -> dict:
 
 def test_list_json_has_the_describe_structure(fresh_host, capsys):
     desc = run_json(capsys)
-    assert set(desc) == {"algorithms", "tasks", "rewards", "commands", "failed"}
+    assert set(desc) == {"algorithms", "tasks", "rewards", "generators", "commands", "failed"}
     for reward in BUILTIN_REWARDS:
         assert (reward, "rlhf_env.builtins") in named(desc["rewards"])
     assert ("arithmetic", "rlhf_env.builtins") in named(desc["tasks"])
@@ -106,26 +105,50 @@ def test_run_rollout_episodes_are_consistent():
         assert ep.ret == pytest.approx(ep.score - 0.5 * ep.kl, abs=1e-5)
 
 
-def test_episode_tracker_follows_next_step_autoreset():
+class ScriptedVectorEnv:
+    """A 2-row vector env that replays fixed steps (reward, terminated, truncated, info)."""
+
+    num_envs, max_new_tokens = 2, 4
+
+    def __init__(self, steps):
+        self.steps = iter(steps)
+        one = np.array([1, 1])
+        self.obs = {"input_ids": np.array([[7, 0, 0], [8, 0, 0]]), "length": one, "prompt_length": one}
+
+    def reset(self, seed=None, options=None):
+        return self.obs, {}
+
+    def step(self, action):
+        return (self.obs, *next(self.steps))
+
+
+class ZeroSampler:
+    def act(self, obs):
+        return {"token": np.zeros(2, dtype=np.int64), "logprob": np.zeros(2, dtype=np.float32)}
+
+
+def test_episode_stream_follows_next_step_autoreset():
     """Row 0 ends on step 2; step 3 is its reset (reward 0, not counted); row 1 runs on."""
-    env = SimpleNamespace(core=SimpleNamespace(prompt_text=["p0", "p1"]), completions=lambda: ["ab", "c"])
-    tracker = cli.EpisodeTracker(2)
     acting = np.array([True, True])
     no = np.array([False, False])
-    assert tracker.update(env, np.array([-0.1, -0.2]), no, no, {"kl": np.array([2.0, 4.0]), "_kl": acting}) == []
-    ended = tracker.update(
-        env, np.array([0.7, -0.2]), np.array([True, False]), no,
-        {"kl": np.array([1.0, 4.0]), "_kl": acting, "score": np.array([0.8, 0.0]), "_score": np.array([True, False])},
-    )  # fmt: skip
-    assert ended == [cli.Episode(0, "p0", "ab", 0.8, 3.0, pytest.approx(0.6))]
-    reset_step = {"kl": np.array([0.0, 1.0]), "_kl": np.array([False, True])}
-    assert tracker.update(env, np.array([0.0, -0.1]), no, no, reset_step) == []
-    ended = tracker.update(
-        env, np.array([-0.3, 0.5]), no, np.array([False, True]),
-        {"kl": np.array([5.0, 1.0]), "_kl": acting, "score": np.array([0.0, 0.9]), "_score": np.array([False, True])},
-    )  # fmt: skip
-    assert ended == [cli.Episode(1, "p1", "c", 0.9, 10.0, pytest.approx(0.0, abs=1e-9))]
-    assert tracker.kl[0] == 5.0 and tracker.ret[0] == pytest.approx(-0.3)  # row 0's new episode
+    text = {"prompt": np.array(["p0", "p1"], dtype=object), "completion": np.array(["ab", "c"], dtype=object)}
+    end0 = {"kl": np.array([1.0, 4.0]), "_kl": acting, "score": np.array([0.8, 0.0]), **text}
+    end1 = {"kl": np.array([5.0, 1.0]), "_kl": acting, "score": np.array([0.0, 0.9]), **text}
+    steps = [
+        (np.array([-0.1, -0.2]), no, no, {"kl": np.array([2.0, 4.0]), "_kl": acting}),
+        (np.array([0.7, -0.2]), np.array([True, False]), no, end0),
+        (np.array([0.0, -0.1]), no, no, {"kl": np.array([0.0, 1.0]), "_kl": np.array([False, True])}),
+        (np.array([-0.3, 0.5]), no, np.array([False, True]), end1),
+    ]
+    stream = rollout.EpisodeStream(ScriptedVectorEnv(steps), ZeroSampler())
+    eps = iter(stream)
+    ended = next(eps)
+    assert (ended.row, ended.prompt, ended.completion, ended.score, ended.kl) == (0, "p0", "ab", 0.8, 3.0)
+    assert ended.ret == pytest.approx(0.6) and len(ended.tokens) == 2
+    ended = next(eps)
+    assert (ended.row, ended.prompt, ended.completion, ended.score, ended.kl) == (1, "p1", "c", 0.9, 10.0)
+    assert ended.ret == pytest.approx(0.0, abs=1e-9) and len(ended.tokens) == 4
+    assert stream.tokens == 7  # row 0's reset step generated nothing
 
 
 def test_clip_quotes_and_shortens():
@@ -155,7 +178,7 @@ def test_task_commands_use_a_given_local_checkpoint(tmp_path, monkeypatch, capsy
     path = str(save_tiny(model, tok, tmp_path / "ckpt"))
     assert cli.main(["base-model", "--task", "arithmetic", "--model", path, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["path"] == path and report["eval_prompts"] == 200 and report["parameters"] == model.num_parameters()
+    assert report["path"] == path and report["eval_prompts"] == 64 and report["parameters"] == model.num_parameters()
     assert 0.0 <= report["gold_mean_sampled"] <= 1.0
     assert cli.main(["rollout", "--task", "arithmetic", "--model", path, "--episodes", "2", "--num-envs", "2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("episode")]

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from rlhf_env.policy import sample_completions
-from rlhf_env.tasks.base import PreferencePair, RewardFn
+from rlhf_env.rollout import complete
+from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
 
 def preference_probability(gold_a: np.ndarray, gold_b: np.ndarray, tau: float) -> np.ndarray:
@@ -56,8 +56,8 @@ def sample_preference_pairs(
             break
         k = math.ceil(need * 1.5)
         prompts = [task.train_prompts[i] for i in rng.integers(len(task.train_prompts), size=k)]
-        a = sample_completions(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_)
-        b = sample_completions(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1)
+        a = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_)
+        b = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1)
         keep = [i for i in range(k) if a[i] != b[i]]
         pairs += label_pairs([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
                              task.gold_reward, tau, rng)[:need]  # fmt: skip

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,6 @@ class BaseModelRecipe:
     lr: float = 3e-3
     seed: int = 0
     chars: str | None = None
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One labelled comparison: ``chosen`` was preferred to ``rejected`` for ``prompt``."""
-
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 @dataclass
@@ -76,3 +67,6 @@ class Task:
         """A short hash of everything that determines the base model."""
         blob = json.dumps({"task": self.name, "config": self.config, "recipe": asdict(self.recipe)}, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+__all__ = ["BaseModelRecipe", "PreferencePair", "RewardFn", "Task"]

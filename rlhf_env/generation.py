@@ -1,0 +1,51 @@
+"""The generation seam: how the rollout path gets tokens from a policy model.
+
+A *generator* is a factory registered through the ``rlhf_register_generators`` hook; the
+rollout path (``rlhf_env.rollout``) builds one sampler per rollout from it, by name, and
+calls ``act`` once per env step. The built-in ``kv_cache`` is ``SamplingPolicy`` (the
+policy's own KV cache, one batched forward per step). A faster backend is a plugin that
+registers another name; it may generate whole completions when it first sees a prompt and
+hand them out token by token, as long as the log-probs are those of what it sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+DEFAULT_GENERATOR = "kv_cache"
+
+
+class Sampler(Protocol):
+    def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One token per row from a vector-env observation.
+
+        ``obs``: ``input_ids`` (B, L) int64 prompt ∘ completion ids, right-padded with
+        ``pad_token_id``; ``length`` (B,) and ``prompt_length`` (B,); a row with
+        ``length == prompt_length`` has just started an episode on a new prompt.
+        Returns ``{"token": (B,) int64 in [0, vocab_size), "logprob": (B,) float32}``, the
+        log-prob of each token under the distribution it was drawn from (≤ 0).
+        """
+
+
+class Generator(Protocol):
+    def __call__(
+        self,
+        model,
+        batch_size: int,
+        *,
+        pad_token_id: int,
+        vocab_size: int,
+        seed: int,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ) -> Sampler:
+        """A sampler for ``batch_size`` env rows from the causal LM ``model``, seeded with ``seed``."""
+
+
+def make_sampler(name: str, model, batch_size: int, **kwargs: Any) -> Sampler:
+    """The registered generator ``name`` (unknown names list the registered ones) built for one rollout."""
+    import plugins
+
+    return plugins.get_host().generators.get(name)(model, batch_size, **kwargs)

@@ -1,0 +1,221 @@
+"""The one rollout path: run a sampler in a vector env, episode by episode.
+
+``EpisodeStream`` steps a ``VectorTextGenEnv`` (or any wrapper of it) with a sampler from
+the generation seam (``rlhf_env.generation``) and yields every episode as it ends;
+``collect`` keeps the first episode of each row as a typed ``RolloutBatch`` (training),
+``evaluate`` averages the gold reward and KL of such a batch (evaluation; "base-model gold"
+is ``evaluate`` of the base model: sampled at temperature 1 on the first ``EVAL_PROMPTS``
+eval prompts with ``EVAL_SEED``). Only the envs' public API is used, through wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
+from rlhf_env.scoring import pack
+
+EVAL_PROMPTS = 64  # the first n eval prompts
+EVAL_SEED = 12345  # one fixed seed for every evaluation
+
+
+def env_attr(env, name: str) -> Any:
+    """``name`` of the innermost env that has it, through Gymnasium (vector) wrappers."""
+    while not hasattr(env, name) and hasattr(env, "env"):
+        env = env.env
+    return getattr(env, name)
+
+
+def set_env_attr(env, name: str, value: Any) -> None:
+    """Set ``name`` (e.g. ``beta``) on the env that has it, through wrappers."""
+    while not hasattr(env, name) and hasattr(env, "env"):
+        env = env.env
+    setattr(env, name, value)
+
+
+@dataclass
+class Episode:
+    """One finished episode of one env row; the per-token arrays are (n,) for n completion tokens."""
+
+    row: int
+    prompt: str
+    completion: str
+    prompt_ids: list[int]
+    tokens: np.ndarray  # int64, the completion ids
+    logprobs: np.ndarray  # float32, log π_old of each token (the sampler's)
+    ref_logprobs: np.ndarray  # float32, log π_ref (0 without a reference)
+    rewards: np.ndarray  # float32, the env's token rewards
+    score: float  # the reward at the end
+    kl: float  # Σ_t (log π_θ − log π_ref), as the env reported it
+    ret: float  # Σ_t rewards
+
+
+class EpisodeStream:
+    """Iterate the episodes of ``env`` (``NEXT_STEP`` autoreset) acted on by ``sampler``.
+
+    ``env.reset(seed, options)`` happens on the first iteration; ``tokens`` counts the
+    tokens the sampler generated so far (acting rows over all steps).
+    """
+
+    def __init__(self, env, sampler, seed: int | None = None, options: dict | None = None):
+        self.env, self.sampler, self.seed, self.options = env, sampler, seed, options
+        self.tokens = 0
+
+    def __iter__(self) -> Iterator[Episode]:
+        env = self.env
+        B, N = env.num_envs, env_attr(env, "max_new_tokens")
+        obs, _ = env.reset(seed=self.seed, options=self.options)
+        prompt_ids = [obs["input_ids"][r, : obs["prompt_length"][r]].tolist() for r in range(B)]
+        tokens = np.zeros((B, N), dtype=np.int64)
+        logp, ref_logp, rewards = (np.zeros((B, N), dtype=np.float32) for _ in range(3))
+        kl, ret = np.zeros(B, dtype=np.float64), np.zeros(B, dtype=np.float64)
+        length = np.zeros(B, dtype=np.int64)
+        acting = np.ones(B, dtype=bool)  # False on a row's reset step (the step after it ended)
+        while True:
+            action = self.sampler.act(obs)
+            self.tokens += int(acting.sum())
+            obs, reward, terminated, truncated, info = env.step(action)
+            rows = np.flatnonzero(acting)
+            t = length[rows]
+            tokens[rows, t] = np.asarray(action["token"])[rows]
+            logp[rows, t] = np.asarray(action["logprob"])[rows]
+            if "ref_logprob" in info:
+                ref_logp[rows, t] = info["ref_logprob"][rows]
+            rewards[rows, t] = reward[rows]
+            ret[rows] += reward[rows]
+            if "kl" in info:
+                mask = info["_kl"] & acting
+                kl[mask] += info["kl"][mask]
+            length[rows] += 1
+            for r in np.flatnonzero(~acting):  # a reset step: the row's next episode begins
+                prompt_ids[r] = obs["input_ids"][r, : obs["prompt_length"][r]].tolist()
+            ended = np.asarray(terminated) | np.asarray(truncated)
+            done = []
+            for r in np.flatnonzero(ended):
+                n = int(length[r])
+                done.append(
+                    Episode(
+                        int(r), str(info["prompt"][r]), str(info["completion"][r]), prompt_ids[r],
+                        tokens[r, :n].copy(), logp[r, :n].copy(), ref_logp[r, :n].copy(), rewards[r, :n].copy(),
+                        float(info["score"][r]), float(kl[r]), float(ret[r]),
+                    )
+                )
+                length[r], kl[r], ret[r] = 0, 0.0, 0.0
+            acting = ~ended
+            yield from done
+
+
+@dataclass
+class RolloutBatch:
+    """One completed episode per env row, in "action" coordinates.
+
+    Position ``t`` of the (B, L-1) tensors is the choice of token ``input_ids[:, t+1]``,
+    matching ``next_token_logprobs``; ``action_mask`` is 1 on completion tokens only.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    input_ids: torch.Tensor  # (B, L) prompt ∘ completion, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    action_mask: torch.Tensor  # (B, L-1) float
+    logprobs: torch.Tensor  # (B, L-1) log π_old of the taken tokens
+    ref_logprobs: torch.Tensor  # (B, L-1) log π_ref
+    rewards: torch.Tensor  # (B, L-1) the env's token rewards (KL-shaped, score at the end)
+    scores: torch.Tensor  # (B,) the reward at the end of each episode (gold here)
+    vocab_size: int | None = None  # the tokenizer's ids: log-probs are over these (see ``token_logprobs``)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.action_mask.sum())
+
+
+def first_episodes(stream: EpisodeStream, num_rows: int) -> list[Episode]:
+    """Step ``stream`` until every row finished one episode; its first episode of each row, in row order."""
+    first: list[Episode | None] = [None] * num_rows
+    left = num_rows
+    for ep in stream:
+        if first[ep.row] is None:
+            first[ep.row], left = ep, left - 1
+            if not left:
+                break
+    return first  # type: ignore[return-value]
+
+
+def to_batch(episodes: list[Episode], pad_token_id: int, vocab_size: int | None, device=None) -> RolloutBatch:
+    """Pack one episode per row into a ``RolloutBatch`` (on ``device``)."""
+    seqs = [ep.prompt_ids + ep.tokens.tolist() for ep in episodes]
+    ids, attn = pack(seqs, pad_token_id)
+    shape = (len(episodes), ids.shape[1] - 1)
+    action_mask, old, ref, rew = (torch.zeros(shape) for _ in range(4))
+    for r, ep in enumerate(episodes):
+        start, n = len(ep.prompt_ids) - 1, len(ep.tokens)
+        action_mask[r, start : start + n] = 1
+        old[r, start : start + n] = torch.from_numpy(ep.logprobs)
+        ref[r, start : start + n] = torch.from_numpy(ep.ref_logprobs)
+        rew[r, start : start + n] = torch.from_numpy(ep.rewards)
+    scores = torch.tensor([ep.score for ep in episodes], dtype=torch.float32)
+    tensors = [t.to(device) for t in (ids, attn, action_mask, old, ref, rew, scores)]
+    return RolloutBatch([ep.prompt for ep in episodes], [ep.completion for ep in episodes], *tensors, vocab_size)
+
+
+def collect(
+    env,
+    model,
+    seed: int,
+    prompts: list[str] | None = None,
+    *,
+    device=None,
+    generator: str = DEFAULT_GENERATOR,
+    greedy: bool = False,
+) -> RolloutBatch:
+    """Run ``model`` (through the registered ``generator``) until every row of ``env`` finished one episode.
+
+    ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
+    """
+    B, pad, vocab = env.num_envs, env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
+    sampler = make_sampler(generator, model, B, pad_token_id=pad, vocab_size=vocab, seed=seed, greedy=greedy)
+    stream = EpisodeStream(env, sampler, seed, {"prompts": prompts} if prompts is not None else None)
+    return to_batch(first_episodes(stream, B), pad, vocab, device)
+
+
+def sequence_kl(batch: RolloutBatch) -> torch.Tensor:
+    """(B,) Σ_t (log π − log π_ref) over each completion: the sampled KL to the reference (docs/maths.md §3)."""
+    with torch.no_grad():
+        return ((batch.logprobs - batch.ref_logprobs) * batch.action_mask).sum(1)
+
+
+def evaluate(env, model, prompts: list[str], *, seed: int = EVAL_SEED, device=None, greedy: bool = False,
+             generator: str = DEFAULT_GENERATOR) -> dict[str, Any]:
+    """Gold reward and KL of ``model``'s completions of ``prompts`` (one row of ``env`` each).
+
+    ``env``: a vector env with ``len(prompts)`` rows, the gold reward, β = 0 and the
+    reference model. Returns ``gold_mean``, ``kl_mean`` (Σ_t log π − log π_ref), ``n``
+    and the first three ``examples`` (prompt, completion).
+    """
+    batch = collect(env, model, seed, list(prompts), device=device, generator=generator, greedy=greedy)
+    return {
+        "gold_mean": float(batch.scores.mean()),
+        "kl_mean": float(sequence_kl(batch).mean()),
+        "n": len(batch.prompts),
+        "examples": list(zip(batch.prompts[:3], batch.completions[:3])),
+    }
+
+
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, seed: int = 0, greedy: bool = False,
+             generator: str = DEFAULT_GENERATOR) -> list[str]:
+    """``model``'s completions of ``prompts`` (sampled at temperature 1, or greedy), in their order.
+
+    The rollout path in an env without reference or reward (β = 0), one row per prompt.
+    """
+    from rlhf_env.vector_env import VectorTextGenEnv
+
+    device = next(model.parameters()).device
+    env = VectorTextGenEnv(
+        tokenizer, None, lambda p, c: [0.0] * len(c), prompts,
+        num_envs=len(prompts), beta=0.0, max_new_tokens=max_new_tokens, device=device,
+    )
+    return collect(env, model, seed, list(prompts), generator=generator, greedy=greedy).completions
