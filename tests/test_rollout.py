@@ -41,7 +41,7 @@ def rlhf_register_generators(register):
 
 def test_a_plugin_generator_is_used_by_the_rollout_path(plugin_path, write_dist):
     write_dist(plugin_path, "rlhf_demo_gen", {"gen": "rlhf_demo_gen"}, {"rlhf_demo_gen": CONST_GENERATOR})
-    assert {"name": "const5", "plugin": "gen"} in plugins.get_host().describe()["generators"]
+    assert ("const5", "gen") in {(e["name"], e["plugin"]) for e in plugins.get_host().describe()["generators"]}
     env = make_default_vector_env(num_envs=3, max_new_tokens=4, beta=0.0)
     model = env.ref_model
     batch = collect(env, model, seed=7, generator="const5")
