@@ -8,7 +8,7 @@ every token keeps a REINFORCE gradient, with a bounded weight:
     J       = Σ_i Σ_t ŵ_{i,t} Â_i log π_θ(y_{i,t}|s_{i,t}) / Σ_i |y_i|   [ − β token_mean(k3) ]
 
 MiniMax sets no lower bound (ε_low large) and tunes ε_high only. GRPO's trainer with this
-loss: docs/maths.md §24.
+loss: docs/maths.md §17.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def clipped(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> t
 
 
 def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) for each row, the mean of the *other* k−1 scores of its group (docs/maths.md §20).
+    """(B,) for each row, the mean of the *other* k−1 scores of its group (docs/maths.md §13).
 
     b_i = (Σ_j r_j − r_i) / (k − 1), row i in group i // k (the env's layout).
 
@@ -144,7 +144,7 @@ def seq_sum_norm(x: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> to
 
 
 def asymmetric_clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float):
-    """min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) and where the clip changed it (DAPO's clip-higher, docs/maths.md §20).
+    """min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) and where the clip changed it (DAPO's clip-higher, docs/maths.md §13).
 
     With ε_low = ε_high = ε this is ``clipped_surrogate`` on a given ratio.
 
@@ -161,7 +161,7 @@ def asymmetric_clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, 
 
 
 def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) GSPO's length-normalised sequence ratio s_i = exp((1/|y_i|) Σ_t (log π_θ − log π_old)) (docs/maths.md §20).
+    """(B,) GSPO's length-normalised sequence ratio s_i = exp((1/|y_i|) Σ_t (log π_θ − log π_old)) (docs/maths.md §13).
 
     Args:
         logp: (B, T) log π_θ (with gradients); old_logp: (B, T) log π_old (no gradient); mask: (B, T).

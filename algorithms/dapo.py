@@ -1,6 +1,6 @@
 """DAPO: Decoupled clip and Dynamic sAmpling Policy Optimization (Yu et al. 2025), a GRPO variant.
 
-GRPO's group-normalised advantages (docs/maths.md §7) with four changes (docs/maths.md §25):
+GRPO's group-normalised advantages (docs/maths.md §7) with four changes (docs/maths.md §18):
 
 - **Clip-higher**: min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) with ε_high > ε_low, so unlikely
   tokens can gain probability faster (against entropy collapse).
@@ -132,8 +132,9 @@ class Trainer(grpo.Trainer):
         for round_ in range(c.max_sample_rounds):
             batch = collect_rollouts(self.ctx, env, seed + 100_003 * round_)  # a fresh draw each round
             lengths = batch.action_mask.sum(1)
-            batch.scores = batch.scores + overlong_penalty(lengths, self.ctx.task.max_new_tokens,
-                                                           c.overlong_buffer, c.overlong_penalty)  # fmt: skip
+            batch.scores = batch.scores + overlong_penalty(
+                lengths, self.ctx.task.max_new_tokens, c.overlong_buffer, c.overlong_penalty
+            )
             groups = informative_groups(batch.scores, G).nonzero().flatten()[: c.num_prompts - n_kept]
             sampled += c.num_prompts
             if len(groups):

@@ -8,10 +8,11 @@ completion, the geometric mean of its token ratios, clipped per sequence:
 
 Clipping whole sequences removes the per-token ratio noise that GRPO's token ratios carry
 (Zheng et al. §4). The paper's ε are tiny (3e-4, 4e-4) because s_i is a length-normalised
-ratio; the defaults here are the paper's. GRPO's trainer with this loss: docs/maths.md §23.
+ratio; the defaults here are the paper's. GRPO's trainer with this loss: docs/maths.md §16.
 """
 
 from __future__ import annotations
+
 from dataclasses import dataclass
 
 from algorithms import grpo

@@ -9,7 +9,7 @@ global batch (not per prompt, which Hu argues over-fits easy prompts):
 
 with b_i = 0 (REINFORCE++) or the mean score of completion i's group (REINFORCE++-baseline,
 G ≥ 2 completions a prompt). The loss is PPO's clipped surrogate, averaged over the
-minibatch's tokens. The formulas: docs/maths.md §22.
+minibatch's tokens. The formulas: docs/maths.md §15.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ class BaselineConfig(Config):
 
     def __post_init__(self):
         if self.group_size < 2:
-            raise ValueError(f"REINFORCE++-baseline needs group_size >= 2 (the baseline is a group mean), got {self.group_size}")
+            raise ValueError(
+                f"REINFORCE++-baseline needs group_size >= 2 (the baseline is a group mean), got {self.group_size}"
+            )
         super().__post_init__()
 
 
@@ -112,7 +114,9 @@ class Trainer(Stateful):
         c, policy = self.config, self.ctx.policy
         B = c.num_prompts * c.group_size
         batch = collect_rollouts(self.ctx, self.ctx.env(B, group_size=c.group_size, beta=c.kl_coef), seed)
-        advantages = reinforce_pp_advantages(batch.rewards, batch.action_mask, self.baseline(batch.scores, c.group_size))
+        advantages = reinforce_pp_advantages(
+            batch.rewards, batch.action_mask, self.baseline(batch.scores, c.group_size)
+        )
         means = Means()
         for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]

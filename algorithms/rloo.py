@@ -7,7 +7,7 @@ k − 1 completions of its prompt, so the estimate stays unbiased (b_i does not 
     L = −(1/B) Σ_i (R_i − b_i) · log π_θ(y_i | x_i),   b_i = (1/(k−1)) Σ_{j≠i} R_j.
 
 One optimizer step per rollout, on-policy, no ratio and no clipping. The formulas:
-docs/maths.md §21 (and §20 for the baseline).
+docs/maths.md §14 (and §13 for the baseline).
 """
 
 from __future__ import annotations

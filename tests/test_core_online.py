@@ -1,4 +1,4 @@
-"""The shared pieces of the 2025 online zoo (algorithms/core.py, docs/maths.md §20), each by hand:
+"""The shared pieces of the 2025 online zoo (algorithms/core.py, docs/maths.md §13), each by hand:
 leave-one-out baselines, the three loss aggregations, asymmetric clipping, sequence ratios."""
 
 from __future__ import annotations

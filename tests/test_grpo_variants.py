@@ -83,9 +83,18 @@ def test_overlong_penalty_and_informative_groups():
 def _batch(L, value):
     B = 2
     t = torch.full((B, L - 1), value)
-    return RolloutBatch([f"p{value}{r}" for r in range(B)], [f"c{value}{r}" for r in range(B)],
-                        torch.full((B, L), int(value)), torch.ones(B, L), t, t, t, t,
-                        torch.tensor([value, value + 0.5]), 11)  # fmt: skip
+    return RolloutBatch(
+        [f"p{value}{r}" for r in range(B)],
+        [f"c{value}{r}" for r in range(B)],
+        torch.full((B, L), int(value)),
+        torch.ones(B, L),
+        t,
+        t,
+        t,
+        t,
+        torch.tensor([value, value + 0.5]),
+        11,
+    )
 
 
 def test_take_rows_concatenates_and_pads():
@@ -99,9 +108,12 @@ def test_take_rows_concatenates_and_pads():
 @pytest.mark.parametrize("spec", [GSPO, CISPO, DAPO], ids=["gspo", "cispo", "dapo"])
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"clip_eps_low": 0.0}, "clip_eps_low must be in"), ({"clip_eps_high": 0.0}, "clip_eps_high must be > 0"),
-     ({"group_size": 1}, "GRPO needs group_size >= 2")],
-)  # fmt: skip
+    [
+        ({"clip_eps_low": 0.0}, "clip_eps_low must be in"),
+        ({"clip_eps_high": 0.0}, "clip_eps_high must be > 0"),
+        ({"group_size": 1}, "GRPO needs group_size >= 2"),
+    ],
+)
 def test_impossible_config_is_an_error(spec, overrides, message):
     with pytest.raises(ValueError, match=message):
         spec.make_config(**overrides)
