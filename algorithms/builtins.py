@@ -19,6 +19,23 @@ def rlhf_register_algorithms(register):
     register("reward_model", AlgorithmSpec(reward_model.Config, reward_model.Trainer,
                                            "Bradley-Terry reward model from preference pairs (exportable as an env reward)",
                                            trains_policy=False))
+    register_online_zoo(register)
+
+
+def register_online_zoo(register):
+    """The 2025 online zoo (issue 15): RLOO, REINFORCE++, GSPO, CISPO, DAPO."""
+    from algorithms import cispo, dapo, gspo, reinforce_pp, rloo
+    from algorithms.base import AlgorithmSpec
+
+    register("rloo", AlgorithmSpec(rloo.Config, rloo.Trainer, "RLOO: k samples a prompt, leave-one-out baseline, REINFORCE"))
+    register("reinforce_pp", AlgorithmSpec(reinforce_pp.Config, reinforce_pp.Trainer,
+                                           "REINFORCE++: token KL in the reward, batch-whitened returns, clipped ratio"))
+    register("reinforce_pp_baseline", AlgorithmSpec(reinforce_pp.BaselineConfig, reinforce_pp.BaselineTrainer,
+                                                    "REINFORCE++-baseline: REINFORCE++ with a group-mean score baseline"))
+    register("gspo", AlgorithmSpec(gspo.Config, gspo.Trainer, "GSPO: GRPO with length-normalised sequence ratios, clipped per sequence"))
+    register("cispo", AlgorithmSpec(cispo.Config, cispo.Trainer, "CISPO: GRPO advantages, clipped stop-gradient IS weights on a REINFORCE loss"))
+    register("dapo", AlgorithmSpec(dapo.Config, dapo.Trainer,
+                                   "DAPO: clip-higher, token-level loss, dynamic sampling, overlong reward shaping"))
 
 
 @hookimpl

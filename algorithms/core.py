@@ -109,3 +109,61 @@ def clipped(ratio: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> t
     adv = advantages.detach()
     ratio = ratio.detach()
     return ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+
+
+# -- the 2025 zoo's shared pieces (RLOO, REINFORCE++, GSPO, CISPO, DAPO) ------------------------
+
+
+def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) for each row, the mean of the *other* k−1 scores of its group (docs/maths.md §13).
+
+    b_i = (Σ_j r_j − r_i) / (k − 1), row i in group i // k (the env's layout).
+
+    Args:
+        scores: (B,) rewards, B a multiple of ``group_size`` = k ≥ 2.
+    """
+    if group_size < 2 or scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores must be (B,) with B a multiple of group_size={group_size} >= 2, got {tuple(scores.shape)}")
+    grouped = scores.view(-1, group_size)
+    return ((grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-level aggregation: Σ_i Σ_t x_it / Σ_i |y_i| (every token of the batch weighs the same). x, mask: (B, T)."""
+    return masked_mean(x, mask)
+
+
+def seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level aggregation: (1/B) Σ_i (1/|y_i|) Σ_t x_it (GRPO's). x, mask: (B, T)."""
+    return masked_mean(x, mask, dim=1).mean()
+
+
+def seq_sum_norm(x: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Σ_i Σ_t x_it / (max_new_tokens · B): a constant normaliser (Dr. GRPO's). x, mask: (B, T)."""
+    return masked_sum(x, mask) / (max_new_tokens * x.shape[0])
+
+
+def asymmetric_clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float):
+    """min(ρ Â, clip(ρ, 1−ε_low, 1+ε_high) Â) and where the clip changed it (DAPO's clip-higher, docs/maths.md §13).
+
+    With ε_low = ε_high = ε this is ``clipped_surrogate`` on a given ratio.
+
+    Args:
+        ratio: ρ, any shape (per token (B, T) or per sequence (B,)), with gradients.
+        advantages: Â, broadcastable to ``ratio``; no gradient.
+    Returns:
+        (surrogate, clipped bool): clipped where ρ > 1+ε_high with Â > 0 or ρ < 1−ε_low with Â < 0.
+    """
+    adv = advantages.detach()
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    r = ratio.detach()
+    return surrogate, ((r > 1 + eps_high) & (adv > 0)) | ((r < 1 - eps_low) & (adv < 0))
+
+
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) GSPO's length-normalised sequence ratio s_i = exp((1/|y_i|) Σ_t (log π_θ − log π_old)) (docs/maths.md §13).
+
+    Args:
+        logp: (B, T) log π_θ (with gradients); old_logp: (B, T) log π_old (no gradient); mask: (B, T).
+    """
+    return torch.exp(masked_mean(logp - old_logp.detach(), mask, dim=1))

@@ -30,7 +30,7 @@ import torch
 
 from algorithms import core
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import kl_k3, masked_mean, masked_sum
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
@@ -202,14 +202,20 @@ class Trainer(Stateful):
         c = self.config
         return grpo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps, c.kl_coef)
 
+    def rollout(self, seed: int) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
+        """The batch to train on, its (B,) advantages and extra metrics (DAPO overrides this)."""
+        c = self.config
+        # β = 0 in the env: the rewards are raw scores; ref log-probs still come back.
+        env = self.ctx.env(c.num_prompts * c.group_size, group_size=c.group_size, beta=0.0)
+        batch = collect_rollouts(self.ctx, env, seed)
+        return batch, group_advantages(batch.scores, c.group_size, self.scale_by_std, c.std_eps), {}
+
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
-        B = c.num_prompts * c.group_size
-        # β = 0 in the env: the rewards are raw scores; ref log-probs still come back.
-        batch = collect_rollouts(self.ctx, self.ctx.env(B, group_size=c.group_size, beta=0.0), seed)
-        advantages = group_advantages(batch.scores, c.group_size, self.scale_by_std, c.std_eps)
+        batch, advantages, extra = self.rollout(seed)
+        B = len(batch.scores)
         means = Means()
-        for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
+        for rows in minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             parts = self.loss(logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
             grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
@@ -224,6 +230,7 @@ class Trainer(Stateful):
             )
         return {
             **means.means(),
+            **extra,
             M.REWARD_SCORE: batch.scores.mean().item(),
             M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),

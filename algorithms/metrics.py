@@ -123,3 +123,10 @@ def markdown_table() -> str:
     rows = ["| name | meaning | unit |", "|---|---|---|"]
     rows += [f"| `{m.name}` | {m.meaning} | {m.unit} |" for m in VOCABULARY.values()]
     return "\n".join(rows)
+
+# -- the 2025 online zoo (issue 15) ------------------------------------------------------------
+REWARD_GROUPS_KEPT = _metric(
+    "reward/groups_kept",
+    "share of the step's sampled groups whose rewards were not all equal, kept for the update (DAPO)",
+    "fraction",
+)

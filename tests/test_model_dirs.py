@@ -30,6 +30,12 @@ ALGORITHMS = {  # algorithm -> (checkpoint, tiny config)
     "dpo": (("gemma2", "llama"), ["num_pairs=8", "batch_size=4"]),
     "sft": (("gpt_neox", "gpt2"), ["batch_size=4"]),
     "reward_model": (("gemma2", "llama"), ["num_pairs=8", "num_heldout_pairs=4", "batch_size=4", "heldout_every=1"]),
+    "rloo": (("qwen2", "qwen"), ["num_prompts=2", "k=2"]),
+    "reinforce_pp": (("gpt_neox", "gpt2"), ["num_prompts=4", "num_minibatches=2"]),
+    "reinforce_pp_baseline": (("gemma2", "llama"), ["num_prompts=2", "group_size=2", "num_minibatches=1"]),
+    "gspo": (("gpt_neox", "gpt2"), ["num_prompts=2", "group_size=2", "num_minibatches=1"]),
+    "cispo": (("qwen2", "qwen"), ["num_prompts=2", "group_size=2", "num_minibatches=1"]),
+    "dapo": (("gemma2", "llama"), ["num_prompts=2", "group_size=2", "num_minibatches=1"]),
 }
 HF_BARS = ("Loading weights", "Writing model shards")
 

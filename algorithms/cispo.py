@@ -1,0 +1,59 @@
+"""CISPO: Clipped IS-weight Policy Optimization (MiniMax 2025, MiniMax-M1 §3.1), a GRPO variant.
+
+GRPO's advantages (docs/maths.md §7); instead of clipping the surrogate (which drops the
+gradient of clipped tokens), CISPO clips the importance weight and stops its gradient, so
+every token keeps a REINFORCE gradient, with a bounded weight:
+
+    ŵ_{i,t} = sg(clip(ρ_{i,t}, 1−ε_low, 1+ε_high))
+    J       = Σ_i Σ_t ŵ_{i,t} Â_i log π_θ(y_{i,t}|s_{i,t}) / Σ_i |y_i|   [ − β token_mean(k3) ]
+
+MiniMax sets no lower bound (ε_low large) and tunes ε_high only. GRPO's trainer with this
+loss: docs/maths.md §17.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algorithms import grpo
+from algorithms.core import kl_k3, token_mean
+from algorithms.grpo import LossParts
+
+
+@dataclass
+class Config(grpo.Config):
+    kl_coef: float = 0.0  # MiniMax-M1 uses no KL penalty
+    clip_eps_low: float = 1.0  # 1: no lower bound on the weight (ρ > 0), as MiniMax
+    clip_eps_high: float = 0.28  # the weight's upper bound is 1 + ε_high
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0 < self.clip_eps_low <= 1):
+            raise ValueError(f"clip_eps_low must be in (0, 1], got {self.clip_eps_low}")
+        if not self.clip_eps_high > 0:
+            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+
+
+def cispo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=1.0, eps_high=0.28, kl_coef=0.0) -> LossParts:
+    """−token_mean(sg(clip(ρ, 1−ε_low, 1+ε_high)) Â_i log π_θ) + β token_mean(k3).
+
+    Args:
+        logp: (B, T) log π_θ (with gradients); old_logp, ref_logp: (B, T).
+        advantages: (B,) Â_i; mask: (B, T) 1 on completion tokens.
+    Returns:
+        ``LossParts``; clipfrac is the share of completion tokens whose weight was clipped.
+    """
+    ratio = (logp - old_logp).exp().detach()
+    weight = ratio.clamp(1 - eps_low, 1 + eps_high)
+    policy = -token_mean(weight * advantages[:, None].detach() * logp, mask)
+    kl = kl_coef * token_mean(kl_k3(logp, ref_logp), mask)
+    clipfrac = token_mean(((ratio > 1 + eps_high) | (ratio < 1 - eps_low)).to(mask.dtype), mask)
+    return LossParts(policy + kl, policy, kl, clipfrac)
+
+
+class Trainer(grpo.Trainer):
+    """GRPO's sampling, advantages and minibatches; CISPO's clipped-weight REINFORCE loss."""
+
+    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+        c = self.config
+        return cispo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef)

@@ -1,0 +1,59 @@
+"""GSPO: Group Sequence Policy Optimization (Zheng et al. 2025, Qwen), a GRPO variant.
+
+GRPO's advantages (group-normalised, docs/maths.md §7), but one importance ratio per
+completion, the geometric mean of its token ratios, clipped per sequence:
+
+    s_i = (π_θ(y_i|x) / π_old(y_i|x))^{1/|y_i|} = exp((1/|y_i|) Σ_t log ρ_{i,t})
+    J   = (1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i)  [ − β seq_mean(k3) ]
+
+Clipping whole sequences removes the per-token ratio noise that GRPO's token ratios carry
+(Zheng et al. §4). The paper's ε are tiny (3e-4, 4e-4) because s_i is a length-normalised
+ratio; the defaults here are the paper's. GRPO's trainer with this loss: docs/maths.md §16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algorithms import grpo
+from algorithms.core import asymmetric_clipped_surrogate, kl_k3, seq_mean, sequence_ratio, token_mean
+from algorithms.grpo import LossParts
+
+
+@dataclass
+class Config(grpo.Config):
+    kl_coef: float = 0.0  # GSPO uses no KL penalty
+    clip_eps_low: float = 3e-4  # ε_low of the sequence ratio (Zheng et al. §5.1)
+    clip_eps_high: float = 4e-4  # ε_high
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0 < self.clip_eps_low < 1):
+            raise ValueError(f"clip_eps_low must be in (0, 1), got {self.clip_eps_low}")
+        if not self.clip_eps_high > 0:
+            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+
+
+def gspo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=3e-4, eps_high=4e-4, kl_coef=0.0) -> LossParts:
+    """−(1/B) Σ_i min(s_i Â_i, clip(s_i, 1−ε_low, 1+ε_high) Â_i) + β seq_mean(k3).
+
+    Args:
+        logp: (B, T) log π_θ (with gradients); old_logp, ref_logp: (B, T).
+        advantages: (B,) Â_i; mask: (B, T) 1 on completion tokens.
+    Returns:
+        ``LossParts``; clipfrac is the share of completion tokens in clipped sequences.
+    """
+    s = sequence_ratio(logp, old_logp, mask)
+    surrogate, clipped = asymmetric_clipped_surrogate(s, advantages, eps_low, eps_high)
+    policy = -surrogate.mean()
+    kl = kl_coef * seq_mean(kl_k3(logp, ref_logp), mask)
+    clipfrac = token_mean(clipped[:, None].to(mask.dtype).expand_as(mask), mask)
+    return LossParts(policy + kl, policy, kl, clipfrac.detach())
+
+
+class Trainer(grpo.Trainer):
+    """GRPO's sampling, advantages and minibatches; GSPO's sequence-level clipped loss."""
+
+    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+        c = self.config
+        return gspo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef)

@@ -1,0 +1,67 @@
+"""RLOO: REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to basics"; Kool et al. 2019).
+
+Each prompt is completed k times. Completion i's return R_i is the env's KL-shaped return
+(score − β Σ_t k1_t, docs/maths.md §2) and its baseline is the mean return of the *other*
+k − 1 completions of its prompt, so the estimate stays unbiased (b_i does not depend on y_i):
+
+    L = −(1/B) Σ_i (R_i − b_i) · log π_θ(y_i | x_i),   b_i = (1/(k−1)) Σ_{j≠i} R_j.
+
+One optimizer step per rollout, on-policy, no ratio and no clipping. The formulas:
+docs/maths.md §14 (and §13 for the baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.core import leave_one_out_baseline, masked_sum
+from algorithms.grpo import group_std
+from algorithms.plumbing import Optimizer, Stateful
+from algorithms.reinforce import reinforce_loss
+
+
+@dataclass
+class Config:
+    num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × k completions
+    k: int = 8  # completions per prompt (the leave-one-out group)
+    lr: float = 1e-3
+    kl_coef: float = 0.05  # β of the KL-shaped env reward
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"RLOO needs k >= 2 (the baseline is the mean of the other k−1), got k={self.k}")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
+        if not (self.lr > 0 and self.max_grad_norm > 0):
+            raise ValueError(f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}")
+
+
+class Trainer(Stateful):
+    """RLOO: k completions a prompt, leave-one-out baseline, one REINFORCE step per rollout."""
+
+    def __init__(self, ctx: TrainContext, config: Config):
+        self.ctx, self.config = ctx, config
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
+
+    def step(self, step: int, seed: int) -> dict[str, float]:
+        c, policy = self.config, self.ctx.policy
+        env = self.ctx.env(c.num_prompts * c.k, group_size=c.k, beta=c.kl_coef)
+        batch = collect_rollouts(self.ctx, env, seed)
+        returns = masked_sum(batch.rewards, batch.action_mask, 1)
+        seq_logp = masked_sum(policy_logprobs(policy, batch), batch.action_mask, 1)
+        loss = reinforce_loss(seq_logp, returns, leave_one_out_baseline(returns, c.k))
+        grad_norm = self.optimizer.step(loss, policy=loss)
+        return {
+            M.LOSS_POLICY: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.REWARD_SCORE: batch.scores.mean().item(),
+            M.REWARD_GROUP_STD: group_std(batch.scores, c.k).mean().item(),
+            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
+            M.OBJECTIVE_RETURN: returns.mean().item(),
+            M.PERF_TOKENS: batch.num_tokens,
+        }

@@ -1,0 +1,163 @@
+"""GSPO, CISPO and DAPO (GRPO's trainer with registered pieces): losses by hand, DAPO's
+dynamic sampling and overlong shaping, config errors, a trainer step."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from algorithms import cispo, dapo, gspo
+from algorithms.base import AlgorithmSpec, RolloutBatch, TrainContext
+from algorithms.loop import train
+from rlhf_env.tasks.arithmetic import make_arithmetic_task
+from rlhf_env.tasks.base_models import load_base_model
+
+GSPO = AlgorithmSpec(gspo.Config, gspo.Trainer)
+CISPO = AlgorithmSpec(cispo.Config, cispo.Trainer)
+DAPO = AlgorithmSpec(dapo.Config, dapo.Trainer)
+# (B=2, T=5): position 0 is a prompt position, row 0 has 2 completion tokens, row 1 has 3.
+MASK = torch.tensor([[0.0, 1, 1, 0, 0], [0.0, 1, 1, 1, 0]])
+ADV = torch.tensor([1.0, -1.0])
+
+
+def logps(log_ratios, logp_values=None):
+    """(logp with grad, old, ref): log ρ = ``log_ratios`` on the mask, junk (5) elsewhere."""
+    logp = torch.tensor(logp_values) if logp_values is not None else torch.full((2, 5), -1.0)
+    old = torch.where(MASK.bool(), logp - torch.tensor(log_ratios), torch.tensor(5.0))
+    return logp.clone().requires_grad_(True), old, logp.detach().clone()
+
+
+def test_gspo_loss_clips_whole_sequences():
+    logp, old, ref = logps([[0, 0.1, 0.1, 0, 0], [0, 0, 0, 0, 0]])  # s = e^0.1, 1
+    parts = gspo.gspo_loss(logp, old, ref, ADV, MASK, eps_low=0.2, eps_high=0.2)
+    assert parts.loss.item() == pytest.approx(-(math.exp(0.1) - 1) / 2) and parts.clipfrac.item() == 0
+    parts.loss.backward()
+    # ∂/∂log π_t = −Â_i s_i / (|y_i| B): −e^0.1/4 on row 0's tokens, +1/6 on row 1's.
+    want = torch.tensor([[0, -math.exp(0.1) / 4, -math.exp(0.1) / 4, 0, 0], [0, 1 / 6, 1 / 6, 1 / 6, 0]])
+    torch.testing.assert_close(logp.grad, want)
+    # ε_high = 0.05 < e^0.1 − 1: row 0 (Â > 0) is clipped at 1.05 as a whole; its 2 tokens of 5 count.
+    logp.grad = None
+    parts = gspo.gspo_loss(logp, old, ref, ADV, MASK, eps_low=0.2, eps_high=0.05)
+    assert parts.loss.item() == pytest.approx(-(1.05 - 1) / 2) and parts.clipfrac.item() == pytest.approx(2 / 5)
+    parts.loss.backward()
+    torch.testing.assert_close(logp.grad, want * torch.tensor([[0.0], [1.0]]))
+
+
+def test_cispo_loss_keeps_a_gradient_on_clipped_tokens():
+    values = [[0.0, -1, -2, 0, 0], [0.0, -1, -1, -3, 0]]
+    logp, old, ref = logps([[0, math.log(1.5), 0, 0, 0], [0, 0, 0, math.log(0.5), 0]], values)
+    parts = cispo.cispo_loss(logp, old, ref, ADV, MASK, eps_low=0.2, eps_high=0.28)
+    # weights sg(clip ρ) = 1.28, 1 | 1, 1, 0.8;  J = Σ w Â log π / 5.
+    J = (1.28 * -1 + 1 * -2 + -1 * -1 + -1 * -1 + 0.8 * -1 * -3) / 5
+    assert parts.loss.item() == pytest.approx(-J) and parts.clipfrac.item() == pytest.approx(2 / 5)
+    parts.loss.backward()
+    want = torch.tensor([[0, -1.28, -1, 0, 0], [0, 1, 1, 0.8, 0]]) / 5  # −w Â / 5: clipped tokens keep one
+    torch.testing.assert_close(logp.grad, want)
+    # The default ε_low = 1 sets no lower bound: ρ = 0.5 keeps its weight.
+    logp.grad = None
+    parts = cispo.cispo_loss(logp, old, ref, ADV, MASK)
+    parts.loss.backward()
+    assert logp.grad[1, 3].item() == pytest.approx(0.5 / 5) and parts.clipfrac.item() == pytest.approx(1 / 5)
+
+
+def test_dapo_loss_clips_higher_and_averages_tokens():
+    logp, old, ref = logps([[0, math.log(1.25), 0, 0, 0], [0, 0, 0, math.log(0.7), 0]])
+    parts = dapo.dapo_loss(logp, old, ref, ADV, MASK, eps_low=0.2, eps_high=0.28)
+    # ρ = 1.25 with Â > 0 is inside 1 + ε_high (a symmetric ε = 0.2 would clip it); ρ = 0.7 with
+    # Â < 0 is clipped at 0.8. Token mean: (1.25 + 1 − 1 − 1 − 0.8) / 5.
+    assert parts.loss.item() == pytest.approx(0.55 / 5) and parts.clipfrac.item() == pytest.approx(1 / 5)
+    parts.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0, -1.25, -1, 0, 0], [0, 1, 1, 0, 0]]) / 5)
+
+
+def test_overlong_penalty_and_informative_groups():
+    lengths = torch.tensor([2, 3, 4])
+    torch.testing.assert_close(dapo.overlong_penalty(lengths, max_len=4, buffer=2), torch.tensor([0.0, -0.5, -1.0]))
+    torch.testing.assert_close(dapo.overlong_penalty(lengths, 4, 0), torch.zeros(3))
+    assert dapo.informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2).tolist() == [False, True, False]
+
+
+def _batch(L, value):
+    B = 2
+    t = torch.full((B, L - 1), value)
+    return RolloutBatch(
+        [f"p{value}{r}" for r in range(B)],
+        [f"c{value}{r}" for r in range(B)],
+        torch.full((B, L), int(value)),
+        torch.ones(B, L),
+        t,
+        t,
+        t,
+        t,
+        torch.tensor([value, value + 0.5]),
+        11,
+    )
+
+
+def test_take_rows_concatenates_and_pads():
+    a, b = _batch(3, 1.0), _batch(5, 2.0)
+    out = dapo.take_rows([(a, torch.tensor([1])), (b, torch.tensor([0, 1]))], pad_token_id=9)
+    assert out.prompts == ["p1.01", "p2.00", "p2.01"] and out.scores.tolist() == [1.5, 2.0, 2.5]
+    assert out.input_ids.tolist()[0] == [1, 1, 1, 9, 9] and out.attention_mask.tolist()[0] == [1, 1, 1, 0, 0]
+    assert out.action_mask.tolist()[0] == [1, 1, 0, 0] and out.logprobs.shape == (3, 4) and out.vocab_size == 11
+
+
+@pytest.mark.parametrize("spec", [GSPO, CISPO, DAPO], ids=["gspo", "cispo", "dapo"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"clip_eps_low": 0.0}, "clip_eps_low must be in"),
+        ({"clip_eps_high": 0.0}, "clip_eps_high must be > 0"),
+        ({"group_size": 1}, "GRPO needs group_size >= 2"),
+    ],
+)
+def test_impossible_config_is_an_error(spec, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        spec.make_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"max_sample_rounds": 0}, "max_sample_rounds must be >= 1"), ({"overlong_buffer": -1}, "overlong_buffer and")],
+)
+def test_dapo_rejects_impossible_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DAPO.make_config(**overrides)
+
+
+@pytest.fixture
+def task():
+    return make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
+
+
+def test_dapo_buffer_longer_than_the_task_is_an_error(task, tmp_path):
+    with pytest.raises(ValueError, match="overlong_buffer=4 must be below the task's max_new_tokens=4"):
+        train(DAPO, task, tmp_path / "run", steps=1, config={"overlong_buffer": 4}, progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("spec", [GSPO, CISPO, DAPO], ids=["gspo", "cispo", "dapo"])
+def test_a_trainer_step_and_its_state(task, spec):
+    ref, tokenizer = load_base_model(task, device="cpu")
+    config = spec.make_config(num_prompts=2, group_size=4, num_minibatches=2)
+    trainer = spec.Trainer(TrainContext(task, copy.deepcopy(ref).eval(), ref, tokenizer, torch.device("cpu")), config)
+    metrics = trainer.step(0, 3)
+    assert {"loss/policy", "policy/clipfrac", "reward/score", "perf/tokens"} <= metrics.keys()
+    assert all(math.isfinite(v) for v in metrics.values()) and metrics["perf/tokens"] > 0
+    if spec is DAPO:
+        assert 0 <= metrics["reward/groups_kept"] <= 1
+    assert set(trainer.state_dict()) == {"optimizer"}
+
+
+def test_dapo_dynamic_sampling_keeps_only_informative_groups(task):
+    ref, tokenizer = load_base_model(task, device="cpu")
+    ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tokenizer, torch.device("cpu"))
+    trainer = dapo.Trainer(ctx, DAPO.make_config(num_prompts=4, group_size=4, max_sample_rounds=5))
+    batch, advantages, extra = trainer.rollout(seed=0)
+    groups = batch.scores.view(-1, 4)
+    assert len(groups) <= 4 and dapo.informative_groups(batch.scores, 4).all()  # every kept group has a spread
+    assert batch.input_ids.shape[0] == len(advantages) == batch.action_mask.shape[0]
+    sampled = len(groups) / extra["reward/groups_kept"]  # 4 groups a round, 1 to 5 rounds
+    assert sampled in (4, 8, 12, 16, 20) and (len(groups) == 4 or sampled == 20)
