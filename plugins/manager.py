@@ -121,7 +121,7 @@ class PluginHost:
             trial = {attr: reg.copy() for attr, reg in registries.items()}
             try:
                 for attr, function in impls[plugin_name].items():
-                    function(register=lambda name, obj, a=attr: trial[a].add(name, obj, plugin_name))
+                    function(register=lambda name, obj, a=attr, t=trial, p=plugin_name: t[a].add(name, obj, p))
             except Exception as exc:
                 self._register_failures.add(plugin_name)
                 self._fail(plugin_name, f"failed to register: {type(exc).__name__}: {exc}")

@@ -31,10 +31,10 @@ def gae_loop(rewards, values, length, gamma, lam):
     adv = [0.0] * length
     for t in range(length):
         total = 0.0
-        for l in range(length - t):
-            v_next = values[t + l + 1] if t + l + 1 < length else 0.0
-            delta = rewards[t + l] + gamma * v_next - values[t + l]
-            total += (gamma * lam) ** l * delta
+        for k in range(length - t):
+            v_next = values[t + k + 1] if t + k + 1 < length else 0.0
+            delta = rewards[t + k] + gamma * v_next - values[t + k]
+            total += (gamma * lam) ** k * delta
         adv[t] = total
     return adv
 

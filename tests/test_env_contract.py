@@ -96,7 +96,7 @@ def test_vector_groups_share_prompts_even_when_rows_end_at_different_steps():
     a, eos = tok.convert_tokens_to_ids("a"), tok.eos_token_id
     episode_prompts = {r: [env.core.prompt_text[r]] for r in range(B)}
     ended = np.zeros(B, bool)
-    for t in range(14):
+    for _ in range(14):
         # row r ends its episodes early (EOS at its step r % G), the others run to the limit
         tokens = np.array([eos if (obs["length"][r] - obs["prompt_length"][r]) == r % G else a for r in range(B)])
         obs, _, term, trunc, _ = env.step(tokens)
