@@ -87,7 +87,7 @@ def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
         load_suite(write_suite(tmp_path / "s.toml", body))  # when the suite is read, before any cell runs
 
 
-REGISTERED = "registered: dpo, dr_grpo, grpo, ppo, reinforce, reward_model, sft"
+REGISTERED = "registered: dpo, dr_grpo, grpo, ipo, kto, online_dpo, ppo, reinforce, reward_model, sft, simpo"
 KNOBS = "known: ['digits', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
 
 
@@ -234,7 +234,7 @@ def test_an_interrupted_cell_whose_suite_changed_says_so_instead_of_mixing_setti
 
 
 def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy_plugin, tmp_path):
-    body = (f'seeds = [0]\nalgorithms = "all"\nexclude = ["ppo", "grpo", "dr_grpo", "reinforce", "dpo"]\nworkers = 1\n'
+    body = (f'seeds = [0]\nalgorithms = "all"\nexclude = ["ppo", "grpo", "dr_grpo", "reinforce", "dpo", "ipo", "simpo", "kto", "online_dpo"]\nworkers = 1\n'
             f'eval_points = 1\neval_prompts = 8\n[budget]\ntokens = 40\n[hparams.toy_crash]\ndie_at = 0\n'
             f'[hparams.sft]\nbatch_size = 4\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
     suite = load_suite(write_suite(tmp_path / "s.toml", body))

@@ -29,6 +29,10 @@ ALGORITHMS = {  # algorithm -> (checkpoint, tiny config)
     "dr_grpo": (("gemma2", "llama"), ["num_prompts=2", "group_size=2", "num_minibatches=1"]),
     "dpo": (("gemma2", "llama"), ["num_pairs=8", "batch_size=4"]),
     "sft": (("gpt_neox", "gpt2"), ["batch_size=4"]),
+    "ipo": (("qwen2", "qwen"), ["num_pairs=8", "batch_size=4"]),
+    "simpo": (("gpt_neox", "gpt2"), ["num_pairs=8", "batch_size=4"]),
+    "kto": (("gemma2", "llama"), ["num_pairs=8", "batch_size=4"]),
+    "online_dpo": (("qwen2", "qwen"), ["num_prompts=2"]),
     "reward_model": (("gemma2", "llama"), ["num_pairs=8", "num_heldout_pairs=4", "batch_size=4", "heldout_every=1"]),
 }
 HF_BARS = ("Loading weights", "Writing model shards")
