@@ -8,6 +8,7 @@ from plugins import hookimpl
 @hookimpl
 def rlhf_register_algorithms(register):
     from algorithms import dpo, grpo, ppo, reinforce, reward_model, sft
+    from algorithms import kto, online_dpo
     from algorithms.base import AlgorithmSpec
 
     register("ppo", AlgorithmSpec(ppo.Config, ppo.Trainer, "PPO: value head on the trunk, GAE, clipped ratio, KL-shaped rewards"))
@@ -15,6 +16,13 @@ def rlhf_register_algorithms(register):
     register("grpo", AlgorithmSpec(grpo.Config, grpo.Trainer, "GRPO: group-relative advantages, clipped ratio, k3 KL in the loss"))
     register("dr_grpo", AlgorithmSpec(grpo.DrConfig, grpo.DrTrainer, "Dr. GRPO: GRPO without std scaling or length normalisation"))
     register("dpo", AlgorithmSpec(dpo.Config, dpo.Trainer, "DPO: preference pairs against the frozen reference, no reward model"))
+    register("ipo", AlgorithmSpec(dpo.IPOConfig, dpo.IPOTrainer, "IPO: squared loss pulling the pair's log-ratio margin to 1/(2τ)"))
+    register("simpo", AlgorithmSpec(dpo.SimPOConfig, dpo.SimPOTrainer,
+                                    "SimPO: reference-free, length-normalised log-likelihood margin with a target γ"))
+    register("kto", AlgorithmSpec(kto.Config, kto.Trainer,
+                                  "KTO: unpaired desirable/undesirable examples against a KL reference point"))
+    register("online_dpo", AlgorithmSpec(online_dpo.Config, online_dpo.Trainer,
+                                         "Online DPO: pairs sampled from the current policy, ranked by the task's reward"))
     register("sft", AlgorithmSpec(sft.Config, sft.Trainer, "Supervised fine-tuning on the task's demonstrations"))
     register("reward_model", AlgorithmSpec(reward_model.Config, reward_model.Trainer,
                                            "Bradley-Terry reward model from preference pairs (exportable as an env reward)",

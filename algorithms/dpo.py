@@ -11,6 +11,10 @@ minibatch of pairs. The loop still evaluates the policy with env rollouts (gold 
 A completion is scored as the base models were trained (``rlhf_env.scoring.sft_loss``): the
 prompt's ids, then the completion's ids and EOS; log π(y|x) sums over the completion and
 EOS tokens only, never the prompt or the padding. The formulas: docs/maths.md §9.
+
+Two registered variants share the pairs, the encodings and the trainer and differ only in
+the pair loss: IPO (Azar et al. 2023; ``ipo_loss``, docs/maths.md §19) and SimPO (Meng et
+al. 2024; ``simpo_loss``, reference-free and length-normalised, docs/maths.md §20).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from rlhf_env.tasks.base import PreferencePair
 
 
 @dataclass
-class Config:
-    beta: float = 1.0  # β: strength of the implicit KL to the reference (short completions want a large β)
+class PairConfig:
+    """What every offline pair variant shares: the pair data, the optimizer, the batch."""
+
     lr: float = 3e-4
     batch_size: int = 64  # pairs per step
     num_pairs: int = 2048  # pairs drawn from the task's annotators (ignored with preference_file)
@@ -40,17 +45,56 @@ class Config:
     preference_file: str | None = None  # .jsonl/.json/.csv/.parquet with prompt, chosen, rejected
     max_grad_norm: float = 1.0
 
+    name = "DPO"  # how errors name the algorithm (a class attribute, not a field)
+
+    def __post_init__(self):
+        if not self.lr > 0 or not self.max_grad_norm > 0:
+            raise ValueError(f"{self.name} lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        if self.batch_size < 1 or self.num_pairs < 1:
+            raise ValueError(
+                f"{self.name} batch_size and num_pairs must be >= 1, got {self.batch_size}, {self.num_pairs}"
+            )
+        if not self.annotator_tau > 0:
+            raise ValueError(f"{self.name} annotator_tau must be > 0, got {self.annotator_tau}")
+        if self.preference_file is not None and not Path(self.preference_file).expanduser().is_file():
+            raise FileNotFoundError(f"{self.name} preference_file {self.preference_file!r} is not a file")
+
+
+@dataclass
+class Config(PairConfig):
+    beta: float = 1.0  # β: strength of the implicit KL to the reference (short completions want a large β)
+
     def __post_init__(self):
         if not self.beta > 0:
             raise ValueError(f"DPO beta must be > 0, got {self.beta}")
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"DPO lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
-        if self.batch_size < 1 or self.num_pairs < 1:
-            raise ValueError(f"DPO batch_size and num_pairs must be >= 1, got {self.batch_size}, {self.num_pairs}")
-        if not self.annotator_tau > 0:
-            raise ValueError(f"DPO annotator_tau must be > 0, got {self.annotator_tau}")
-        if self.preference_file is not None and not Path(self.preference_file).expanduser().is_file():
-            raise FileNotFoundError(f"DPO preference_file {self.preference_file!r} is not a file")
+        super().__post_init__()
+
+
+@dataclass
+class IPOConfig(PairConfig):
+    tau: float = 0.5  # τ: the regulariser; the loss pulls the log-ratio margin towards 1/(2τ)
+
+    name = "IPO"
+
+    def __post_init__(self):
+        if not self.tau > 0:
+            raise ValueError(f"IPO tau must be > 0 (the target margin is 1/(2 tau)), got {self.tau}")
+        super().__post_init__()
+
+
+@dataclass
+class SimPOConfig(PairConfig):
+    beta: float = 2.0  # β: scale of the length-normalised log-likelihood reward
+    gamma: float = 0.5  # γ: the target reward margin
+
+    name = "SimPO"
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"SimPO beta must be > 0, got {self.beta}")
+        if not self.gamma >= 0:
+            raise ValueError(f"SimPO gamma (the target margin) must be >= 0, got {self.gamma}")
+        super().__post_init__()
 
 
 # -- the maths ---------------------------------------------------------------------------
@@ -79,6 +123,56 @@ def dpo_loss(
     return loss, (beta * chosen).detach(), (beta * rejected).detach()
 
 
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO: mean (h − 1/(2τ))², h = (π+ − r+) − (π− − r−) the log-ratio margin (docs/maths.md §19).
+
+    Args:
+        policy_chosen, policy_rejected: (B,) log π_θ(y±|x), summed over completion tokens.
+        ref_chosen, ref_rejected: (B,) log π_ref(y±|x) (no gradient).
+        tau: τ > 0.
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: a scalar, and (B,) detached
+        τ(log π_θ(y±|x) − log π_ref(y±|x)) (the implicit rewards, τ in β's place).
+    """
+    chosen = policy_chosen - ref_chosen
+    rejected = policy_rejected - ref_rejected
+    # A squared loss: unlike −log σ it stops pushing once the margin reaches 1/(2τ), so the
+    # policy cannot drift arbitrarily far from the reference on deterministic preferences.
+    loss = ((chosen - rejected - 1 / (2 * tau)) ** 2).mean()
+    return loss, (tau * chosen).detach(), (tau * rejected).detach()
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    length_chosen: torch.Tensor,
+    length_rejected: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO: −mean log σ(β/|y+| log π_θ(y+|x) − β/|y−| log π_θ(y−|x) − γ) (docs/maths.md §20).
+
+    No reference model: the reward is the policy's mean log-prob per token.
+
+    Args:
+        policy_chosen, policy_rejected: (B,) log π_θ(y±|x), summed over completion tokens.
+        length_chosen, length_rejected: (B,) |y±|, the tokens summed over (completion + EOS).
+        beta: β > 0; gamma: γ ≥ 0, the target margin.
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: a scalar, and (B,) detached β/|y±| log π_θ(y±|x).
+    """
+    chosen = beta * policy_chosen / length_chosen
+    rejected = beta * policy_rejected / length_rejected
+    loss = -F.logsigmoid(chosen - rejected - gamma).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
 def sequence_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
     vocab_size: int | None = None,
@@ -103,7 +197,11 @@ def load_pairs(ctx: TrainContext, config: Config) -> list[PreferencePair]:
 
 
 class Trainer(Stateful):
-    def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
+    """DPO on pairs; the variants below change only ``pair_loss`` (and whether the reference is needed)."""
+
+    uses_reference = True  # False: no reference log-probs are computed (SimPO)
+
+    def __init__(self, ctx: TrainContext, config: PairConfig, eval_batch_size: int = 256):
         self.ctx, self.config = ctx, config
         self.pairs = load_pairs(ctx, config)
         tok = ctx.tokenizer
@@ -114,35 +212,65 @@ class Trainer(Stateful):
         if limit is not None and longest > limit:
             raise ValueError(f"a preference pair is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
-        # log π_ref(y±|x), once per pair.
-        ref_c, ref_r = [], []
-        with torch.no_grad():
-            for s in range(0, len(self.pairs), eval_batch_size):
-                rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
-                lp = sequence_logprobs(ctx.ref, *pack_completions(rows, self.pad, ctx.device), self.vocab_size)
-                n = len(rows) // 2
-                ref_c.append(lp[:n])
-                ref_r.append(lp[n:])
-        self.ref_chosen, self.ref_rejected = torch.cat(ref_c), torch.cat(ref_r)
+        self.ref_chosen = self.ref_rejected = torch.zeros(len(self.pairs), device=ctx.device)
+        if self.uses_reference:  # log π_ref(y±|x), once per pair
+            self.ref_chosen, self.ref_rejected = self.reference_logprobs(eval_batch_size)
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
+    @torch.no_grad()
+    def reference_logprobs(self, eval_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ref_c, ref_r = [], []
+        for s in range(0, len(self.pairs), eval_batch_size):
+            rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
+            lp = sequence_logprobs(self.ctx.ref, *pack_completions(rows, self.pad, self.ctx.device), self.vocab_size)
+            n = len(rows) // 2
+            ref_c.append(lp[:n])
+            ref_r.append(lp[n:])
+        return torch.cat(ref_c), torch.cat(ref_r)
+
+    def pair_loss(self, policy_c, policy_r, ref_c, ref_r, length_c, length_r):
+        """The variant's loss of (B,) sequence log-probs and lengths: ``(loss, chosen_r, rejected_r)``."""
+        return dpo_loss(policy_c, policy_r, ref_c, ref_r, self.config.beta)
+
     def step(self, step: int, seed: int) -> dict[str, float]:
-        c, policy = self.config, self.ctx.policy
-        idx = draw_rows(len(self.pairs), c.batch_size, seed)
+        policy = self.ctx.policy
+        idx = draw_rows(len(self.pairs), self.config.batch_size, seed)
         rows = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
         ids, attn, mask = pack_completions(rows, self.pad, self.ctx.device)
         logp = sequence_logprobs(policy, ids, attn, mask, self.vocab_size)  # chosen and rejected in one forward
+        lengths = mask.sum(1)
         b = len(idx)
         index = torch.tensor(idx, device=logp.device)
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]
-        loss, chosen_r, rejected_r = dpo_loss(logp[:b], logp[b:], ref_c, ref_r, c.beta)
+        loss, chosen_r, rejected_r = self.pair_loss(logp[:b], logp[b:], ref_c, ref_r, lengths[:b], lengths[b:])
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
             M.LOSS_POLICY: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
             M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
             M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
-            M.DPO_CHOSEN_REWARD: chosen_r.mean().item(),
-            M.DPO_REJECTED_REWARD: rejected_r.mean().item(),
+            **self.reward_metrics(chosen_r, rejected_r),
             M.PERF_TOKENS: float(mask.sum()),
         }
+
+    def reward_metrics(self, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:
+        return {M.DPO_CHOSEN_REWARD: chosen_r.mean().item(), M.DPO_REJECTED_REWARD: rejected_r.mean().item()}
+
+
+class IPOTrainer(Trainer):
+    """IPO: the squared loss toward the margin 1/(2τ)."""
+
+    def pair_loss(self, policy_c, policy_r, ref_c, ref_r, length_c, length_r):
+        return ipo_loss(policy_c, policy_r, ref_c, ref_r, self.config.tau)
+
+
+class SimPOTrainer(Trainer):
+    """SimPO: reference-free, length-normalised; no reference log-probs are computed."""
+
+    uses_reference = False
+
+    def pair_loss(self, policy_c, policy_r, ref_c, ref_r, length_c, length_r):
+        return simpo_loss(policy_c, policy_r, length_c, length_r, self.config.beta, self.config.gamma)
+
+    def reward_metrics(self, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:
+        return {M.SIMPO_CHOSEN_REWARD: chosen_r.mean().item(), M.SIMPO_REJECTED_REWARD: rejected_r.mean().item()}

@@ -87,6 +87,28 @@ DPO_CHOSEN_REWARD = _metric(
 DPO_REJECTED_REWARD = _metric(
     "dpo/rejected_reward", "mean implicit reward β (log π_θ − log π_ref) of the rejected completions", "nats"
 )
+SIMPO_CHOSEN_REWARD = _metric(
+    "dpo/simpo_chosen_reward", "mean SimPO reward β log π_θ / length of the chosen completions", "nats per token"
+)
+SIMPO_REJECTED_REWARD = _metric(
+    "dpo/simpo_rejected_reward", "mean SimPO reward β log π_θ / length of the rejected completions", "nats per token"
+)
+KTO_REFERENCE_POINT = _metric(
+    "dpo/kto_reference_point",
+    "z₀ = max(0, mean log π_θ/π_ref) over the step's mismatched pairs: KTO's KL estimate, docs/maths.md §15",
+    "nats per completion",
+)
+KTO_DESIRABLE_REWARD = _metric(
+    "dpo/kto_desirable_reward", "mean log π_θ − log π_ref of the step's desirable examples", "nats"
+)
+KTO_UNDESIRABLE_REWARD = _metric(
+    "dpo/kto_undesirable_reward", "mean log π_θ − log π_ref of the step's undesirable examples", "nats"
+)
+ONLINE_DPO_PAIR_FRACTION = _metric(
+    "dpo/online_pair_fraction",
+    "share of the step's prompts whose two policy samples differ in reward (online DPO)",
+    "fraction",
+)
 RM_ACCURACY = _metric("rm/accuracy", "share of the step's training pairs with r_φ(y+) > r_φ(y−)", "fraction")
 RM_MARGIN = _metric("rm/margin", "mean r_φ(y+) − r_φ(y−) on the step's training pairs", "reward")
 RM_HELDOUT_ACCURACY = _metric(

@@ -87,8 +87,10 @@ def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
         load_suite(write_suite(tmp_path / "s.toml", body))  # when the suite is read, before any cell runs
 
 
-REGISTERED = ("registered: cispo, dapo, dpo, dr_grpo, grpo, gspo, ppo, reinforce, reinforce_pp, reinforce_pp_baseline, "
-              "reward_model, rloo, sft")
+REGISTERED = (
+    "registered: cispo, dapo, dpo, dr_grpo, grpo, gspo, ipo, kto, online_dpo, ppo, reinforce, reinforce_pp, "
+    "reinforce_pp_baseline, reward_model, rloo, sft, simpo"
+)
 KNOBS = "known: ['digits', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
 
 
@@ -236,7 +238,8 @@ def test_an_interrupted_cell_whose_suite_changed_says_so_instead_of_mixing_setti
 
 # Every built-in that trains a policy but SFT: the "all" suite below runs only SFT and the plugins.
 ONLY_SFT_AND_PLUGINS = json.dumps(
-    ["ppo", "grpo", "dr_grpo", "reinforce", "dpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "cispo", "dapo"]
+    ["ppo", "grpo", "dr_grpo", "reinforce", "dpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "cispo", "dapo",
+     "ipo", "simpo", "kto", "online_dpo"]
 )
 
 

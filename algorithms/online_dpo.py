@@ -1,0 +1,94 @@
+"""Online DPO (Guo et al., 2024, "Direct language model alignment from online AI feedback").
+
+Each step the *current* policy completes every prompt twice; the task's reward (the env's
+reward: the gold reward unless the task or suite chose another) ranks the two samples, the
+higher one is chosen, and the DPO loss (docs/maths.md §9) is taken on those fresh pairs
+against the frozen reference:
+
+    L = −mean log σ(β[(log π_θ(y+|x) − log π_ref(y+|x)) − (log π_θ(y−|x) − log π_ref(y−|x))])
+
+A prompt whose two samples score the same carries no preference and is left out of the
+loss; a step where every prompt ties makes no update. log π_ref comes from the env, which
+scores every sampled token under the reference anyway. The formulas: docs/maths.md §22.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms import metrics as M
+from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.core import masked_sum
+from algorithms.dpo import dpo_loss
+from algorithms.plumbing import Optimizer, Stateful
+
+
+@dataclass
+class Config:
+    num_prompts: int = 32  # prompts per step; each is completed twice by the current policy
+    beta: float = 1.0  # β of the DPO loss (short completions want a large β)
+    lr: float = 3e-4
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.num_prompts < 1:
+            raise ValueError(f"online DPO num_prompts must be >= 1, got {self.num_prompts}")
+        if not self.beta > 0:
+            raise ValueError(f"online DPO beta must be > 0, got {self.beta}")
+        if not self.lr > 0 or not self.max_grad_norm > 0:
+            raise ValueError(f"online DPO lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+
+
+def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rows of the pairs that carry a preference (docs/maths.md §22).
+
+    Args:
+        scores: (2P,) rewards, rows 2p and 2p+1 the two samples of prompt p.
+    Returns:
+        ``(chosen, rejected)``: (K,) row indices, K ≤ P, one per prompt whose two scores differ.
+    """
+    if scores.dim() != 1 or scores.numel() % 2:
+        raise ValueError(f"scores must be (2P,) two samples per prompt, got {tuple(scores.shape)}")
+    pair = scores.view(-1, 2)
+    keep = torch.nonzero(pair[:, 0] != pair[:, 1]).squeeze(1)
+    first_wins = (pair[keep, 0] > pair[keep, 1]).long()
+    chosen = 2 * keep + 1 - first_wins
+    return chosen, 2 * keep + first_wins
+
+
+class Trainer(Stateful):
+    def __init__(self, ctx: TrainContext, config: Config):
+        self.ctx, self.config = ctx, config
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
+
+    def step(self, step: int, seed: int) -> dict[str, float]:
+        c, policy = self.config, self.ctx.policy
+        # β = 0 in the env: the scores are the task's reward; the KL lives in the DPO loss.
+        batch = collect_rollouts(self.ctx, self.ctx.env(2 * c.num_prompts, group_size=2, beta=0.0), seed)
+        chosen, rejected = rank_pairs(batch.scores)
+        metrics = {
+            M.REWARD_SCORE: batch.scores.mean().item(),
+            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
+            M.ONLINE_DPO_PAIR_FRACTION: len(chosen) / c.num_prompts,
+            M.PERF_TOKENS: batch.num_tokens,
+        }
+        if len(chosen) == 0:  # every prompt tied: nothing to prefer
+            return metrics
+        rows = torch.cat([chosen, rejected])
+        mask = batch.action_mask[rows]
+        logp = masked_sum(policy_logprobs(policy, batch, rows), mask, 1)
+        ref = masked_sum(batch.ref_logprobs[rows], mask, 1)
+        k = len(chosen)
+        loss, chosen_r, rejected_r = dpo_loss(logp[:k], logp[k:], ref[:k], ref[k:], c.beta)
+        grad_norm = self.optimizer.step(loss, policy=loss)
+        return {
+            **metrics,
+            M.LOSS_POLICY: loss.item(),
+            M.OPTIM_GRAD_NORM: grad_norm,
+            M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
+            M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
+            M.DPO_CHOSEN_REWARD: chosen_r.mean().item(),
+            M.DPO_REJECTED_REWARD: rejected_r.mean().item(),
+        }
