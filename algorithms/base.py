@@ -61,10 +61,16 @@ class TrainContext:
         if key not in self._envs:
             prompts = self.task.train_prompts if split == "train" else self.task.eval_prompts
             self._envs[key] = VectorTextGenEnv(
-                self.tokenizer, self.ref, self.task.gold_reward, prompts,
-                num_envs=num_envs, group_size=group_size, beta=beta,
-                max_new_tokens=self.task.max_new_tokens, device=self.device,
-            )  # fmt: skip
+                self.tokenizer,
+                self.ref,
+                self.task.gold_reward,
+                prompts,
+                num_envs=num_envs,
+                group_size=group_size,
+                beta=beta,
+                max_new_tokens=self.task.max_new_tokens,
+                device=self.device,
+            )
         return self._envs[key]
 
 

@@ -29,12 +29,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     step budget; flags given again must agree with them (or ``--override`` changes them).
     """
     import plugins
-    from rlhf_env.tasks import get_task
 
     # The CLI is the top layer: it may use the training loop that the algorithms layer provides.
     from algorithms.loop import train
     from algorithms.overrides import split_assignments, typed_overrides
     from algorithms.runfolder import read_run_config
+    from rlhf_env.tasks import get_task
 
     saved = (read_run_config(Path(args.out)) if args.resume and Path(args.out).is_dir() else None) or {}
     algo, task_name = args.algo or saved.get("algorithm"), args.task or saved.get("task")

@@ -123,7 +123,9 @@ def leave_one_out_baseline(scores: torch.Tensor, group_size: int) -> torch.Tenso
         scores: (B,) rewards, B a multiple of ``group_size`` = k ≥ 2.
     """
     if group_size < 2 or scores.dim() != 1 or scores.numel() % group_size:
-        raise ValueError(f"scores must be (B,) with B a multiple of group_size={group_size} >= 2, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"scores must be (B,) with B a multiple of group_size={group_size} >= 2, got {tuple(scores.shape)}"
+        )
     grouped = scores.view(-1, group_size)
     return ((grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)).reshape(-1)
 

@@ -174,7 +174,10 @@ def simpo_loss(
 
 
 def sequence_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """(B,) log π(y|x) = Σ_t over completion tokens of log π(y_t | x, y_<t); prompt and padding masked out.

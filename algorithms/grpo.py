@@ -180,6 +180,7 @@ def dr_grpo_loss(
 
     Same shapes as ``grpo_loss``; the advantages are expected without std scaling.
     """
+
     def aggregate(x, m):
         return constant_normalised_sum(x, m, max_new_tokens)
 
@@ -246,5 +247,6 @@ class DrTrainer(Trainer):
 
     def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
         c = self.config
-        return dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, self.ctx.task.max_new_tokens,
-                            c.clip_eps, c.kl_coef)  # fmt: skip
+        return dr_grpo_loss(
+            logp, old_logp, ref_logp, advantages, mask, self.ctx.task.max_new_tokens, c.clip_eps, c.kl_coef
+        )

@@ -146,6 +146,7 @@ def markdown_table() -> str:
     rows += [f"| `{m.name}` | {m.meaning} | {m.unit} |" for m in VOCABULARY.values()]
     return "\n".join(rows)
 
+
 # -- the 2025 online zoo (issue 15) ------------------------------------------------------------
 REWARD_GROUPS_KEPT = _metric(
     "reward/groups_kept",

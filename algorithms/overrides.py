@@ -15,8 +15,9 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
-from typing import Any, Callable, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Union
 
 TRUE, FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 NONE = {"none", "null"}

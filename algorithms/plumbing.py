@@ -10,7 +10,7 @@ rank-0 writes of ``Stateful.state_dict``.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 

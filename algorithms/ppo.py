@@ -84,8 +84,10 @@ class Config:
                 raise ValueError(f"invalid PPO config: {what}")
 
         need(self.num_envs >= 1, f"num_envs must be >= 1, got {self.num_envs}")
-        need(1 <= self.num_minibatches <= self.num_envs,
-             f"num_minibatches must be in [1, num_envs={self.num_envs}], got {self.num_minibatches}")  # fmt: skip
+        need(
+            1 <= self.num_minibatches <= self.num_envs,
+            f"num_minibatches must be in [1, num_envs={self.num_envs}], got {self.num_minibatches}",
+        )
         need(self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
@@ -178,9 +180,9 @@ class FixedKLController:
 class AdaptiveKLController(FixedKLController):
     """Ziegler et al. 2019, §2.2: e = clip(KL / KL_target − 1, −0.2, 0.2); β ← β (1 + e · n / horizon).
 
-The formulas: docs/maths.md §6.
+    The formulas: docs/maths.md §6.
 
-    ``n`` is the number of episodes behind the observed ``KL`` (the sampled sequence KL).
+        ``n`` is the number of episodes behind the observed ``KL`` (the sampled sequence KL).
     """
 
     def __init__(self, kl_coef: float, target: float, horizon: int):
@@ -231,11 +233,13 @@ class Trainer(Stateful):
         batch = collect_rollouts(self.ctx, self.env, seed)
         mask = batch.action_mask
         with torch.no_grad():
-            old_logprobs, old_values = logprobs_and_values(policy, self.value_head, batch.input_ids, batch.attention_mask,
-                                                           batch.vocab_size)  # fmt: skip
+            old_logprobs, old_values = logprobs_and_values(
+                policy, self.value_head, batch.input_ids, batch.attention_mask, batch.vocab_size
+            )
             old_values = old_values * mask
-            advantages, returns = advantages_and_returns(batch.rewards, old_values, mask, c.gamma, c.gae_lambda,
-                                                         c.whiten_advantages)  # fmt: skip
+            advantages, returns = advantages_and_returns(
+                batch.rewards, old_values, mask, c.gamma, c.gae_lambda, c.whiten_advantages
+            )
 
         B = mask.shape[0]
         means = Means()

@@ -30,7 +30,9 @@ class Config:
             raise ValueError(f"invalid REINFORCE config: {self}")
 
 
-def reinforce_loss(seq_logprobs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0) -> torch.Tensor:
+def reinforce_loss(
+    seq_logprobs: torch.Tensor, returns: torch.Tensor, baseline: torch.Tensor | float = 0.0
+) -> torch.Tensor:
     """−mean((R − b) · log π(y|x)) (docs/maths.md §8).
 
     Args:

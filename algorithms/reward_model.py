@@ -20,9 +20,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +159,12 @@ class Trainer(Stateful):
     def heldout_metrics(self) -> dict[str, float]:
         """Held-out accuracy against the annotators' labels, and against gold where gold has an order."""
         b = self.eval_batch_size
-        margins = torch.cat([self._scores(self.heldout_chosen[s : s + b]) - self._scores(self.heldout_rejected[s : s + b])
-                             for s in range(0, len(self.heldout), b)]).cpu()  # fmt: skip
+        margins = torch.cat(
+            [
+                self._scores(self.heldout_chosen[s : s + b]) - self._scores(self.heldout_rejected[s : s + b])
+                for s in range(0, len(self.heldout), b)
+            ]
+        ).cpu()
         out = {M.RM_HELDOUT_ACCURACY: (margins > 0).float().mean().item()}
         if self.gold_differs.any():
             agree = (margins > 0) == self.gold_prefers_chosen

@@ -36,8 +36,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths = write_report(suite, out, total_s=time.perf_counter() - t0)
     print(Path(paths["markdown"]).read_text())
     failed = [r for r in results if r.get("status") != "ok"]
-    print(f"{len(results) - len(failed)} of {len(results)} cells ok in {(time.perf_counter() - t0) / 60:.1f} min; "
-          + ", ".join(str(p) for p in paths.values()))  # fmt: skip
+    print(
+        f"{len(results) - len(failed)} of {len(results)} cells ok in {(time.perf_counter() - t0) / 60:.1f} min; "
+        + ", ".join(str(p) for p in paths.values())
+    )
     return 1 if failed else 0
 
 
@@ -45,7 +47,9 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="default", help="a suite TOML file, or a shipped suite: default, quick, gpu")
     p.add_argument("--out", default=None, help="results directory (default: runs/bench/<suite>); rerun to resume")
     p.add_argument("--workers", type=int, default=None, help="cells at once (default: the suite's; 0: in-process)")
-    p.add_argument("--baseline", choices=["trl"], default=None, help="also run TRL's GRPO/DPO trainers (extra: compare)")
+    p.add_argument(
+        "--baseline", choices=["trl"], default=None, help="also run TRL's GRPO/DPO trainers (extra: compare)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
 

@@ -66,11 +66,19 @@ def build_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
 def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype):
     """A ``VectorTextGenEnv`` and its ``SamplingPolicy`` agent, ready for ``env_rollout``."""
     env = VectorTextGenEnv(
-        tokenizer, ref, reward, DEFAULT_PROMPTS,
-        num_envs=batch, beta=BETA, max_new_tokens=n, device=device, dtype=dtype,
-    )  # fmt: skip
-    agent = make_sampler(DEFAULT_GENERATOR, policy_model, batch, pad_token_id=env.pad_token_id,
-                         vocab_size=env.vocab_size, seed=0)  # the registered generation backend
+        tokenizer,
+        ref,
+        reward,
+        DEFAULT_PROMPTS,
+        num_envs=batch,
+        beta=BETA,
+        max_new_tokens=n,
+        device=device,
+        dtype=dtype,
+    )
+    agent = make_sampler(
+        DEFAULT_GENERATOR, policy_model, batch, pad_token_id=env.pad_token_id, vocab_size=env.vocab_size, seed=0
+    )  # the registered generation backend
     return env, agent
 
 
@@ -98,10 +106,17 @@ def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attentio
     reference log-probs, per-token rewards and scores, for ``check_baseline``.
     """
     out = policy_model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
-        max_new_tokens=n, use_cache=True, pad_token_id=pad, eos_token_id=eos,
-        return_dict_in_generate=True, output_logits=True,
-    )  # fmt: skip
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=n,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     P = input_ids.shape[1]
     completion = out.sequences[:, P:]  # (B, T), T <= n; pad after a row's EOS
     # Real completion tokens: up to and including the first EOS.
@@ -193,20 +208,25 @@ def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
             "env": lambda: env_rollout(env, agent, n, args.seed),
             "baseline": lambda: baseline_rollout(*baseline_args)[0],
         },
-        args.warmup, args.repeats, device,
-    )  # fmt: skip
+        args.warmup,
+        args.repeats,
+        device,
+    )
     env_rates, base_rates = ([t / s for t, s in runs[k]] for k in ("env", "baseline"))
     env_rate, base_rate = statistics.median(env_rates), statistics.median(base_rates)
     params = sum(p.numel() for p in ref.parameters())
     return {
-        "model": name, "params": params, "env_tokens_per_s": round(env_rate, 1),
-        "baseline_tokens_per_s": round(base_rate, 1), "ratio": round(env_rate / base_rate, 3),
+        "model": name,
+        "params": params,
+        "env_tokens_per_s": round(env_rate, 1),
+        "baseline_tokens_per_s": round(base_rate, 1),
+        "ratio": round(env_rate / base_rate, 3),
         "env_runs_tokens_per_s": [round(r, 1) for r in env_rates],
         "baseline_runs_tokens_per_s": [round(r, 1) for r in base_rates],
         "env_tokens_per_rollout": statistics.median(t for t, _ in runs["env"]),
         "baseline_tokens_per_rollout": statistics.median(t for t, _ in runs["baseline"]),
         "baseline_check_max_abs_err": {"ref_logprob": err_lp, "score": err_score},
-    }  # fmt: skip
+    }
 
 
 def print_table(rows: list[dict], args, device) -> None:
@@ -257,15 +277,25 @@ def main(argv=None) -> dict:
     rows = [bench_config(name, CONFIGS[name], args, device, dtype) for name in args.configs]
     print_table(rows, args, device)
     load = (load0, _loadavg())
-    print(f"medians of {args.repeats} interleaved runs after {args.warmup} warm-up; torch threads "
-          f"{torch.get_num_threads()}; total {time.perf_counter() - t0:.1f}s; 1-min load average "
-          f"{load[0]} at start, {load[1]} at end (other work on the machine makes CPU timings noisy)")  # fmt: skip
+    print(
+        f"medians of {args.repeats} interleaved runs after {args.warmup} warm-up; torch threads "
+        f"{torch.get_num_threads()}; total {time.perf_counter() - t0:.1f}s; 1-min load average "
+        f"{load[0]} at start, {load[1]} at end (other work on the machine makes CPU timings noisy)"
+    )
     summary = {
-        "benchmark": "env_throughput", "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-        "device": str(device), "dtype": args.dtype, "beta": BETA, "repeats": args.repeats,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "load_average_start_end": load, "configs": rows,
-    }  # fmt: skip
+        "benchmark": "env_throughput",
+        "batch": args.batch,
+        "max_new_tokens": args.max_new_tokens,
+        "device": str(device),
+        "dtype": args.dtype,
+        "beta": BETA,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_start_end": load,
+        "configs": rows,
+    }
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
     line = json.dumps(summary)

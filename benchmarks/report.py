@@ -112,21 +112,31 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
     if suite.description:
         lines += [suite.description, ""]
     devices = sorted({r.get("device", "") for r in rows if r.get("device")})
-    lines += [f"Seeds {suite.seeds}; up to {suite.eval_prompts} held-out prompts per evaluation; machine: {platform.processor() or platform.machine()}, "
-              f"{_cores()} cores, torch {torch.__version__}, device {', '.join(devices) or '–'}"
-              + (f"; whole run {total_s / 60:.1f} min" if total_s else "") + ".", ""]  # fmt: skip
-    lines += ["Gold reward and KL (Σ log π − log π_ref per completion, sampled) are measured on held-out prompts "
-              "after the budget is spent; mean ± std over seeds. Tokens/s counts training tokens over training "
-              "time (set-up included, evaluation excluded); wall is the whole cell; memory is the peak resident "
-              "set (CPU) or peak allocated GPU memory.", ""]  # fmt: skip
+    lines += [
+        f"Seeds {suite.seeds}; up to {suite.eval_prompts} held-out prompts per evaluation; machine: {platform.processor() or platform.machine()}, "
+        f"{_cores()} cores, torch {torch.__version__}, device {', '.join(devices) or '–'}"
+        + (f"; whole run {total_s / 60:.1f} min" if total_s else "")
+        + ".",
+        "",
+    ]
+    lines += [
+        "Gold reward and KL (Σ log π − log π_ref per completion, sampled) are measured on held-out prompts "
+        "after the budget is spent; mean ± std over seeds. Tokens/s counts training tokens over training "
+        "time (set-up included, evaluation excluded); wall is the whole cell; memory is the peak resident "
+        "set (CPU) or peak allocated GPU memory.",
+        "",
+    ]
     summaries = summarise(bases, rows)
     for summary_task in dict.fromkeys(r["task"] for r in rows):
         task = next(t for t in suite.tasks if t.label == summary_task)
         budget = ", ".join(f"{v:,} {k}" for k, v in task.budget.items())
         base = bases[summary_task]
-        lines += [f"## {summary_task} (budget: {budget} per run)", "",
-                  "| algorithm | seeds | gold reward | KL to ref | tokens/s | wall s | peak MB |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {summary_task} (budget: {budget} per run)",
+            "",
+            "| algorithm | seeds | gold reward | KL to ref | tokens/s | wall s | peak MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
         if base.get("status") == "ok":
             lines.append(f"| *base model* | – | {base[M.REWARD_GOLD]:.3f} | 0 | – | – | – |")
         entries = [e for e in summaries if e["task"] == summary_task]
@@ -141,8 +151,11 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
     if failed:
         lines += ["## Failed cells", ""]
         for r in failed:
-            lines.append(f"- `{r['task']}/{r.get('algorithm', 'base')}" + (f"/seed{r['seed']}" if "seed" in r else "")
-                         + f"`: {r.get('error', r['status'])}")  # fmt: skip
+            lines.append(
+                f"- `{r['task']}/{r.get('algorithm', 'base')}"
+                + (f"/seed{r['seed']}" if "seed" in r else "")
+                + f"`: {r.get('error', r['status'])}"
+            )
         lines.append("")
     path.write_text("\n".join(lines))
 
@@ -158,11 +171,15 @@ def _trl_section(suite: Suite, out_dir: Path) -> list[str]:
                 rows.append((task.label, algo, found))
     if not rows:
         return []
-    lines = ["## Peer baseline: TRL at equal iterations", "",
-             "Same base model, prompts or pairs, hyperparameters and number of iterations; both evaluated by "
-             "`evaluate_policy`. Steps/s counts iterations over set-up plus training time.", "",
-             "| task | algorithm | seeds | iterations | gold (ours) | gold (TRL) | KL (ours) | KL (TRL) | steps/s (ours) | steps/s (TRL) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Peer baseline: TRL at equal iterations",
+        "",
+        "Same base model, prompts or pairs, hyperparameters and number of iterations; both evaluated by "
+        "`evaluate_policy`. Steps/s counts iterations over set-up plus training time.",
+        "",
+        "| task | algorithm | seeds | iterations | gold (ours) | gold (TRL) | KL (ours) | KL (TRL) | steps/s (ours) | steps/s (TRL) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, algo, rs in rows:
         cells = [_fmt([r[M.TIME_STEPS] for r in rs], 0)]
         for name, digits in ((M.REWARD_GOLD, 3), (M.OBJECTIVE_KL_EVAL, 2), (M.PERF_STEPS_PER_S, 2)):
@@ -193,8 +210,11 @@ def write_plots(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict
         if r["status"] == "ok":
             curves[(r["task"], r["algorithm"])].append(curve(out, r, bases[r["task"]][M.REWARD_GOLD]))
     written = []
-    for fname, x, xlabel in (("gold_vs_tokens.png", 0, "training tokens"), ("gold_vs_time.png", 1, "training time (s)"),
-                             ("frontier.png", 3, "KL to the reference (nats per completion)")):  # fmt: skip
+    for fname, x, xlabel in (
+        ("gold_vs_tokens.png", 0, "training tokens"),
+        ("gold_vs_time.png", 1, "training time (s)"),
+        ("frontier.png", 3, "KL to the reference (nats per completion)"),
+    ):
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for algo in algos:
@@ -207,15 +227,22 @@ def write_plots(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict
                 m, s = pts.mean(0), pts.std(0, ddof=1 if len(cs) > 1 else 0)  # sample std, as in the table
                 ax.plot(m[:, x], m[:, 2], "-o", ms=3, color=colors[algo], label=algo, alpha=0.9)
                 if fname == "frontier.png":
-                    ax.errorbar(m[-1, 3], m[-1, 2], xerr=s[-1, 3], yerr=s[-1, 2], fmt="o", ms=7, color=colors[algo], capsize=3)
+                    ax.errorbar(
+                        m[-1, 3], m[-1, 2], xerr=s[-1, 3], yerr=s[-1, 2], fmt="o", ms=7, color=colors[algo], capsize=3
+                    )
                 else:
-                    ax.fill_between(m[:, x], m[:, 2] - s[:, 2], m[:, 2] + s[:, 2], color=colors[algo], alpha=0.2, linewidth=0)
+                    ax.fill_between(
+                        m[:, x], m[:, 2] - s[:, 2], m[:, 2] + s[:, 2], color=colors[algo], alpha=0.2, linewidth=0
+                    )
             base = bases[task][M.REWARD_GOLD]
             ax.axhline(base, color="grey", ls=":", lw=1, label="base model")
             ax.set(title=task, xlabel=xlabel, ylabel="gold reward (held-out prompts)")
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"rlhf bench — {suite.name} ({len(suite.seeds)} seeds; lines: mean, bands/bars: ±std over seeds)", fontsize=10)
+        fig.suptitle(
+            f"rlhf bench — {suite.name} ({len(suite.seeds)} seeds; lines: mean, bands/bars: ±std over seeds)",
+            fontsize=10,
+        )
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)

@@ -154,7 +154,9 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
     return result
 
 
-def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int) -> dict[str, Any]:
+def run_cell(
+    cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int
+) -> dict[str, Any]:
     """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``."""
     path = cell_dir(Path(out), cell)
     path.mkdir(parents=True, exist_ok=True)
@@ -174,11 +176,24 @@ def run_cell(cell: Cell, out: str, device_name: str, eval_points: int, eval_prom
             if _progress_queue is not None:
                 _progress_queue.put((cell.id, fraction, record.get(M.REWARD_GOLD)))
 
-        records = train(spec, task, path, max_tokens=cell.task.budget.get("tokens"),
-                        max_seconds=cell.task.budget.get("seconds"), seed=cell.seed, model_path=cell.task.model,
-                        config=cell.config, resume=True, eval_points=eval_points, eval_prompts=eval_prompts,
-                        checkpoint_every=checkpoint_every, device=device, progress=False, algo_name=cell.algorithm,
-                        callback=report)  # fmt: skip
+        records = train(
+            spec,
+            task,
+            path,
+            max_tokens=cell.task.budget.get("tokens"),
+            max_seconds=cell.task.budget.get("seconds"),
+            seed=cell.seed,
+            model_path=cell.task.model,
+            config=cell.config,
+            resume=True,
+            eval_points=eval_points,
+            eval_prompts=eval_prompts,
+            checkpoint_every=checkpoint_every,
+            device=device,
+            progress=False,
+            algo_name=cell.algorithm,
+            callback=report,
+        )
         last = records[-1]
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
         names = (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
@@ -212,8 +227,14 @@ class _Display:
     """One line: cells done of total, and each running cell with how far it is."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}] {postfix}")  # fmt: skip
+        self.bar = tqdm(
+            total=total,
+            desc=desc,
+            unit="cell",
+            disable=not enabled,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}] {postfix}",
+        )
         self.done, self.running = 0, {}
         # A terminal redraws twice a second; a log file gets a line every 30 s.
         self.interval = 0.5 if sys.stderr.isatty() else 30.0
@@ -237,7 +258,9 @@ class _Display:
 
     def _refresh(self) -> None:
         self.bar.n = self.done + sum(f for f, _ in self.running.values())
-        parts = [f"{k} {100 * f:.0f}%" + (f" gold {g:.2f}" if g is not None else "") for k, (f, g) in self.running.items()]
+        parts = [
+            f"{k} {100 * f:.0f}%" + (f" gold {g:.2f}" if g is not None else "") for k, (f, g) in self.running.items()
+        ]
         self.bar.set_postfix_str(" | ".join(parts) or "", refresh=False)
         self.bar.refresh()
         self.last = time.monotonic()
@@ -269,11 +292,22 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = Non
 def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> list[dict]:
     workers = suite.workers if workers is None else workers
     cells = suite.cells()  # resolves "all" and fails early on unknown algorithm names
-    (out / "suite.json").write_text(json.dumps({"suite": suite.name, "path": str(suite.path),
-                                                "cells": [c.id for c in cells], "tasks": [asdict(t) for t in suite.tasks]},
-                                               indent=2))  # fmt: skip
-    base_jobs = [(f"{t.label}/base", prepare_task, (t, str(out), suite.device, suite.eval_prompts))
-                 for t in suite.tasks if (read_result(base_dir(out, t)) or {}).get("status") != "ok"]  # fmt: skip
+    (out / "suite.json").write_text(
+        json.dumps(
+            {
+                "suite": suite.name,
+                "path": str(suite.path),
+                "cells": [c.id for c in cells],
+                "tasks": [asdict(t) for t in suite.tasks],
+            },
+            indent=2,
+        )
+    )
+    base_jobs = [
+        (f"{t.label}/base", prepare_task, (t, str(out), suite.device, suite.eval_prompts))
+        for t in suite.tasks
+        if (read_result(base_dir(out, t)) or {}).get("status") != "ok"
+    ]
     todo = [c for c in cells if (read_result(cell_dir(out, c)) or {}).get("status") != "ok"]
     if len(todo) < len(cells):
         print(f"{suite.name}: {len(cells) - len(todo)} of {len(cells)} cells already finished in {out}, skipping them")
@@ -299,8 +333,14 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
 
 
 def _failed(cell: Cell, error: str) -> dict[str, Any]:
-    return {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget,
-            "status": "failed", "error": error}  # fmt: skip
+    return {
+        "task": cell.task.label,
+        "algorithm": cell.algorithm,
+        "seed": cell.seed,
+        "budget": cell.task.budget,
+        "status": "failed",
+        "error": error,
+    }
 
 
 def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any]:

@@ -32,8 +32,22 @@ else:  # pragma: no cover
 
 SUITES_DIR = Path(__file__).parent / "suites"
 BUDGET_KEYS = ("tokens", "seconds")
-TOP_KEYS = {"name", "description", "seeds", "algorithms", "exclude", "budget", "hparams", "tasks",
-            "workers", "threads", "device", "eval_points", "eval_prompts", "checkpoint_every"}  # fmt: skip
+TOP_KEYS = {
+    "name",
+    "description",
+    "seeds",
+    "algorithms",
+    "exclude",
+    "budget",
+    "hparams",
+    "tasks",
+    "workers",
+    "threads",
+    "device",
+    "eval_points",
+    "eval_prompts",
+    "checkpoint_every",
+}
 TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model"}
 
 
@@ -119,8 +133,10 @@ def _budget(raw: Any, where: str) -> dict[str, float]:
         raise SuiteError(f"{where}: budget must be a table with tokens and/or seconds, got {raw!r}")
     bad = set(raw) - set(BUDGET_KEYS)
     if bad:
-        raise SuiteError(f"{where}: unknown budget keys {sorted(bad)}; a budget is equal across algorithms, "
-                         f"in training tokens or wall-clock seconds: {list(BUDGET_KEYS)}")  # fmt: skip
+        raise SuiteError(
+            f"{where}: unknown budget keys {sorted(bad)}; a budget is equal across algorithms, "
+            f"in training tokens or wall-clock seconds: {list(BUDGET_KEYS)}"
+        )
     for k, v in raw.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
             raise SuiteError(f"{where}: budget.{k} must be a positive number, got {v!r}")
@@ -224,7 +240,7 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     algorithms = raw.get("algorithms", "all")
     if algorithms != "all":
         if not isinstance(algorithms, list) or not algorithms:
-            raise SuiteError(f"{where}: algorithms must be \"all\" or a list of names, got {algorithms!r}")
+            raise SuiteError(f'{where}: algorithms must be "all" or a list of names, got {algorithms!r}')
         for a in _names(algorithms, where, "algorithms"):
             _known(host.algorithms, a, f"{where}: algorithms", "algorithm")
     exclude = _names(raw.get("exclude", []), where, "exclude")
@@ -238,7 +254,11 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise SuiteError(f"{where}: task labels repeat {labels}; give repeated tasks a distinct label")
-    opts = {k: raw[k] for k in ("workers", "threads", "device", "eval_points", "eval_prompts", "checkpoint_every") if k in raw}
+    opts = {
+        k: raw[k]
+        for k in ("workers", "threads", "device", "eval_points", "eval_prompts", "checkpoint_every")
+        if k in raw
+    }
     for k in ("workers", "threads", "eval_points", "eval_prompts", "checkpoint_every"):
         v = opts.get(k)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if k == "workers" else 1)):

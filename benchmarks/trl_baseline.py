@@ -77,11 +77,25 @@ def mask_positions(model):
 
 
 def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, max_grad_norm: float) -> dict[str, Any]:
-    return dict(output_dir=str(out_dir), seed=seed, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-                max_steps=max_steps, max_grad_norm=max_grad_norm, weight_decay=0.0, logging_steps=max(1, max_steps // 5),
-                save_strategy="no", report_to="none", use_cpu=device.type != "cuda", bf16=device.type == "cuda",
-                gradient_accumulation_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-                disable_dropout=True)  # fmt: skip  # our trainers keep models in eval mode: no dropout
+    return dict(
+        output_dir=str(out_dir),
+        seed=seed,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=max_steps,
+        max_grad_norm=max_grad_norm,
+        weight_decay=0.0,
+        logging_steps=max(1, max_steps // 5),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device.type != "cuda",
+        bf16=device.type == "cuda",
+        gradient_accumulation_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+    )  # our trainers keep models in eval mode: no dropout
 
 
 def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
@@ -93,12 +107,23 @@ def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Pa
     def gold(prompts, completions, **_):
         return task.gold_reward(list(prompts), list(completions))
 
-    args = GRPOConfig(**_common_args(out_dir, seed, device, cfg.lr, steps * cfg.num_minibatches * cfg.num_iterations,
-                                     cfg.max_grad_norm),
-                      per_device_train_batch_size=batch // cfg.num_minibatches, steps_per_generation=cfg.num_minibatches,
-                      num_generations=cfg.group_size, num_iterations=cfg.num_iterations, beta=cfg.kl_coef,
-                      epsilon=cfg.clip_eps, loss_type="grpo", scale_rewards="group", temperature=1.0, top_p=1.0,
-                      max_completion_length=task.max_new_tokens, mask_truncated_completions=False)  # fmt: skip
+    args = GRPOConfig(
+        **_common_args(
+            out_dir, seed, device, cfg.lr, steps * cfg.num_minibatches * cfg.num_iterations, cfg.max_grad_norm
+        ),
+        per_device_train_batch_size=batch // cfg.num_minibatches,
+        steps_per_generation=cfg.num_minibatches,
+        num_generations=cfg.group_size,
+        num_iterations=cfg.num_iterations,
+        beta=cfg.kl_coef,
+        epsilon=cfg.clip_eps,
+        loss_type="grpo",
+        scale_rewards="group",
+        temperature=1.0,
+        top_p=1.0,
+        max_completion_length=task.max_new_tokens,
+        mask_truncated_completions=False,
+    )
     data = Dataset.from_dict({"prompt": list(task.train_prompts)})
     return GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=data, processing_class=tokenizer)
 
@@ -108,11 +133,26 @@ def dpo_trainer(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir
     from trl import DPOConfig, DPOTrainer
 
     pairs = task.preference_pairs(ref, tokenizer, cfg.num_pairs, tau=cfg.annotator_tau, seed=seed)
-    data = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
-                              "rejected": [p.rejected for p in pairs]})  # fmt: skip
-    args = DPOConfig(**_common_args(out_dir, seed, device, cfg.lr, steps, cfg.max_grad_norm),
-                     per_device_train_batch_size=cfg.batch_size, beta=cfg.beta, loss_type="sigmoid")  # fmt: skip
-    return DPOTrainer(model=model, ref_model=mask_positions(copy.deepcopy(ref)), args=args, train_dataset=data, processing_class=tokenizer)
+    data = Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in pairs],
+            "chosen": [p.chosen for p in pairs],
+            "rejected": [p.rejected for p in pairs],
+        }
+    )
+    args = DPOConfig(
+        **_common_args(out_dir, seed, device, cfg.lr, steps, cfg.max_grad_norm),
+        per_device_train_batch_size=cfg.batch_size,
+        beta=cfg.beta,
+        loss_type="sigmoid",
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=mask_positions(copy.deepcopy(ref)),
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
 
 
 def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
@@ -162,8 +202,7 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
 def _compare(result: dict[str, Any]) -> str:
     gold, rate, ours = result[M.REWARD_GOLD], result[M.PERF_STEPS_PER_S], result["ours"]
     return (
-        f"gold {gold:+.3f} (ours {ours[M.REWARD_GOLD]:+.3f}), "
-        f"{rate:.2f} steps/s (ours {ours[M.PERF_STEPS_PER_S]:.2f})"
+        f"gold {gold:+.3f} (ours {ours[M.REWARD_GOLD]:+.3f}), {rate:.2f} steps/s (ours {ours[M.PERF_STEPS_PER_S]:.2f})"
     )
 
 
@@ -175,7 +214,9 @@ def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> li
     import torch
 
     out = Path(out)
-    cells = [c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"]
+    cells = [
+        c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"
+    ]
     if not cells:
         raise RuntimeError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")
     saved = torch.get_num_threads()

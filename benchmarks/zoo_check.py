@@ -45,9 +45,18 @@ def main() -> None:
         for algo in args.algos:
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                records = train(host.algorithms.get(algo), task, out, steps=args.steps, seed=args.seed,
-                                eval_every=args.steps, eval_prompts=args.eval_prompts, progress=False,
-                                device="cpu", algo_name=algo)  # fmt: skip
+                records = train(
+                    host.algorithms.get(algo),
+                    task,
+                    out,
+                    steps=args.steps,
+                    seed=args.seed,
+                    eval_every=args.steps,
+                    eval_prompts=args.eval_prompts,
+                    progress=False,
+                    device="cpu",
+                    algo_name=algo,
+                )
                 seconds = time.perf_counter() - start
             final = records[-1]
             rows.append(
@@ -63,8 +72,11 @@ def main() -> None:
                 }
             )
             r = rows[-1]
-            print(f"{task_name:<11} {algo:<13} base {r['base_gold']:+.3f}  final {r['final_gold']:+.3f}  "
-                  f"KL {r['kl']:6.2f}  {r['steps']} steps  {r['seconds']:6.1f}s", flush=True)
+            print(
+                f"{task_name:<11} {algo:<13} base {r['base_gold']:+.3f}  final {r['final_gold']:+.3f}  "
+                f"KL {r['kl']:6.2f}  {r['steps']} steps  {r['seconds']:6.1f}s",
+                flush=True,
+            )
     print(json.dumps({"benchmark": "zoo_check", "eval_prompts": args.eval_prompts, "rows": rows}))
 
 

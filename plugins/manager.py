@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pluggy
 
@@ -62,7 +63,7 @@ class PluginHost:
         self._registries: dict[str, Registry] | None = None
 
     # -- loading ---------------------------------------------------------------------
-    def load(self) -> "PluginHost":
+    def load(self) -> PluginHost:
         if self.autoload:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 self._load_one(ep.name, ep.load)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 
 class DuplicateNameError(ValueError):
@@ -41,7 +42,7 @@ class Registry:
             )
         self._entries[name] = Entry(name, obj, plugin)
 
-    def copy(self) -> "Registry":
+    def copy(self) -> Registry:
         twin = Registry(self.kind)
         twin._entries = dict(self._entries)
         return twin

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +110,9 @@ def format_summary(result: RolloutResult) -> str:
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Print every finished episode, then a summary line."""
     a = args
-    result = run_rollout(a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype))
+    result = run_rollout(
+        a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype)
+    )
     for i, ep in enumerate(result.episodes):
         print(format_episode(i, ep))
     print(format_summary(result))
@@ -132,11 +133,15 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     n = args.eval_prompts  # "base-model gold": the first n eval prompts, as the bench's base row
     sampled, greedy = evaluate(task, model, tokenizer, n=n), evaluate(task, model, tokenizer, n=n, greedy=True)
     report = {
-        "task": task.name, "path": str(path), "parameters": sum(p.numel() for p in model.parameters()),
-        "build_seconds": built.get("build_seconds"), "eval_prompts": sampled["n"],
-        "gold_mean_sampled": round(sampled["gold_mean"], 4), "gold_mean_greedy": round(greedy["gold_mean"], 4),
+        "task": task.name,
+        "path": str(path),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_seconds": built.get("build_seconds"),
+        "eval_prompts": sampled["n"],
+        "gold_mean_sampled": round(sampled["gold_mean"], 4),
+        "gold_mean_greedy": round(greedy["gold_mean"], 4),
         "examples": sampled["examples"],
-    }  # fmt: skip
+    }
     if args.json:
         print(json.dumps(report))
     else:
@@ -173,7 +178,5 @@ def _base_model_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "list": Command("show registered algorithms, tasks and rewards", _list_arguments, cmd_list),
     "rollout": Command("roll the default env with the reference policy", _rollout_arguments, cmd_rollout),
-    "base-model": Command(
-        "build (or load) a task's base model and evaluate it", _base_model_arguments, cmd_base_model
-    ),
+    "base-model": Command("build (or load) a task's base model and evaluate it", _base_model_arguments, cmd_base_model),
 }

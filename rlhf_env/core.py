@@ -42,8 +42,9 @@ class StepOut:
         return self.terminated | self.truncated
 
 
-def load_parts(tokenizer, ref_model, reward, *, reward_tokenizer=None, device=None, dtype=None,
-               trust_remote_code: bool = False):
+def load_parts(
+    tokenizer, ref_model, reward, *, reward_tokenizer=None, device=None, dtype=None, trust_remote_code: bool = False
+):
     """The env factories' loading step: paths become objects, models move to ``device``/``dtype``.
 
     Returns ``(tokenizer, ref_model or None, reward callable, torch.device)``, what
@@ -122,8 +123,7 @@ class EpisodeBatch:
         limit = getattr(getattr(self.ref_model, "config", None), "max_position_embeddings", None)
         if limit is not None and self.max_len > limit:
             raise ValueError(
-                f"max_prompt_tokens + max_new_tokens = {self.max_len} exceeds the reference model's "
-                f"{limit} positions"
+                f"max_prompt_tokens + max_new_tokens = {self.max_len} exceeds the reference model's {limit} positions"
             )
 
         B, L = self.batch_size, self.max_len

@@ -83,12 +83,22 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         parts = load_parts(
-            tokenizer, ref_model, reward, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
+            tokenizer,
+            ref_model,
+            reward,
+            reward_tokenizer=reward_tokenizer,
+            device=device,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
         self.core = EpisodeBatch(
-            *parts[:3], prompts, beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-            batch_size=1, device=parts[3],
+            *parts[:3],
+            prompts,
+            beta=beta,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            batch_size=1,
+            device=parts[3],
         )
         self.observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.action_space = spaces.action_space(self.core.vocab_size)
@@ -108,9 +118,7 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
         super().reset(seed=seed)
         options = options or {}
         prompt = options["prompt"] if "prompt" in options else self.core.prompts.sample(self.np_random)
-        self.core.advance(
-            torch.zeros(1, dtype=torch.long), None, torch.zeros(1, dtype=torch.bool), {0: prompt}
-        )
+        self.core.advance(torch.zeros(1, dtype=torch.long), None, torch.zeros(1, dtype=torch.bool), {0: prompt})
         self._done, self._started = False, True
         return self._obs(), {"prompt": prompt}
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from plugins.cli import CommandWarning
-
 import gymnasium
+
+from plugins.cli import CommandWarning
 
 
 class VocabMismatchError(ValueError):

@@ -214,6 +214,5 @@ def check_vocab(tokenizer, model, what: str = "model") -> None:
     n_tok, n_model = len(tokenizer), model_vocab_size(model)
     if n_tok > n_model:
         raise VocabMismatchError(
-            f"tokenizer has {n_tok} tokens but the {what} embeds only {n_model}: "
-            "they were not made for each other"
+            f"tokenizer has {n_tok} tokens but the {what} embeds only {n_model}: they were not made for each other"
         )

@@ -10,9 +10,12 @@ ENV_IDS: list[str] = []
 def _register(env_id: str, entry_point: str, vector_entry_point: str, **kwargs) -> None:
     if env_id not in gymnasium.registry:
         gymnasium.register(
-            id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point,
-            disable_env_checker=True, kwargs=kwargs,
-        )  # fmt: skip
+            id=env_id,
+            entry_point=entry_point,
+            vector_entry_point=vector_entry_point,
+            disable_env_checker=True,
+            kwargs=kwargs,
+        )
     ENV_IDS.append(env_id)
 
 

@@ -10,8 +10,9 @@ eval prompts with ``EVAL_SEED``). Only the envs' public API is used, through wra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,9 +100,17 @@ class EpisodeStream:
                 n = int(length[r])
                 done.append(
                     Episode(
-                        int(r), str(info["prompt"][r]), str(info["completion"][r]), prompt_ids[r],
-                        tokens[r, :n].copy(), logp[r, :n].copy(), ref_logp[r, :n].copy(), rewards[r, :n].copy(),
-                        float(info["score"][r]), float(kl[r]), float(ret[r]),
+                        int(r),
+                        str(info["prompt"][r]),
+                        str(info["completion"][r]),
+                        prompt_ids[r],
+                        tokens[r, :n].copy(),
+                        logp[r, :n].copy(),
+                        ref_logp[r, :n].copy(),
+                        rewards[r, :n].copy(),
+                        float(info["score"][r]),
+                        float(kl[r]),
+                        float(ret[r]),
                     )
                 )
                 length[r], kl[r], ret[r] = 0, 0.0, 0.0
@@ -188,8 +197,16 @@ def sequence_kl(batch: RolloutBatch) -> torch.Tensor:
         return ((batch.logprobs - batch.ref_logprobs) * batch.action_mask).sum(1)
 
 
-def evaluate(env, model, prompts: list[str], *, seed: int = EVAL_SEED, device=None, greedy: bool = False,
-             generator: str = DEFAULT_GENERATOR) -> dict[str, Any]:
+def evaluate(
+    env,
+    model,
+    prompts: list[str],
+    *,
+    seed: int = EVAL_SEED,
+    device=None,
+    greedy: bool = False,
+    generator: str = DEFAULT_GENERATOR,
+) -> dict[str, Any]:
     """Gold reward and KL of ``model``'s completions of ``prompts`` (one row of ``env`` each).
 
     ``env``: a vector env with ``len(prompts)`` rows, the gold reward, β = 0 and the
@@ -205,8 +222,16 @@ def evaluate(env, model, prompts: list[str], *, seed: int = EVAL_SEED, device=No
     }
 
 
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, seed: int = 0, greedy: bool = False,
-             generator: str = DEFAULT_GENERATOR) -> list[str]:
+def complete(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    seed: int = 0,
+    greedy: bool = False,
+    generator: str = DEFAULT_GENERATOR,
+) -> list[str]:
     """``model``'s completions of ``prompts`` (sampled at temperature 1, or greedy), in their order.
 
     The rollout path in an env without reference or reward (β = 0), one row per prompt.
@@ -215,7 +240,13 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, *, seed:
 
     device = next(model.parameters()).device
     env = VectorTextGenEnv(
-        tokenizer, None, lambda p, c: [0.0] * len(c), prompts,
-        num_envs=len(prompts), beta=0.0, max_new_tokens=max_new_tokens, device=device,
+        tokenizer,
+        None,
+        lambda p, c: [0.0] * len(c),
+        prompts,
+        num_envs=len(prompts),
+        beta=0.0,
+        max_new_tokens=max_new_tokens,
+        device=device,
     )
     return collect(env, model, seed, list(prompts), generator=generator, greedy=greedy).completions

@@ -7,7 +7,7 @@ completions the same way (prompt, completion, EOS).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -66,12 +66,22 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         self.num_envs, self.group_size = num_envs, group_size
         self.num_groups = num_envs // group_size
         parts = load_parts(
-            tokenizer, ref_model, reward, reward_tokenizer=reward_tokenizer, device=device, dtype=dtype,
+            tokenizer,
+            ref_model,
+            reward,
+            reward_tokenizer=reward_tokenizer,
+            device=device,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
         self.core = EpisodeBatch(
-            *parts[:3], prompts, beta=beta, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-            batch_size=num_envs, device=parts[3],
+            *parts[:3],
+            prompts,
+            beta=beta,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            batch_size=num_envs,
+            device=parts[3],
         )
         self.single_observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.single_action_space = spaces.action_space(self.core.vocab_size)
@@ -107,7 +117,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         if "prompts" in options:
             given = list(options["prompts"])
             if len(given) != self.num_groups:
-                raise ValueError(f"options['prompts'] needs {self.num_groups} prompts (one per group), got {len(given)}")
+                raise ValueError(
+                    f"options['prompts'] needs {self.num_groups} prompts (one per group), got {len(given)}"
+                )
             self._queues = [[p] for p in given]
         restarts = {row: self._prompt_for(row) for row in range(self.num_envs)}
         B = self.num_envs

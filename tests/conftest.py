@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -85,15 +85,18 @@ def demo_dist(plugin_path):
 def arch_checkpoint(tmp_path_factory):
     """``arch_checkpoint(arch, tokenizer kind) -> dir``: a tiny ``tests/tinyarch.py`` checkpoint saved
     with ``save_pretrained``, built once per session."""
-    from rlhf_env.models import save_pretrained
     from tinyarch import build, tokenizer
+
+    from rlhf_env.models import save_pretrained
 
     root = tmp_path_factory.mktemp("arch_checkpoints")
     made: dict[tuple[str, str], Path] = {}
 
     def get(arch: str, tok_kind: str) -> Path:
         if (arch, tok_kind) not in made:
-            made[arch, tok_kind] = save_pretrained(build(arch, tok_kind), tokenizer(tok_kind), root / f"{arch}-{tok_kind}")
+            made[arch, tok_kind] = save_pretrained(
+                build(arch, tok_kind), tokenizer(tok_kind), root / f"{arch}-{tok_kind}"
+            )
         return made[arch, tok_kind]
 
     return get

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from tinyparts import next_logprobs
 
 from rlhf_env.scoring import sft_loss
 from rlhf_env.tasks import evaluate, make_task_env
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import base_model_dir, build_base_model, load_base_model
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
-from tinyparts import next_logprobs
 
 
 @pytest.fixture

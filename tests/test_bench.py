@@ -10,19 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tinyparts import TOY_ALGO_SOURCE
 
 from algorithms import metrics as M
 from algorithms.base import AlgorithmSpec
 from algorithms.loop import Budget, train
 from benchmarks.report import write_report
-from benchmarks.runner import _write_result, cell_dir, run_suite, base_dir
+from benchmarks.runner import _write_result, base_dir, cell_dir, run_suite
 from benchmarks.suite import SUITES_DIR, SuiteError, load_suite
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
-from tinyparts import TOY_ALGO_SOURCE
 
-TASK_KNOBS = 'knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }'
-
+TASK_KNOBS = "knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }"
 
 
 @pytest.fixture
@@ -52,8 +51,13 @@ def test_shipped_suites_load_and_give_every_algorithm_the_same_budget(name):
 
 
 def test_all_means_every_policy_trainer_including_third_party_ones(toy_plugin, tmp_path):
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = "all"\nexclude = ["toy_crash"]\n'
-                                   '[budget]\ntokens = 100\n[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    suite = load_suite(
+        write_suite(
+            tmp_path / "s.toml",
+            'seeds = [0]\nalgorithms = "all"\nexclude = ["toy_crash"]\n'
+            '[budget]\ntokens = 100\n[[tasks]]\nname = "arithmetic"\n',
+        )
+    )
     names = suite.algorithm_names()
     assert "toy" in names and {"ppo", "grpo", "dr_grpo", "reinforce", "dpo", "sft"} <= set(names)
     assert "reward_model" not in names and "toy_crash" not in names  # no policy to score; excluded
@@ -62,15 +66,23 @@ def test_all_means_every_policy_trainer_including_third_party_ones(toy_plugin, t
 @pytest.mark.parametrize(
     "body, message",
     [
-        ('seeds = [0]\n[budget]\ntokens = 10\n', "missing 'tasks'"),
+        ("seeds = [0]\n[budget]\ntokens = 10\n", "missing 'tasks'"),
         ('seeds = [0]\n[budget]\nsteps = 10\n[[tasks]]\nname = "arithmetic"\n', "unknown budget keys ['steps']"),
         ('seeds = [0]\n[budget]\ntokens = -5\n[[tasks]]\nname = "arithmetic"\n', "budget.tokens must be a positive"),
         ('seeds = []\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n', "seeds must be a non-empty list"),
-        ('seeds = [0]\nalgos = "all"\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n', "unknown keys ['algos']"),
-        ('seeds = [0]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n[[tasks]]\nname = "arithmetic"\n',
-         "task labels repeat"),
-        ('seeds = [0]\n[budget]\ntokens = 10\n[hparams]\nppo = 3\n[[tasks]]\nname = "arithmetic"\n', "hparams must be tables"),
-        ('seeds = [0\n', "not valid TOML"),
+        (
+            'seeds = [0]\nalgos = "all"\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n',
+            "unknown keys ['algos']",
+        ),
+        (
+            'seeds = [0]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n[[tasks]]\nname = "arithmetic"\n',
+            "task labels repeat",
+        ),
+        (
+            'seeds = [0]\n[budget]\ntokens = 10\n[hparams]\nppo = 3\n[[tasks]]\nname = "arithmetic"\n',
+            "hparams must be tables",
+        ),
+        ("seeds = [0\n", "not valid TOML"),
     ],
 )
 def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
@@ -123,10 +135,15 @@ def test_rlhf_bench_checks_the_suite_against_the_registry_before_any_cell(tmp_pa
 
 
 def test_task_budget_and_hparams_override_the_suite_ones(tmp_path):
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "sft"]\n[budget]\ntokens = 10\n'
-                                   '[hparams.ppo]\nlr = 0.1\nnum_envs = 8\n[[tasks]]\nname = "arithmetic"\n'
-                                   'budget = { seconds = 5 }\nhparams = { ppo = { lr = 0.2 } }\n'
-                                   '[[tasks]]\nname = "sentiment"\n'))  # fmt: skip
+    suite = load_suite(
+        write_suite(
+            tmp_path / "s.toml",
+            'seeds = [0, 1]\nalgorithms = ["ppo", "sft"]\n[budget]\ntokens = 10\n'
+            '[hparams.ppo]\nlr = 0.1\nnum_envs = 8\n[[tasks]]\nname = "arithmetic"\n'
+            "budget = { seconds = 5 }\nhparams = { ppo = { lr = 0.2 } }\n"
+            '[[tasks]]\nname = "sentiment"\n',
+        )
+    )
     cells = {c.id: c for c in suite.cells()}
     assert len(cells) == 8
     assert cells["arithmetic/ppo/seed1"].task.budget == {"seconds": 5}
@@ -166,8 +183,17 @@ def tiny_task():
 
 def test_token_budget_stops_at_the_first_step_past_it_and_evaluates_at_equal_fractions(tiny_task, tmp_path):
     seen = []
-    records = train(AlgorithmSpec(CountConfig, CountTrainer), tiny_task, tmp_path, max_tokens=95, eval_points=5,
-                    eval_prompts=4, progress=False, device="cpu", callback=lambda r, f: seen.append(f))  # fmt: skip
+    records = train(
+        AlgorithmSpec(CountConfig, CountTrainer),
+        tiny_task,
+        tmp_path,
+        max_tokens=95,
+        eval_points=5,
+        eval_prompts=4,
+        progress=False,
+        device="cpu",
+        callback=lambda r, f: seen.append(f),
+    )
     assert len(records) == 10 and records[-1]["perf/tokens_total"] == 100  # 90 < 95 <= 100
     # 10 tokens a step: the budget's fifths (19, 38, 57, 76, 95 tokens) are passed at steps 1, 3, 5, 7 and 9.
     assert [r["step"] for r in records if "reward/gold" in r] == [1, 3, 5, 7, 9]
@@ -186,8 +212,10 @@ def test_budget_needs_a_positive_limit():
 
 
 def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(toy_plugin, tmp_path):
-    body = (f'seeds = [0, 1]\nalgorithms = ["toy", "toy_crash"]\neval_points = 2\neval_prompts = 8\n'
-            f'[budget]\ntokens = 60\n[hparams.toy_crash]\nfail_at = 1\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    body = (
+        f'seeds = [0, 1]\nalgorithms = ["toy", "toy_crash"]\neval_points = 2\neval_prompts = 8\n'
+        f'[budget]\ntokens = 60\n[hparams.toy_crash]\nfail_at = 1\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
     suite = load_suite(write_suite(tmp_path / "s.toml", body))
     out = tmp_path / "out"
     results = run_suite(suite, out, workers=0, progress=False)
@@ -206,11 +234,15 @@ def test_suite_runs_records_a_failing_cell_and_resumes_skipping_finished_ones(to
     assert (cell_dir(out, suite.cells()[0]) / "tb").is_dir()  # each cell is its own TensorBoard run
 
     # Second run: the finished cells are left alone; the failed ones are tried again.
-    finished = {c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"}
+    finished = {
+        c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"
+    }
     suite.tasks[0].hparams["toy_crash"]["fail_at"] = -1  # the fault is fixed
     results = run_suite(suite, out, workers=0, progress=False)
     assert all(r["status"] == "ok" for r in results)
-    assert finished == {c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"}
+    assert finished == {
+        c.id: (cell_dir(out, c) / "metrics.jsonl").stat().st_mtime_ns for c in suite.cells() if c.algorithm == "toy"
+    }
 
     paths = write_report(suite, out)
     rows = list(csv.DictReader(paths["csv"].open()))
@@ -238,15 +270,32 @@ def test_an_interrupted_cell_whose_suite_changed_says_so_instead_of_mixing_setti
 
 # Every built-in that trains a policy but SFT: the "all" suite below runs only SFT and the plugins.
 ONLY_SFT_AND_PLUGINS = json.dumps(
-    ["ppo", "grpo", "dr_grpo", "reinforce", "dpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo", "cispo", "dapo",
-     "ipo", "simpo", "kto", "online_dpo"]
+    [
+        "ppo",
+        "grpo",
+        "dr_grpo",
+        "reinforce",
+        "dpo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "gspo",
+        "cispo",
+        "dapo",
+        "ipo",
+        "simpo",
+        "kto",
+        "online_dpo",
+    ]
 )
 
 
 def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy_plugin, tmp_path):
-    body = (f'seeds = [0]\nalgorithms = "all"\nexclude = {ONLY_SFT_AND_PLUGINS}\nworkers = 1\n'
-            f'eval_points = 1\neval_prompts = 8\n[budget]\ntokens = 40\n[hparams.toy_crash]\ndie_at = 0\n'
-            f'[hparams.sft]\nbatch_size = 4\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    body = (
+        f'seeds = [0]\nalgorithms = "all"\nexclude = {ONLY_SFT_AND_PLUGINS}\nworkers = 1\n'
+        f"eval_points = 1\neval_prompts = 8\n[budget]\ntokens = 40\n[hparams.toy_crash]\ndie_at = 0\n"
+        f'[hparams.sft]\nbatch_size = 4\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
     suite = load_suite(write_suite(tmp_path / "s.toml", body))
     results = {r["algorithm"]: r for r in run_suite(suite, tmp_path / "out", progress=False)}
     assert set(results) == {"sft", "toy", "toy_sft", "toy_crash"}
@@ -255,10 +304,15 @@ def test_worker_processes_see_plugins_and_a_dying_worker_fails_only_its_cell(toy
 
 
 def test_cli_bench_writes_the_table_and_exits_nonzero_when_a_cell_failed(toy_plugin, tmp_path, capsys):
-    body = (f'name = "tiny"\nseeds = [0]\nalgorithms = ["toy", "toy_crash"]\neval_points = 1\neval_prompts = 8\n'
-            f'[budget]\ntokens = 40\n[hparams.toy_crash]\nfail_at = 0\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    body = (
+        f'name = "tiny"\nseeds = [0]\nalgorithms = ["toy", "toy_crash"]\neval_points = 1\neval_prompts = 8\n'
+        f'[budget]\ntokens = 40\n[hparams.toy_crash]\nfail_at = 0\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
     suite_file = write_suite(tmp_path / "tiny.toml", body)
-    assert cli.main(["bench", "--suite", str(suite_file), "--out", str(tmp_path / "o"), "--workers", "0", "--no-progress"]) == 1
+    assert (
+        cli.main(["bench", "--suite", str(suite_file), "--out", str(tmp_path / "o"), "--workers", "0", "--no-progress"])
+        == 1
+    )
     text = capsys.readouterr().out
     assert "| toy | 1 |" in text and "toy_crash/seed0`: RuntimeError: toy failure on purpose" in text
     assert "1 of 2 cells ok" in text and (tmp_path / "o" / "results.md").exists()
@@ -268,8 +322,12 @@ def test_cli_bench_writes_the_table_and_exits_nonzero_when_a_cell_failed(toy_plu
 
 
 def test_report_gives_mean_and_std_over_seeds(tmp_path):
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0, 1]\nalgorithms = ["ppo", "dpo"]\n[budget]\ntokens = 100\n'
-                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    suite = load_suite(
+        write_suite(
+            tmp_path / "s.toml",
+            'seeds = [0, 1]\nalgorithms = ["ppo", "dpo"]\n[budget]\ntokens = 100\n[[tasks]]\nname = "arithmetic"\n',
+        )
+    )
     out = tmp_path / "out"
     base = {"status": "ok", "task": "arithmetic", "algorithm": "base", M.REWARD_GOLD: 0.25, M.OBJECTIVE_KL_EVAL: 0.0}
     _write_result(base_dir(out, suite.tasks[0]), base)
@@ -282,8 +340,18 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
         result = {"status": "ok", M.REWARD_GOLD: gold, M.OBJECTIVE_KL_EVAL: kl, M.PERF_TOKENS_TOTAL: 100}
         result |= {M.TIME_ELAPSED_S: 2.0, M.PERF_MEAN_TOKENS_PER_S: 50.0, M.TIME_WALL_S: 3.0, M.PERF_PEAK_MEM_MB: 400.0}
         _write_result(cell_dir(out, c), result)
-        (cell_dir(out, c) / "metrics.jsonl").write_text(json.dumps(
-            {"step": 0, "perf/tokens_total": 100, "time/elapsed_s": 2.0, "reward/gold": gold, "objective/kl_eval": kl}) + "\n")
+        (cell_dir(out, c) / "metrics.jsonl").write_text(
+            json.dumps(
+                {
+                    "step": 0,
+                    "perf/tokens_total": 100,
+                    "time/elapsed_s": 2.0,
+                    "reward/gold": gold,
+                    "objective/kl_eval": kl,
+                }
+            )
+            + "\n"
+        )
     md = write_report(suite, out)["markdown"].read_text()
     # ppo: mean(0.5, 0.7) = 0.6, sample std = 0.1414; KL mean 3, std 1.414. dpo: one seed ok, one failed.
     assert "| ppo | 2 | 0.600 ± 0.141 | 3.00 ± 1.41 | 50 ± 0 | 3 ± 0 | 400 ± 0 |" in md
@@ -301,8 +369,12 @@ def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
     from benchmarks.trl_baseline import run_trl_baseline
 
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
-    suite = load_suite(write_suite(tmp_path / "s.toml", 'seeds = [0]\nalgorithms = ["grpo"]\n[budget]\ntokens = 10\n'
-                                   '[[tasks]]\nname = "arithmetic"\n'))  # fmt: skip
+    suite = load_suite(
+        write_suite(
+            tmp_path / "s.toml",
+            'seeds = [0]\nalgorithms = ["grpo"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n',
+        )
+    )
     with pytest.raises(RuntimeError, match=r'pip install -e "\.\[compare\]"'):
         run_trl_baseline(suite, tmp_path)
 
@@ -311,9 +383,11 @@ def test_trl_baseline_trains_trl_beside_ours_at_equal_iterations(tmp_path):
     pytest.importorskip("trl")
     from benchmarks.trl_baseline import run_trl_baseline
 
-    body = (f'seeds = [0]\nalgorithms = ["grpo", "dpo"]\neval_points = 1\neval_prompts = 8\n[budget]\ntokens = 400\n'
-            f'[hparams.grpo]\nnum_prompts = 4\ngroup_size = 4\nnum_minibatches = 2\n[hparams.dpo]\nnum_pairs = 32\n'
-            f'batch_size = 8\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n')  # fmt: skip
+    body = (
+        f'seeds = [0]\nalgorithms = ["grpo", "dpo"]\neval_points = 1\neval_prompts = 8\n[budget]\ntokens = 400\n'
+        f"[hparams.grpo]\nnum_prompts = 4\ngroup_size = 4\nnum_minibatches = 2\n[hparams.dpo]\nnum_pairs = 32\n"
+        f'batch_size = 8\n[[tasks]]\nname = "arithmetic"\n{TASK_KNOBS}\n'
+    )
     suite = load_suite(write_suite(tmp_path / "s.toml", body))
     out = tmp_path / "out"
     ours = {r["algorithm"]: r for r in run_suite(suite, out, workers=0, progress=False)}

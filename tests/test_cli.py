@@ -218,7 +218,12 @@ def rlhf_register_commands(register):
 
 
 def test_a_third_party_command_runs_like_a_built_in_one(plugin_path, write_dist, capsys):
-    write_dist(plugin_path, "rlhf_demo_hello_cmd", {"hello_cmd": "rlhf_demo_hello_cmd"}, {"rlhf_demo_hello_cmd": COMMAND_SOURCE})
+    write_dist(
+        plugin_path,
+        "rlhf_demo_hello_cmd",
+        {"hello_cmd": "rlhf_demo_hello_cmd"},
+        {"rlhf_demo_hello_cmd": COMMAND_SOURCE},
+    )
     plugins.reset_host()
     assert cli.main(["hello", "--name", "you"]) == 0
     assert capsys.readouterr().out == "hello you\n"

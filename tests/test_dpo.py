@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tinyparts import count_e, next_logprobs, tiny_pair
 
 from algorithms import dpo
 from algorithms.base import AlgorithmSpec, TrainContext
@@ -18,7 +19,6 @@ from rlhf_env.tasks.arithmetic import answer, make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 from rlhf_env.tiny import save_tiny
-from tinyparts import count_e, next_logprobs, tiny_pair
 
 SPEC = AlgorithmSpec(dpo.Config, dpo.Trainer)
 CPU = torch.device("cpu")
@@ -107,13 +107,18 @@ def test_sequence_logprobs_ignore_what_the_padding_holds():
 
 @pytest.mark.parametrize(
     "overrides, error, message",
-    [({"beta": 0.0}, ValueError, "beta must be > 0"), ({"beta": -0.1}, ValueError, "beta must be > 0"),
-     ({"lr": 0.0}, ValueError, "lr and max_grad_norm"), ({"max_grad_norm": -1.0}, ValueError, "lr and max_grad_norm"),
-     ({"batch_size": 0}, ValueError, "batch_size and num_pairs"), ({"num_pairs": 0}, ValueError, "batch_size and num_pairs"),
-     ({"annotator_tau": 0.0}, ValueError, "annotator_tau"),
-     ({"preference_file": "/nonexistent/prefs.jsonl"}, FileNotFoundError, "not a file"),
-     ({"bogus": 1}, ValueError, "unknown config keys")],
-)  # fmt: skip
+    [
+        ({"beta": 0.0}, ValueError, "beta must be > 0"),
+        ({"beta": -0.1}, ValueError, "beta must be > 0"),
+        ({"lr": 0.0}, ValueError, "lr and max_grad_norm"),
+        ({"max_grad_norm": -1.0}, ValueError, "lr and max_grad_norm"),
+        ({"batch_size": 0}, ValueError, "batch_size and num_pairs"),
+        ({"num_pairs": 0}, ValueError, "batch_size and num_pairs"),
+        ({"annotator_tau": 0.0}, ValueError, "annotator_tau"),
+        ({"preference_file": "/nonexistent/prefs.jsonl"}, FileNotFoundError, "not a file"),
+        ({"bogus": 1}, ValueError, "unknown config keys"),
+    ],
+)
 def test_impossible_config_is_an_error(overrides, error, message):
     with pytest.raises(error, match=message):
         SPEC.make_config(**overrides)
@@ -130,8 +135,11 @@ def tiny_ctx(policy=None, ref=None, tok=None):
 
 
 def test_reads_a_user_preference_file(tmp_path):
-    rows = [{"prompt": "2+3=", "chosen": "5", "rejected": "6"}, {"prompt": "1+1=", "chosen": "2", "rejected": "11"},
-            {"prompt": "9+0=", "chosen": "9", "rejected": ""}]  # fmt: skip
+    rows = [
+        {"prompt": "2+3=", "chosen": "5", "rejected": "6"},
+        {"prompt": "1+1=", "chosen": "2", "rejected": "11"},
+        {"prompt": "9+0=", "chosen": "9", "rejected": ""},
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = tiny_ctx()
@@ -142,7 +150,9 @@ def test_reads_a_user_preference_file(tmp_path):
         for which, stored in (("chosen", trainer.ref_chosen), ("rejected", trainer.ref_rejected)):
             ids, attn, mask = dpo.pack_completions([dpo.encode_completion(ctx.tokenizer, r["prompt"], r[which])], 0)
             with torch.no_grad():
-                assert stored[i].item() == pytest.approx(dpo.sequence_logprobs(ctx.ref, ids, attn, mask).item(), abs=1e-5)
+                assert stored[i].item() == pytest.approx(
+                    dpo.sequence_logprobs(ctx.ref, ids, attn, mask).item(), abs=1e-5
+                )
     first = trainer.step(0, 1)  # the policy is the reference: every implicit reward is 0
     assert first["loss/policy"] == pytest.approx(math.log(2), abs=1e-6) and first["dpo/reward_margin"] == 0.0
     assert first["perf/tokens"] == (2 + 2 + 2) + (2 + 3 + 1)  # completion tokens + EOS, chosen then rejected
@@ -174,8 +184,15 @@ def test_a_resumed_run_reproduces_an_uninterrupted_one(tmp_path):
     save_tiny(ref, tok, tmp_path / "base")
     task = tiny_ctx(ref=ref, tok=tok).task
     volatile = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
-    kw = dict(model_path=str(tmp_path / "base"), eval_every=2, eval_prompts=2, checkpoint_every=2, progress=False,
-              device="cpu", config={"num_pairs": 16, "batch_size": 4})  # fmt: skip
+    kw = dict(
+        model_path=str(tmp_path / "base"),
+        eval_every=2,
+        eval_prompts=2,
+        checkpoint_every=2,
+        progress=False,
+        device="cpu",
+        config={"num_pairs": 16, "batch_size": 4},
+    )
     whole = train(SPEC, task, tmp_path / "whole", steps=4, **kw)
     train(SPEC, task, tmp_path / "split", steps=2, **kw)
     resumed = train(SPEC, task, tmp_path / "split", steps=4, resume=True, **kw)
@@ -203,8 +220,9 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path):
     task = dataclasses.replace(task, eval_prompts=task.train_prompts * 4)  # evaluate what it trained on
     ref, tok = load_base_model(task, device="cpu", progress=False)
     base = evaluate_policy(TrainContext(task, ref, ref, tok, CPU), n=320)
-    records = train(SPEC, task, tmp_path / "run", steps=300, eval_every=100, eval_prompts=320, progress=False,
-                    device="cpu", seed=0)  # fmt: skip
+    records = train(
+        SPEC, task, tmp_path / "run", steps=300, eval_every=100, eval_prompts=320, progress=False, device="cpu", seed=0
+    )
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 3 and gold[-1] > base["reward/gold"] + 0.07, (base, gold)
     assert 0 < records[-1]["objective/kl_eval"] < 5

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
+from tinyparts import count_e, tiny_pair
 
 import rlhf_env
 from rlhf_env import TextGenEnv, VectorTextGenEnv
 from rlhf_env.policy import SamplingPolicy
-from tinyparts import count_e, tiny_pair
 
 
 @pytest.mark.parametrize("env_id", rlhf_env.ENV_IDS)
@@ -79,8 +79,8 @@ def test_beta_zero_without_reference_model_gives_only_the_score():
     env = TextGenEnv(tok, None, count_e, ["x"], beta=0.0, max_new_tokens=2, device="cpu")
     env.reset(seed=0)
     e = tok.convert_tokens_to_ids("e")
-    _, r0, *_ , info0 = env.step(e)
-    _, r1, *_ , info1 = env.step(e)
+    _, r0, *_, info0 = env.step(e)
+    _, r1, *_, info1 = env.step(e)
     assert r0 == 0.0 and "kl" not in info0 and "ref_logprob" not in info0
     assert r1 == pytest.approx(0.1 * 2 - 0.05 * 2)
 
@@ -89,8 +89,9 @@ def test_vector_groups_share_prompts_even_when_rows_end_at_different_steps():
     _, ref, tok = tiny_pair()
     prompts = [f"p{i}" for i in range(40)]
     G, B = 3, 6
-    env = VectorTextGenEnv(tok, ref, count_e, prompts, num_envs=B, group_size=G, beta=0.0,
-                           max_new_tokens=4, device="cpu")  # fmt: skip
+    env = VectorTextGenEnv(
+        tok, ref, count_e, prompts, num_envs=B, group_size=G, beta=0.0, max_new_tokens=4, device="cpu"
+    )
     obs, info = env.reset(seed=5)
     assert len(set(info["prompt"][:G])) == 1 and len(set(info["prompt"][G:])) == 1
     a, eos = tok.convert_tokens_to_ids("a"), tok.eos_token_id
@@ -114,8 +115,9 @@ def test_vector_groups_share_prompts_even_when_rows_end_at_different_steps():
 
 def test_sampling_policy_equal_to_reference_has_zero_kl():
     _, ref, tok = tiny_pair()
-    env = VectorTextGenEnv(tok, ref, count_e, ["The cat", "Hello there"], num_envs=4, beta=0.1,
-                           max_new_tokens=6, device="cpu")  # fmt: skip
+    env = VectorTextGenEnv(
+        tok, ref, count_e, ["The cat", "Hello there"], num_envs=4, beta=0.1, max_new_tokens=6, device="cpu"
+    )
     agent = SamplingPolicy(ref, 4, tok.pad_token_id, seed=0)
     obs, _ = env.reset(seed=0)
     kls = []

@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from tinyparts import count_e, tiny_pair
 
 from rlhf_env import EpisodeEndedError, InvalidActionError, TextGenEnv, VectorTextGenEnv, VocabMismatchError
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model
-from tinyparts import count_e, tiny_pair
 
 
 @pytest.fixture

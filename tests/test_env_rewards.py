@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tinyparts import count_e, hand_rewards, next_logprobs, tiny_pair
 
 from rlhf_env import TextGenEnv, VectorTextGenEnv
-from tinyparts import count_e, hand_rewards, next_logprobs, tiny_pair
 
 BETA = 0.3
 PROMPTS = ["The cat", "A day in the", "Hello there, my"]
@@ -89,7 +89,11 @@ def test_vector_env_rewards_match_hand_computation_across_autoresets():
             if r in resetting:  # the step after an end: reward 0, a fresh prompt
                 assert rew[r] == 0 and not term[r] and not trunc[r]
                 assert obs["length"][r] == obs["prompt_length"][r]
-                episodes[r] = {"prompt": obs["input_ids"][r, : obs["prompt_length"][r]].tolist(), "toks": [], "rewards": []}
+                episodes[r] = {
+                    "prompt": obs["input_ids"][r, : obs["prompt_length"][r]].tolist(),
+                    "toks": [],
+                    "rewards": [],
+                }
                 step_of[r] = 0
                 eos_at[r] = None
                 continue

@@ -19,8 +19,16 @@ from rlhf_env.tasks.base_models import load_base_model
 
 GRPO = AlgorithmSpec(grpo.Config, grpo.Trainer)
 DR_GRPO = AlgorithmSpec(grpo.DrConfig, grpo.DrTrainer)
-METRICS = {"loss/policy", "loss/kl", "loss/total", "reward/score", "reward/group_std", "objective/kl",
-           "policy/clipfrac", "perf/tokens"}  # fmt: skip
+METRICS = {
+    "loss/policy",
+    "loss/kl",
+    "loss/total",
+    "reward/score",
+    "reward/group_std",
+    "objective/kl",
+    "policy/clipfrac",
+    "perf/tokens",
+}
 
 
 # -- advantages ------------------------------------------------------------------------------
@@ -150,8 +158,10 @@ def test_the_two_losses_differ_only_in_the_token_aggregation():
     torch.testing.assert_close(d.loss, d.policy + d.kl)
     # With every completion at the full budget the two aggregations coincide.
     full = torch.ones(2, 5)
-    torch.testing.assert_close(grpo.grpo_loss(logp, old, ref, adv, full).loss,
-                               grpo.dr_grpo_loss(logp, old, ref, adv, full, max_new_tokens=5).loss)  # fmt: skip
+    torch.testing.assert_close(
+        grpo.grpo_loss(logp, old, ref, adv, full).loss,
+        grpo.dr_grpo_loss(logp, old, ref, adv, full, max_new_tokens=5).loss,
+    )
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -160,10 +170,15 @@ def test_the_two_losses_differ_only_in_the_token_aggregation():
 @pytest.mark.parametrize("spec", [GRPO, DR_GRPO], ids=["grpo", "dr_grpo"])
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"group_size": 1}, "GRPO needs group_size >= 2"), ({"kl_coef": -0.01}, r"kl_coef \(β\) must be >= 0"),
-     ({"clip_eps": 0.0}, "clip_eps must be > 0"), ({"clip_eps": -0.1}, "clip_eps must be > 0"),
-     ({"num_minibatches": 3}, "must divide"), ({"std_eps": 0.0}, "std_eps must be > 0")],
-)  # fmt: skip
+    [
+        ({"group_size": 1}, "GRPO needs group_size >= 2"),
+        ({"kl_coef": -0.01}, r"kl_coef \(β\) must be >= 0"),
+        ({"clip_eps": 0.0}, "clip_eps must be > 0"),
+        ({"clip_eps": -0.1}, "clip_eps must be > 0"),
+        ({"num_minibatches": 3}, "must divide"),
+        ({"std_eps": 0.0}, "std_eps must be > 0"),
+    ],
+)
 def test_impossible_config_is_an_error(spec, overrides, message):
     with pytest.raises(ValueError, match=message):
         spec.make_config(**overrides)
@@ -217,8 +232,9 @@ def test_learns_one_digit_addition(task, tmp_path, spec):
     eval noise (64 samples, ±0.06). Over seeds 0-1 and two CPU kernels (AVX2, non-vectorised)
     both variants rose by 0.23-0.30 from the first to the final evaluation (earlier builds:
     0.19-0.32); the margin asked for is 0.1."""
-    records = train(spec, task, tmp_path / "run", steps=150, eval_every=15, eval_prompts=64, progress=False,
-                    device="cpu", seed=0)  # fmt: skip
+    records = train(
+        spec, task, tmp_path / "run", steps=150, eval_every=15, eval_prompts=64, progress=False, device="cpu", seed=0
+    )
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 10
     assert gold[-1] > gold[0] + 0.1, gold

@@ -44,7 +44,9 @@ def project_modules() -> dict[str, Path]:
 def import_graph() -> dict[str, set[str]]:
     """Project module -> the project modules it imports (a ``from`` name that is not a module is its package)."""
     modules = project_modules()
-    return {name: {n for n in imports(path, set(modules)) if n in modules and n != name} for name, path in modules.items()}
+    return {
+        name: {n for n in imports(path, set(modules)) if n in modules and n != name} for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -133,7 +133,10 @@ def _bad_dirs(root, good):
     cases["not a causal LM"] = (d, "'t5' model, which has no causal-LM class")
     d = copy("bin")
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
-    cases["pickled weights"] = (d, "holds only pickle weights (pytorch_model.bin); models are loaded from safetensors only")
+    cases["pickled weights"] = (
+        d,
+        "holds only pickle weights (pytorch_model.bin); models are loaded from safetensors only",
+    )
     d = copy("no_tokenizer")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / f).unlink()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinyparts import count_e, next_logprobs
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from rlhf_env import IncrementalLM, RewardModel, TextGenEnv
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
-from tinyparts import count_e, next_logprobs
 
 
 def test_char_tokenizer_round_trips_text_and_marks_specials():
@@ -70,8 +70,15 @@ def test_incremental_lm_matches_full_forwards_under_restarts_and_waits(attn):
 
 def tiny_reward_model(tok, seed=0):
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-                        num_labels=1, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     return GPT2ForSequenceClassification(config).eval()
 
 
@@ -88,8 +95,9 @@ def test_reward_model_scores_last_token_and_retokenizes_when_tokenizers_differ(o
     rm_tok = rm_tok if own_tokenizer else tok
     rm = tiny_reward_model(rm_tok)
     ref, _ = build_tiny_model(tok)
-    env = TextGenEnv(tok, ref, rm, ["Good day", "Bad"], beta=0.0, max_new_tokens=3,
-                     reward_tokenizer=rm_tok, device="cpu")  # fmt: skip
+    env = TextGenEnv(
+        tok, ref, rm, ["Good day", "Bad"], beta=0.0, max_new_tokens=3, reward_tokenizer=rm_tok, device="cpu"
+    )
     assert env.core._score_ids == (not own_tokenizer)
     for prompt in ["Good day", "Bad"]:
         env.reset(options={"prompt": prompt})
@@ -121,8 +129,10 @@ def test_vector_env_on_cuda_bf16_matches_cpu_float32():
 
     _, tok = build_tiny_model()
     ref, _ = build_tiny_model(tok)
-    envs = [VectorTextGenEnv(tok, ref, count_e, ["Hi there"], num_envs=4, beta=0.1, max_new_tokens=4,
-                             device=d, dtype=dt) for d, dt in [("cpu", None), ("cuda", torch.bfloat16)]]  # fmt: skip
+    envs = [
+        VectorTextGenEnv(tok, ref, count_e, ["Hi there"], num_envs=4, beta=0.1, max_new_tokens=4, device=d, dtype=dt)
+        for d, dt in [("cpu", None), ("cuda", torch.bfloat16)]
+    ]
     outs = []
     for env in envs:
         env.reset(seed=0)

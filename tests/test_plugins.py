@@ -130,9 +130,11 @@ def test_entry_point_plugin_is_discovered(demo_dist):
 
 def test_broken_entry_points_are_reported_and_the_rest_load(demo_dist, write_dist):
     write_dist(
-        demo_dist, "rlhf_broken_import", {"broken_import": "rlhf_broken_import"},
+        demo_dist,
+        "rlhf_broken_import",
+        {"broken_import": "rlhf_broken_import"},
         {"rlhf_broken_import": "raise ImportError('needs a package that is not installed')\n"},
-    )  # fmt: skip
+    )
     hook_source = """
         from rlhf_env import hookimpl
 

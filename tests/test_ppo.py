@@ -17,8 +17,17 @@ from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 
 SPEC = AlgorithmSpec(ppo.Config, ppo.Trainer)
-METRICS = {"loss/policy", "loss/value", "loss/total", "reward/score", "objective/kl", "objective/kl_coef",
-           "policy/clipfrac", "policy/approx_kl", "perf/tokens"}  # fmt: skip
+METRICS = {
+    "loss/policy",
+    "loss/value",
+    "loss/total",
+    "reward/score",
+    "objective/kl",
+    "objective/kl_coef",
+    "policy/clipfrac",
+    "policy/approx_kl",
+    "perf/tokens",
+}
 L = math.log
 
 # -- losses ------------------------------------------------------------------------------------
@@ -170,25 +179,28 @@ def test_adaptive_kl_controller_follows_ziegler():
     assert fixed.value == 0.3
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"clip_eps": 0.0}, "clip_eps must be > 0"),
-    ({"clip_eps": -0.1}, "clip_eps must be > 0"),
-    ({"kl_coef": -0.01}, "kl_coef must be >= 0"),
-    ({"gamma": 1.01}, "gamma must be in"),
-    ({"gamma": -0.1}, "gamma must be in"),
-    ({"gae_lambda": 1.5}, "gae_lambda must be in"),
-    ({"gae_lambda": float("nan")}, "gae_lambda: expected a finite number"),  # refused before __post_init__
-    ({"lr": 0.0}, "lr must be > 0"),
-    ({"num_envs": 0}, "num_envs must be >= 1"),
-    ({"num_envs": 4, "num_minibatches": 5}, "num_minibatches must be in"),
-    ({"ppo_epochs": 0}, "ppo_epochs must be >= 1"),
-    ({"clip_value": 0.0}, "clip_value must be > 0 or None"),
-    ({"vf_coef": -1.0}, "vf_coef must be >= 0"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
-    ({"adaptive_kl": True, "target_kl": 0.0}, "target_kl must be > 0"),
-    ({"adaptive_kl": True, "kl_horizon": 0}, "kl_horizon must be > 0"),
-    ({"adaptive_kl": True, "kl_coef": 0.0}, "adaptive_kl needs kl_coef > 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"clip_eps": 0.0}, "clip_eps must be > 0"),
+        ({"clip_eps": -0.1}, "clip_eps must be > 0"),
+        ({"kl_coef": -0.01}, "kl_coef must be >= 0"),
+        ({"gamma": 1.01}, "gamma must be in"),
+        ({"gamma": -0.1}, "gamma must be in"),
+        ({"gae_lambda": 1.5}, "gae_lambda must be in"),
+        ({"gae_lambda": float("nan")}, "gae_lambda: expected a finite number"),  # refused before __post_init__
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"num_envs": 0}, "num_envs must be >= 1"),
+        ({"num_envs": 4, "num_minibatches": 5}, "num_minibatches must be in"),
+        ({"ppo_epochs": 0}, "ppo_epochs must be >= 1"),
+        ({"clip_value": 0.0}, "clip_value must be > 0 or None"),
+        ({"vf_coef": -1.0}, "vf_coef must be >= 0"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"adaptive_kl": True, "target_kl": 0.0}, "target_kl must be > 0"),
+        ({"adaptive_kl": True, "kl_horizon": 0}, "kl_horizon must be > 0"),
+        ({"adaptive_kl": True, "kl_coef": 0.0}, "adaptive_kl needs kl_coef > 0"),
+    ],
+)
 def test_impossible_config_is_an_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         SPEC.make_config(**overrides)
@@ -221,8 +233,10 @@ def task():
 
 def test_value_head_starts_at_zero_and_one_forward_gives_logprobs_and_values(task):
     ref, tokenizer = load_base_model(task, device="cpu")
-    trainer = ppo.Trainer(TrainContext(task, copy.deepcopy(ref).eval(), ref, tokenizer, torch.device("cpu")),
-                          ppo.Config(num_envs=4, num_minibatches=2))  # fmt: skip
+    trainer = ppo.Trainer(
+        TrainContext(task, copy.deepcopy(ref).eval(), ref, tokenizer, torch.device("cpu")),
+        ppo.Config(num_envs=4, num_minibatches=2),
+    )
     assert trainer.value_head.weight.shape == (1, ref.config.hidden_size)
     assert not trainer.value_head.weight.any() and not trainer.value_head.bias.any()
     ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
@@ -238,8 +252,9 @@ def test_value_head_starts_at_zero_and_one_forward_gives_logprobs_and_values(tas
 
 def test_state_dict_round_trip_with_value_head_and_kl_controller(task, tmp_path):
     ref, tokenizer = load_base_model(task, device="cpu")
-    config = ppo.Config(num_envs=8, num_minibatches=2, ppo_epochs=2, adaptive_kl=True, kl_coef=0.1,
-                        target_kl=0.01, kl_horizon=40)  # fmt: skip
+    config = ppo.Config(
+        num_envs=8, num_minibatches=2, ppo_epochs=2, adaptive_kl=True, kl_coef=0.1, target_kl=0.01, kl_horizon=40
+    )
 
     def trainer_on(policy):
         return ppo.Trainer(TrainContext(task, policy, ref, tokenizer, torch.device("cpu")), config)
@@ -291,8 +306,9 @@ def test_learns_one_digit_addition(task, tmp_path):
     from 0.39. The margin asked for is 0.15."""
     ref, tokenizer = load_base_model(task, device="cpu")
     base = evaluate_policy(TrainContext(task, ref, ref, tokenizer, torch.device("cpu")), 64)["reward/gold"]
-    records = train(SPEC, task, tmp_path / "run", steps=50, eval_every=25, eval_prompts=64, progress=False,
-                    device="cpu", seed=0)  # fmt: skip
+    records = train(
+        SPEC, task, tmp_path / "run", steps=50, eval_every=25, eval_prompts=64, progress=False, device="cpu", seed=0
+    )
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 2
     assert gold[-1] > base + 0.15, (base, gold)

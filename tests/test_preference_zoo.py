@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tinyparts import count_e, tiny_pair
 
 import plugins
 from algorithms import dpo, kto, online_dpo
@@ -18,7 +19,6 @@ from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
-from tinyparts import count_e, tiny_pair
 
 IPO = AlgorithmSpec(dpo.IPOConfig, dpo.IPOTrainer)
 SIMPO = AlgorithmSpec(dpo.SimPOConfig, dpo.SimPOTrainer)
@@ -157,7 +157,9 @@ def test_ipo_and_simpo_start_from_their_known_losses_and_simpo_never_runs_the_re
     first = dpo.IPOTrainer(ctx, dpo.IPOConfig(num_pairs=8, batch_size=8, tau=0.5)).step(0, 1)
     assert first["loss/policy"] == pytest.approx(1.0, abs=1e-5)  # policy = reference: h = 0, (0 − 1)²
     path = tmp_path / "prefs.jsonl"
-    path.write_text('{"prompt": "ab", "chosen": "e", "rejected": "xyz"}\n{"prompt": "cd", "chosen": "ee", "rejected": ""}\n')
+    path.write_text(
+        '{"prompt": "ab", "chosen": "e", "rejected": "xyz"}\n{"prompt": "cd", "chosen": "ee", "rejected": ""}\n'
+    )
     ctx = tiny_ctx()
     ctx.ref = NoForward()
     trainer = dpo.SimPOTrainer(ctx, dpo.SimPOConfig(preference_file=str(path), batch_size=2, beta=2.0))
@@ -177,7 +179,7 @@ def test_kto_unpairs_and_mismatches_the_examples():
     trainer = kto.Trainer(ctx, kto.Config(num_pairs=6, batch_size=12))
     assert trainer.desirable.tolist() == [True] * 6 + [False] * 6
     # every example's mismatched row keeps its own prompt with another example's completion
-    for (x, y), (ids, plen) in zip(trainer.examples, trainer.mismatched):
+    for (x, _), (ids, plen) in zip(trainer.examples, trainer.mismatched):
         assert ids[:plen] == ctx.tokenizer(x)["input_ids"]
     assert trainer.mismatched != trainer.encoded
     first = trainer.step(0, 1)

@@ -47,7 +47,9 @@ def test_a_plugin_generator_is_used_by_the_rollout_path(plugin_path, write_dist)
     batch = collect(env, model, seed=7, generator="const5")
     import rlhf_demo_gen
 
-    assert rlhf_demo_gen.BUILT == [{"batch_size": 3, "pad_token_id": env.pad_token_id, "vocab_size": env.vocab_size, "seed": 7}]
+    assert rlhf_demo_gen.BUILT == [
+        {"batch_size": 3, "pad_token_id": env.pad_token_id, "vocab_size": env.vocab_size, "seed": 7}
+    ]
     token5 = env.tokenizer.decode([5])
     assert batch.completions == [token5 * 4] * 3  # never EOS: every episode is truncated at 4 tokens
     assert batch.num_tokens == 12 and float(batch.logprobs.abs().sum()) == 0.0

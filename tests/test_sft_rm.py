@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from tinyparts import count_e, tiny_pair
 
 from algorithms import reward_model, sft
 from algorithms.base import AlgorithmSpec, TrainContext
@@ -20,7 +21,6 @@ from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 from rlhf_env.tiny import save_tiny
-from tinyparts import count_e, tiny_pair
 
 SFT = AlgorithmSpec(sft.Config, sft.Trainer)
 RM = AlgorithmSpec(reward_model.Config, reward_model.Trainer)
@@ -51,12 +51,18 @@ def test_bt_loss_by_hand():
 
 @pytest.mark.parametrize(
     "spec, overrides, message",
-    [(SFT, {"lr": 0.0}, "invalid SFT config"), (SFT, {"batch_size": 0}, "invalid SFT config"),
-     (SFT, {"max_grad_norm": 0.0}, "invalid SFT config"),
-     (RM, {"lr": -1.0}, "lr and max_grad_norm"), (RM, {"batch_size": 0}, "must be >= 1"),
-     (RM, {"num_heldout_pairs": 0}, "must be >= 1"), (RM, {"heldout_every": -1}, "heldout_every"),
-     (RM, {"annotator_tau": 0.0}, "annotator_tau"), (RM, {"bogus": 1}, "unknown config keys")],
-)  # fmt: skip
+    [
+        (SFT, {"lr": 0.0}, "invalid SFT config"),
+        (SFT, {"batch_size": 0}, "invalid SFT config"),
+        (SFT, {"max_grad_norm": 0.0}, "invalid SFT config"),
+        (RM, {"lr": -1.0}, "lr and max_grad_norm"),
+        (RM, {"batch_size": 0}, "must be >= 1"),
+        (RM, {"num_heldout_pairs": 0}, "must be >= 1"),
+        (RM, {"heldout_every": -1}, "heldout_every"),
+        (RM, {"annotator_tau": 0.0}, "annotator_tau"),
+        (RM, {"bogus": 1}, "unknown config keys"),
+    ],
+)
 def test_impossible_config_is_an_error(spec, overrides, message):
     with pytest.raises(ValueError, match=message):
         spec.make_config(**overrides)
@@ -90,8 +96,9 @@ def test_sft_lowers_the_loss_and_raises_gold(arithmetic, tmp_path):
     task = dataclasses.replace(arithmetic, eval_prompts=arithmetic.train_prompts * 4)
     ref, tok = load_base_model(task, device="cpu", progress=False)
     base = evaluate_policy(TrainContext(task, ref, ref, tok, CPU), n=320)
-    records = train(SFT, task, tmp_path / "run", steps=200, eval_every=100, eval_prompts=320, progress=False,
-                    device="cpu", seed=0)  # fmt: skip
+    records = train(
+        SFT, task, tmp_path / "run", steps=200, eval_every=100, eval_prompts=320, progress=False, device="cpu", seed=0
+    )
     policy = load_causal_lm(tmp_path / "run" / "checkpoint", device="cpu")
     with torch.no_grad():
         loss_before, loss_after = sft_loss(ref, tok, task.sft_data).item(), sft_loss(policy, tok, task.sft_data).item()
@@ -103,14 +110,23 @@ def test_sft_lowers_the_loss_and_raises_gold(arithmetic, tmp_path):
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
 
 
-@pytest.mark.parametrize("spec, config", [(SFT, {"batch_size": 4}),
-                                          (RM, {"num_pairs": 16, "num_heldout_pairs": 8, "batch_size": 4,
-                                                "heldout_every": 2})], ids=["sft", "reward_model"])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, config",
+    [(SFT, {"batch_size": 4}), (RM, {"num_pairs": 16, "num_heldout_pairs": 8, "batch_size": 4, "heldout_every": 2})],
+    ids=["sft", "reward_model"],
+)
 def test_a_resumed_run_reproduces_an_uninterrupted_one(tmp_path, spec, config):
     _, ref, tok = tiny_pair()
     save_tiny(ref, tok, tmp_path / "base")
-    kw = dict(model_path=str(tmp_path / "base"), eval_every=2, eval_prompts=2, checkpoint_every=2, progress=False,
-              device="cpu", config=config)  # fmt: skip
+    kw = dict(
+        model_path=str(tmp_path / "base"),
+        eval_every=2,
+        eval_prompts=2,
+        checkpoint_every=2,
+        progress=False,
+        device="cpu",
+        config=config,
+    )
     whole = train(spec, tiny_task(), tmp_path / "whole", steps=4, **kw)
     train(spec, tiny_task(), tmp_path / "split", steps=2, **kw)
     resumed = train(spec, tiny_task(), tmp_path / "split", steps=4, resume=True, **kw)
@@ -160,8 +176,17 @@ def test_exported_reward_model_scores_like_the_trainer(tmp_path):
 def test_a_run_checkpoint_exports_as_an_env_reward(tmp_path):
     _, ref, tok = tiny_pair()
     save_tiny(ref, tok, tmp_path / "base")
-    train(RM, tiny_task(), tmp_path / "run", steps=3, model_path=str(tmp_path / "base"), eval_every=0, progress=False,
-          device="cpu", config={"num_pairs": 16, "num_heldout_pairs": 8, "batch_size": 8, "lr": 1e-2})  # fmt: skip
+    train(
+        RM,
+        tiny_task(),
+        tmp_path / "run",
+        steps=3,
+        model_path=str(tmp_path / "base"),
+        eval_every=0,
+        progress=False,
+        device="cpu",
+        config={"num_pairs": 16, "num_heldout_pairs": 8, "batch_size": 8, "lr": 1e-2},
+    )
     path = reward_model.export_reward_model(tmp_path / "run" / "checkpoint", tmp_path / "rm")
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
     model = reward_model.ScalarRewardModel(ref)
@@ -185,8 +210,17 @@ def test_reward_model_learns_arithmetic_preferences(arithmetic, tmp_path):
     configs and seeds): judging an unseen sum means knowing arithmetic, which 80 problems do not
     teach a 2-layer model. The test below checks generalisation where it is possible."""
     task = dataclasses.replace(arithmetic, eval_prompts=arithmetic.train_prompts)
-    records = train(RM, task, tmp_path / "run", steps=300, eval_every=0, progress=False, device="cpu", seed=0,
-                    config={"heldout_every": 100})  # fmt: skip
+    records = train(
+        RM,
+        task,
+        tmp_path / "run",
+        steps=300,
+        eval_every=0,
+        progress=False,
+        device="cpu",
+        seed=0,
+        config={"heldout_every": 100},
+    )
     held = [r for r in records if "rm/heldout_accuracy" in r]
     assert [r["step"] for r in held] == [99, 199, 299]
     assert held[-1]["rm/heldout_gold_accuracy"] >= 0.65, held
@@ -209,8 +243,18 @@ def test_reward_model_generalises_to_unseen_prompts(tmp_path):
     task = Task("letters", prompts[:100], prompts[100:], letter_score, [("a", "b")], max_new_tokens=8)
     _, ref, tok = tiny_pair()
     save_tiny(ref, tok, tmp_path / "base")
-    records = train(RM, task, tmp_path / "run", steps=150, model_path=str(tmp_path / "base"), eval_every=0,
-                    progress=False, device="cpu", seed=0, config={"heldout_every": 50})  # fmt: skip
+    records = train(
+        RM,
+        task,
+        tmp_path / "run",
+        steps=150,
+        model_path=str(tmp_path / "base"),
+        eval_every=0,
+        progress=False,
+        device="cpu",
+        seed=0,
+        config={"heldout_every": 50},
+    )
     held = [r for r in records if "rm/heldout_accuracy" in r]
     assert len(held) == 3 and held[-1]["rm/heldout_gold_accuracy"] >= 0.7, held
     assert held[-1]["rm/heldout_accuracy"] > 0.5, held

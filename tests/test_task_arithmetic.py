@@ -36,11 +36,14 @@ def test_task_prompts_are_disjoint_and_sft_answers_are_right():
     assert make_arithmetic_task(n_train=300, n_eval=50, seed=4).cache_key() != task.cache_key()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"digits": 0}, "digits must be >= 1"),
-    ({"operators": "/"}, "subset of"),
-    ({"digits": 1, "n_train": 500}, "only 100 distinct problems"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"digits": 0}, "digits must be >= 1"),
+        ({"operators": "/"}, "subset of"),
+        ({"digits": 1, "n_train": 500}, "only 100 distinct problems"),
+    ],
+)
 def test_impossible_knobs_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_arithmetic_task(**kwargs)

@@ -33,8 +33,12 @@ def task() -> Task:
 def test_vader_reward_signs_on_known_sentences():
     pos, neg, neutral, empty = vader_reward(
         ["", "", "", ""],
-        ["This was a wonderful, delightful meal.", "It was a horrible, disgusting mess.",
-         "The box is on the table.", ""],
+        [
+            "This was a wonderful, delightful meal.",
+            "It was a horrible, disgusting mess.",
+            "The box is on the table.",
+            "",
+        ],
     )
     assert pos > 0.5
     assert neg < -0.5
@@ -45,8 +49,9 @@ def test_vader_reward_signs_on_known_sentences():
 
 def test_vader_reward_scores_the_completion_not_the_prompt():
     completion = " it was on the table."
-    glowing, awful = vader_reward(["What a wonderful, delightful place", "A horrible, disgusting place"],
-                                  [completion, completion])
+    glowing, awful = vader_reward(
+        ["What a wonderful, delightful place", "A horrible, disgusting place"], [completion, completion]
+    )
     assert glowing == awful == 0.0
     # and the same completion after a neutral prompt keeps its own sign
     assert vader_reward(["A horrible, disgusting place"], [" it was wonderful."])[0] > 0.5

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tinyparts import TOY_ALGO_SOURCE
 
 import plugins
 from algorithms import reinforce
@@ -15,7 +16,6 @@ from algorithms.loop import TrainingError, train
 from algorithms.plumbing import check_finite
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
-from tinyparts import TOY_ALGO_SOURCE
 
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
 SPEC = AlgorithmSpec(reinforce.Config, reinforce.Trainer)
@@ -52,14 +52,25 @@ class NaNAtStep2(reinforce.Trainer):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(task, tmp_path):
     spec = AlgorithmSpec(reinforce.Config, NaNAtStep2)
     with pytest.raises(TrainingError, match=r"step 2: non-finite loss.*last good checkpoint is kept"):
-        train(spec, task, tmp_path / "run", steps=5, checkpoint_every=1, eval_every=0, progress=False,
-              device="cpu", config={"num_envs": 4})  # fmt: skip
+        train(
+            spec,
+            task,
+            tmp_path / "run",
+            steps=5,
+            checkpoint_every=1,
+            eval_every=0,
+            progress=False,
+            device="cpu",
+            config={"num_envs": 4},
+        )
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2  # steps 0 and 1 finished and were saved; nothing of step 2
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("overrides, message", [({"lr": -1.0}, "invalid REINFORCE"), ({"bogus": 1}, "unknown config keys")])
+@pytest.mark.parametrize(
+    "overrides, message", [({"lr": -1.0}, "invalid REINFORCE"), ({"bogus": 1}, "unknown config keys")]
+)
 def test_impossible_config_errors_before_any_work(task, tmp_path, monkeypatch, overrides, message):
     monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=message):
@@ -74,8 +85,6 @@ def test_cli_names_the_known_algorithms_and_tasks(tmp_path, capsys):
     assert "unknown task 'nope'; registered: arithmetic, sentiment" in capsys.readouterr().err
 
 
-
-
 def test_an_algorithm_from_a_plugin_trains_through_rlhf_train(plugin_path, write_dist, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
     write_dist(plugin_path, "rlhf_demo_toy", {"toy": "rlhf_demo_toy"}, {"rlhf_demo_toy": TOY_ALGO_SOURCE})
@@ -85,8 +94,23 @@ def test_an_algorithm_from_a_plugin_trains_through_rlhf_train(plugin_path, write
 
     save_tiny(*build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=0), checkpoint)
     out = tmp_path / "run"
-    argv = ["train", "--algo", "toy_sft", "--task", "arithmetic", "--model", str(checkpoint), "--out", str(out),
-            "--steps", "3", "--eval-every", "3", "--set", "lr=0.01"]  # fmt: skip
+    argv = [
+        "train",
+        "--algo",
+        "toy_sft",
+        "--task",
+        "arithmetic",
+        "--model",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--set",
+        "lr=0.01",
+    ]
     assert cli.main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2] and records[2]["loss/policy"] < records[0]["loss/policy"]
@@ -99,8 +123,17 @@ def test_reinforce_raises_the_gold_reward(task, tmp_path):
     1-digit sums are too few for unseen ones to be a steady signal). Measured over seeds 0-2:
     0.39 -> 0.68-0.74 (KL 0.6-0.7). The margin asked for is 0.15."""
     task = dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
-    records = train(SPEC, task, tmp_path / "run", steps=120, eval_every=60, eval_prompts=320, progress=False,
-                    device="cpu", config={"num_envs": 128})
+    records = train(
+        SPEC,
+        task,
+        tmp_path / "run",
+        steps=120,
+        eval_every=60,
+        eval_prompts=320,
+        progress=False,
+        device="cpu",
+        config={"num_envs": 128},
+    )
     golds = [r["reward/gold"] for r in records if "reward/gold" in r]
     base = base_gold(task, tmp_path)
     assert golds[-1] >= base + 0.15, (base, golds)
@@ -108,6 +141,15 @@ def test_reinforce_raises_the_gold_reward(task, tmp_path):
 
 def base_gold(task, tmp_path):
     """reward/gold of the untrained base model, measured the way the loop measures it."""
-    records = train(SPEC, task, tmp_path / "base", steps=1, eval_every=1, eval_prompts=320, progress=False,
-                    device="cpu", config={"lr": 1e-12})
+    records = train(
+        SPEC,
+        task,
+        tmp_path / "base",
+        steps=1,
+        eval_every=1,
+        eval_prompts=320,
+        progress=False,
+        device="cpu",
+        config={"lr": 1e-12},
+    )
     return records[-1]["reward/gold"]

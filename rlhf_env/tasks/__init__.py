@@ -17,7 +17,9 @@ def get_task(name: str, **knobs: Any) -> Task:
     return plugins.get_host().tasks.get(name)(**knobs)
 
 
-def evaluate(task: Task, model, tokenizer, *, n: int | None = None, greedy: bool = False, seed: int | None = None) -> dict:
+def evaluate(
+    task: Task, model, tokenizer, *, n: int | None = None, greedy: bool = False, seed: int | None = None
+) -> dict:
     """Mean gold reward of ``model``'s completions of the first ``n`` eval prompts, through the rollout path.
 
     The defaults are "base-model gold" (``rlhf_env.rollout``): sampled at temperature 1, the first
@@ -25,15 +27,22 @@ def evaluate(task: Task, model, tokenizer, *, n: int | None = None, greedy: bool
     ``evaluate_policy`` give for the same model and ``n``. Returns ``gold_mean``, ``kl_mean``
     (0 here: the model is its own reference), ``n`` and three ``examples``.
     """
-    from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, evaluate as evaluate_rollout
+    from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED
+    from rlhf_env.rollout import evaluate as evaluate_rollout
     from rlhf_env.vector_env import VectorTextGenEnv
 
     prompts = task.eval_prompts[: EVAL_PROMPTS if n is None else n]
     device = next(model.parameters()).device
     # The env the training loop evaluates in (``TrainContext.env(split="eval")``), the model as its reference.
     env = VectorTextGenEnv(
-        tokenizer, model, task.gold_reward, task.eval_prompts,
-        num_envs=len(prompts), beta=0.0, max_new_tokens=task.max_new_tokens, device=device,
+        tokenizer,
+        model,
+        task.gold_reward,
+        task.eval_prompts,
+        num_envs=len(prompts),
+        beta=0.0,
+        max_new_tokens=task.max_new_tokens,
+        device=device,
     )
     seed = EVAL_SEED if seed is None else seed
     return evaluate_rollout(env, model, prompts, seed=seed, device=device, greedy=greedy)

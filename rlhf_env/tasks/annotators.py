@@ -7,7 +7,7 @@ Pairs are two samples of a model (the base model) for the same prompt.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -59,8 +59,9 @@ def sample_preference_pairs(
         a = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_)
         b = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1)
         keep = [i for i in range(k) if a[i] != b[i]]
-        pairs += label_pairs([prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep],
-                             task.gold_reward, tau, rng)[:need]  # fmt: skip
+        pairs += label_pairs(
+            [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], task.gold_reward, tau, rng
+        )[:need]
     if len(pairs) < n:
         raise RuntimeError(f"only {len(pairs)} of {n} pairs had two different samples; the model is too deterministic")
     return pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlhf_env.tasks.base import BaseModelRecipe, Task
 
@@ -82,7 +82,8 @@ def make_arithmetic_task(
         gold_reward=exact_match,
         sft_data=[(p, answer(p)) for p in train],
         max_new_tokens=digits * 2 + 2,
-        recipe=BaseModelRecipe(n_layer=2, n_head=4, n_embd=128, sft_steps=sft_steps, batch_size=64,
-                               lr=3e-3, chars="0123456789+-*= "),  # fmt: skip
+        recipe=BaseModelRecipe(
+            n_layer=2, n_head=4, n_embd=128, sft_steps=sft_steps, batch_size=64, lr=3e-3, chars="0123456789+-*= "
+        ),
         config={"digits": digits, "operators": operators, "n_train": n_train, "n_eval": n_eval, "seed": seed},
     )

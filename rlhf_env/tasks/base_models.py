@@ -56,8 +56,9 @@ def shipped_base_model(task: Task) -> Path | None:
     return path if (path / "model.safetensors").is_file() else None
 
 
-def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True,
-              callback=None):
+def train_sft(
+    model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True, callback=None
+):
     """AdamW on ``sft_loss`` over random minibatches, linear warm-up then linear decay.
 
     ``callback(step, steps)``, if given, is called after every step (progress displays).
@@ -65,7 +66,9 @@ def train_sft(model, tokenizer, pairs, *, steps: int, batch_size: int, lr: float
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
+    )
     model.train()
     bar = tqdm(range(steps), desc="SFT base model", disable=not progress, leave=False)
     loss = torch.tensor(float("nan"))
@@ -96,16 +99,31 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True, 
             return shipped
     r = task.recipe
     tokenizer = build_char_tokenizer(r.chars or DEFAULT_CHARS)
-    model, _ = build_tiny_model(tokenizer, n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd,
-                                n_positions=r.n_positions, seed=r.seed)  # fmt: skip
+    model, _ = build_tiny_model(
+        tokenizer, n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd, n_positions=r.n_positions, seed=r.seed
+    )
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(r.seed)
-        model, final_loss = train_sft(model, tokenizer, task.sft_data, steps=r.sft_steps, batch_size=r.batch_size,
-                                      lr=r.lr, seed=r.seed, progress=progress, callback=callback)  # fmt: skip
-    info = {"task": task.name, "config": task.config, "recipe": r.__dict__, "final_sft_loss": final_loss,
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+        model, final_loss = train_sft(
+            model,
+            tokenizer,
+            task.sft_data,
+            steps=r.sft_steps,
+            batch_size=r.batch_size,
+            lr=r.lr,
+            seed=r.seed,
+            progress=progress,
+            callback=callback,
+        )
+    info = {
+        "task": task.name,
+        "config": task.config,
+        "recipe": r.__dict__,
+        "final_sft_loss": final_loss,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -119,8 +137,15 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True, 
     return target
 
 
-def load_base_model(task: Task, model_path: str | os.PathLike | None = None, *, device=None, dtype=None,
-                    progress: bool = True, callback=None):
+def load_base_model(
+    task: Task,
+    model_path: str | os.PathLike | None = None,
+    *,
+    device=None,
+    dtype=None,
+    progress: bool = True,
+    callback=None,
+):
     """``(model, tokenizer)``: the checkpoint at ``model_path`` if given, else the task's base model."""
     path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress, callback=callback)
     return load_pretrained(path, device=device, dtype=dtype)

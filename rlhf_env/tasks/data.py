@@ -28,8 +28,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from rlhf_env.errors import DataFileError
 from rlhf_env.tasks.base import PreferencePair
@@ -119,7 +120,11 @@ def _checked_column(path: Path, column: str, feature: Any, values: list[Any]) ->
 
     # A column of one non-string type says so; a mixed JSON column (datasets >= 5 reads it as
     # Json) holds the decoded values, checked row by row like a string column.
-    note = f" (column read as {feature.dtype})" if isinstance(feature, Value) and feature.dtype not in _STRING_DTYPES else ""
+    note = (
+        f" (column read as {feature.dtype})"
+        if isinstance(feature, Value) and feature.dtype not in _STRING_DTYPES
+        else ""
+    )
     for row, value in enumerate(values):
         if value is None or not isinstance(value, str):
             raise _bad_field(path, row, column, value, note)

@@ -6,8 +6,8 @@ pairs for a task) both import it and not each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 

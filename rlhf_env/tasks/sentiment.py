@@ -22,7 +22,8 @@ import itertools
 import json
 import random
 import re
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from rlhf_env.tasks.base import BaseModelRecipe, Task
 
@@ -39,14 +40,22 @@ _SUBJECTS: dict[str, dict] = {
             dish="pasta soup pizza steak curry salad bread coffee dessert burger ramen cake fish tea".split(),
             place="place cafe diner bistro restaurant".split(),
         ),
-        pred=["The {dish} at this {place} was", "The {dish} I ordered here was", "Our dinner at the {place} was",
-              "The service at this {place} was"],
+        pred=[
+            "The {dish} at this {place} was",
+            "The {dish} I ordered here was",
+            "Our dinner at the {place} was",
+            "The service at this {place} was",
+        ],
         clause=["I ordered the {dish} here and", "We tried the new {place} and", "I had the {dish} for lunch and"],
         pos="delicious yummy fresh lovely perfect excellent superb wonderful".split(),
         neg="disgusting gross nasty bad awful horrible terrible disappointing".split(),
         neutral_pred=["served at noon", "about the usual size", "ten dollars on the menu", "served in a paper box"],
-        neutral_clause=["then we walked home", "it came with a drink", "we sat by the window",
-                        "we paid at the counter"],
+        neutral_clause=[
+            "then we walked home",
+            "it came with a drink",
+            "we sat by the window",
+            "we paid at the counter",
+        ],
     ),
     "film": dict(
         slots=dict(
@@ -54,8 +63,11 @@ _SUBJECTS: dict[str, dict] = {
             part="plot acting ending soundtrack script pacing cast dialogue".split(),
         ),
         pred=["This {film} was", "The {part} of this {film} was", "The new {film} I saw was"],
-        clause=["I watched this {film} last night and", "We saw the new {film} and",
-                "My friends took me to this {film} and"],
+        clause=[
+            "I watched this {film} last night and",
+            "We saw the new {film} and",
+            "My friends took me to this {film} and",
+        ],
         pos="brilliant hilarious funny exciting thrilling gorgeous beautiful amazing".split(),
         neg="boring dull stupid pathetic painful awful terrible lame".split(),
         neutral_pred=["about two hours long", "shown in black and white", "filmed in Canada", "in French"],
@@ -67,14 +79,25 @@ _SUBJECTS: dict[str, dict] = {
             part=["plot", "writing", "prose", "ending", "cover", "first chapter", "main character"],
         ),
         pred=["The {part} of this {book} was", "This {book} was"],
-        clause=["I read this {book} on holiday and", "My friend lent me this {book} and",
-                "I finished this {book} today and"],
+        clause=[
+            "I read this {book} on holiday and",
+            "My friend lent me this {book} and",
+            "I finished this {book} today and",
+        ],
         pos="brilliant beautiful clever charming wonderful enjoyable excellent lovely".split(),
         neg="boring dull dreadful awful bad poor pathetic miserable".split(),
-        neutral_pred=["about three hundred pages", "printed in small type", "written in the first person",
-                      "set in a small town"],
-        neutral_clause=["it took me a week", "I read it on the train", "I took it back to the library",
-                        "it has ten chapters"],
+        neutral_pred=[
+            "about three hundred pages",
+            "printed in small type",
+            "written in the first person",
+            "set in a small town",
+        ],
+        neutral_clause=[
+            "it took me a week",
+            "I read it on the train",
+            "I took it back to the library",
+            "it has ten chapters",
+        ],
     ),
     "gadget": dict(
         slots=dict(
@@ -82,14 +105,25 @@ _SUBJECTS: dict[str, dict] = {
             part="screen battery keyboard charger case".split(),
         ),
         pred=["The {part} on this {gadget} was", "The new {gadget} I ordered was", "This {gadget} was"],
-        clause=["I bought this {gadget} last week and", "I have used this {gadget} daily and",
-                "My new {gadget} arrived today and"],
+        clause=[
+            "I bought this {gadget} last week and",
+            "I have used this {gadget} daily and",
+            "My new {gadget} arrived today and",
+        ],
         pos="impressive excellent great perfect flawless smart awesome outstanding".split(),
         neg="useless broken worthless awful bad poor disappointing weak".split(),
-        neutral_pred=["black with a metal frame", "about the size of a book", "shipped in a plain box",
-                      "made of plastic"],
-        neutral_clause=["it came in a plain box", "it arrived on Tuesday", "I set it up at home",
-                        "it runs on two batteries"],
+        neutral_pred=[
+            "black with a metal frame",
+            "about the size of a book",
+            "shipped in a plain box",
+            "made of plastic",
+        ],
+        neutral_clause=[
+            "it came in a plain box",
+            "it arrived on Tuesday",
+            "I set it up at home",
+            "it runs on two batteries",
+        ],
     ),
     "hotel": dict(
         slots=dict(
@@ -97,14 +131,15 @@ _SUBJECTS: dict[str, dict] = {
             part="staff breakfast pool bed view lobby service room".split(),
         ),
         pred=["The {part} at this {hotel} was", "Our room at the {hotel} was"],
-        clause=["We stayed at this {hotel} and", "We booked the {hotel} online and",
-                "I spent a week at this {hotel} and"],
+        clause=[
+            "We stayed at this {hotel} and",
+            "We booked the {hotel} online and",
+            "I spent a week at this {hotel} and",
+        ],
         pos="clean comfortable friendly pleasant lovely cheerful wonderful helpful".split(),
         neg="dirty rude uncomfortable unpleasant miserable awful horrible nasty".split(),
-        neutral_pred=["on the third floor", "near the train station", "next to the parking lot",
-                      "open until ten"],
-        neutral_clause=["we checked in at noon", "we left on Sunday", "we took the bus there",
-                        "the room had two beds"],
+        neutral_pred=["on the third floor", "near the train station", "next to the parking lot", "open until ten"],
+        neutral_clause=["we checked in at noon", "we left on Sunday", "we took the bus there", "the room had two beds"],
     ),
 }
 
@@ -116,10 +151,20 @@ _HATE = ["hated", "disliked", "did not enjoy", "did not like"]
 # Continuation templates by opening kind and polarity; ``{pos}``/``{neg}`` are adjectives.
 _TEMPLATES = {
     "pred": {
-        "positive": ["{adv}{pos}.", "{adv}{pos}, I loved it.", "{pos} and {pos2}.", "{adv}{pos}!",
-                     "{pos}, highly recommended."],
-        "negative": ["{adv}{neg}.", "{adv}{neg}, I hated it.", "{neg} and {neg2}.", "{adv}{neg}!",
-                     "{neg}, a waste of money."],
+        "positive": [
+            "{adv}{pos}.",
+            "{adv}{pos}, I loved it.",
+            "{pos} and {pos2}.",
+            "{adv}{pos}!",
+            "{pos}, highly recommended.",
+        ],
+        "negative": [
+            "{adv}{neg}.",
+            "{adv}{neg}, I hated it.",
+            "{neg} and {neg2}.",
+            "{adv}{neg}!",
+            "{neg}, a waste of money.",
+        ],
         "neutral": ["{neutral_pred}."],
         "mixed": ["{pos} but {adv}{neg}.", "{neg} but {adv}{pos}.", "{pos} but a little {neg}."],
     },
@@ -181,9 +226,15 @@ def continue_review(opening: str, polarity: str, rng: random.Random, max_chars: 
         pos, pos2 = rng.sample(spec["pos"], 2)
         neg, neg2 = rng.sample(spec["neg"], 2)
         text = " " + rng.choice(templates).format(
-            adv=rng.choice(_ADVERBS), pos=pos, pos2=pos2, neg=neg, neg2=neg2,
-            love=rng.choice(_LOVE), hate=rng.choice(_HATE),
-            neutral_pred=rng.choice(spec["neutral_pred"]), neutral_clause=rng.choice(spec["neutral_clause"]),
+            adv=rng.choice(_ADVERBS),
+            pos=pos,
+            pos2=pos2,
+            neg=neg,
+            neg2=neg2,
+            love=rng.choice(_LOVE),
+            hate=rng.choice(_HATE),
+            neutral_pred=rng.choice(spec["neutral_pred"]),
+            neutral_clause=rng.choice(spec["neutral_clause"]),
         )
         if len(text) <= max_chars:
             return text
@@ -254,15 +305,23 @@ def make_sentiment_task(
     if n_train + n_eval > len(pool):
         raise ValueError(f"n_train + n_eval = {n_train + n_eval} exceeds the {len(pool)} openings available")
     random.Random(seed).shuffle(pool)
-    eval_prompts, train_prompts = pool[:n_eval], pool[n_eval:n_eval + n_train]
+    eval_prompts, train_prompts = pool[:n_eval], pool[n_eval : n_eval + n_train]
     reviews = generate_reviews(n_sft, seed=seed + 1, openings=train_prompts, mix=mix, max_chars=max_new_tokens - 1)
     # Measured (one thread, batch 32): 2x64 (115k params) runs ~65 ms/step, ~1-1.5 min for
     # 1000 steps, reaching ~0.7 nats/char: mostly legible words, some misspellings, mixed tone.
     # 3x96 at 600 steps costs the same and samples no better, so the smaller model wins.
-    recipe = recipe or BaseModelRecipe(n_layer=2, n_head=2, n_embd=64, n_positions=128, sft_steps=1000,
-                                       batch_size=32, lr=3e-3, seed=seed)
-    config = dict(n_train=n_train, n_eval=n_eval, n_sft=n_sft, seed=seed, max_new_tokens=max_new_tokens,
-                  mix=list(mix), grammar=_GRAMMAR_DIGEST)
+    recipe = recipe or BaseModelRecipe(
+        n_layer=2, n_head=2, n_embd=64, n_positions=128, sft_steps=1000, batch_size=32, lr=3e-3, seed=seed
+    )
+    config = dict(
+        n_train=n_train,
+        n_eval=n_eval,
+        n_sft=n_sft,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        mix=list(mix),
+        grammar=_GRAMMAR_DIGEST,
+    )
     return Task(
         name="sentiment",
         train_prompts=train_prompts,
