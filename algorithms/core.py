@@ -169,3 +169,11 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
         logp: (B, T) log π_θ (with gradients); old_logp: (B, T) log π_old (no gradient); mask: (B, T).
     """
     return torch.exp(masked_mean(logp - old_logp.detach(), mask, dim=1))
+
+
+def check_asymmetric_clip(eps_low: float, eps_high: float) -> None:
+    """Raise ``ValueError`` unless 0 < ε_low < 1 and ε_high > 0 (clip-higher, docs/maths.md §13)."""
+    if not (0 < eps_low < 1):
+        raise ValueError(f"clip_eps_low must be in (0, 1), got {eps_low}")
+    if not eps_high > 0:
+        raise ValueError(f"clip_eps_high must be > 0, got {eps_high}")

@@ -24,7 +24,7 @@ import torch
 from algorithms import grpo
 from algorithms import metrics as M
 from algorithms.base import RolloutBatch, collect_rollouts
-from algorithms.core import asymmetric_clipped_surrogate, kl_k3, token_mean
+from algorithms.core import asymmetric_clipped_surrogate, check_asymmetric_clip, kl_k3, token_mean
 from algorithms.grpo import LossParts
 
 
@@ -39,10 +39,7 @@ class Config(grpo.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (0 < self.clip_eps_low < 1):
-            raise ValueError(f"clip_eps_low must be in (0, 1), got {self.clip_eps_low}")
-        if not self.clip_eps_high > 0:
-            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+        check_asymmetric_clip(self.clip_eps_low, self.clip_eps_high)
         if self.max_sample_rounds < 1:
             raise ValueError(f"max_sample_rounds must be >= 1, got {self.max_sample_rounds}")
         if self.overlong_buffer < 0 or self.overlong_penalty < 0:

@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from algorithms import grpo
-from algorithms.core import asymmetric_clipped_surrogate, kl_k3, seq_mean, sequence_ratio, token_mean
+from algorithms.core import (
+    asymmetric_clipped_surrogate,
+    check_asymmetric_clip,
+    kl_k3,
+    seq_mean,
+    sequence_ratio,
+    token_mean,
+)
 from algorithms.grpo import LossParts
 
 
@@ -28,10 +35,7 @@ class Config(grpo.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (0 < self.clip_eps_low < 1):
-            raise ValueError(f"clip_eps_low must be in (0, 1), got {self.clip_eps_low}")
-        if not self.clip_eps_high > 0:
-            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+        check_asymmetric_clip(self.clip_eps_low, self.clip_eps_high)
 
 
 def gspo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=3e-4, eps_high=4e-4, kl_coef=0.0) -> LossParts:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import masked_sum
 from algorithms.dpo import dpo_loss
-from algorithms.plumbing import Optimizer, Stateful
+from algorithms.plumbing import PolicyTrainer
 
 
 @dataclass
@@ -58,11 +58,7 @@ def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return chosen, 2 * keep + first_wins
 
 
-class Trainer(Stateful):
-    def __init__(self, ctx: TrainContext, config: Config):
-        self.ctx, self.config = ctx, config
-        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
-
+class Trainer(PolicyTrainer):
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
         # β = 0 in the env: the scores are the task's reward; the KL lives in the DPO loss.

@@ -134,3 +134,12 @@ class Stateful:
             raise ValueError(f"{type(self).__module__} trainer state lacks {missing}; it has {sorted(state)}")
         for key, attr in self.state.items():
             getattr(self, attr).load_state_dict(state[key])
+
+
+class PolicyTrainer(Stateful):
+    """A trainer whose one trained module is the policy: ``ctx``, ``config`` (with ``lr`` and
+    ``max_grad_norm``) and one ``Optimizer`` over the policy's parameters."""
+
+    def __init__(self, ctx, config):
+        self.ctx, self.config = ctx, config
+        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import masked_sum
-from algorithms.plumbing import Optimizer, Stateful
+from algorithms.plumbing import PolicyTrainer
 
 
 @dataclass
@@ -43,11 +43,7 @@ def reinforce_loss(
     return -((returns - baseline).detach() * seq_logprobs).mean()
 
 
-class Trainer(Stateful):
-    def __init__(self, ctx: TrainContext, config: Config):
-        self.ctx, self.config = ctx, config
-        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
-
+class Trainer(PolicyTrainer):
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
         batch = collect_rollouts(self.ctx, self.ctx.env(c.num_envs, beta=c.kl_coef), seed)

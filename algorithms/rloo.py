@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import leave_one_out_baseline, masked_sum
 from algorithms.grpo import group_std
-from algorithms.plumbing import Optimizer, Stateful
+from algorithms.plumbing import PolicyTrainer
 from algorithms.reinforce import reinforce_loss
 
 
@@ -41,12 +41,8 @@ class Config:
             raise ValueError(f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}")
 
 
-class Trainer(Stateful):
+class Trainer(PolicyTrainer):
     """RLOO: k completions a prompt, leave-one-out baseline, one REINFORCE step per rollout."""
-
-    def __init__(self, ctx: TrainContext, config: Config):
-        self.ctx, self.config = ctx, config
-        self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
