@@ -248,16 +248,23 @@ class Trainer(Stateful):
         loss, chosen_r, rejected_r = self.pair_loss(logp[:b], logp[b:], ref_c, ref_r, lengths[:b], lengths[b:])
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
-            M.LOSS_POLICY: loss.item(),
-            M.OPTIM_GRAD_NORM: grad_norm,
-            M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
-            M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
+            **pair_metrics(loss, grad_norm, chosen_r, rejected_r),
             **self.reward_metrics(chosen_r, rejected_r),
             M.PERF_TOKENS: float(mask.sum()),
         }
 
     def reward_metrics(self, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:
         return {M.DPO_CHOSEN_REWARD: chosen_r.mean().item(), M.DPO_REJECTED_REWARD: rejected_r.mean().item()}
+
+
+def pair_metrics(loss: torch.Tensor, grad_norm: float, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict:
+    """The metrics every pairwise trainer logs: loss, gradient norm, implicit-reward accuracy and margin."""
+    return {
+        M.LOSS_POLICY: loss.item(),
+        M.OPTIM_GRAD_NORM: grad_norm,
+        M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
+        M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
+    }
 
 
 class IPOTrainer(Trainer):

@@ -21,7 +21,7 @@ import torch
 from algorithms import metrics as M
 from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import masked_sum
-from algorithms.dpo import dpo_loss
+from algorithms.dpo import dpo_loss, pair_metrics
 from algorithms.plumbing import PolicyTrainer
 
 
@@ -81,10 +81,7 @@ class Trainer(PolicyTrainer):
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
             **metrics,
-            M.LOSS_POLICY: loss.item(),
-            M.OPTIM_GRAD_NORM: grad_norm,
-            M.DPO_REWARD_ACCURACY: (chosen_r > rejected_r).float().mean().item(),
-            M.DPO_REWARD_MARGIN: (chosen_r - rejected_r).mean().item(),
+            **pair_metrics(loss, grad_norm, chosen_r, rejected_r),
             M.DPO_CHOSEN_REWARD: chosen_r.mean().item(),
             M.DPO_REJECTED_REWARD: rejected_r.mean().item(),
         }
