@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 import torch
@@ -189,7 +190,13 @@ def test_a_reward_that_returns_no_numbers_is_named(user_plugin, model_dir, capsy
     )
 
 
-def test_ctrl_c_says_how_to_resume_and_the_same_command_does(user_plugin, tmp_path, model_dir, monkeypatch, capsys):
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(
+    user_plugin, tmp_path, model_dir, monkeypatch, capsys, request
+):
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: give this
+    # process the interactive default (SIGINT raises KeyboardInterrupt) as a user's terminal does.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     out = tmp_path / "run"
     argv = train_argv(out, model_dir, algo="sleepy", steps=3, batch=None)
     monkeypatch.setenv("TOY_SIGINT_AT", "1")
