@@ -31,7 +31,7 @@ import torch
 from algorithms import core
 from algorithms import metrics as M
 from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sequence_kl
-from algorithms.core import kl_k3, masked_mean, masked_sum
+from algorithms.core import kl_k3, masked_mean
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
 
@@ -128,16 +128,6 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return surrogate, core.clipped(ratio, advantages[:, None], clip_eps)
 
 
-def per_completion_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GRPO's aggregation: (1/B) Σ_i (1/|y_i|) Σ_t x_it, over masked-in tokens. x, mask: (B, T)."""
-    return masked_mean(x, mask, dim=1).mean()
-
-
-def constant_normalised_sum(x: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Dr. GRPO's aggregation: Σ_i Σ_t x_it / (max_new_tokens × B), over masked-in tokens. x, mask: (B, T)."""
-    return masked_sum(x, mask) / (max_new_tokens * x.shape[0])
-
-
 def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate) -> LossParts:
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
     policy = -aggregate(surrogate, mask)
@@ -163,7 +153,7 @@ def grpo_loss(
         advantages: (B,) per-completion advantages Â_i.
         mask: (B, T) 1 on completion tokens; padding and prompt positions never count.
     """
-    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, per_completion_mean)
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, core.seq_mean)
 
 
 def dr_grpo_loss(
@@ -182,7 +172,7 @@ def dr_grpo_loss(
     """
 
     def aggregate(x, m):
-        return constant_normalised_sum(x, m, max_new_tokens)
+        return core.seq_sum_norm(x, m, max_new_tokens)
 
     return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate)
 
