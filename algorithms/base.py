@@ -44,6 +44,8 @@ class TrainContext:
 
     ``policy`` is trained; ``ref`` is the frozen reference (the starting policy). Both stay
     in eval mode (no dropout), so log-probs at sampling time and at training time agree.
+    ``reward`` is the optimised (proxy) reward of training envs; None: the task's gold.
+    Evaluation envs always score with the gold.
     """
 
     task: Task
@@ -53,17 +55,19 @@ class TrainContext:
     device: torch.device
     seed: int = 0
     generator: str = DEFAULT_GENERATOR  # the registered generation backend rollouts sample with
+    reward: Any = None  # reward(prompts, completions) -> scores, or a RewardModel; None: gold
     _envs: dict = field(default_factory=dict, repr=False)
 
     def env(self, num_envs: int, group_size: int = 1, beta: float = 0.0, split: str = "train") -> VectorTextGenEnv:
-        """A vector env on the task's ``split`` prompts, the gold reward and ``ref`` (cached)."""
+        """A vector env on the task's ``split`` prompts and ``ref`` (cached): train envs score with
+        ``reward`` (the gold when it is None), eval envs with the gold."""
         key = (num_envs, group_size, beta, split)
         if key not in self._envs:
             prompts = self.task.train_prompts if split == "train" else self.task.eval_prompts
             self._envs[key] = VectorTextGenEnv(
                 self.tokenizer,
                 self.ref,
-                self.task.gold_reward,
+                self.task.gold_reward if split != "train" or self.reward is None else self.reward,
                 prompts,
                 num_envs=num_envs,
                 group_size=group_size,

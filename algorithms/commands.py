@@ -49,14 +49,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = args.steps or (saved.get("budget") or {}).get("steps") or 50
     seed = args.seed if args.seed is not None else saved.get("seed", 0)
     model = args.model if args.model is not None else saved.get("model")
+    reward = args.reward if args.reward is not None else saved.get("reward")
     run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
-    run.update(eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo)
+    run.update(
+        eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo, reward=reward
+    )
     records = train(spec, task, args.out, **run)
     evals = [r for r in records if M.REWARD_GOLD in r]
     if evals:
         last = evals[-1]
+        proxy = f"{M.REWARD_PROXY}={last[M.REWARD_PROXY]:.4f}  " if M.REWARD_PROXY in last else ""
         print(
-            f"{algo} on {task.name}: step {last['step'] + 1}  {M.REWARD_GOLD}={last[M.REWARD_GOLD]:.4f}  "
+            f"{algo} on {task.name}: step {last['step'] + 1}  {M.REWARD_GOLD}={last[M.REWARD_GOLD]:.4f}  {proxy}"
             f"{M.OBJECTIVE_KL_EVAL}={last[M.OBJECTIVE_KL_EVAL]:.4f}  ({last[M.TIME_ELAPSED_S]:.1f}s)  -> {args.out}"
         )
     return 0
@@ -67,6 +71,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="a registered task (required unless --resume)")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, tb/, checkpoint/")
     p.add_argument("--model", default=None, help="local HF causal LM replacing the task's base model")
+    p.add_argument(
+        "--reward",
+        default=None,
+        help="what online algorithms optimise: gold (the task's, default), a registered reward "
+        "(NAME or NAME:KEY=VALUE,...), a reward model folder or a reward_model run folder; gold is always evaluated",
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="default: 50, or the resumed run's")
     p.add_argument("--seed", type=int, default=None, help="default: 0, or the resumed run's")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")

@@ -26,6 +26,7 @@ from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.overrides import typed_overrides
 from algorithms.plumbing import NonFiniteLossError
+from algorithms.reward_choice import resolve_reward
 from algorithms.runfolder import (
     CHECKPOINT,
     RunFolderError,
@@ -37,7 +38,7 @@ from algorithms.runfolder import (
     write_text_atomic,
 )
 from rlhf_env.models import load_causal_lm, resolve_device, save_pretrained
-from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, evaluate
+from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -52,11 +53,22 @@ def step_seed(seed: int, step: int) -> int:
 
 @torch.no_grad()
 def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_SEED) -> dict[str, float]:
-    """``reward/gold`` and ``objective/kl_eval`` of policy samples on the first ``n`` eval prompts (``rlhf_env.rollout.evaluate``)."""
+    """``reward/gold`` and ``objective/kl_eval`` of policy samples on the first ``n`` eval prompts
+    (as ``rlhf_env.rollout.evaluate``), and ``reward/proxy`` of the same samples when ``ctx.reward`` is set."""
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
-    result = evaluate(env, ctx.policy, prompts, seed=seed, device=ctx.device, generator=ctx.generator)
-    return {M.REWARD_GOLD: result["gold_mean"], M.OBJECTIVE_KL_EVAL: result["kl_mean"]}
+    batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
+    out = {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
+    if ctx.reward is not None:
+        out[M.REWARD_PROXY] = float(proxy_scores(ctx.reward, batch.prompts, batch.completions).mean())
+    return out
+
+
+def proxy_scores(reward, prompts: list[str], completions: list[str]):
+    """(N,) the proxy reward of completions, checked as the env checks a reward's output."""
+    from rlhf_env.rewards import as_scores, reward_name
+
+    return as_scores(reward(prompts, completions), len(completions), reward_name(reward))
 
 
 class ResumeError(ValueError):
@@ -86,8 +98,9 @@ def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], override
     ``now``: the algorithm, task, task knobs, model and seed this call asks for.
     """
     changes: dict[str, tuple[Any, Any]] = {}
-    for key in ("algorithm", "task", "model", "seed"):
-        old = saved.get(key, now[key])  # a run from before a key was saved: nothing to compare
+    for key in ("algorithm", "task", "model", "seed", "reward"):
+        # A run from before a key was saved: nothing to compare (it optimised the gold).
+        old = saved.get(key, "gold" if key == "reward" else now[key])
         if key == "algorithm" and not (old and now[key]):
             continue  # an API call without a name
         if old != now[key]:
@@ -127,6 +140,7 @@ def train(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     algo_name: str = "",
+    reward: str | None = None,
     callback: Callable[[dict[str, float], float], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
@@ -138,7 +152,9 @@ def train(
     checkpoints are not counted). Evaluation runs every ``eval_every`` steps, or, with
     ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
     ``callback(record, fraction_of_budget_spent)`` is called after every step. ``dtype``: the
-    weights' dtype (default: as saved); log-probs are float32 whatever it is.
+    weights' dtype (default: as saved); log-probs are float32 whatever it is. ``reward``: what
+    the run optimises (``algorithms.reward_choice``: gold, a registered name, a reward model or
+    ``reward_model`` run folder); the gold is evaluated either way.
 
     ``out`` is owned by this call (a lock). A folder that holds a run needs ``resume``: the
     run continues from its checkpoint with its saved algorithm, task, model, seed and config,
@@ -150,6 +166,7 @@ def train(
     if not resume:
         spec.Config(**overrides)  # and so does an impossible config
     device = resolve_device(device)  # and a device this machine lacks
+    choice = resolve_reward(reward, task, device=device)  # and a reward that cannot be used
     with claim_run_folder(out) as out:
         recover_checkpoint(out)
         ckpt = out / CHECKPOINT
@@ -165,6 +182,7 @@ def train(
         resuming = resume and has_checkpoint
         model = str(Path(model_path).expanduser().resolve()) if model_path is not None else None
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
+        now["reward"] = choice.spec
         saved = read_run_config(out) if resuming else None
         changes: dict[str, tuple[Any, Any]] = {}
         if saved is not None:
@@ -177,7 +195,7 @@ def train(
         ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
         # The policy starts as the reference, or as the checkpoint's weights when resuming.
         policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
-        ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
+        ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=choice.fn)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         trainer = spec.Trainer(ctx, cfg)

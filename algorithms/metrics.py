@@ -153,3 +153,15 @@ REWARD_GROUPS_KEPT = _metric(
     "share of the step's sampled groups whose rewards were not all equal, kept for the update (DAPO)",
     "fraction",
 )
+
+
+# -- learned rewards and the RLHF pipeline (issue 12) ------------------------------------------
+REWARD_PROXY = _metric(
+    "reward/proxy",
+    "mean optimised (proxy) reward, e.g. a learned r_φ, of the evaluation samples of `reward/gold` "
+    "(runs whose reward is not the gold; `rlhf bench` cells of a learned-reward task)",
+    "proxy reward",
+)
+OBJECTIVE_KL_BEST_OF_N = _metric(
+    "objective/kl_best_of_n", "KL of best-of-n sampling to the base model, log n − (n−1)/n, docs/maths.md", "nats"
+)

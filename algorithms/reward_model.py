@@ -195,8 +195,8 @@ class Trainer(Stateful):
         return save_pretrained(self.model.to_sequence_classifier(self.pad), self.ctx.tokenizer, path)
 
 
-def export_reward_model(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Turn a ``reward_model`` run's checkpoint directory into a ``RewardModel``-loadable one at ``path``."""
+def load_reward_run(checkpoint: str | os.PathLike):
+    """``(sequence classifier, tokenizer)``: the r_φ of a ``reward_model`` run's checkpoint directory."""
     from rlhf_env.models import load_causal_lm, load_tokenizer
 
     checkpoint = Path(checkpoint)
@@ -204,4 +204,10 @@ def export_reward_model(checkpoint: str | os.PathLike, path: str | os.PathLike) 
     state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
     model = ScalarRewardModel(lm)
     model.load_state_dict(state["trainer"]["reward_model"])
-    return save_pretrained(model.to_sequence_classifier(pad_token_id(tok)), tok, path)
+    return model.to_sequence_classifier(pad_token_id(tok)), tok
+
+
+def export_reward_model(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Turn a ``reward_model`` run's checkpoint directory into a ``RewardModel``-loadable one at ``path``."""
+    model, tok = load_reward_run(checkpoint)
+    return save_pretrained(model, tok, path)
