@@ -163,5 +163,5 @@ REWARD_PROXY = _metric(
     "proxy reward",
 )
 OBJECTIVE_KL_BEST_OF_N = _metric(
-    "objective/kl_best_of_n", "KL of best-of-n sampling to the base model, log n − (n−1)/n, docs/maths.md", "nats"
+    "objective/kl_best_of_n", "KL of best-of-n sampling to the base model, log n − (n−1)/n, docs/maths.md §23", "nats"
 )
