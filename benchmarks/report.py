@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 
 from algorithms import metrics as M
+from benchmarks import overoptimisation, pipeline
 from benchmarks.runner import base_dir, cell_dir, read_result, run_dir
 from benchmarks.suite import Suite
 
 # The figures of a cell's result.json, named as in metrics.jsonl.
 FIGURES = [
     M.REWARD_GOLD,
+    M.REWARD_PROXY,
     M.OBJECTIVE_KL_EVAL,
     M.PERF_TOKENS_TOTAL,
     M.PERF_MEAN_TOKENS_PER_S,
@@ -39,10 +41,12 @@ FIGURES = [
     M.PERF_PEAK_MEM_MB,
     M.TIME_STEPS,
 ]
-CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, "device", "error"]
+EXTRA_CSV = [M.OBJECTIVE_KL_BEST_OF_N, M.RM_HELDOUT_ACCURACY, M.RM_HELDOUT_GOLD_ACCURACY]
+CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, *EXTRA_CSV, "device", "error"]
 # results.md columns after the seeds: (metric, decimals).
 TABLE_COLUMNS = [
     (M.REWARD_GOLD, 3),
+    (M.REWARD_PROXY, 3),
     (M.OBJECTIVE_KL_EVAL, 2),
     (M.PERF_MEAN_TOKENS_PER_S, 0),
     (M.TIME_WALL_S, 0),
@@ -51,12 +55,18 @@ TABLE_COLUMNS = [
 
 
 def collect(suite: Suite, out: Path) -> tuple[dict[str, dict], list[dict]]:
-    """``(base results by task label, cell results)``; a cell with no result is ``missing``."""
+    """``(base results by task label, cell results)``; a cell with no result is ``missing``.
+
+    Best-of-n baselines are rows too (algorithm ``best_of_n``; KL is its closed form)."""
     bases = {t.label: read_result(base_dir(out, t)) or {"status": "missing", "task": t.label} for t in suite.tasks}
     rows = []
     for c in suite.cells():
         r = read_result(cell_dir(out, c)) or {"status": "missing", "error": "not run"}
         rows.append({**r, "task": c.task.label, "algorithm": c.algorithm, "seed": c.seed})
+    for t in suite.tasks:
+        for seed in suite.seeds if t.pipeline.get("best_of_n") else []:
+            r = read_result(pipeline.bon_dir(out, t, seed)) or {"status": "missing", "error": "not run"}
+            rows.append({**r, "task": t.label, "algorithm": pipeline.BON_ALGORITHM, "seed": seed})
     return bases, rows
 
 
@@ -88,12 +98,14 @@ def summarise(bases: dict[str, dict], rows: list[dict]) -> list[dict[str, Any]]:
             ok = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] == "ok"]
             bad = [r for r in rows if r["task"] == task and r["algorithm"] == algo and r["status"] != "ok"]
             figures = {k: [r[k] for r in ok if k in r] for k in FIGURES}
+            if algo == pipeline.BON_ALGORITHM:  # its KL is log n − (n−1)/n, not sampled
+                figures[M.OBJECTIVE_KL_EVAL] = [r[M.OBJECTIVE_KL_BEST_OF_N] for r in ok]
             entry = {"task": task, "algorithm": algo, "base_gold": base.get(M.REWARD_GOLD), "ok": ok, "failed": bad}
             out.append({**entry, **figures})
     return out
 
 
-def write_csv(path: Path, bases: dict[str, dict], rows: list[dict]) -> None:
+def write_csv(path: Path, bases: dict[str, dict], rows: list[dict], rms: dict[str, list[dict]]) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
@@ -101,11 +113,18 @@ def write_csv(path: Path, bases: dict[str, dict], rows: list[dict]) -> None:
             figures = {k: b.get(k) for k in (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.TIME_WALL_S)}
             row = {"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "error": b.get("error")}
             w.writerow({**row, **figures, M.PERF_TOKENS_TOTAL: 0})
-        for r in rows:
+        for r in rows + [r for t in rms for r in rms[t]]:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
 
 
-def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[dict], total_s: float | None) -> None:
+def write_markdown(
+    path: Path,
+    suite: Suite,
+    bases: dict[str, dict],
+    rows: list[dict],
+    rms: dict[str, list[dict]],
+    total_s: float | None,
+) -> None:
     import torch
 
     lines = [f"# `rlhf bench` — suite `{suite.name}`", ""]
@@ -123,7 +142,8 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
         "Gold reward and KL (Σ log π − log π_ref per completion, sampled) are measured on held-out prompts "
         "after the budget is spent; mean ± std over seeds. Tokens/s counts training tokens over training "
         "time (set-up included, evaluation excluded); wall is the whole cell; memory is the peak resident "
-        "set (CPU) or peak allocated GPU memory.",
+        "set (CPU) or peak allocated GPU memory. Proxy is the optimised reward (a learned reward model's "
+        "score) of the same held-out samples, where it is not the gold; best-of-n's KL is log n − (n−1)/n.",
         "",
     ]
     summaries = summarise(bases, rows)
@@ -134,20 +154,25 @@ def write_markdown(path: Path, suite: Suite, bases: dict[str, dict], rows: list[
         lines += [
             f"## {summary_task} (budget: {budget} per run)",
             "",
-            "| algorithm | seeds | gold reward | KL to ref | tokens/s | wall s | peak MB |",
-            "|---|---|---|---|---|---|---|",
+            *overoptimisation.setting_lines(task, rms.get(task.rm_key, []), _fmt),
+            "| algorithm | seeds | gold reward | proxy reward | KL to ref | tokens/s | wall s | peak MB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         if base.get("status") == "ok":
-            lines.append(f"| *base model* | – | {base[M.REWARD_GOLD]:.3f} | 0 | – | – | – |")
+            lines.append(f"| *base model* | – | {base[M.REWARD_GOLD]:.3f} | – | 0 | – | – | – |")
         entries = [e for e in summaries if e["task"] == summary_task]
         entries.sort(key=lambda e: -mean(e[M.REWARD_GOLD]) if e[M.REWARD_GOLD] else math.inf)
         for e in entries:
             seeds = f"{len(e['ok'])}" + (f" ({len(e['failed'])} failed)" if e["failed"] else "")
             figures = " | ".join(_fmt(e[k], digits) for k, digits in TABLE_COLUMNS)
-            lines.append(f"| {e['algorithm']} | {seeds} | {figures} |")
+            name = e["algorithm"]
+            if name == pipeline.BON_ALGORITHM and e["ok"]:
+                name = f"best-of-{e['ok'][0]['n']} *(baseline)*"
+            lines.append(f"| {name} | {seeds} | {figures} |")
         lines.append("")
     lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
+    failed += [r for t in rms for r in rms[t] if r.get("status") != "ok"]
     if failed:
         lines += ["## Failed cells", ""]
         for r in failed:
@@ -254,9 +279,13 @@ def write_report(suite: Suite, out: str | Path, total_s: float | None = None) ->
     """Write ``results.csv``, ``results.md`` and the plots into ``out``; returns their paths."""
     out = Path(out)
     bases, rows = collect(suite, out)
-    write_csv(out / "results.csv", bases, rows)
-    write_markdown(out / "results.md", suite, bases, rows, total_s)
+    rms = overoptimisation.reward_models(suite, out)
+    write_csv(out / "results.csv", bases, rows, rms)
+    write_markdown(out / "results.md", suite, bases, rows, rms, total_s)
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
     for p in write_plots(out, suite, bases, rows):
         paths[p.stem] = p
+    plot = overoptimisation.write_plot(out, suite, bases, rows)
+    if plot is not None:
+        paths[plot.stem] = plot
     return paths

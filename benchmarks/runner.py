@@ -38,6 +38,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from algorithms import metrics as M
+from benchmarks import pipeline
 from benchmarks.suite import Cell, Suite, TaskEntry
 
 _progress_queue = None  # set in each worker by _init_worker
@@ -170,6 +171,7 @@ def run_cell(
         device = suite_device(device_name)
         spec = plugins.get_host().algorithms.get(cell.algorithm)
         task = get_task(cell.task.name, **cell.task.knobs)
+        config, reward = pipeline.cell_inputs(cell, Path(out))  # a learned reward: the shared reward model
         _reset_peak_memory(device)
 
         def report(record: dict, fraction: float) -> None:
@@ -184,7 +186,8 @@ def run_cell(
             max_seconds=cell.task.budget.get("seconds"),
             seed=cell.seed,
             model_path=cell.task.model,
-            config=cell.config,
+            config=config,
+            reward=reward,
             resume=True,
             eval_points=eval_points,
             eval_prompts=eval_prompts,
@@ -196,11 +199,11 @@ def run_cell(
         )
         last = records[-1]
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
-        names = (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
+        names = (M.REWARD_GOLD, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
         result = {
             **base,
             "status": "ok",
-            **{name: last[name] for name in names},
+            **{name: last[name] for name in names if name in last},
             M.TIME_STEPS: len(records),
             M.PERF_MEAN_TOKENS_PER_S: last[M.PERF_TOKENS_TOTAL] / last[M.TIME_ELAPSED_S],
             M.TIME_WALL_S: time.perf_counter() - t0,
@@ -270,6 +273,8 @@ class _Display:
 
 
 def _summary(result: dict[str, Any]) -> str:
+    if "stage" in result:  # a pipeline stage: reward model, best-of-n
+        return pipeline.summary(result)
     key = f"{result['task']}/{result['algorithm']}" + (f"/seed{result['seed']}" if "seed" in result else "")
     if result["status"] != "ok":
         return f"  FAILED {key}: {result['error']}"
@@ -285,6 +290,7 @@ def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = Non
     from algorithms.runfolder import claim_run_folder
 
     suite_device(suite.device)  # a device this machine lacks fails here, not in every cell
+    pipeline.check_rewards(suite)  # and so does a reward that cannot be used
     with claim_run_folder(out) as out:
         return _run_suite(suite, out, workers, progress)
 
@@ -311,12 +317,15 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
     todo = [c for c in cells if (read_result(cell_dir(out, c)) or {}).get("status") != "ok"]
     if len(todo) < len(cells):
         print(f"{suite.name}: {len(cells) - len(todo)} of {len(cells)} cells already finished in {out}, skipping them")
-    display = _Display(len(base_jobs) + len(todo), f"bench {suite.name}", progress)
+    rm_jobs, bon_jobs = pipeline.feedback_jobs(suite, out)
+    display = _Display(len(base_jobs) + len(rm_jobs) + len(bon_jobs) + len(todo), f"bench {suite.name}", progress)
     threads = suite.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
     execute = _run_inline if workers == 0 else _run_pool
     try:
         # Base models first (in parallel across tasks): every cell of a task starts from it.
         execute(base_jobs, display, workers, threads, out)
+        # Then each learned-reward task's reward models (once per seed, shared by its cells).
+        execute(rm_jobs, display, workers, threads, out)
         args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every)
         jobs = []
         for c in todo:
@@ -326,7 +335,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
             else:
                 _write_result(cell_dir(out, c), _failed(c, f"the task's base model failed: {base['error']}"))
                 display.finish(c.id, f"  FAILED {c.id}: the task's base model failed")
-        execute(jobs, display, workers, threads, out)
+        execute(bon_jobs + jobs, display, workers, threads, out)
     finally:
         display.close()
     return [read_result(cell_dir(out, c)) or _failed(c, "no result") for c in cells]
@@ -353,6 +362,8 @@ def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any
         result = _failed(args[0], error)
         _write_result(cell_dir(out, args[0]), result)
         return result
+    if fn is not prepare_task:  # a pipeline stage: its result stays unwritten, so the next run tries again
+        return {"stage": key, "status": "failed", "task": key, "algorithm": "", "seed": args[1], "error": error}
     task = args[0]
     result = {"status": "failed", "task": task.label, "algorithm": "base", "error": error}
     _write_result(base_dir(out, task), result)

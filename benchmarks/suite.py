@@ -14,12 +14,22 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     lr = 3e-4
     [[tasks]]
     name = "sentiment"            # a registered task; knobs = {...}, budget and hparams override
+    reward = "learned"            # gold (default), learned (the RLHF pipeline), or any `rlhf train --reward`
+    pipeline = { pairs = [256, 1024], tau = 0.25 }  # lists sweep: one task entry per combination
+
+``reward = "learned"`` runs the RLHF pipeline (``benchmarks.pipeline``): per task and seed,
+``pairs`` annotator-labelled pairs (temperature ``tau``) of the base model train one reward
+model, which every online cell optimises and whose pairs every offline cell learns from.
+``pipeline`` keys (top-level table or per task): ``pairs``, ``tau`` and ``beta`` (the KL
+coefficient of every algorithm that has one: ``kl_coef`` or ``beta``) take a value or a list
+to sweep; ``rm_steps``, ``rm_lr``, ``rm_batch_size``, ``heldout_pairs`` size the reward model;
+``best_of_n`` (a power of two, 0: off) and ``best_of_n_prompts`` the best-of-n baseline.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +57,25 @@ TOP_KEYS = {
     "eval_points",
     "eval_prompts",
     "checkpoint_every",
+    "reward",
+    "pipeline",
 }
-TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model"}
+TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline"}
+GOLD, LEARNED = "gold", "learned"
+# The pipeline's keys, defaults and types; SWEEPS take a list of values to sweep.
+PIPELINE_DEFAULTS: dict[str, Any] = {
+    "pairs": 256,  # N: the feedback budget, labelled pairs per task and seed
+    "tau": 0.25,  # the simulated annotators' temperature
+    "beta": None,  # the KL coefficient of every algorithm that has one (None: each algorithm's own)
+    "rm_steps": 100,
+    "rm_lr": 1e-3,
+    "rm_batch_size": 64,
+    "heldout_pairs": 256,  # fresh annotator pairs on held-out prompts, for the reward model's accuracy
+    "best_of_n": 0,  # the largest n of the best-of-n baseline (a power of two; 0: no baseline)
+    "best_of_n_prompts": 64,
+}
+PIPELINE_TYPES = {k: float if k in ("tau", "beta", "rm_lr") else int for k in PIPELINE_DEFAULTS}
+SWEEPS = {"pairs": "N", "tau": "tau", "beta": "beta"}  # key -> its name in labels and tables
 
 
 class SuiteError(ValueError):
@@ -63,6 +90,10 @@ class TaskEntry:
     budget: dict[str, float]
     hparams: dict[str, dict[str, Any]]
     model: str | None = None  # a local checkpoint instead of the task's base model
+    reward: str = GOLD  # gold, learned, or an `rlhf train --reward` value
+    pipeline: dict[str, Any] = field(default_factory=dict)  # PIPELINE_DEFAULTS' keys, one value each
+    sweep: dict[str, Any] = field(default_factory=dict)  # the swept values of this entry ({"N": 256})
+    rm_key: str = ""  # entries that share a reward model share this (task, N, tau)
 
 
 @dataclass(frozen=True)
@@ -183,8 +214,75 @@ def _string(raw: dict, key: str, where: str, default: Any = None) -> Any:
     return value
 
 
-def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host) -> TaskEntry:
-    """``tasks[i]``: a registered task, knobs its factory takes (typed), its own budget and hparams."""
+def _pipeline(raw: Any, where: str, base: dict[str, Any]) -> dict[str, Any]:
+    """A ``pipeline`` table over ``base``: known keys, values of their type (> 0), lists where sweepable."""
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{where}: pipeline must be a table, got {raw!r}")
+    bad = sorted(set(raw) - set(PIPELINE_DEFAULTS))
+    if bad:
+        raise SuiteError(f"{where}: unknown pipeline keys {bad}; known: {sorted(PIPELINE_DEFAULTS)}")
+    out = dict(base)
+    for key, value in raw.items():
+        values = value if isinstance(value, list) and key in SWEEPS else [value]
+        if not values:
+            raise SuiteError(f"{where}: pipeline.{key} is an empty list")
+        tp = PIPELINE_TYPES[key]
+        for v in values:
+            ok = isinstance(v, (int, float) if tp is float else int) and not isinstance(v, bool)
+            ok = ok and (v >= 0 if key == "best_of_n" else v > 0)
+            if ok and key == "best_of_n":
+                ok = v == 0 or not v & (v - 1)
+            if not ok:
+                kind = (
+                    "a power of two or 0"
+                    if key == "best_of_n"
+                    else f"{'a number' if tp is float else 'an integer'} > 0"
+                )
+                hint = " (or a list of them)" if key in SWEEPS else ""
+                raise SuiteError(f"{where}: pipeline.{key} must be {kind}{hint}, got {v!r}")
+        out[key] = [tp(v) for v in values] if key in SWEEPS else tp(values[0])
+    return out
+
+
+def _expand(entry: TaskEntry, pipeline: dict[str, Any], host) -> list[TaskEntry]:
+    """One entry per combination of the swept pipeline values, labelled ``<label>-N256-tau0.5``."""
+    import itertools
+
+    keys = list(SWEEPS)
+    lists = [v if isinstance(v, list) else [v] for v in (pipeline[k] for k in keys)]
+    out = []
+    for combo in itertools.product(*lists):
+        values = dict(zip(keys, combo))
+        swept = {SWEEPS[k]: v for k, v in values.items() if len(lists[keys.index(k)]) > 1}
+        label = entry.label + "".join(f"-{name}{v:g}" for name, v in swept.items())
+        hparams = {a: dict(h) for a, h in entry.hparams.items()}
+        if values["beta"] is not None:  # the KL coefficient of every algorithm that has one
+            for name in host.algorithms.names():
+                spec = host.algorithms.get(name)
+                fields = getattr(spec.Config, "__dataclass_fields__", {})
+                coef = "kl_coef" if "kl_coef" in fields else "beta" if "beta" in fields else None
+                if not getattr(spec.Trainer, "uses_reference", True):
+                    coef = None  # a reference-free method (SimPO): its β is not a KL coefficient
+                if coef:
+                    hparams.setdefault(name, {})[coef] = values["beta"]
+        rm_key = f"{entry.label}-N{values['pairs']}-tau{values['tau']:g}"
+        scalars = {**pipeline, **values}
+        out.append(replace(entry, label=label, hparams=hparams, pipeline=scalars, sweep=swept, rm_key=rm_key))
+    return out
+
+
+def _reward(raw: dict, where: str, default: str) -> str:
+    value = raw.get("reward", default)
+    if not isinstance(value, str) or not value.strip():
+        raise SuiteError(
+            f"{where}: reward must be gold, learned, a registered reward or a reward model folder, got {value!r}"
+        )
+    return value
+
+
+def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: dict) -> list[TaskEntry]:
+    """``tasks[i]``: a registered task, knobs its factory takes (typed), its own budget, hparams, reward and
+    pipeline; one entry per combination of swept pipeline values."""
     tw = f"{where}: tasks[{i}]"
     if not isinstance(t, dict) or "name" not in t:
         raise SuiteError(f"{tw}: each task needs a name")
@@ -208,7 +306,10 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host) -> Task
     if model is not None and not Path(model).expanduser().is_dir():
         raise SuiteError(f"{tw}: model {model!r} is not a local folder")
     label = _string(t, "label", tw, t["name"])
-    return TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model)
+    reward = _reward(t, tw, top["reward"])
+    pipeline = _pipeline(t.get("pipeline", {}), tw, top["pipeline"])
+    entry = TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model, reward)
+    return _expand(entry, pipeline, host)
 
 
 def load_suite(suite: str | Path, host=None) -> Suite:
@@ -250,7 +351,11 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     hparams = _hparams(raw.get("hparams", {}), where, host)
     if not isinstance(raw["tasks"], list) or not raw["tasks"]:
         raise SuiteError(f"{where}: tasks must be a non-empty array of tables ([[tasks]])")
-    tasks = [_task(t, where, i, hparams, budget, host) for i, t in enumerate(raw["tasks"])]
+    top = {
+        "reward": _reward(raw, where, GOLD),
+        "pipeline": _pipeline(raw.get("pipeline", {}), where, PIPELINE_DEFAULTS),
+    }
+    tasks = [e for i, t in enumerate(raw["tasks"]) for e in _task(t, where, i, hparams, budget, host, top)]
     labels = [t.label for t in tasks]
     if len(set(labels)) != len(labels):
         raise SuiteError(f"{where}: task labels repeat {labels}; give repeated tasks a distinct label")

@@ -354,8 +354,8 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
         )
     md = write_report(suite, out)["markdown"].read_text()
     # ppo: mean(0.5, 0.7) = 0.6, sample std = 0.1414; KL mean 3, std 1.414. dpo: one seed ok, one failed.
-    assert "| ppo | 2 | 0.600 ± 0.141 | 3.00 ± 1.41 | 50 ± 0 | 3 ± 0 | 400 ± 0 |" in md
-    assert "| dpo | 1 (1 failed) | 0.900 | 1.00 |" in md
+    assert "| ppo | 2 | 0.600 ± 0.141 | – | 3.00 ± 1.41 | 50 ± 0 | 3 ± 0 | 400 ± 0 |" in md
+    assert "| dpo | 1 (1 failed) | 0.900 | – | 1.00 |" in md
     assert md.index("| dpo |") < md.index("| ppo |")  # best gold first
     assert "| *base model* | – | 0.250 |" in md and "`arithmetic/dpo/seed1`: ValueError: boom" in md
 

@@ -1,0 +1,216 @@
+"""The RLHF pipeline of ``rlhf bench``: preferences -> one reward model -> policies, gold measured.
+
+For a task whose suite ``reward`` is ``learned``, per seed (once, before its cells):
+
+1. sample ``pairs`` pairs of two base-model completions on the train prompts and label them with
+   the simulated annotators (Bradley-Terry on the gold, temperature ``tau``): the feedback budget;
+2. train one Bradley-Terry reward model r_φ on them (``algorithms.reward_model``) and measure its
+   held-out pair accuracy against fresh annotator labels and against the gold order.
+
+Layout: ``out/reward_models/<task>-N<pairs>-tau<tau>/seed<k>/`` holds ``pairs.jsonl``, ``model/``
+(r_φ as a Hugging Face sequence classifier) and ``result.json``; task entries that differ only
+in β share it. Every cell of the task then gets the same inputs (``cell_inputs``): online
+algorithms optimise r_φ (the env's KL-shaped reward; ``reward/proxy`` beside ``reward/gold``),
+offline pair algorithms (DPO family, KTO) read the same ``pairs.jsonl``, SFT learns from the
+demonstrations. ``best_of_n`` > 0 adds the best-of-n baseline (``algorithms.best_of_n``) against
+the task's optimised reward, in ``out/runs/<task>/best_of_n/seed<k>/``, for any task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from algorithms import metrics as M
+from benchmarks.suite import GOLD, LEARNED, Cell, Suite, SuiteError, TaskEntry
+
+RM_ALGORITHM, BON_ALGORITHM = "reward_model", "best_of_n"
+
+
+def rm_dir(out: Path, task: TaskEntry, seed: int) -> Path:
+    return out / "reward_models" / task.rm_key / f"seed{seed}"
+
+
+def bon_dir(out: Path, task: TaskEntry, seed: int) -> Path:
+    return out / "runs" / task.label / BON_ALGORITHM / f"seed{seed}"
+
+
+def check_rewards(suite: Suite) -> None:
+    """Every task's reward that is neither gold nor learned resolves (``rlhf train --reward``), before any work."""
+    from algorithms.reward_choice import RewardChoiceError, resolve_reward
+    from rlhf_env.tasks import get_task
+
+    for t in suite.tasks:
+        if t.reward not in (GOLD, LEARNED):
+            try:
+                resolve_reward(t.reward, get_task(t.name, **t.knobs), device="cpu", where=f"task {t.label}: reward")
+            except RewardChoiceError as exc:
+                raise SuiteError(f"{suite.path}: {exc}") from None
+
+
+def feedback_jobs(suite: Suite, out: Path) -> tuple[list, list]:
+    """``(reward-model jobs, best-of-n jobs)`` not yet done, as the runner's ``(key, fn, args)``."""
+    from benchmarks import runner
+
+    rm_jobs, bon_jobs, seen = [], [], set()
+    for t in suite.tasks:
+        for seed in suite.seeds:
+            if t.reward == LEARNED and rm_dir(out, t, seed) not in seen:
+                seen.add(rm_dir(out, t, seed))
+                if (runner.read_result(rm_dir(out, t, seed)) or {}).get("status") != "ok":
+                    key = f"{t.rm_key}/{RM_ALGORITHM}/seed{seed}"
+                    rm_jobs.append((key, train_reward_model, (t, seed, str(out), suite.device)))
+            if t.pipeline.get("best_of_n") and (runner.read_result(bon_dir(out, t, seed)) or {}).get("status") != "ok":
+                bon_jobs.append(
+                    (f"{t.label}/{BON_ALGORITHM}/seed{seed}", run_best_of_n, (t, seed, str(out), suite.device))
+                )
+    return rm_jobs, bon_jobs
+
+
+def _write(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.runner import _write_result
+
+    _write_result(path, result)
+    return result
+
+
+def _failed(path: Path, base: dict[str, Any], t0: float) -> dict[str, Any]:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "error.txt").write_text(traceback.format_exc())
+    import sys
+
+    exc = sys.exc_info()[1]
+    error = f"{type(exc).__name__}: {exc}"
+    return _write(path, {**base, "status": "failed", "error": error, M.TIME_WALL_S: time.perf_counter() - t0})
+
+
+def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -> dict[str, Any]:
+    """Label ``pairs`` base-model pairs and fit r_φ on them; never raises (a failure is the result)."""
+    path = rm_dir(Path(out), task, seed)
+    p = task.pipeline
+    base = {"stage": RM_ALGORITHM, "task": task.rm_key, "algorithm": RM_ALGORITHM, "seed": seed}
+    base.update(pairs=p["pairs"], tau=p["tau"], rm_steps=p["rm_steps"])
+    t0 = time.perf_counter()
+    try:
+        import torch
+
+        from algorithms import reward_model
+        from algorithms.base import TrainContext
+        from algorithms.loop import step_seed
+        from benchmarks.runner import suite_device
+        from rlhf_env.tasks import get_task
+        from rlhf_env.tasks.base_models import load_base_model
+
+        device = suite_device(device_name)
+        t = get_task(task.name, **task.knobs)
+        ref, tok = load_base_model(t, task.model, device=device, progress=False)
+        config = reward_model.Config(
+            lr=p["rm_lr"],
+            batch_size=min(p["rm_batch_size"], p["pairs"]),
+            num_pairs=p["pairs"],
+            num_heldout_pairs=p["heldout_pairs"],
+            heldout_every=0,
+            annotator_tau=p["tau"],
+        )
+        torch.manual_seed(seed)
+        trainer = reward_model.Trainer(TrainContext(t, ref, ref, tok, device, seed), config)
+        t1 = time.perf_counter()
+        last: dict[str, float] = {}
+        for step in range(p["rm_steps"]):
+            torch.manual_seed(step_seed(seed, step))
+            last = trainer.step(step, step_seed(seed, step))
+        heldout = trainer.heldout_metrics()
+        path.mkdir(parents=True, exist_ok=True)
+        with (path / "pairs.jsonl").open("w") as f:
+            for pair in trainer.pairs:
+                f.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
+        trainer.save_reward_model(path / "model")
+        result = {
+            **base,
+            "status": "ok",
+            **heldout,
+            M.RM_ACCURACY: last.get(M.RM_ACCURACY),
+            M.LOSS_REWARD_MODEL: last.get(M.LOSS_REWARD_MODEL),
+            "train_s": time.perf_counter() - t1,
+            M.TIME_WALL_S: time.perf_counter() - t0,
+        }
+        (path / "error.txt").unlink(missing_ok=True)
+        return _write(path, result)
+    except Exception:  # a failing stage must not stop the suite; its cells fail naming it
+        return _failed(path, base, t0)
+
+
+def proxy_reward(task: TaskEntry, seed: int, out: Path) -> str:
+    """The reward a task entry's cells optimise, as ``rlhf train --reward`` takes it."""
+    if task.reward != LEARNED:
+        return task.reward
+    result = json.loads((rm_dir(out, task, seed) / "result.json").read_text())
+    if result.get("status") != "ok":
+        raise RuntimeError(f"the task's reward model failed: {result.get('error')}")
+    return str(rm_dir(out, task, seed) / "model")
+
+
+def cell_inputs(cell: Cell, out: Path) -> tuple[dict[str, Any], str]:
+    """``(config, reward)`` of a cell: its hparams, and for a learned reward the shared reward model and pairs."""
+    import plugins
+
+    config = cell.config
+    if cell.task.reward != LEARNED:
+        return config, cell.task.reward
+    try:
+        reward = proxy_reward(cell.task, cell.seed, out)
+    except OSError:
+        raise RuntimeError("the task's reward model was not trained") from None
+    fields = getattr(plugins.get_host().algorithms.get(cell.algorithm).Config, "__dataclass_fields__", {})
+    if "preference_file" in fields and config.get("preference_file") is None:
+        config["preference_file"] = str(rm_dir(out, cell.task, cell.seed) / "pairs.jsonl")
+    return config, reward
+
+
+def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dict[str, Any]:
+    """Best-of-n of the base model against the task's optimised reward, n = 1, 2, ..., ``best_of_n``."""
+    path = bon_dir(Path(out), task, seed)
+    base = {"stage": BON_ALGORITHM, "task": task.label, "algorithm": BON_ALGORITHM, "seed": seed}
+    t0 = time.perf_counter()
+    try:
+        from algorithms.best_of_n import evaluate_best_of_n
+        from algorithms.reward_choice import resolve_reward
+        from benchmarks.runner import suite_device
+        from rlhf_env.tasks import get_task
+        from rlhf_env.tasks.base_models import load_base_model
+
+        device = suite_device(device_name)
+        t = get_task(task.name, **task.knobs)
+        ref, tok = load_base_model(t, task.model, device=device, progress=False)
+        choice = resolve_reward(proxy_reward(task, seed, Path(out)), t, device=device)
+        prompts = t.eval_prompts[: task.pipeline["best_of_n_prompts"]]
+        curve = evaluate_best_of_n(t, ref, tok, choice.fn, prompts, task.pipeline["best_of_n"], seed=seed)
+        top = curve[-1]
+        result = {**base, "status": "ok", **{k: v for k, v in top.items() if k != "n"}, "n": top["n"], "curve": curve}
+        result[M.TIME_WALL_S] = time.perf_counter() - t0
+        (path / "error.txt").unlink(missing_ok=True)
+        return _write(path, result)
+    except Exception:
+        return _failed(path, base, t0)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The runner's one line for a pipeline stage."""
+    key = f"{result['task']}/{result['algorithm']}/seed{result['seed']}"
+    if result["status"] != "ok":
+        return f"  FAILED {key}: {result['error']}"
+    wall = result[M.TIME_WALL_S]
+    if result["stage"] == RM_ALGORITHM:
+        gold = result.get(M.RM_HELDOUT_GOLD_ACCURACY)
+        gold_txt = f", {gold:.3f} vs gold order" if gold is not None else ""
+        return (
+            f"  rm     {key}: {result['pairs']} pairs, held-out accuracy {result[M.RM_HELDOUT_ACCURACY]:.3f} "
+            f"vs annotators{gold_txt} ({wall:.0f} s)"
+        )
+    return (
+        f"  bon    {key}: best-of-{result['n']} gold {result[M.REWARD_GOLD]:+.3f} proxy "
+        f"{result[M.REWARD_PROXY]:+.3f} KL {result[M.OBJECTIVE_KL_BEST_OF_N]:.2f} ({wall:.0f} s)"
+    )
