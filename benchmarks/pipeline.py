@@ -70,6 +70,18 @@ def feedback_jobs(suite: Suite, out: Path) -> tuple[list, list]:
     return rm_jobs, bon_jobs
 
 
+def split_jobs(cells: list, rm_jobs: list, bon_jobs: list) -> tuple[list, list]:
+    """Two phases: the reward models and the jobs that need none (cells of gold tasks), then the rest."""
+    needs_rm = [job for job in cells + bon_jobs if _entry(job).reward == LEARNED]
+    return rm_jobs + [job for job in cells + bon_jobs if job not in needs_rm], needs_rm
+
+
+def _entry(job) -> TaskEntry:
+    """The task entry of a runner job: a cell's task, or a stage's first argument."""
+    first = job[2][0]
+    return first.task if isinstance(first, Cell) else first
+
+
 def _write(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.runner import _write_result
 

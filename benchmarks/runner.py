@@ -324,8 +324,6 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
     try:
         # Base models first (in parallel across tasks): every cell of a task starts from it.
         execute(base_jobs, display, workers, threads, out)
-        # Then each learned-reward task's reward models (once per seed, shared by its cells).
-        execute(rm_jobs, display, workers, threads, out)
         args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every)
         jobs = []
         for c in todo:
@@ -335,7 +333,11 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
             else:
                 _write_result(cell_dir(out, c), _failed(c, f"the task's base model failed: {base['error']}"))
                 display.finish(c.id, f"  FAILED {c.id}: the task's base model failed")
-        execute(bon_jobs + jobs, display, workers, threads, out)
+        # Then each learned-reward task's reward models (once per seed, shared by its cells), with the
+        # cells that do not need one filling the workers; then the rest.
+        first, then = pipeline.split_jobs(jobs, rm_jobs, bon_jobs)
+        execute(first, display, workers, threads, out)
+        execute(then, display, workers, threads, out)
     finally:
         display.close()
     return [read_result(cell_dir(out, c)) or _failed(c, "no result") for c in cells]
