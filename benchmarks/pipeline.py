@@ -89,12 +89,9 @@ def _write(path: Path, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _failed(path: Path, base: dict[str, Any], t0: float) -> dict[str, Any]:
+def _failed(path: Path, base: dict[str, Any], t0: float, exc: BaseException) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
     (path / "error.txt").write_text(traceback.format_exc())
-    import sys
-
-    exc = sys.exc_info()[1]
     error = f"{type(exc).__name__}: {exc}"
     return _write(path, {**base, "status": "failed", "error": error, M.TIME_WALL_S: time.perf_counter() - t0})
 
@@ -151,8 +148,8 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
         }
         (path / "error.txt").unlink(missing_ok=True)
         return _write(path, result)
-    except Exception:  # a failing stage must not stop the suite; its cells fail naming it
-        return _failed(path, base, t0)
+    except Exception as exc:  # a failing stage must not stop the suite; its cells fail naming it
+        return _failed(path, base, t0, exc)
 
 
 def proxy_reward(task: TaskEntry, seed: int, out: Path) -> str:
@@ -205,8 +202,8 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
         result[M.TIME_WALL_S] = time.perf_counter() - t0
         (path / "error.txt").unlink(missing_ok=True)
         return _write(path, result)
-    except Exception:
-        return _failed(path, base, t0)
+    except Exception as exc:
+        return _failed(path, base, t0, exc)
 
 
 def summary(result: dict[str, Any]) -> str:
