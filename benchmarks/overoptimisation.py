@@ -113,7 +113,7 @@ def write_plot(out: Path, suite: Suite, bases: dict[str, dict], rows: list[dict]
             ax.grid(alpha=0.3)
         axes[0][col].legend(fontsize=7)
     fig.suptitle(
-        f"rlhf bench — {suite.name}: gold and proxy against KL ({len(suite.seeds)} seeds; lines: mean, bands: ±std)",
+        f"rlhf bench — {suite.name}: gold and proxy against KL\n({len(suite.seeds)} seeds; lines: mean, bands: ±std)",
         fontsize=10,
     )
     fig.tight_layout()
