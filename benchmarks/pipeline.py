@@ -198,7 +198,8 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
         prompts = t.eval_prompts[: task.pipeline["best_of_n_prompts"]]
         curve = evaluate_best_of_n(t, ref, tok, choice.fn, prompts, task.pipeline["best_of_n"], seed=seed)
         top = curve[-1]
-        result = {**base, "status": "ok", **{k: v for k, v in top.items() if k != "n"}, "n": top["n"], "curve": curve}
+        figures = {k: v for k, v in top.items() if k != "n" and not (k == M.REWARD_PROXY and choice.is_gold)}
+        result = {**base, "status": "ok", **figures, "n": top["n"], "curve": curve}  # no proxy column on gold
         result[M.TIME_WALL_S] = time.perf_counter() - t0
         (path / "error.txt").unlink(missing_ok=True)
         return _write(path, result)
@@ -219,7 +220,8 @@ def summary(result: dict[str, Any]) -> str:
             f"  rm     {key}: {result['pairs']} pairs, held-out accuracy {result[M.RM_HELDOUT_ACCURACY]:.3f} "
             f"vs annotators{gold_txt} ({wall:.0f} s)"
         )
+    proxy = f" proxy {result[M.REWARD_PROXY]:+.3f}" if M.REWARD_PROXY in result else ""
     return (
-        f"  bon    {key}: best-of-{result['n']} gold {result[M.REWARD_GOLD]:+.3f} proxy "
-        f"{result[M.REWARD_PROXY]:+.3f} KL {result[M.OBJECTIVE_KL_BEST_OF_N]:.2f} ({wall:.0f} s)"
+        f"  bon    {key}: best-of-{result['n']} gold {result[M.REWARD_GOLD]:+.3f}{proxy} "
+        f"KL {result[M.OBJECTIVE_KL_BEST_OF_N]:.2f} ({wall:.0f} s)"
     )
