@@ -7,7 +7,7 @@ highest. Its KL to the base model has a closed form (Stiennon et al. 2020; Gao e
 
 (docs/maths.md §23). Reported for n = 1, 2, 4, ... up to ``n_max``: the gold and proxy rewards of
 the chosen samples, against that KL, next to the trained policies' (gold, proxy, KL) points.
-Each n uses the first n of the same ``n_max`` samples per prompt, so the curve is nested.
+Every n is estimated from the same ``n_max`` samples per prompt, without bias (``best_of_n``).
 """
 
 from __future__ import annotations
@@ -36,31 +36,47 @@ def powers_of_two(n_max: int) -> list[int]:
 def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, ns: list[int]) -> list[dict[str, float]]:
     """The best-of-n curve from scored samples (a pure function).
 
+    For each n, the expected gold and proxy of the highest-proxy sample of n drawn without
+    replacement from a prompt's N samples: with the samples sorted by proxy (ascending; ties keep
+    sample order), rank i is the best of a random n-subset with probability C(i−1, n−1)/C(N, n)
+    (the unbiased estimator of Nakano et al. 2021; n = 1 is the plain mean, n = N the maximum).
+
     Args:
         proxy, gold: (P, N) rewards of N samples for each of P prompts.
-        ns: the n to report, each <= N; n uses samples ``[:n]`` of every prompt.
+        ns: the n to report, each <= N.
     Returns:
-        per n: ``{"n", objective/kl_best_of_n, reward/gold, reward/proxy}``, the means over
-        prompts of the gold and proxy of the sample with the highest proxy (the first on ties).
+        per n: ``{"n", objective/kl_best_of_n, reward/gold, reward/proxy}``, means over prompts.
     """
     if proxy.shape != gold.shape or proxy.dim() != 2:
         raise ValueError(
             f"proxy and gold must both be (prompts, samples), got {tuple(proxy.shape)}, {tuple(gold.shape)}"
         )
+    N = proxy.shape[1]
+    order = torch.sort(proxy, dim=1, stable=True).indices
+    r, g = proxy.gather(1, order).double(), gold.gather(1, order).double()  # (P, N), ascending proxy
+    below = torch.arange(N, dtype=torch.float64)  # i − 1 for ranks i = 1..N
     out = []
     for n in ns:
-        if not 1 <= n <= proxy.shape[1]:
-            raise ValueError(f"n = {n} but there are {proxy.shape[1]} samples per prompt")
-        pick = proxy[:, :n].argmax(dim=1, keepdim=True)  # (P, 1)
+        if not 1 <= n <= N:
+            raise ValueError(f"n = {n} but there are {N} samples per prompt")
+        # log C(i−1, n−1) − log C(N, n), zero weight where i − 1 < n − 1
+        log_w = _log_comb(below, n - 1) - _log_comb(torch.tensor(float(N), dtype=torch.float64), n)
+        w = torch.where(below >= n - 1, log_w.exp(), torch.zeros_like(below))  # (N,), sums to 1
         out.append(
             {
                 "n": n,
                 M.OBJECTIVE_KL_BEST_OF_N: best_of_n_kl(n),
-                M.REWARD_GOLD: gold.gather(1, pick).double().mean().item(),
-                M.REWARD_PROXY: proxy.gather(1, pick).double().mean().item(),
+                M.REWARD_GOLD: (g @ w).mean().item(),
+                M.REWARD_PROXY: (r @ w).mean().item(),
             }
         )
     return out
+
+
+def _log_comb(a: torch.Tensor, k: int) -> torch.Tensor:
+    """log C(a, k) elementwise for a >= k (other entries are not used)."""
+    a = a.clamp(min=k)
+    return torch.lgamma(a + 1) - math.lgamma(k + 1) - torch.lgamma(a - k + 1)
 
 
 @torch.no_grad()

@@ -38,8 +38,12 @@ def test_the_sample_with_the_highest_proxy_is_chosen_and_its_gold_reported():
     gold = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
     curve = best_of_n(proxy, gold, [1, 2, 4])
     assert [c["n"] for c in curve] == [1, 2, 4]
-    assert [c[M.REWARD_GOLD] for c in curve] == pytest.approx([3.0, 3.5, 5.0])  # (1+5)/2, (2+5)/2 (tie: first), (2+8)/2
-    assert [c[M.REWARD_PROXY] for c in curve] == pytest.approx([0.2, 0.6, 0.95])
+    # By proxy rank, row 1's gold is (1, 4, 3, 2) and row 2's (7, 5, 6, 8) (the tie keeps sample order).
+    # n = 1: every sample once, the means (2.5 and 6.5). n = 4: the top one (2 and 8).
+    # n = 2: rank i is the best of a pair with probability (i − 1)/6: (0·1 + 1·4 + 2·3 + 3·2)/6 = 16/6
+    # and (0·7 + 1·5 + 2·6 + 3·8)/6 = 41/6.
+    assert [c[M.REWARD_GOLD] for c in curve] == pytest.approx([4.5, (16 / 6 + 41 / 6) / 2, 5.0])
+    assert [c[M.REWARD_PROXY] for c in curve] == pytest.approx([(0.425 + 0.4) / 2, 0.65, 0.95])
     assert curve[1][M.OBJECTIVE_KL_BEST_OF_N] == pytest.approx(math.log(2) - 0.5)
 
 
@@ -49,6 +53,6 @@ def test_best_of_n_of_a_model_against_a_proxy():
     curve = evaluate_best_of_n(task, model, tok, completion_length(max_chars=8), task.eval_prompts[:5], 8, chunk=16)
     proxies = [c[M.REWARD_PROXY] for c in curve]
     assert [c["n"] for c in curve] == [1, 2, 4, 8]
-    assert proxies == sorted(proxies) and proxies[-1] > proxies[0]  # nested samples: the best can only improve
+    assert proxies == sorted(proxies) and proxies[-1] > proxies[0]  # the best of more samples is no worse
     gold_only = evaluate_best_of_n(task, model, tok, None, task.eval_prompts[:5], 2, chunk=16)
     assert all(c[M.REWARD_GOLD] == c[M.REWARD_PROXY] for c in gold_only)
