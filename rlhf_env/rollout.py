@@ -157,6 +157,9 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B, L-1) the env's token rewards (KL-shaped, score at the end)
     scores: torch.Tensor  # (B,) the reward at the end of each episode (gold here)
     vocab_size: int | None = None  # the tokenizer's ids: log-probs are over these (see ``token_logprobs``)
+    # Set by a trainer whose generator's log-probs are not exact (``generation.exact_logprobs``):
+    is_weights: torch.Tensor | None = None  # (B, L-1) truncated importance weights π_θold / π_sampler
+    logprob_diff: float | None = None  # mean |log π_sampler − log π_θold| over completion tokens
 
     @property
     def num_tokens(self) -> int:
