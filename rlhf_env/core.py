@@ -7,7 +7,9 @@ token reward of docs/maths.md §2,
     r_t = -β (log π_θ(y_t|s_t) - log π_ref(y_t|s_t))      (+ r_φ(x, y) on the last token),
 
 scores every row that ended in one batch, and starts new prompts in the rows that ask,
-all with **one** reference forward. Both envs are thin wrappers around it.
+all with **one** reference forward. ``advance_chunk`` does the same for up to K tokens
+per row, still with one reference forward (the chunked rollout path). Both envs are thin
+wrappers around it.
 """
 
 from __future__ import annotations

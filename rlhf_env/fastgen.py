@@ -81,6 +81,7 @@ def sample_completions(
     col_pos = torch.cat([pos, lengths[:, None] + torch.arange(K, device=device)[None, :]], dim=1)  # (B, M)
     vis = torch.cat([visible, torch.zeros(B, K, dtype=torch.bool, device=device)], dim=1)
     windows, kernel = layer_windows(model), model.config._attn_implementation
+    full_sdpa = kernel == "sdpa" and not any(windows.values())
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
     # Queries see only the columns written so far: the unwritten ones are hidden by ``vis``.
@@ -105,7 +106,8 @@ def sample_completions(
             break
         vis[:, P + t] = True
         q_pos = col_pos[:, P + t : P + t + 1]
-        mask = _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+        # Full attention: every written column precedes the query, so visibility is the mask.
+        mask = vis[:, None, None, :] if full_sdpa else _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
     return tokens, logprobs, counts
 

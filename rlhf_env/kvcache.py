@@ -91,6 +91,7 @@ class IncrementalLM:
         self.device = next(model.parameters()).device
         self._cache_kwarg = cache_kwarg(model)
         self._windows = layer_windows(model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T)
         self.column_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T) positions
@@ -183,14 +184,20 @@ class IncrementalLM:
         offsets = torch.arange(width, device=self.device)
         visible = (offsets[None, :] < lengths[:, None]).long()
         past = self.mask.shape[1] - width  # the caller has already appended ``visible`` and its positions
+        last = (lengths - 1).clamp(min=0)
+        keep = {}
+        if targets is None and width > 1 and self._keeps_logits:
+            # Only the columns that hold some row's last token: a prompt's other logits are never read.
+            columns = torch.unique(last)
+            keep, last = {"logits_to_keep": columns}, torch.searchsorted(columns, last)
         out = self.model(
             input_ids=chunk.masked_fill(visible == 0, self.pad_token_id),
             attention_mask=self._attention_mask(past, width, positions),
             position_ids=positions[:, None] + offsets[None, :],
             use_cache=True,
             **{self._cache_kwarg: cache},
+            **keep,
         )
-        last = (lengths - 1).clamp(min=0)
         logits = out.logits[torch.arange(rows, device=self.device), last, : self.vocab_size]
         next_lp = torch.log_softmax(logits.float(), dim=-1)
         if targets is None:

@@ -4,6 +4,7 @@ One reference forward per step through a KV cache (``IncrementalLM``), the rewar
 in one batch for the rows that end, and groups of ``group_size`` rows that share each
 prompt (GRPO). Autoreset is ``NEXT_STEP``: the step after a row ends ignores that row's
 action and returns the first observation of its next episode, with reward 0.
+``step_chunk`` takes up to K tokens per row in one call, with the results of K steps.
 """
 
 from __future__ import annotations
