@@ -39,10 +39,10 @@ import transformers
 from transformers import GPT2ForSequenceClassification
 
 from rlhf_env import RewardModel, VectorTextGenEnv, build_tiny_model
-from rlhf_env.tiny import build_bpe_tokenizer
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.prompts import DEFAULT_PROMPTS
 from rlhf_env.rollout import EpisodeStream, first_episodes
+from rlhf_env.tiny import build_bpe_tokenizer
 
 BETA = 0.05
 CONFIGS = {  # name -> build_tiny_model keyword arguments (``bpe_vocab``: a byte-level BPE tokenizer of that size)
