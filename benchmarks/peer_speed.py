@@ -6,7 +6,8 @@ For each task: the task's base model (shipped or cached), the registered config'
 ``num_minibatches`` optimizer steps; DPO: ``batch_size`` pairs per step from the same
 annotated pairs), and TRL set up to match them exactly as ``rlhf bench --baseline trl``
 does (``benchmarks/trl_baseline.py``: same hyperparameters, dropout off, positions from the
-mask). The sides run one after the other in this process with the same torch threads.
+mask). The sides run one after the other in this process with the same torch threads:
+ours, TRL, ours again (so a change of load on a shared machine biases neither side).
 Timed: steady-state iterations after ``--warmup`` ones (set-up excluded on both sides: our
 DPO's one-off reference pass over the pairs, TRL's dataset tokenisation); one of our GRPO
 iterations is ``num_minibatches`` TRL optimizer steps, its generation included. ``ratio`` is
@@ -90,8 +91,10 @@ def bench(task_name: str, algorithm: str, args) -> dict:
     task = get_task(task_name)
     ref, tok = load_base_model(task, device="cpu", progress=False)
     cfg = plugins.get_host().algorithms.get(algorithm).make_config()
+    # Ours before and after TRL's run, so a change in the machine's load in between biases neither side.
     ours = time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
     trl = time_trl(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
+    ours += time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
     ours_rate, trl_rate = 1 / statistics.median(ours), 1 / statistics.median(trl)
     shape = (
         {"completions_per_iteration": cfg.num_prompts * cfg.group_size, "group_size": cfg.group_size}
@@ -138,8 +141,8 @@ def main(argv=None) -> dict:
             f"{r['trl_iterations_per_s']:>9.3f} {r['ratio']:>8.2f}"
         )
     print(
-        f"medians of {args.iterations} iterations after {args.warmup} warm-up per side; torch threads "
-        f"{torch.get_num_threads()}; total {time.perf_counter() - t0:.0f}s; sides run one after the other"
+        f"medians of {args.iterations} iterations after {args.warmup} warm-up (ours twice: before and after TRL); "
+        f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f}s"
     )
     summary = {
         "benchmark": "peer_speed",

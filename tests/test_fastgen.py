@@ -87,3 +87,19 @@ def test_a_sampler_mismatch_is_reported_and_corrected():
     torch.testing.assert_close(batch.logprobs, exact, atol=1e-5, rtol=0)
     np.testing.assert_allclose(batch.is_weights[batch.action_mask.bool()].numpy(), math.exp(0.5), rtol=1e-4)
     assert float(batch.is_weights[~batch.action_mask.bool()].abs().sum()) == 0.0
+
+
+def test_grpo_with_hf_generate_reports_the_mismatch_and_trains():
+    from algorithms import grpo
+    from algorithms.base import TrainContext
+    from rlhf_env.tasks.arithmetic import make_arithmetic_task
+    from rlhf_env.tasks.base_models import load_base_model
+
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)  # a shipped base model
+    ref, tok = load_base_model(task, device="cpu", progress=False)
+    ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), generator="hf_generate")
+    trainer = grpo.Trainer(ctx, grpo.Config(num_prompts=2, group_size=2, num_minibatches=1))
+    torch.manual_seed(0)
+    metrics = trainer.step(0, 5)
+    assert 0 <= metrics["rollout/logprob_diff"] < 1e-4  # generate's logits agree with the training forward
+    assert math.isfinite(metrics["loss/total"]) and metrics["perf/tokens"] > 0
