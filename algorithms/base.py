@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from algorithms.core import truncated_is_weights
 from algorithms.overrides import typed_overrides
-from rlhf_env.generation import DEFAULT_GENERATOR
+from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, sequence_kl
 from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tasks.base import Task
@@ -83,7 +84,22 @@ def collect_rollouts(ctx: TrainContext, env, seed: int, prompts: list[str] | Non
 
     ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
     """
-    return collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
+    batch = collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
+    if not exact_logprobs(ctx.generator):
+        correct_sampler_logprobs(ctx.policy, batch)
+    return batch
+
+
+def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0) -> None:
+    """For a generator without exact log-probs: π_θold from a training forward replaces the
+    sampler's, ``logprob_diff`` reports the mismatch and ``is_weights`` (truncated importance
+    sampling, ``core.truncated_is_weights``) correct the policy gradient for it."""
+    with torch.no_grad():
+        old = policy_logprobs(policy, batch) * batch.action_mask
+    sampled, mask = batch.logprobs, batch.action_mask
+    batch.logprob_diff = float(((old - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
+    batch.is_weights = truncated_is_weights(old, sampled, mask, cap)
+    batch.logprobs = old
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:

@@ -177,3 +177,19 @@ def check_asymmetric_clip(eps_low: float, eps_high: float) -> None:
         raise ValueError(f"clip_eps_low must be in (0, 1), got {eps_low}")
     if not eps_high > 0:
         raise ValueError(f"clip_eps_high must be > 0, got {eps_high}")
+
+
+def truncated_is_weights(
+    old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025): w_t = min(π_θold(y_t) / π_sampler(y_t), C).
+
+    For rollouts whose sampler's log-probs differ from the trainer's forward (another
+    generation engine, other kernels): each token's policy-gradient term is weighted by
+    ``w_t``, which corrects the mismatch in expectation while ``C`` bounds the variance.
+    old_logp, sampler_logp, mask: (B, T); returns (B, T), 0 off the mask, no gradient.
+    """
+    if not cap > 0:
+        raise ValueError(f"the truncation cap C must be > 0, got {cap}")
+    w = torch.exp((old_logp - sampler_logp).detach()).clamp(max=cap)
+    return w * mask

@@ -23,6 +23,7 @@ surrogate and ``policy/clipfrac``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -128,8 +129,10 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return surrogate, core.clipped(ratio, advantages[:, None], clip_eps)
 
 
-def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate) -> LossParts:
+def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis=None) -> LossParts:
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    if tis is not None:  # truncated importance weights of a sampler that is not π_θold (core.truncated_is_weights)
+        surrogate = surrogate * tis
     policy = -aggregate(surrogate, mask)
     kl = kl_coef * aggregate(kl_k3(logp, ref_logp), mask)
     clipfrac = masked_mean(clipped.to(mask.dtype), mask)
@@ -144,6 +147,7 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     kl_coef: float = 0.04,
+    tis: torch.Tensor | None = None,
 ) -> LossParts:
     """GRPO loss: −(1/B) Σ_i (1/|y_i|) Σ_{t∈y_i} [min(ρ_t Â_i, clip(ρ_t) Â_i) − β k3_t].
 
@@ -152,8 +156,9 @@ def grpo_loss(
         old_logp: (B, T) log π_θold (sampling time); ref_logp: (B, T) log π_ref.
         advantages: (B,) per-completion advantages Â_i.
         mask: (B, T) 1 on completion tokens; padding and prompt positions never count.
+        tis: (B, T) truncated importance weights w_t multiplying the surrogate, or None.
     """
-    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, core.seq_mean)
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, core.seq_mean, tis)
 
 
 def dr_grpo_loss(
@@ -165,6 +170,7 @@ def dr_grpo_loss(
     max_new_tokens: int,
     clip_eps: float = 0.2,
     kl_coef: float = 0.04,
+    tis: torch.Tensor | None = None,
 ) -> LossParts:
     """Dr. GRPO loss: −(1/(N·B)) Σ_i Σ_{t∈y_i} [min(ρ_t Â_i, clip(ρ_t) Â_i) − β k3_t], N = max_new_tokens.
 
@@ -174,7 +180,7 @@ def dr_grpo_loss(
     def aggregate(x, m):
         return core.seq_sum_norm(x, m, max_new_tokens)
 
-    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate)
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis)
 
 
 # -- trainer -----------------------------------------------------------------------------------
@@ -189,9 +195,9 @@ class Trainer(Stateful):
         self.ctx, self.config = ctx, config
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
-    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+    def loss(self, logp, old_logp, ref_logp, advantages, mask, tis=None) -> LossParts:
         c = self.config
-        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps, c.kl_coef)
+        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps, c.kl_coef, tis)
 
     def rollout(self, seed: int) -> tuple[RolloutBatch, torch.Tensor, dict[str, float]]:
         """The batch to train on, its (B,) advantages and extra metrics (DAPO overrides this)."""
@@ -208,7 +214,10 @@ class Trainer(Stateful):
         means = Means()
         for rows in minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
-            parts = self.loss(logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
+            args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
+            # Subclasses whose loss takes no ``tis`` train on the recomputed π_θold only.
+            tis = {"tis": batch.is_weights[rows]} if batch.is_weights is not None and self._takes_tis else {}
+            parts = self.loss(*args, **tis)
             grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
             means.add(
                 {
@@ -226,7 +235,12 @@ class Trainer(Stateful):
             M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
+            **({M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}),
         }
+
+    @property
+    def _takes_tis(self) -> bool:
+        return "tis" in inspect.signature(self.loss).parameters
 
 
 class DrTrainer(Trainer):
@@ -235,8 +249,8 @@ class DrTrainer(Trainer):
 
     scale_by_std = False
 
-    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+    def loss(self, logp, old_logp, ref_logp, advantages, mask, tis=None) -> LossParts:
         c = self.config
         return dr_grpo_loss(
-            logp, old_logp, ref_logp, advantages, mask, self.ctx.task.max_new_tokens, c.clip_eps, c.kl_coef
+            logp, old_logp, ref_logp, advantages, mask, self.ctx.task.max_new_tokens, c.clip_eps, c.kl_coef, tis
         )

@@ -8,7 +8,8 @@ equal). The formulas behind the names are in ``docs/maths.md``.
 
 Namespaces: ``reward/`` rewards, ``objective/`` what the KL-regularised objective is made
 of, ``loss/`` the losses minimised, ``policy/`` and ``optim/`` update diagnostics,
-``dpo/`` and ``rm/`` algorithm-specific ones, ``perf/`` throughput and memory,
+``dpo/`` and ``rm/`` algorithm-specific ones, ``rollout/`` the sampler's agreement with
+the trainer, ``perf/`` throughput and memory,
 ``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
 names of its own; the built-ins log only these.
 """
@@ -164,4 +165,13 @@ REWARD_PROXY = _metric(
 )
 OBJECTIVE_KL_BEST_OF_N = _metric(
     "objective/kl_best_of_n", "KL of best-of-n sampling to the base model, log n − (n−1)/n, docs/maths.md §23", "nats"
+)
+
+# -- rollouts from a generator without exact log-probs (issue 13) -------------------------------
+ROLLOUT_LOGPROB_DIFF = _metric(
+    "rollout/logprob_diff",
+    "mean absolute difference of log π_sampler and log π_θold over the rollout's completion tokens, for a generator that cannot "
+    "guarantee the training forward's log-probs (e.g. `hf_generate`); the update then corrects with "
+    "truncated importance sampling",
+    "nats per token",
 )

@@ -2,11 +2,12 @@
 
 Both sides do the same work on the same models, batch and lengths (benchmarks/README.md):
 
-* **env**: ``reset(seed)`` then exactly ``N`` steps of ``VectorTextGenEnv`` driven by
-  ``SamplingPolicy`` (the policy's own KV-cached forward and sampling), with the env's
-  KV-cached reference forward per step (KL, β = 0.05) and a ``RewardModel`` (a tiny
-  ``GPT2ForSequenceClassification``) scoring episodes as they end. Tokens counted = rows
-  that acted per step (``info["_kl"].sum()``).
+* **env**: ``reset(seed)``, then the rollout path (``EpisodeStream``) until every row finished
+  one episode, with the registered ``kv_cache`` generator: by default the chunked path, i.e.
+  the sampler's ``generate`` (whole completions, static KV cache) and one ``step_chunk`` in
+  which the env's KV-cached reference scores every completion token in one forward
+  (KL, β = 0.05) and a ``RewardModel`` (a ``GPT2ForSequenceClassification``) scores the
+  rows. Tokens counted = tokens the env applied (up to and including each row's EOS).
 * **baseline**: ``policy.generate(do_sample=True, use_cache=True)`` on the same ``B``
   prompts, left-padded, with ``output_logits=True`` so the policy log-probs come from the
   logits generate already computed (no second policy pass: the cheaper honest way, and
@@ -20,7 +21,7 @@ against unpadded per-row ones first. Env and baseline runs are interleaved. Prin
 table, then one JSON line (the last line of stdout).
 
     python benchmarks/env_throughput.py [--batch 64] [--max-new-tokens 32] [--device cpu]
-        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--out FILE]
+        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,17 +42,35 @@ from rlhf_env import RewardModel, VectorTextGenEnv, build_tiny_model
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.prompts import DEFAULT_PROMPTS
 from rlhf_env.rollout import EpisodeStream, first_episodes
+from rlhf_env.tiny import build_bpe_tokenizer
 
 BETA = 0.05
-CONFIGS = {  # name -> build_tiny_model keyword arguments
+CONFIGS = {  # name -> build_tiny_model keyword arguments (``bpe_vocab``: a byte-level BPE tokenizer of that size)
     "tiny-2L-64d": dict(n_layer=2, n_head=2, n_embd=64),
     "small-4L-256d": dict(n_layer=4, n_head=4, n_embd=256),
+    "base-6L-512d-bpe4k": dict(n_layer=6, n_head=8, n_embd=512, bpe_vocab=4096),
 }
+
+
+def offline_corpus(max_chars: int = 3_000_000) -> list[str]:
+    """Text to train a BPE tokenizer on without a network: the Python standard library's
+    sources (the same files on every machine with this Python), in sorted order."""
+    root, texts, total = os.path.dirname(os.__file__), [], 0
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".py") and total < max_chars:
+            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+            total += len(texts[-1])
+    return texts + list(DEFAULT_PROMPTS)
 
 
 def build_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Reference LM, policy (a deep copy of it, as at the start of RLHF), reward model, tokenizer."""
-    ref, tokenizer = build_tiny_model(seed=seed, **shape)
+    shape = dict(shape)
+    tokenizer = None
+    if "bpe_vocab" in shape:
+        tokenizer = build_bpe_tokenizer(offline_corpus(), vocab_size=shape.pop("bpe_vocab"), pad="<pad>")
+    ref, tokenizer = build_tiny_model(tokenizer, seed=seed, **shape)
     ref = ref.to(device=device, dtype=dtype)
     policy = copy.deepcopy(ref)
     rm_config = copy.deepcopy(ref.config)
@@ -262,6 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores available)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
@@ -270,7 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(cores or 1)
+    torch.set_num_threads(args.threads or cores or 1)
     transformers.logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0, load0 = time.perf_counter(), _loadavg()

@@ -7,7 +7,9 @@ token reward of docs/maths.md §2,
     r_t = -β (log π_θ(y_t|s_t) - log π_ref(y_t|s_t))      (+ r_φ(x, y) on the last token),
 
 scores every row that ended in one batch, and starts new prompts in the rows that ask,
-all with **one** reference forward. Both envs are thin wrappers around it.
+all with **one** reference forward. ``advance_chunk`` does the same for up to K tokens
+per row, still with one reference forward (the chunked rollout path). Both envs are thin
+wrappers around it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ class StepOut:
     @property
     def ended(self) -> torch.Tensor:
         return self.terminated | self.truncated
+
+
+@dataclass
+class ChunkOut:
+    """Per-token results of one ``advance_chunk``: (B, K) CPU tensors, position j = the row's j-th token.
+
+    Positions a row did not apply (beyond its tokens, after its episode ended, rows that
+    did not act) hold 0 / False; ``score`` and the row masks are (B,).
+    """
+
+    reward: torch.Tensor  # float32, KL-shaped token reward (+ score on the last applied token)
+    ref_logprob: torch.Tensor | None  # float32
+    kl: torch.Tensor | None  # float32
+    terminated: torch.Tensor  # bool, the token was EOS
+    truncated: torch.Tensor  # bool, the token reached max_new_tokens without EOS
+    applied: torch.Tensor  # bool, tokens that were applied
+    score: torch.Tensor  # (B,) float32, r_φ(x, y) of rows that ended, else 0
+    ended: torch.Tensor  # (B,) bool, rows whose episode ended in this chunk
 
 
 def load_parts(
@@ -205,6 +225,93 @@ class EpisodeBatch:
         self._feed_reference(out, restarts)
         return out
 
+    def advance_chunk(
+        self,
+        tokens: torch.Tensor,
+        logprobs: torch.Tensor | None,
+        counts: torch.Tensor,
+        acting: torch.Tensor,
+        restarts: dict[int, str] | None = None,
+    ) -> ChunkOut:
+        """Apply up to K tokens per ``acting`` row at once; the same results as K ``advance`` calls.
+
+        A row's tokens are applied in order until its count, an EOS (which ends the episode:
+        the tokens after it are ignored) or ``max_new_tokens`` (truncation). The reference
+        scores the applied tokens in one forward through its KV cache (``IncrementalLM.score``),
+        the rows that ended are scored in one batch, then ``restarts`` begin.
+
+        Args:
+            tokens: (B, K) int64 token ids.
+            logprobs: (B, K) float32 log π_θ of those tokens, or None (only when β = 0).
+            counts: (B,) int64 tokens offered per row (1..K; the rest of the row is ignored).
+            acting: (B,) bool rows whose tokens are applied.
+            restarts: rows (not acting) that begin a new episode with the given prompt.
+        """
+        B, K = tokens.shape
+        tokens = tokens.to(torch.long).cpu()
+        j = torch.arange(K)
+        offered = torch.where(acting, counts.to(torch.long).clamp(max=K), 0)
+        is_eos = j[None, :] < offered[:, None]
+        is_eos &= tokens == self.eos_token_id if self.eos_token_id is not None else False
+        first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), K)
+        room = self.max_new_tokens - (self.length - self.prompt_length)
+        count = torch.minimum(torch.minimum(first_eos + 1, offered), room).clamp(min=0)
+        applied = j[None, :] < count[:, None]
+        term_row = acting & (first_eos < count)
+        trunc_row = acting & ~term_row & (self.length - self.prompt_length + count >= self.max_new_tokens)
+        ended = term_row | trunc_row
+        safe = torch.where(applied, tokens, self.pad_token_id)
+        self._check_chunk(tokens, logprobs, applied)
+
+        reward = torch.zeros(B, K, dtype=torch.float32)
+        score = torch.zeros(B, dtype=torch.float32)
+        ref_lp = kl = None
+        if self.ref is not None and bool(applied.any()):
+            n_feed = torch.where(ended, count - 1, count)
+            ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
+            if logprobs is not None:
+                kl = torch.where(applied, logprobs.to(torch.float32) - ref_lp, 0.0)
+                reward -= self.beta * kl
+        elif self.ref is not None:
+            ref_lp = torch.zeros(B, K, dtype=torch.float32)
+        r_idx, j_idx = applied.nonzero(as_tuple=True)
+        self.ids[r_idx, self.length[r_idx] + j_idx] = tokens[r_idx, j_idx]
+        self.length += count
+        last = (count - 1).clamp(min=0)
+        terminated, truncated = torch.zeros(B, K, dtype=torch.bool), torch.zeros(B, K, dtype=torch.bool)
+        rows = torch.arange(B)
+        terminated[rows, last] = term_row
+        truncated[rows, last] = trunc_row
+        done = ended.nonzero().flatten().tolist()
+        if done:
+            score[done] = self._score(done, term_row)
+            reward[rows, last] += score
+        self._feed_reference(None, restarts or {})
+        return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended)
+
+    def _check_chunk(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, applied: torch.Tensor) -> None:
+        """``_check_action`` for the applied tokens of a chunk (ignored ones are not checked)."""
+        bad = (applied & ((tokens < 0) | (tokens >= self.vocab_size))).nonzero()
+        if len(bad):
+            r, j = bad[0].tolist()
+            raise InvalidActionError(
+                f"token {int(tokens[r, j])} (env {r}, position {j}) is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if logprobs is None:
+            if self.beta > 0 and bool(applied.any()):
+                raise InvalidActionError(
+                    f"beta={self.beta} > 0 needs the acting policy's log-probs: pass "
+                    "{'token': (B, K), 'logprob': (B, K)} (bare tokens are accepted only when beta == 0)"
+                )
+            return
+        lp = logprobs
+        bad = (applied & (torch.isnan(lp) | (lp > 0) | torch.isinf(lp))).nonzero()
+        if len(bad):
+            r, j = bad[0].tolist()
+            raise InvalidActionError(
+                f"log-prob {float(lp[r, j])} (env {r}, position {j}) is not a log-probability: it must be finite and <= 0"
+            )
+
     def _check_action(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, rows: torch.Tensor) -> None:
         if not len(rows):
             return
@@ -240,8 +347,9 @@ class EpisodeBatch:
         completions = [self.completion_text(r) for r in rows]
         return as_scores(self.reward(prompts, completions), len(rows), reward_name(self.reward))
 
-    def _feed_reference(self, out: StepOut, restarts: dict[int, str]) -> None:
-        """One reference forward: the new token of continuing rows, the prompt of new ones."""
+    def _feed_reference(self, out: StepOut | None, restarts: dict[int, str]) -> None:
+        """One reference forward: the new token of continuing rows (none when ``out`` is None:
+        a chunk fed them already), the prompt of new ones."""
         new_ids = {r: self._encode(p, self.max_prompt_tokens) for r, p in restarts.items()}
         for r, ids in new_ids.items():
             self.ids[r] = self.pad_token_id
@@ -250,7 +358,7 @@ class EpisodeBatch:
             self.prompt_text[r] = restarts[r]
         if self.ref is None:
             return
-        lengths = (out.acted & ~out.ended).long()
+        lengths = (out.acted & ~out.ended).long() if out is not None else torch.zeros(self.batch_size, dtype=torch.long)
         width = max([1] + [len(ids) for ids in new_ids.values()])
         chunk = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long)
         chunk[:, 0] = self.ids[torch.arange(self.batch_size), (self.length - 1).clamp(min=0)]

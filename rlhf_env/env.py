@@ -39,6 +39,35 @@ def split_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None
     return tokens.cpu(), logprobs
 
 
+def split_chunk_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``{"token": (n, K), "logprob": (n, K), "length": (n,)}`` or bare (n, K) tokens ->
+    ((n, K) int64 tokens, (n, K) float32 log-probs or None, (n,) int64 counts in 1..K)."""
+    if isinstance(action, dict):
+        if "token" not in action:
+            raise InvalidActionError(f"action dict needs a 'token' key, got keys {sorted(action)}")
+        tokens, logprobs, counts = action["token"], action.get("logprob"), action.get("length")
+    else:
+        tokens, logprobs, counts = action, None, None
+    tokens = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens).cpu()
+    if tokens.is_floating_point() or tokens.dtype == torch.bool:
+        raise InvalidActionError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[0] != n or tokens.shape[1] < 1:
+        raise InvalidActionError(f"expected tokens of shape ({n}, K) with K >= 1, got {tuple(tokens.shape)}")
+    K = tokens.shape[1]
+    if logprobs is not None:
+        logprobs = torch.as_tensor(logprobs, dtype=torch.float32).detach().cpu()
+        if logprobs.shape != tokens.shape:
+            raise InvalidActionError(f"expected log-probs of shape {tuple(tokens.shape)}, got {tuple(logprobs.shape)}")
+    if counts is None:
+        counts = torch.full((n,), K, dtype=torch.long)
+    else:
+        counts = torch.as_tensor(np.asarray(counts) if not torch.is_tensor(counts) else counts).cpu().reshape(-1)
+        if counts.numel() != n or bool(((counts < 1) | (counts > K)).any()):
+            raise InvalidActionError(f"'length' must hold {n} counts in [1, {K}], got {counts.tolist()}")
+        counts = counts.to(torch.long)
+    return tokens.to(torch.long), logprobs, counts
+
+
 class TextGenEnv(EnvProperties, gymnasium.Env):
     """Token-level text generation with KL-shaped rewards (docs/maths.md §2).
 

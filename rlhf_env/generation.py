@@ -6,6 +6,13 @@ calls ``act`` once per env step. The built-in ``kv_cache`` is ``SamplingPolicy``
 policy's own KV cache, one batched forward per step). A faster backend is a plugin that
 registers another name; it may generate whole completions when it first sees a prompt and
 hand them out token by token, as long as the log-probs are those of what it sampled.
+
+A sampler with ``generate(obs, max_tokens)`` (whole completions as a ``step_chunk`` action)
+serves the chunked rollout path: one generation and one reference pass per rollout. The
+built-in ``hf_generate`` wraps Hugging Face ``generate``. A generator whose log-probs are
+those of a full forward of the policy sets ``exact_logprobs = True``; for the others the
+trainer recomputes them (``rollout/logprob_diff``) and corrects with truncated importance
+sampling (``algorithms.core.truncated_is_weights``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ DEFAULT_GENERATOR = "kv_cache"
 
 class Sampler(Protocol):
     def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """One token per row from a vector-env observation.
+        """One token per row from a vector-env observation (the token path; see also ``generate``).
 
         ``obs``: ``input_ids`` (B, L) int64 prompt ∘ completion ids, right-padded with
         ``pad_token_id``; ``length`` (B,) and ``prompt_length`` (B,); a row with
@@ -42,6 +49,14 @@ class Generator(Protocol):
         greedy: bool = False,
     ) -> Sampler:
         """A sampler for ``batch_size`` env rows from the causal LM ``model``, seeded with ``seed``."""
+
+
+def exact_logprobs(name: str) -> bool:
+    """Whether generator ``name`` promises the log-probs of a full forward of the policy (its
+    ``exact_logprobs`` attribute; False when it does not say). Trainers recompute them otherwise."""
+    import plugins
+
+    return bool(getattr(plugins.get_host().generators.get(name), "exact_logprobs", False))
 
 
 def make_sampler(name: str, model, batch_size: int, **kwargs: Any) -> Sampler:

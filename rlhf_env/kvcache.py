@@ -91,6 +91,7 @@ class IncrementalLM:
         self.device = next(model.parameters()).device
         self._cache_kwarg = cache_kwarg(model)
         self._windows = layer_windows(model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T)
         self.column_pos = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # (B, T) positions
@@ -168,33 +169,85 @@ class IncrementalLM:
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def _forward(self, chunk: torch.Tensor, lengths: torch.Tensor, cache: DynamicCache, positions: torch.Tensor):
-        """One forward of a right-padded chunk on ``cache``; returns (rows, V) log-probs."""
+    def _forward(
+        self,
+        chunk: torch.Tensor,
+        lengths: torch.Tensor,
+        cache: DynamicCache,
+        positions: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ):
+        """One forward of a right-padded chunk on ``cache``; returns (rows, V) log-probs of the
+        next token, and with ``targets`` (rows, width) also (rows, width) log p(targets[:, j]) after
+        position j (the log-probs of a whole chunk in the one forward)."""
         rows, width = chunk.shape
         offsets = torch.arange(width, device=self.device)
         visible = (offsets[None, :] < lengths[:, None]).long()
         past = self.mask.shape[1] - width  # the caller has already appended ``visible`` and its positions
+        last = (lengths - 1).clamp(min=0)
+        keep = {}
+        if targets is None and width > 1 and self._keeps_logits:
+            # Only the columns that hold some row's last token: a prompt's other logits are never read.
+            columns = torch.unique(last)
+            keep, last = {"logits_to_keep": columns}, torch.searchsorted(columns, last)
         out = self.model(
             input_ids=chunk.masked_fill(visible == 0, self.pad_token_id),
             attention_mask=self._attention_mask(past, width, positions),
             position_ids=positions[:, None] + offsets[None, :],
             use_cache=True,
             **{self._cache_kwarg: cache},
+            **keep,
         )
-        last = (lengths - 1).clamp(min=0)
         logits = out.logits[torch.arange(rows, device=self.device), last, : self.vocab_size]
-        return torch.log_softmax(logits.float(), dim=-1)
+        next_lp = torch.log_softmax(logits.float(), dim=-1)
+        if targets is None:
+            return next_lp
+        all_lp = torch.log_softmax(out.logits[..., : self.vocab_size].float(), dim=-1)  # (rows, width, V)
+        return next_lp, all_lp.gather(2, targets[..., None]).squeeze(2)
 
-    def _append(self, chunk: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Every row gets ``chunk.shape[1]`` new columns, visible up to its length."""
+    def _append(self, chunk: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor | None = None):
+        """Every row gets ``chunk.shape[1]`` new columns, visible up to its length.
+
+        Returns the (B, width) log-probs of ``targets`` when given (see ``_forward``)."""
         offsets = torch.arange(chunk.shape[1], device=self.device)
         visible = (offsets[None, :] < lengths[:, None]).long()
         self.mask = torch.cat([self.mask, visible], dim=1)
         self.column_pos = torch.cat([self.column_pos, self.positions[:, None] + offsets[None, :]], dim=1)
-        new = self._forward(chunk, lengths, self.cache, self.positions)
+        new = self._forward(chunk, lengths, self.cache, self.positions, targets)
+        new, scored = new if targets is not None else (new, None)
         fed = lengths > 0
         self.next_logprobs = new if self.next_logprobs is None else torch.where(fed[:, None], new, self.next_logprobs)
         self.positions += lengths
+        return scored
+
+    @torch.inference_mode()
+    def score(self, tokens: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor) -> torch.Tensor:
+        """Log-probs of a chunk of tokens per row, then append its first ``n_feed`` tokens, in one forward.
+
+        ``n_feed`` is ``n_score`` (the row goes on) or ``n_score - 1`` (its last token ends the
+        episode and is never fed), so the forward over the fed tokens yields the log-probs of
+        tokens 1..n_score-1; token 0's comes from the previous feed's ``next_logprobs``.
+
+        Args:
+            tokens: (B, K) int64 token ids, right-padded.
+            n_score: (B,) int64 tokens of each row to score (0 for rows left as they are).
+            n_feed: (B,) int64 tokens of each row to append to the cache.
+
+        Returns:
+            (B, K) float32 log p(tokens[i, j] | row i's history ∘ tokens[i, :j]), 0 for j >= n_score[i].
+        """
+        tokens, n_score, n_feed = tokens.to(self.device), n_score.to(self.device), n_feed.to(self.device)
+        B, K = tokens.shape
+        out = torch.zeros(B, K, dtype=torch.float32, device=self.device)
+        out[:, 0] = self.next_logprobs.gather(1, tokens[:, :1]).squeeze(1)
+        width = int(n_feed.max())
+        if width:
+            targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1)[:, :width]  # token j+1 after j
+            scored = self._append(tokens[:, :width], n_feed, targets)
+            n = min(width, K - 1)
+            out[:, 1 : n + 1] = scored[:, :n]
+            self._compact()
+        return torch.where(torch.arange(K, device=self.device)[None, :] < n_score[:, None], out, 0.0)
 
     def _prefill(self, rows: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor) -> None:
         """Start ``rows`` afresh: prefill their prompts alone, then splice into the cache."""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_env.fastgen import as_chunk_action, obs_history, sample_completions
 from rlhf_env.kvcache import IncrementalLM
 
 
@@ -36,8 +37,12 @@ class SamplingPolicy:
         seed: seed of the sampling generator.
         greedy: take the most likely token (its log-prob reported) instead of sampling.
 
-    The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``).
+    The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``): ``act`` for
+    the token path, ``generate`` (``rlhf_env.fastgen.sample_completions``) for whole
+    completions. Its log-probs are those of a full forward of the policy (exact_logprobs).
     """
+
+    exact_logprobs = True
 
     def __init__(
         self,
@@ -52,6 +57,10 @@ class SamplingPolicy:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
+        self.model, self.pad_token_id, self.vocab_size = model, pad_token_id, vocab_size
+        self.eos_token_id = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = self.eos_token_id[0]
         self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
@@ -80,3 +89,23 @@ class SamplingPolicy:
         if single:
             return {"token": np.int64(token[0]), "logprob": np.float32(lp[0])}
         return {"token": token, "logprob": lp}
+
+    def generate(self, obs: dict[str, Any], max_tokens: int) -> dict[str, np.ndarray]:
+        """Up to ``max_tokens`` tokens per row after each row's history, as a ``step_chunk`` action.
+
+        Independent of ``act``'s cache: every call prefills the rows' histories afresh.
+        """
+        ids, lengths = obs_history(obs)
+        tokens, logprobs, counts = sample_completions(
+            self.model,
+            ids.reshape(-1, ids.shape[-1]),
+            lengths,
+            max_tokens,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            vocab_size=self.vocab_size,
+            generator=self.generator,
+            temperature=self.temperature,
+            greedy=self.greedy,
+        )
+        return as_chunk_action(tokens, logprobs, counts)

@@ -59,12 +59,36 @@ class EpisodeStream:
     """Iterate the episodes of ``env`` (``NEXT_STEP`` autoreset) acted on by ``sampler``.
 
     ``env.reset(seed, options)`` happens on the first iteration; ``tokens`` counts the
-    tokens the sampler generated so far (acting rows over all steps).
+    tokens applied so far. ``chunk``: tokens per env call. The default (None) is the whole
+    completion where the env has ``step_chunk`` (a bare ``VectorTextGenEnv``) and the
+    sampler has ``generate``: a rollout is then one policy generation and one reference
+    pass. Otherwise, and with ``chunk=1``, one ``step`` per token (Gymnasium wrappers see
+    every step).
     """
 
-    def __init__(self, env, sampler, seed: int | None = None, options: dict | None = None):
+    def __init__(self, env, sampler, seed: int | None = None, options: dict | None = None, chunk: int | None = None):
         self.env, self.sampler, self.seed, self.options = env, sampler, seed, options
         self.tokens = 0
+        can_chunk = hasattr(env, "step_chunk") and hasattr(sampler, "generate")
+        self.chunk = (chunk or env_attr(env, "max_new_tokens")) if can_chunk and chunk != 1 else None
+
+    def _step(self, obs, acting: np.ndarray):
+        """One env call as (B, K) arrays: tokens, log-probs, rewards, terminated, truncated, applied, info."""
+        B = len(acting)
+        if self.chunk is None:
+            action = self.sampler.act(obs)
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            info = {k: (v[:, None] if k in ("ref_logprob", "kl") else v) for k, v in info.items()}
+            cols = (action["token"], action["logprob"], reward, terminated, truncated, acting)
+            return obs, *(np.asarray(c)[:, None] for c in cols), info
+        if acting.any():
+            done = (obs["length"] - obs["prompt_length"])[acting].min()
+            action = self.sampler.generate(obs, int(min(self.chunk, env_attr(self.env, "max_new_tokens") - done)))
+        else:  # every row is resetting: nothing to generate
+            action = {"token": np.zeros((B, 1), np.int64), "logprob": np.zeros((B, 1), np.float32)}
+        obs, reward, terminated, truncated, info = self.env.step_chunk(action)
+        tokens, logprob = np.asarray(action["token"]), np.asarray(action["logprob"])
+        return obs, tokens, logprob, reward, terminated, truncated, info["applied"], info
 
     def __iter__(self) -> Iterator[Episode]:
         env = self.env
@@ -77,24 +101,21 @@ class EpisodeStream:
         length = np.zeros(B, dtype=np.int64)
         acting = np.ones(B, dtype=bool)  # False on a row's reset step (the step after it ended)
         while True:
-            action = self.sampler.act(obs)
-            self.tokens += int(acting.sum())
-            obs, reward, terminated, truncated, info = env.step(action)
-            rows = np.flatnonzero(acting)
-            t = length[rows]
-            tokens[rows, t] = np.asarray(action["token"])[rows]
-            logp[rows, t] = np.asarray(action["logprob"])[rows]
-            if "ref_logprob" in info:
-                ref_logp[rows, t] = info["ref_logprob"][rows]
-            rewards[rows, t] = reward[rows]
-            ret[rows] += reward[rows]
-            if "kl" in info:
-                mask = info["_kl"] & acting
-                kl[mask] += info["kl"][mask]
-            length[rows] += 1
+            obs, toks, lps, reward, terminated, truncated, applied, info = self._step(obs, acting)
+            self.tokens += int(applied.sum())
+            for r in np.flatnonzero(acting):
+                n, t = int(applied[r].sum()), int(length[r])
+                tokens[r, t : t + n], logp[r, t : t + n] = toks[r, :n], lps[r, :n]
+                if "ref_logprob" in info:
+                    ref_logp[r, t : t + n] = info["ref_logprob"][r, :n]
+                rewards[r, t : t + n] = reward[r, :n]
+                ret[r] += float(reward[r, :n].astype(np.float64).sum())
+                if "kl" in info:
+                    kl[r] += float(info["kl"][r, :n].astype(np.float64).sum())
+                length[r] += n
             for r in np.flatnonzero(~acting):  # a reset step: the row's next episode begins
                 prompt_ids[r] = obs["input_ids"][r, : obs["prompt_length"][r]].tolist()
-            ended = np.asarray(terminated) | np.asarray(truncated)
+            ended = (np.asarray(terminated) | np.asarray(truncated)).any(1)
             done = []
             for r in np.flatnonzero(ended):
                 n = int(length[r])
@@ -136,6 +157,9 @@ class RolloutBatch:
     rewards: torch.Tensor  # (B, L-1) the env's token rewards (KL-shaped, score at the end)
     scores: torch.Tensor  # (B,) the reward at the end of each episode (gold here)
     vocab_size: int | None = None  # the tokenizer's ids: log-probs are over these (see ``token_logprobs``)
+    # Set by a trainer whose generator's log-probs are not exact (``generation.exact_logprobs``):
+    is_weights: torch.Tensor | None = None  # (B, L-1) truncated importance weights π_θold / π_sampler
+    logprob_diff: float | None = None  # mean |log π_sampler − log π_θold| over completion tokens
 
     @property
     def num_tokens(self) -> int:

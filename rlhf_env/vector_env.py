@@ -4,6 +4,7 @@ One reference forward per step through a KV cache (``IncrementalLM``), the rewar
 in one batch for the rows that end, and groups of ``group_size`` rows that share each
 prompt (GRPO). Autoreset is ``NEXT_STEP``: the step after a row ends ignores that row's
 action and returns the first observation of its next episode, with reward 0.
+``step_chunk`` takes up to K tokens per row in one call, with the results of K steps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gymnasium.vector.utils import batch_space
 
 from rlhf_env import spaces
 from rlhf_env.core import EnvProperties, EpisodeBatch, load_parts
-from rlhf_env.env import split_action
+from rlhf_env.env import split_action, split_chunk_action
 
 
 class VectorTextGenEnv(EnvProperties, VectorEnv):
@@ -147,16 +148,55 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
             info["ref_logprob"], info["_ref_logprob"] = out.ref_logprob.numpy(), acting_np.copy()
         if out.kl is not None:
             info["kl"], info["_kl"] = out.kl.numpy(), acting_np.copy()
-        if self._autoreset.any():
-            ended = self._autoreset.copy()
-            info["score"], info["_score"] = out.score.numpy(), ended
-            # The ended rows' text, as TextGenEnv gives it on the last step ("" elsewhere).
-            prompt, completion = np.full(B, "", dtype=object), np.full(B, "", dtype=object)
-            for r in np.flatnonzero(ended):
-                prompt[r], completion[r] = self.core.prompt_text[r], self.core.completion_text(r)
-            info["prompt"], info["_prompt"] = prompt, ended.copy()
-            info["completion"], info["_completion"] = completion, ended.copy()
+        self._end_info(info, out.score.numpy())
         return self._obs(), out.reward.numpy(), terminated, truncated, info
+
+    def step_chunk(self, actions):
+        """Up to K tokens per row in one call: the results of K ``step`` calls, per token.
+
+        ``actions``: ``{"token": (B, K) int, "logprob": (B, K) float, "length": (B,) int}``
+        (``length``, the tokens offered per row, 1..K, defaults to K; bare (B, K) tokens when
+        β = 0). A row applies its tokens in order until an EOS or ``max_new_tokens`` ends its
+        episode: **the tokens after the end are ignored** (reward 0, not checked). The call
+        after a row ended is its reset step, as with ``step`` (NEXT_STEP autoreset): all its
+        tokens are ignored and its next episode's first observation is returned. The
+        reference scores each row's applied tokens in one forward through its KV cache.
+
+        Returns ``obs``, ``reward`` (B, K) float32, ``terminated`` and ``truncated`` (B, K)
+        bool (True at the token that ended the row), ``info`` with ``applied`` (B, K) bool,
+        ``ref_logprob``/``kl`` (B, K) (masked by ``_ref_logprob``/``_kl`` = ``applied``) and, for
+        rows that ended, ``score``/``prompt``/``completion`` with (B,) masks, as ``step`` gives.
+        """
+        if not self._started:
+            raise RuntimeError("step_chunk() called before reset()")
+        B = self.num_envs
+        tokens, logprobs, counts = split_chunk_action(actions, B)
+        resetting = self._autoreset.copy()
+        self._episode[resetting] += 1
+        restarts = {int(r): self._prompt_for(int(r)) for r in np.flatnonzero(resetting)}
+        out = self.core.advance_chunk(tokens, logprobs, counts, torch.from_numpy(~resetting), restarts)
+        self._autoreset = out.ended.numpy().copy()
+        applied = out.applied.numpy()
+        info: dict[str, Any] = {"applied": applied}
+        if out.ref_logprob is not None:
+            info["ref_logprob"], info["_ref_logprob"] = out.ref_logprob.numpy(), applied.copy()
+        if out.kl is not None:
+            info["kl"], info["_kl"] = out.kl.numpy(), applied.copy()
+        self._end_info(info, out.score.numpy())
+        return self._obs(), out.reward.numpy(), out.terminated.numpy(), out.truncated.numpy(), info
+
+    def _end_info(self, info: dict[str, Any], score: np.ndarray) -> None:
+        """``score``, ``prompt`` and ``completion`` of the rows that just ended, with their masks."""
+        if not self._autoreset.any():
+            return
+        B, ended = self.num_envs, self._autoreset.copy()
+        info["score"], info["_score"] = score, ended
+        # The ended rows' text, as TextGenEnv gives it on the last step ("" elsewhere).
+        prompt, completion = np.full(B, "", dtype=object), np.full(B, "", dtype=object)
+        for r in np.flatnonzero(ended):
+            prompt[r], completion[r] = self.core.prompt_text[r], self.core.completion_text(r)
+        info["prompt"], info["_prompt"] = prompt, ended.copy()
+        info["completion"], info["_completion"] = completion, ended.copy()
 
     def _obs(self) -> dict[str, np.ndarray]:
         c = self.core

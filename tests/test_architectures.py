@@ -20,6 +20,7 @@ from rlhf_env import VectorTextGenEnv
 from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
+from rlhf_env.rollout import EpisodeStream
 from rlhf_env.scoring import next_token_logprobs, pack
 
 ATOL = 1e-4
@@ -167,3 +168,29 @@ def test_a_wrong_position_mask_or_window_moves_logprobs_far_beyond_the_tolerance
     windowed = getattr(model.config, "sliding_window", None) is not None
     no_window = (full_logprobs(model, ids, len(tok), window=False) - right).abs().max()
     assert (no_window > 1000 * ATOL) == windowed
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_chunked_rollouts_equal_full_forwards(arch, arch_checkpoint):
+    """The chunked path: ``generate`` (static cache) and ``step_chunk`` (the reference scoring
+    3 tokens per forward), across chunks, restarts and sliding windows."""
+    path = arch_checkpoint(arch, "qwen")  # a model vocabulary larger than the tokenizer's
+    ref, tok = load_causal_lm(path, device="cpu"), load_tokenizer(path)
+    policy = build(arch, "qwen", seed=1)
+    V = len(tok)
+    env = VectorTextGenEnv(tok, ref, count_e, PROMPTS, num_envs=4, beta=BETA, max_new_tokens=7, device="cpu")
+    agent = SamplingPolicy(policy, 4, env.core.pad_token_id, seed=0, vocab_size=V)
+    stream = EpisodeStream(env, agent, seed=0, chunk=3)
+    assert stream.chunk == 3
+    episodes = [ep for ep, _ in zip(stream, range(10))]
+    assert min(len(ep.prompt_ids) + len(ep.tokens) for ep in episodes) > WINDOW + 1
+    worst = 0.0
+    for ep in episodes:
+        ids, n, start = ep.prompt_ids + ep.tokens.tolist(), len(ep.tokens), len(ep.prompt_ids) - 1
+        rows, toks = torch.arange(start, start + n), torch.from_numpy(ep.tokens)
+        ref_lp, pol_lp = full_logprobs(ref, ids, V)[rows, toks], full_logprobs(policy, ids, V)[rows, toks]
+        expected_reward = -BETA * (pol_lp - ref_lp)
+        expected_reward[-1] += count_e([ep.prompt], [ep.completion])[0]
+        for got, want in ((ep.ref_logprobs, ref_lp), (ep.logprobs, pol_lp), (ep.rewards, expected_reward)):
+            worst = max(worst, float((torch.from_numpy(got) - want).abs().max()))
+    assert worst < ATOL

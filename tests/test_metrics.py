@@ -13,7 +13,7 @@ from algorithms import core, grpo, ppo
 from algorithms import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMESPACES = ("reward", "objective", "loss", "policy", "optim", "dpo", "rm", "perf", "time", "model")
+NAMESPACES = ("reward", "objective", "loss", "policy", "optim", "dpo", "rm", "rollout", "perf", "time", "model")
 METRIC_LITERAL = re.compile(rf"^({'|'.join(NAMESPACES)})/[a-z_]+$")
 
 

@@ -63,7 +63,11 @@ def test_collect_through_a_gymnasium_wrapper_equals_the_bare_env():
     assert env_attr(wrapped, "max_new_tokens") == 6 and env_attr(wrapped, "vocab_size") == bare.vocab_size
     policy = copy.deepcopy(bare.ref_model)
     a, b = collect(bare, policy, seed=3), collect(wrapped, policy, seed=3)
-    assert a.completions == b.completions and torch.equal(a.rewards, b.rewards) and torch.equal(a.scores, b.scores)
+    # The bare env takes the chunked path (whole completions), the wrapper one step per token:
+    # the same samples, and the same rewards up to float rounding.
+    assert a.completions == b.completions and torch.equal(a.scores, b.scores)
+    torch.testing.assert_close(a.rewards, b.rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
     assert wrapped.episode_count >= 4 and len(wrapped.return_queue) == wrapped.episode_count  # it saw every end
     set_env_attr(wrapped, "beta", 0.3)  # what adaptive KL does between rollouts
     assert env_attr(wrapped, "beta") == 0.3 and wrapped.unwrapped.beta == 0.3
@@ -91,7 +95,7 @@ def test_base_model_gold_is_one_number():
     model, tok = build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=3)
     ours = evaluate(task, model, tok, n=8)
     bench = evaluate_policy(TrainContext(task, copy.deepcopy(model), model, tok, torch.device("cpu")), 8)
-    assert ours["n"] == 8 and ours["kl_mean"] == 0.0
+    assert ours["n"] == 8 and abs(ours["kl_mean"]) < 1e-5  # the model against itself (float rounding)
     assert ours["gold_mean"] == bench["reward/gold"]
 
 
@@ -113,5 +117,7 @@ def test_ppo_trains_through_a_wrapped_env():
     for trainer in trainers:
         torch.manual_seed(0)
         runs.append([trainer.step(step, 100 + step) for step in range(2)])
-    assert runs[0] == runs[1] and runs[1][1]["objective/kl_coef"] != pytest.approx(0.1)  # β moved, and was used
+    # bare: chunked path; wrapped: token path (equal up to float rounding)
+    assert [pytest.approx(r, rel=1e-4, abs=1e-6) for r in runs[0]] == runs[1]
+    assert runs[1][1]["objective/kl_coef"] != pytest.approx(0.1)  # β moved, and was used
     assert trainers[1].env.episode_count >= 8 and env_attr(trainers[1].env, "beta") == runs[1][1]["objective/kl_coef"]

@@ -1,0 +1,165 @@
+"""Training speed against TRL: our ``grpo`` and ``dpo`` iterations per second beside TRL 1.x's
+``GRPOTrainer`` and ``DPOTrainer``, on the same model, data, batch, group size and lengths.
+
+For each task: the task's base model (shipped or cached), the registered config's defaults
+(GRPO: ``num_prompts × group_size`` completions of ``max_new_tokens`` per iteration, in
+``num_minibatches`` optimizer steps; DPO: ``batch_size`` pairs per step from the same
+annotated pairs), and TRL set up to match them exactly as ``rlhf bench --baseline trl``
+does (``benchmarks/trl_baseline.py``: same hyperparameters, dropout off, positions from the
+mask). The sides run one after the other in this process with the same torch threads:
+ours, TRL, ours again (so a change of load on a shared machine biases neither side).
+Timed: steady-state iterations after ``--warmup`` ones (set-up excluded on both sides: our
+DPO's one-off reference pass over the pairs, TRL's dataset tokenisation); one of our GRPO
+iterations is ``num_minibatches`` TRL optimizer steps, its generation included. ``ratio`` is
+ours / TRL in iterations per second (medians). Prints a table, then one JSON line.
+
+    python benchmarks/peer_speed.py [--tasks arithmetic sentiment] [--algorithms grpo dpo]
+        [--iterations 3] [--warmup 1] [--threads 1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import plugins
+from algorithms.base import TrainContext
+from algorithms.loop import step_seed
+from benchmarks.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
+from rlhf_env.tasks import get_task
+from rlhf_env.tasks.base_models import load_base_model
+
+SEED = 0
+
+
+def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> list[float]:
+    """Seconds of each of our trainer's iterations after ``warmup`` ones."""
+    ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), SEED)
+    trainer = plugins.get_host().algorithms.get(algorithm).Trainer(ctx, cfg)
+    times = []
+    for step in range(warmup + iterations):
+        torch.manual_seed(step_seed(SEED, step))
+        t0 = time.perf_counter()
+        trainer.step(step, step_seed(SEED, step))
+        times.append(time.perf_counter() - t0)
+    return times[warmup:]
+
+
+def time_trl(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> list[float]:
+    """Seconds of each TRL iteration (``steps_per_iteration`` optimizer steps) after ``warmup`` ones."""
+    from transformers import TrainerCallback
+
+    per = cfg.num_minibatches * cfg.num_iterations if algorithm == "grpo" else 1
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    torch.manual_seed(SEED)
+    model = mask_positions(copy.deepcopy(ref)).train()
+    steps = warmup + iterations
+    with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            device = torch.device("cpu")
+            if algorithm == "grpo":
+                trainer = grpo_trainer(task, model, tok, cfg, steps, SEED, Path(out), device)
+            else:
+                trainer = dpo_trainer(task, model, ref, tok, cfg, steps, SEED, Path(out), device)
+            trainer.add_callback(Clock())
+            trainer.train()
+    ends = stamps[::per]  # iteration boundaries
+    return [b - a for a, b in zip(ends, ends[1:])][warmup:]
+
+
+def bench(task_name: str, algorithm: str, args) -> dict:
+    task = get_task(task_name)
+    ref, tok = load_base_model(task, device="cpu", progress=False)
+    cfg = plugins.get_host().algorithms.get(algorithm).make_config()
+    # Ours before and after TRL's run, so a change in the machine's load in between biases neither side.
+    ours = time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
+    trl = time_trl(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
+    ours += time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
+    ours_rate, trl_rate = 1 / statistics.median(ours), 1 / statistics.median(trl)
+    shape = (
+        {"completions_per_iteration": cfg.num_prompts * cfg.group_size, "group_size": cfg.group_size}
+        if algorithm == "grpo"
+        else {"pairs_per_step": cfg.batch_size}
+    )
+    return {
+        "task": task_name,
+        "algorithm": algorithm,
+        "params": sum(p.numel() for p in ref.parameters()),
+        "max_new_tokens": task.max_new_tokens,
+        **shape,
+        "ours_iterations_per_s": round(ours_rate, 3),
+        "trl_iterations_per_s": round(trl_rate, 3),
+        "ratio": round(ours_rate / trl_rate, 3),
+        "ours_runs_s": [round(t, 3) for t in ours],
+        "trl_runs_s": [round(t, 3) for t in trl],
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["arithmetic", "sentiment"])
+    p.add_argument("--algorithms", nargs="+", choices=["grpo", "dpo"], default=["grpo", "dpo"])
+    p.add_argument("--iterations", type=int, default=3, help="timed iterations per side")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="also write the JSON summary to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    trl = require_trl()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    rows = [bench(task, algo, args) for task in args.tasks for algo in args.algorithms]
+    head = f"{'task':<11} {'algo':<5} {'params':>9} {'ours it/s':>10} {'TRL it/s':>9} {'ours/TRL':>8}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(
+            f"{r['task']:<11} {r['algorithm']:<5} {r['params']:>9,} {r['ours_iterations_per_s']:>10.3f} "
+            f"{r['trl_iterations_per_s']:>9.3f} {r['ratio']:>8.2f}"
+        )
+    print(
+        f"medians of {args.iterations} iterations after {args.warmup} warm-up (ours twice: before and after TRL); "
+        f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f}s"
+    )
+    summary = {
+        "benchmark": "peer_speed",
+        "threads": torch.get_num_threads(),
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "results": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

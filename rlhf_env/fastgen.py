@@ -1,0 +1,195 @@
+"""Whole-completion sampling for the chunked rollout path (``EpisodeStream`` with ``step_chunk``).
+
+``sample_completions`` is the ``kv_cache`` generator's fast path: one prefill of the rows'
+left-aligned histories, then one forward per new token into a preallocated cache
+(``StaticLayer``: written in place, no concatenation), with a preallocated mask and the
+rows' own positions. The Python work per token is a fixed number of tensor calls,
+whatever the batch; decoding stops when every row has sampled EOS.
+
+``HFGenerateSampler`` is the second registered backend, ``hf_generate``: Hugging Face
+``generate`` for any model it supports. Its log-probs come from the logits ``generate``
+computed under its own padding and cache, which need not equal a training forward to the
+last bit, so it sets ``exact_logprobs = False``: the trainer then recomputes them, reports
+``rollout/logprob_diff`` and corrects with truncated importance sampling.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from rlhf_env.kvcache import cache_kwarg, layer_windows
+
+
+def _left_aligned(ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int):
+    """(B, P) histories moved to the right end (P = longest), their (B, P) positions and visibility."""
+    P = int(lengths.max())
+    src = torch.arange(P, device=ids.device)[None, :] - (P - lengths)[:, None]  # index into the row
+    visible = src >= 0
+    left = torch.where(visible, ids.gather(1, src.clamp(min=0, max=ids.shape[1] - 1)), pad_token_id)
+    return left, src.clamp(min=0), visible
+
+
+def _masks(windows: dict, visible: torch.Tensor, col_pos: torch.Tensor, q_pos: torch.Tensor, kernel: str, dtype):
+    """Attention masks (B, 1, q, M) for queries at positions ``q_pos`` (B, q) over all M cache columns.
+
+    A key is allowed when written and visible, not after the query by position, and within
+    the layer's window; one mask or ``{layer type: mask}`` (models mixing layer types)."""
+    gap = q_pos[:, :, None] - col_pos[:, None, :]
+    seen = visible[:, None, :] & (gap >= 0)
+    out = {}
+    for kind, window in windows.items():
+        allowed = (seen & (gap < window) if window else seen)[:, None]
+        if kernel != "sdpa":  # eager takes an additive mask
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        out[kind] = allowed
+    return out if len(out) > 1 else next(iter(out.values()))
+
+
+@torch.inference_mode()
+def sample_completions(
+    model,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    max_tokens: int,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    vocab_size: int | None,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample up to ``max_tokens`` tokens after each row's ``ids[i, :lengths[i]]``.
+
+    Returns ``(tokens (B, K), logprobs (B, K), counts (B,))`` on ``ids``' device, K <= max_tokens:
+    the log-probs are those of softmax(logits / temperature) over the first ``vocab_size``
+    ids, the distribution each token was drawn from; ``counts`` is up to and including the
+    first EOS (the env ignores what follows).
+    """
+    device = next(model.parameters()).device
+    ids, lengths = ids.to(device), lengths.to(device)
+    B, K = ids.shape[0], int(max_tokens)
+    left, pos, visible = _left_aligned(ids, lengths, pad_token_id)
+    P, M = left.shape[1], left.shape[1] + K
+    col_pos = torch.cat([pos, lengths[:, None] + torch.arange(K, device=device)[None, :]], dim=1)  # (B, M)
+    vis = torch.cat([visible, torch.zeros(B, K, dtype=torch.bool, device=device)], dim=1)
+    windows, kernel = layer_windows(model), model.config._attn_implementation
+    full_sdpa = kernel == "sdpa" and not any(windows.values())
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
+    # Queries see only the columns written so far: the unwritten ones are hidden by ``vis``.
+    mask = _masks(windows, vis, col_pos, pos, kernel, model.dtype)
+    forward = dict(use_cache=True, **{cache_kwarg(model): cache})
+    logits = model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
+    tokens = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, K, dtype=torch.float32, device=device)
+    counts = torch.full((B,), K, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(K):
+        lp = torch.log_softmax(logits[:, -1, :vocab_size].float() / temperature, dim=-1)
+        tok = lp.argmax(-1) if greedy else torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
+        tokens[:, t], logprobs[:, t] = tok, lp.gather(1, tok[:, None]).squeeze(1)
+        if eos_token_id is not None:
+            ends = ~done & (tok == eos_token_id)
+            counts = torch.where(ends, t + 1, counts)
+            done |= ends
+            if bool(done.all()):  # every later token would be ignored
+                return tokens[:, : t + 1], logprobs[:, : t + 1], counts
+        if t == K - 1:
+            break
+        vis[:, P + t] = True
+        q_pos = col_pos[:, P + t : P + t + 1]
+        # Full attention: every written column precedes the query, so visibility is the mask.
+        mask = vis[:, None, None, :] if full_sdpa else _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
+    return tokens, logprobs, counts
+
+
+def obs_history(obs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and (B,) lengths of a vector-env observation."""
+    return torch.as_tensor(np.asarray(obs["input_ids"])), torch.as_tensor(np.asarray(obs["length"])).reshape(-1)
+
+
+def as_chunk_action(tokens: torch.Tensor, logprobs: torch.Tensor, counts: torch.Tensor) -> dict[str, np.ndarray]:
+    return {
+        "token": tokens.cpu().numpy(),
+        "logprob": logprobs.cpu().numpy().astype(np.float32),
+        "length": counts.clamp(min=1).cpu().numpy(),
+    }
+
+
+class HFGenerateSampler:
+    """The ``hf_generate`` generator: Hugging Face ``generate`` (sampling from the full softmax).
+
+    ``generate(obs, max_tokens)`` samples whole completions for the chunked rollout path;
+    ``act`` (the token path, e.g. through Gymnasium wrappers) calls it for one token at a
+    time, which is correct but re-encodes every history: slow, a fallback only.
+    """
+
+    exact_logprobs = False  # generate's padding and cache are not the training forward's
+
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        *,
+        pad_token_id: int,
+        vocab_size: int,
+        seed: int,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.batch_size, self.pad_token_id, self.vocab_size = model, batch_size, pad_token_id, vocab_size
+        self.temperature, self.greedy, self.seed = temperature, greedy, seed
+        self.calls = 0
+        self.eos_token_id = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = self.eos_token_id[0]
+
+    @torch.inference_mode()
+    def generate(self, obs: dict[str, Any], max_tokens: int) -> dict[str, np.ndarray]:
+        ids, lengths = obs_history(obs)
+        device = next(self.model.parameters()).device
+        left, pos, visible = _left_aligned(ids.to(device), lengths.to(device), self.pad_token_id)
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(
+            do_sample=not self.greedy,
+            top_k=0,
+            top_p=1.0,
+            temperature=self.temperature,
+            max_new_tokens=max_tokens,
+            min_new_tokens=0,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed * 1_000_003 + self.calls)  # generate draws from the global RNG
+            self.calls += 1
+            out = self.model.generate(
+                input_ids=left,
+                attention_mask=visible.long(),
+                generation_config=config,
+            )
+        tokens = out.sequences[:, left.shape[1] :]
+        logits = torch.stack(out.logits, dim=1)[..., : self.vocab_size].float() / self.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None]).squeeze(2)
+        counts = torch.full((len(tokens),), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        if self.eos_token_id is not None:
+            is_eos = tokens == self.eos_token_id
+            counts = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1) + 1, counts)
+        return as_chunk_action(tokens, logprobs, counts)
+
+    def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        chunk = self.generate(obs, 1)
+        return {"token": chunk["token"][:, 0], "logprob": chunk["logprob"][:, 0]}

@@ -1,0 +1,105 @@
+"""The generation backends of the chunked path, and the correction for one without exact log-probs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.base import correct_sampler_logprobs
+from algorithms.core import truncated_is_weights
+from algorithms.grpo import grpo_loss
+from rlhf_env.default import make_default_vector_env
+from rlhf_env.generation import exact_logprobs
+from rlhf_env.rollout import EpisodeStream, collect
+from rlhf_env.scoring import next_token_logprobs
+
+
+def test_truncated_is_weights_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -1.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = truncated_is_weights(old, sampler, mask, cap=2.0)
+    # exp(0.5), exp(-1), exp(1) = 2.718 truncated to 2, off the mask 0
+    torch.testing.assert_close(w, torch.tensor([[math.exp(0.5), math.exp(-1.0), 2.0, 0.0]]))
+    with pytest.raises(ValueError, match="cap C must be > 0"):
+        truncated_is_weights(old, sampler, mask, cap=0.0)
+
+
+def test_grpo_loss_weights_the_surrogate_only():
+    gen = torch.Generator().manual_seed(0)
+    logp, old, ref = (torch.randn(2, 5, generator=gen) * 0.3 - 1 for _ in range(3))
+    adv, mask = torch.tensor([1.0, -0.5]), torch.ones(2, 5)
+    plain = grpo_loss(logp, old, ref, adv, mask)
+    doubled = grpo_loss(logp, old, ref, adv, mask, tis=torch.full((2, 5), 2.0))
+    torch.testing.assert_close(doubled.policy, 2 * plain.policy)
+    torch.testing.assert_close(doubled.kl, plain.kl)
+
+
+@pytest.mark.parametrize("generator", ["kv_cache", "hf_generate"])
+def test_generators_sample_whole_completions_with_the_policy_logprobs(generator):
+    env = make_default_vector_env(num_envs=4, max_new_tokens=8, beta=0.1)
+    policy = copy.deepcopy(env.ref_model)
+    batch = collect(env, policy, seed=1, generator=generator)
+    full = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size).detach()
+    assert batch.num_tokens >= 4 and all(batch.completions)
+    torch.testing.assert_close(batch.logprobs * batch.action_mask, full * batch.action_mask, atol=1e-5, rtol=0)
+    # policy == reference: the env's reference log-probs are the sampler's
+    torch.testing.assert_close(batch.ref_logprobs, batch.logprobs, atol=1e-5, rtol=0)
+    assert exact_logprobs(generator) == (generator == "kv_cache")
+
+
+def test_the_chunked_path_is_one_generation_and_one_reference_pass():
+    env = make_default_vector_env(num_envs=4, max_new_tokens=8, beta=0.1)
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def act(self, obs):
+            calls.append("act")
+            return self.inner.act(obs)
+
+        def generate(self, obs, max_tokens):
+            calls.append(("generate", max_tokens))
+            return self.inner.generate(obs, max_tokens)
+
+    from rlhf_env.policy import SamplingPolicy
+
+    agent = Counting(SamplingPolicy(env.ref_model, 4, env.pad_token_id, vocab_size=env.vocab_size))
+    stream = EpisodeStream(env, agent, seed=0)
+    first = [next(iter_) for iter_ in [iter(stream)] for _ in range(4)]
+    assert calls == [("generate", 8)] and sorted(ep.row for ep in first) == [0, 1, 2, 3]
+
+
+def test_a_sampler_mismatch_is_reported_and_corrected():
+    env = make_default_vector_env(num_envs=4, max_new_tokens=6, beta=0.0)
+    policy = copy.deepcopy(env.ref_model)
+    batch = collect(env, policy, seed=2)
+    exact = batch.logprobs.clone()
+    batch.logprobs = batch.logprobs - 0.5 * batch.action_mask  # a sampler 0.5 nats off on every token
+    correct_sampler_logprobs(policy, batch)
+    assert batch.logprob_diff == pytest.approx(0.5, abs=1e-5)
+    torch.testing.assert_close(batch.logprobs, exact, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batch.is_weights[batch.action_mask.bool()].numpy(), math.exp(0.5), rtol=1e-4)
+    assert float(batch.is_weights[~batch.action_mask.bool()].abs().sum()) == 0.0
+
+
+def test_grpo_with_hf_generate_reports_the_mismatch_and_trains():
+    from algorithms import grpo
+    from algorithms.base import TrainContext
+    from rlhf_env.tasks.arithmetic import make_arithmetic_task
+    from rlhf_env.tasks.base_models import load_base_model
+
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)  # a shipped base model
+    ref, tok = load_base_model(task, device="cpu", progress=False)
+    ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), generator="hf_generate")
+    trainer = grpo.Trainer(ctx, grpo.Config(num_prompts=2, group_size=2, num_minibatches=1))
+    torch.manual_seed(0)
+    metrics = trainer.step(0, 5)
+    assert 0 <= metrics["rollout/logprob_diff"] < 1e-4  # generate's logits agree with the training forward
+    assert math.isfinite(metrics["loss/total"]) and metrics["perf/tokens"] > 0
