@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from algorithms import distributed
 from algorithms.overrides import typed_overrides
 from rlhf_env.generation import DEFAULT_GENERATOR
 from rlhf_env.rollout import RolloutBatch, collect, sequence_kl
@@ -57,6 +58,8 @@ class TrainContext:
 
     def env(self, num_envs: int, group_size: int = 1, beta: float = 0.0, split: str = "train") -> VectorTextGenEnv:
         """A vector env on the task's ``split`` prompts, the gold reward and ``ref`` (cached)."""
+        if split == "train":
+            num_envs = distributed.shard_size(num_envs, group_size)  # data-parallel: this rank's groups
         key = (num_envs, group_size, beta, split)
         if key not in self._envs:
             prompts = self.task.train_prompts if split == "train" else self.task.eval_prompts
@@ -78,7 +81,11 @@ def collect_rollouts(ctx: TrainContext, env, seed: int, prompts: list[str] | Non
     """Run the policy until every row of ``env`` has finished one episode (``rlhf_env.rollout.collect``).
 
     ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
+    In a data-parallel run this rank rolls out its groups and gets the whole batch back
+    (``distributed.collect_shard``).
     """
+    if distributed.current() is not None:
+        return distributed.collect_shard(ctx, env, seed, prompts)
     return collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
 
 

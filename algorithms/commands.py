@@ -51,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else saved.get("model")
     run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
     run.update(eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo)
+    run.update(backend=args.backend)
     records = train(spec, task, args.out, **run)
     evals = [r for r in records if M.REWARD_GOLD in r]
     if evals:
@@ -74,6 +75,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, default=10)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    p.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="data-parallel backend under torchrun (default: nccl on CUDA, gloo on CPU); "
+        "without torchrun, --backend gloo is a 1-rank data-parallel run (row-seeded sampling)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
 
 
