@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from algorithms import distributed
+from algorithms import distributed, lora
 from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.overrides import typed_overrides
@@ -78,7 +78,7 @@ def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
         return  # data-parallel: rank 0 alone writes
 
     def save(folder: Path) -> None:
-        save_pretrained(ctx.policy, ctx.tokenizer, folder)
+        (lora.save if lora.wrapper_of(ctx.policy) else save_pretrained)(ctx.policy, ctx.tokenizer, folder)
         torch.save({"step": step, "trainer": trainer.state_dict()}, folder / "trainer_state.pt")
 
     write_checkpoint(out, save)
@@ -133,6 +133,7 @@ def train(
     algo_name: str = "",
     callback: Callable[[dict[str, float], float], None] | None = None,
     backend: str | None = None,
+    lora_settings: lora.LoraSettings | None = None,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -152,6 +153,7 @@ def train(
 
     Started by ``torchrun`` (or with a ``backend``), the run is data-parallel over its ranks
     (``algorithms.distributed``): same update as one rank, rank 0 alone writes.
+    ``lora_settings``: train LoRA adapters (``algorithms.lora``) instead of every weight.
     """
     budget = Budget(steps, max_tokens, max_seconds)
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
@@ -184,12 +186,18 @@ def train(
                 raise ResumeError(out, changes, fixed="algorithm")
             if changes and not override:
                 raise ResumeError(out, changes)
+            if (saved.get("lora") or None) != (lora_settings.as_dict() if lora_settings else None):
+                raise lora.LoraError(f"{out}: the LoRA settings of a run cannot change (it has {saved.get('lora')})")
         cfg = spec.Config(**overrides)
         if dp is not None:
             distributed.check_batch(cfg, dp.world_size)
         ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
         # The policy starts as the reference, or as the checkpoint's weights when resuming.
-        policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
+        if lora_settings is not None:  # adapters on the base; the reference is the base with them off
+            policy = lora.attach(ref, lora_settings, ckpt if resuming else None).eval()
+            ref = lora.reference(policy)
+        else:
+            policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
         ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -213,6 +221,8 @@ def train(
             log.append({"at_step": start, "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}})
         settings = {**now, "algorithm": algo_name or saved.get("algorithm", ""), "budget": budget.__dict__}
         settings.update({"config": cfg.__dict__, **({"overrides": log} if log else {})})
+        if lora_settings is not None:
+            settings["lora"] = lora_settings.as_dict()
         if lead:
             write_text_atomic(out / "config.json", json.dumps(settings, indent=2, default=str))
 

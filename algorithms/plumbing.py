@@ -38,7 +38,7 @@ class Optimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, max_grad_norm: float):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        self.params = list(params)
+        self.params = [p for p in params if p.requires_grad]  # LoRA: the adapters only
         self.max_grad_norm = float(max_grad_norm)
         self.torch = torch.optim.Adam(self.params, lr=lr)
 

@@ -38,10 +38,12 @@ def rlhf_register_tasks(register):
     register("ones", lambda: dataclasses.replace(task, gold_reward=ones))
 """
 
-BATCH = {  # 4 prompts a step: 2 per rank; minibatches of 4 rows
-    "grpo": ["num_prompts=4", "group_size=2", "num_minibatches=2"],
-    "dapo": ["num_prompts=4", "group_size=2", "num_minibatches=2"],  # averages over tokens
-    "rloo": ["num_prompts=4", "k=2"],  # one update on the whole batch
+GROUPS = ["--set", "num_prompts=4", "--set", "group_size=2", "--set", "num_minibatches=2"]
+RUNS = {  # 4 prompts a step, 2 per rank; minibatches of 4 rows
+    "grpo": ["--algo", "grpo", *GROUPS],
+    "dapo": ["--algo", "dapo", *GROUPS],  # its loss averages over tokens
+    "rloo": ["--algo", "rloo", "--set", "num_prompts=4", "--set", "k=2"],  # one update on the whole batch
+    "grpo-lora": ["--algo", "grpo", *GROUPS, "--lora-rank", "4"],
 }
 
 
@@ -54,10 +56,9 @@ def setup(plugin_path, write_dist, tmp_path, monkeypatch):
     return save_tiny(model, tok, tmp_path / "model")
 
 
-def train_argv(algo, model, out, steps=2, extra=()):
-    argv = ["train", "--algo", algo, "--task", "ones", "--model", str(model), "--out", str(out)]
-    argv += ["--steps", str(steps), "--eval-every", "100", *extra]
-    return argv + [arg for item in BATCH[algo] for arg in ("--set", item)]
+def train_argv(run, model, out, steps=2, extra=()):
+    argv = ["train", "--task", "ones", "--model", str(model), "--out", str(out), *RUNS[run]]
+    return [*argv, "--steps", str(steps), "--eval-every", "100", *extra]
 
 
 def _rank(rank: int, port: int, runs: list[list[str]]) -> None:
@@ -86,7 +87,10 @@ def run_two_ranks(runs: list[list[str]]) -> None:
 
 
 def weights(out):
-    return load_file(str(out / "checkpoint" / "model.safetensors"))
+    """The checkpoint's weights (a LoRA run's: its adapters)."""
+    folder = out / "checkpoint"
+    adapters = folder / "adapter_model.safetensors"
+    return load_file(str(adapters if adapters.exists() else folder / "model.safetensors"))
 
 
 def max_diff(a, b) -> float:
@@ -99,15 +103,17 @@ def records(out):
 
 def test_two_gloo_ranks_make_the_update_one_rank_makes_and_resume_on_one(setup, tmp_path, monkeypatch):
     model = setup
-    run_two_ranks([train_argv(algo, model, tmp_path / f"two-{algo}") for algo in BATCH])
+    run_two_ranks([train_argv(run, model, tmp_path / f"two-{run}") for run in RUNS])
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1
     monkeypatch.setenv("RANK", "0")
     base = load_file(str(model / "model.safetensors"))
-    for algo in BATCH:
-        one, two = tmp_path / f"one-{algo}", tmp_path / f"two-{algo}"
-        assert cli.main(train_argv(algo, model, one)) == 0
-        assert max_diff(weights(one), base) > 1e-3  # the steps moved the weights ...
-        assert max_diff(weights(one), weights(two)) < 1e-5, algo  # ... the same way on 1 and on 2 ranks
+    for run in RUNS:
+        one, two = tmp_path / f"one-{run}", tmp_path / f"two-{run}"
+        assert cli.main(train_argv(run, model, one)) == 0
+        w = weights(one)
+        moved = max(float(v.abs().max()) for k, v in w.items() if "lora_B" in k) if "lora" in run else max_diff(w, base)
+        assert moved > 1e-3  # the steps moved the weights (LoRA's B starts at 0) ...
+        assert max_diff(weights(one), weights(two)) < 1e-5, run  # ... the same way on 1 and on 2 ranks
         a, b = records(one), records(two)
         assert [r["step"] for r in b] == [0, 1]  # rank 0 alone wrote its records
         assert [r["reward/score"] for r in a] == [r["reward/score"] for r in b]  # the same rows were drawn
