@@ -30,6 +30,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from algorithms.loop import train
+    from algorithms import metrics as M
     from algorithms.lora import LoraSettings
     from plugins import get_host
     from rlhf_env.tasks import get_task
@@ -57,7 +58,7 @@ def run_mode(args: argparse.Namespace) -> dict:
             progress=False,
             lora_settings=settings,
         )
-    times = [r["perf/step_time_s"] for r in records[1:]]
+    times = [r[M.PERF_STEP_TIME_S] for r in records[1:]]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb() - before
     return {"peak_memory_mb": round(peak, 1), "steps_per_s": round(len(times) / sum(times), 3)}
 
