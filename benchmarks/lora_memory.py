@@ -29,8 +29,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from algorithms.loop import train
     from algorithms import metrics as M
+    from algorithms.loop import train
     from algorithms.lora import LoraSettings
     from plugins import get_host
     from rlhf_env.tasks import get_task
