@@ -51,7 +51,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else saved.get("model")
     run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
     run.update(eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo)
-    run.update(backend=args.backend, lora_settings=_lora_settings(args, saved))
+    run.update(
+        backend=args.backend, lora_settings=_lora_settings(args, saved), fsdp=args.fsdp or saved.get("fsdp", False)
+    )
     records = train(spec, task, args.out, **run)
     evals = [r for r in records if M.REWARD_GOLD in r]
     if evals:
@@ -94,6 +96,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="data-parallel backend under torchrun (default: nccl on CUDA, gloo on CPU); "
         "without torchrun, --backend gloo is a 1-rank data-parallel run (row-seeded sampling)",
+    )
+    p.add_argument(
+        "--fsdp", action="store_true", help="under torchrun: shard the policy with FSDP2 (sharded checkpoints)"
     )
     p.add_argument("--lora-rank", type=positive_int, default=None, help="train LoRA adapters of rank R (PEFT)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale α (update (α/r)·BA; default 2R)")

@@ -40,12 +40,18 @@ class DataParallel:
     backend: str
     device: torch.device
     share: float | None = None
+    sharded: bool = False  # FSDP: gradients are averaged over ranks by its reduce-scatter
     rows: torch.Tensor | None = None  # the current minibatch's rows (global) ...
     part: torch.Tensor | None = None  # ... and this rank's part of them
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
+
+    @property
+    def loss_scale(self) -> float:
+        """What the loss is multiplied by before backward: ``weight``, times W where FSDP averages."""
+        return self.weight * (self.world_size if self.sharded else 1)
 
     @property
     def weight(self) -> float:
@@ -148,6 +154,11 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum every parameter's gradient over ranks in one flat buffer (a missing gradient counts as 0)."""
     dp = _current
     if not _many(dp):
+        return
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if not isinstance(p, DTensor)]  # FSDP reduces its shards' gradients itself
+    if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])

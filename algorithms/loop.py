@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from algorithms import distributed, lora
+from algorithms import fsdp as sharding
 from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.overrides import typed_overrides
@@ -74,6 +75,8 @@ class ResumeError(ValueError):
 
 
 def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
+    if sharding.is_sharded(ctx.policy):  # FSDP: every rank writes its shards
+        return sharding.save_checkpoint(out, ctx.policy, ctx.tokenizer, trainer, step, distributed.current().lead)
     if distributed.current() is not None and not distributed.current().lead:
         return  # data-parallel: rank 0 alone writes
 
@@ -134,6 +137,7 @@ def train(
     callback: Callable[[dict[str, float], float], None] | None = None,
     backend: str | None = None,
     lora_settings: lora.LoraSettings | None = None,
+    fsdp: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -154,6 +158,7 @@ def train(
     Started by ``torchrun`` (or with a ``backend``), the run is data-parallel over its ranks
     (``algorithms.distributed``): same update as one rank, rank 0 alone writes.
     ``lora_settings``: train LoRA adapters (``algorithms.lora``) instead of every weight.
+    ``fsdp``: shard the policy over the ranks (``algorithms.fsdp``; sharded checkpoints).
     """
     budget = Budget(steps, max_tokens, max_seconds)
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
@@ -161,6 +166,8 @@ def train(
     device = resolve_device(device)  # and a device this machine lacks
     dp = distributed.setup(device, backend, first)  # and a backend or world size that cannot work
     device, lead = (dp.device, dp.lead) if dp is not None else (device, True)
+    if fsdp and (dp is None or dp.world_size < 2 or lora_settings is not None):
+        raise ValueError("--fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)")
     with distributed.active(dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
         if lead:
             recover_checkpoint(out)
@@ -188,6 +195,10 @@ def train(
                 raise ResumeError(out, changes)
             if (saved.get("lora") or None) != (lora_settings.as_dict() if lora_settings else None):
                 raise lora.LoraError(f"{out}: the LoRA settings of a run cannot change (it has {saved.get('lora')})")
+            if saved.get("fsdp", False) != fsdp:
+                raise ValueError(
+                    f"{out}: a run's --fsdp cannot change (its checkpoint is {'' if fsdp else 'not '}sharded)"
+                )
         cfg = spec.Config(**overrides)
         if dp is not None:
             distributed.check_batch(cfg, dp.world_size)
@@ -196,6 +207,9 @@ def train(
         if lora_settings is not None:  # adapters on the base; the reference is the base with them off
             policy = lora.attach(ref, lora_settings, ckpt if resuming else None).eval()
             ref = lora.reference(policy)
+        elif fsdp:  # sharded; a resumed run loads its shards below
+            policy = copy.deepcopy(ref).eval()
+            sharding.shard(policy, dp)
         else:
             policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
         ctx = TrainContext(task, policy, ref, tokenizer, device, seed)
@@ -203,6 +217,10 @@ def train(
         t0 = time.perf_counter()
         trainer = spec.Trainer(ctx, cfg)
         setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost
+        if fsdp:
+            sharding.check_trainer(trainer)
+            if not resuming:
+                sharding.gather(policy)  # after the optimizer took the sharded parameters
 
         start, records = 0, []
         if resuming:
@@ -210,7 +228,10 @@ def train(
                 state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
             except (OSError, RuntimeError, EOFError, ValueError) as exc:
                 raise RunFolderError(f"{ckpt / 'trainer_state.pt'}: cannot read the trainer state ({exc})") from exc
-            trainer.load_state_dict(state["trainer"])
+            if state.get("fsdp"):
+                sharding.load_checkpoint(ckpt, policy, trainer)
+            else:
+                trainer.load_state_dict(state["trainer"])
             start = state["step"]
             records = [r for r in history if r["step"] < start]
         if lead:
@@ -223,6 +244,8 @@ def train(
         settings.update({"config": cfg.__dict__, **({"overrides": log} if log else {})})
         if lora_settings is not None:
             settings["lora"] = lora_settings.as_dict()
+        if fsdp:
+            settings["fsdp"] = True
         if lead:
             write_text_atomic(out / "config.json", json.dumps(settings, indent=2, default=str))
 
@@ -249,6 +272,8 @@ def train(
                     # bf16 autocast on CUDA; log-probs are taken in float32 either way.
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         metrics = distributed.mean_metrics(dict(trainer.step(step, step_seed(seed, step))))
+                    if fsdp:
+                        sharding.gather(policy)  # rollouts and evaluation run without collectives
                 except NonFiniteLossError as exc:
                     raise TrainingError(
                         f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"

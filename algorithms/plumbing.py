@@ -66,9 +66,10 @@ class Optimizer:
         self.torch.zero_grad(set_to_none=True)
         dp = distributed.current()
         # Data-parallel: Σ_r share_r ∇loss_r over ranks is the gradient of the whole minibatch's loss.
-        (loss * dp.weight if dp is not None else loss).backward()
+        (loss * dp.loss_scale if dp is not None else loss).backward()
         distributed.all_reduce_grads(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"non-finite gradient norm {float(norm)} (the losses were finite)")
         self.torch.step()

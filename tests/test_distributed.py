@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from algorithms.fsdp import full_weights
 from rlhf_env import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
@@ -103,7 +104,9 @@ def records(out):
 
 def test_two_gloo_ranks_make_the_update_one_rank_makes_and_resume_on_one(setup, tmp_path, monkeypatch):
     model = setup
-    run_two_ranks([train_argv(run, model, tmp_path / f"two-{run}") for run in RUNS])
+    runs = [train_argv(run, model, tmp_path / f"two-{run}") for run in RUNS]
+    fsdp = [train_argv("grpo", model, tmp_path / "fsdp", extra=["--fsdp"])]  # sharded: checkpoint, then resume
+    run_two_ranks([*runs, *fsdp, train_argv("grpo", model, tmp_path / "fsdp", steps=3, extra=["--resume"])])
     monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1
     monkeypatch.setenv("RANK", "0")
     base = load_file(str(model / "model.safetensors"))
@@ -122,6 +125,11 @@ def test_two_gloo_ranks_make_the_update_one_rank_makes_and_resume_on_one(setup, 
     assert cli.main(train_argv("grpo", model, tmp_path / "one-grpo", steps=3, extra=["--resume"])) == 0
     assert cli.main(train_argv("grpo", model, tmp_path / "two-grpo", steps=3, extra=["--resume"])) == 0
     assert max_diff(weights(tmp_path / "one-grpo"), weights(tmp_path / "two-grpo")) < 1e-5
+    # FSDP2 on 2 ranks, 2 steps, a sharded checkpoint and a resumed third step: the same weights.
+    assert (tmp_path / "fsdp" / "checkpoint" / "sharded").is_dir()
+    assert not (tmp_path / "fsdp" / "checkpoint" / "model.safetensors").exists()
+    assert [r["step"] for r in records(tmp_path / "fsdp")] == [0, 1, 2]
+    assert max_diff(weights(tmp_path / "one-grpo"), full_weights(tmp_path / "fsdp" / "checkpoint")) < 1e-5
 
 
 def error_line(capsys) -> str:
@@ -147,3 +155,7 @@ def test_bad_data_parallel_input_fails_before_any_work(setup, tmp_path, monkeypa
         expected = "the NCCL backend needs CUDA GPUs and this machine has none; use --backend gloo on CPU"
     assert error_line(capsys) == f"rlhf train: error: {expected}"
     assert not (tmp_path / "nccl").exists()
+    assert cli.main(train_argv("grpo", setup, tmp_path / "fsdp", extra=["--fsdp"])) == 1
+    assert error_line(capsys) == (
+        "rlhf train: error: --fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)"
+    )
