@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from algorithms import distributed
 from algorithms.core import truncated_is_weights
 from algorithms.overrides import typed_overrides
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
@@ -62,6 +63,8 @@ class TrainContext:
     def env(self, num_envs: int, group_size: int = 1, beta: float = 0.0, split: str = "train") -> VectorTextGenEnv:
         """A vector env on the task's ``split`` prompts and ``ref`` (cached): train envs score with
         ``reward`` (the gold when it is None), eval envs with the gold."""
+        if split == "train":
+            num_envs = distributed.shard_size(num_envs, group_size)  # data-parallel: this rank's groups
         key = (num_envs, group_size, beta, split)
         if key not in self._envs:
             prompts = self.task.train_prompts if split == "train" else self.task.eval_prompts
@@ -83,8 +86,13 @@ def collect_rollouts(ctx: TrainContext, env, seed: int, prompts: list[str] | Non
     """Run the policy until every row of ``env`` has finished one episode (``rlhf_env.rollout.collect``).
 
     ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
+    In a data-parallel run this rank rolls out its groups and gets the whole batch back
+    (``distributed.collect_shard``).
     """
-    batch = collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
+    if distributed.current() is not None:
+        batch = distributed.collect_shard(ctx, env, seed, prompts)
+    else:
+        batch = collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
     if not exact_logprobs(ctx.generator):
         correct_sampler_logprobs(ctx.policy, batch)
     return batch

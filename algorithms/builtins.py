@@ -112,6 +112,7 @@ def register_online_zoo(register):
 
 @hookimpl
 def rlhf_register_commands(register):
-    from algorithms.commands import TRAIN
+    from algorithms.commands import EXPORT_LORA, TRAIN
 
     register("train", TRAIN)
+    register("export-lora", EXPORT_LORA)

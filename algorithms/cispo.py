@@ -54,6 +54,8 @@ def cispo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=1.0, eps_high
 class Trainer(grpo.Trainer):
     """GRPO's sampling, advantages and minibatches; CISPO's clipped-weight REINFORCE loss."""
 
+    token_level = True
+
     def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
         c = self.config
         return cispo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef)

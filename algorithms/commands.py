@@ -54,6 +54,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run.update(
         eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo, reward=reward
     )
+    run.update(
+        backend=args.backend, lora_settings=_lora_settings(args, saved), fsdp=args.fsdp or saved.get("fsdp", False)
+    )
     records = train(spec, task, args.out, **run)
     evals = [r for r in records if M.REWARD_GOLD in r]
     if evals:
@@ -64,6 +67,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{M.OBJECTIVE_KL_EVAL}={last[M.OBJECTIVE_KL_EVAL]:.4f}  ({last[M.TIME_ELAPSED_S]:.1f}s)  -> {args.out}"
         )
     return 0
+
+
+def _lora_settings(args: argparse.Namespace, saved: dict[str, Any]):
+    """The run's LoRA settings: from the flags, or (resuming without them) the saved ones; None: full fine-tuning."""
+    from algorithms.lora import LoraSettings
+
+    if args.lora_rank is None:
+        if args.lora_alpha is not None or args.lora_dropout is not None or args.lora_target_modules is not None:
+            raise ValueError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-rank")
+        return LoraSettings.from_dict(saved["lora"]) if saved.get("lora") else None
+    targets = args.lora_target_modules
+    targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets is not None else None
+    return LoraSettings(args.lora_rank, args.lora_alpha, args.lora_dropout or 0.0, targets)
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +100,25 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, default=10)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    p.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="data-parallel backend under torchrun (default: nccl on CUDA, gloo on CPU); "
+        "without torchrun, --backend gloo is a 1-rank data-parallel run (row-seeded sampling)",
+    )
+    p.add_argument(
+        "--fsdp", action="store_true", help="under torchrun: shard the policy with FSDP2 (sharded checkpoints)"
+    )
+    p.add_argument("--lora-rank", type=positive_int, default=None, help="train LoRA adapters of rank R (PEFT)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale α (update (α/r)·BA; default 2R)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapters' input (default 0)")
+    p.add_argument(
+        "--lora-target-modules",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated linear layer names to adapt (default: every linear layer but the output head)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="algorithm config override")
 
 
@@ -94,3 +129,23 @@ def _train_interrupted(args: argparse.Namespace) -> str:
 
 
 TRAIN = Command("train an algorithm on a task", _train_arguments, cmd_train, _train_interrupted)
+
+
+# -- rlhf export-lora ---------------------------------------------------------------------
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    """Merge a LoRA run's adapters into its base model; OUT is a plain checkpoint (a --model for any command)."""
+    from algorithms.lora import export
+    from algorithms.runfolder import read_run_config
+
+    saved = read_run_config(Path(args.run)) if Path(args.run).is_dir() else None
+    task = _saved_task(saved["task"], saved.get("task_config") or {}) if saved else None
+    print(f"merged adapters of {args.run} -> {export(args.run, args.out, task)}")
+    return 0
+
+
+def _export_lora_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a run folder trained with --lora-rank")
+    p.add_argument("out", help="folder for the merged checkpoint")
+
+
+EXPORT_LORA = Command("merge a LoRA run's adapters into its base model", _export_lora_arguments, cmd_export_lora)

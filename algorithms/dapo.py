@@ -110,6 +110,8 @@ def take_rows(batches: list[tuple[RolloutBatch, torch.Tensor]], pad_token_id: in
 class Trainer(grpo.Trainer):
     """GRPO's trainer with DAPO's rollout (dynamic sampling, overlong shaping) and loss."""
 
+    token_level = True
+
     def __init__(self, ctx, config: Config):
         if config.overlong_buffer >= ctx.task.max_new_tokens:
             raise ValueError(

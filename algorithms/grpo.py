@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from algorithms import core
+from algorithms import core, distributed
 from algorithms import metrics as M
 from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import kl_k3, masked_mean
@@ -190,6 +190,7 @@ class Trainer(Stateful):
     """GRPO: sample groups, compute group advantages, then epochs of clipped minibatch updates."""
 
     scale_by_std = True  # GRPO divides the advantage by the group's std
+    token_level = False  # the loss averages over completions (True: over the minibatch's tokens)
 
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
@@ -213,6 +214,8 @@ class Trainer(Stateful):
         B = len(batch.scores)
         means = Means()
         for rows in minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
+            if self.token_level:
+                distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
             # Subclasses whose loss takes no ``tis`` train on the recomputed π_θold only.

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from algorithms import distributed, lora
+from algorithms import fsdp as sharding
 from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.overrides import typed_overrides
@@ -85,8 +87,13 @@ class ResumeError(ValueError):
 
 
 def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
+    if sharding.is_sharded(ctx.policy):  # FSDP: every rank writes its shards
+        return sharding.save_checkpoint(out, ctx.policy, ctx.tokenizer, trainer, step, distributed.current().lead)
+    if distributed.current() is not None and not distributed.current().lead:
+        return  # data-parallel: rank 0 alone writes
+
     def save(folder: Path) -> None:
-        save_pretrained(ctx.policy, ctx.tokenizer, folder)
+        (lora.save if lora.wrapper_of(ctx.policy) else save_pretrained)(ctx.policy, ctx.tokenizer, folder)
         torch.save({"step": step, "trainer": trainer.state_dict()}, folder / "trainer_state.pt")
 
     write_checkpoint(out, save)
@@ -142,6 +149,9 @@ def train(
     algo_name: str = "",
     reward: str | None = None,
     callback: Callable[[dict[str, float], float], None] | None = None,
+    backend: str | None = None,
+    lora_settings: lora.LoraSettings | None = None,
+    fsdp: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -160,15 +170,25 @@ def train(
     run continues from its checkpoint with its saved algorithm, task, model, seed and config,
     ``config`` entries on top; anything that differs from the saved settings raises
     ``ResumeError``, unless ``override`` (the change is then recorded in ``config.json``).
+
+    Started by ``torchrun`` (or with a ``backend``), the run is data-parallel over its ranks
+    (``algorithms.distributed``): same update as one rank, rank 0 alone writes.
+    ``lora_settings``: train LoRA adapters (``algorithms.lora``) instead of every weight.
+    ``fsdp``: shard the policy over the ranks (``algorithms.fsdp``; sharded checkpoints).
     """
     budget = Budget(steps, max_tokens, max_seconds)
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
-    if not resume:
-        spec.Config(**overrides)  # and so does an impossible config
+    first = spec.Config(**overrides) if not resume else None  # and so does an impossible config
     device = resolve_device(device)  # and a device this machine lacks
+    dp = distributed.setup(device, backend, first)  # and a backend or world size that cannot work
+    device, lead = (dp.device, dp.lead) if dp is not None else (device, True)
     choice = resolve_reward(reward, task, device=device)  # and a reward that cannot be used
-    with claim_run_folder(out) as out:
-        recover_checkpoint(out)
+    if fsdp and (dp is None or dp.world_size < 2 or lora_settings is not None):
+        raise ValueError("--fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)")
+    with distributed.active(dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
+        if lead:
+            recover_checkpoint(out)
+        distributed.barrier()  # the other ranks read the folder once rank 0 has repaired it
         ckpt = out / CHECKPOINT
         metrics_file = out / "metrics.jsonl"
         has_checkpoint = (ckpt / "trainer_state.pt").exists()
@@ -191,15 +211,34 @@ def train(
                 raise ResumeError(out, changes, fixed="algorithm")
             if changes and not override:
                 raise ResumeError(out, changes)
+            if (saved.get("lora") or None) != (lora_settings.as_dict() if lora_settings else None):
+                raise lora.LoraError(f"{out}: the LoRA settings of a run cannot change (it has {saved.get('lora')})")
+            if saved.get("fsdp", False) != fsdp:
+                raise ValueError(
+                    f"{out}: a run's --fsdp cannot change (its checkpoint is {'' if fsdp else 'not '}sharded)"
+                )
         cfg = spec.Config(**overrides)
+        if dp is not None:
+            distributed.check_batch(cfg, dp.world_size)
         ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
         # The policy starts as the reference, or as the checkpoint's weights when resuming.
-        policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
+        if lora_settings is not None:  # adapters on the base; the reference is the base with them off
+            policy = lora.attach(ref, lora_settings, ckpt if resuming else None).eval()
+            ref = lora.reference(policy)
+        elif fsdp:  # sharded; a resumed run loads its shards below
+            policy = copy.deepcopy(ref).eval()
+            sharding.shard(policy, dp)
+        else:
+            policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
         ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=choice.fn)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         trainer = spec.Trainer(ctx, cfg)
         setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost
+        if fsdp:
+            sharding.check_trainer(trainer)
+            if not resuming:
+                sharding.gather(policy)  # after the optimizer took the sharded parameters
 
         start, records = 0, []
         if resuming:
@@ -207,28 +246,37 @@ def train(
                 state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
             except (OSError, RuntimeError, EOFError, ValueError) as exc:
                 raise RunFolderError(f"{ckpt / 'trainer_state.pt'}: cannot read the trainer state ({exc})") from exc
-            trainer.load_state_dict(state["trainer"])
+            if state.get("fsdp"):
+                sharding.load_checkpoint(ckpt, policy, trainer)
+            else:
+                trainer.load_state_dict(state["trainer"])
             start = state["step"]
             records = [r for r in history if r["step"] < start]
-        write_text_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in records))
+        if lead:
+            write_text_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in records))
         saved = saved or {}
         log = list(saved.get("overrides", []))  # every accepted change of settings, with the step it came at
         if changes:
             log.append({"at_step": start, "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}})
         settings = {**now, "algorithm": algo_name or saved.get("algorithm", ""), "budget": budget.__dict__}
         settings.update({"config": cfg.__dict__, **({"overrides": log} if log else {})})
-        write_text_atomic(out / "config.json", json.dumps(settings, indent=2, default=str))
+        if lora_settings is not None:
+            settings["lora"] = lora_settings.as_dict()
+        if fsdp:
+            settings["fsdp"] = True
+        if lead:
+            write_text_atomic(out / "config.json", json.dumps(settings, indent=2, default=str))
 
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"), purge_step=start)
+        writer = SummaryWriter(str(out / "tb"), purge_step=start) if lead else distributed.NullWriter()
         tokens_total = sum(r.get(M.PERF_TOKENS, 0) for r in records)
         elapsed = (records[-1][M.TIME_ELAPSED_S] if records else 0.0) + setup_s
         done = budget.fraction(start, tokens_total, elapsed) if records else 0.0
         bar = tqdm(
             total=100,
             desc=f"{algo_name or 'train'} on {task.name}",
-            disable=not progress,
+            disable=not (progress and lead),
             initial=int(100 * done),
             unit="%",
             bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]",
@@ -241,7 +289,9 @@ def train(
                 try:
                     # bf16 autocast on CUDA; log-probs are taken in float32 either way.
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        metrics = dict(trainer.step(step, step_seed(seed, step)))
+                        metrics = distributed.mean_metrics(dict(trainer.step(step, step_seed(seed, step))))
+                    if fsdp:
+                        sharding.gather(policy)  # rollouts and evaluation run without collectives
                 except NonFiniteLossError as exc:
                     raise TrainingError(
                         f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"
@@ -258,17 +308,18 @@ def train(
                         M.TIME_ELAPSED_S: elapsed,
                     }
                 )
-                before, done = done, budget.fraction(step + 1, tokens_total, elapsed)
+                before, done = done, distributed.from_lead(budget.fraction(step + 1, tokens_total, elapsed))
                 if eval_points:
                     due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
                 else:
                     due = bool(eval_every) and ((step + 1) % eval_every == 0 or done >= 1.0)
-                if due:
+                if due and lead:  # evaluation needs no other rank
                     metrics.update(evaluate_policy(ctx, eval_prompts))
                 record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
                 records.append(record)
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if lead:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
                 for key, value in record.items():
                     if key != "step" and math.isfinite(value):
                         writer.add_scalar(key, value, step)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from algorithms import distributed
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN or infinite; raised before the optimizer step it would poison."""
@@ -36,7 +38,7 @@ class Optimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, max_grad_norm: float):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        self.params = list(params)
+        self.params = [p for p in params if p.requires_grad]  # LoRA: the adapters only
         self.max_grad_norm = float(max_grad_norm)
         self.torch = torch.optim.Adam(self.params, lr=lr)
 
@@ -55,10 +57,19 @@ class Optimizer:
             NonFiniteLossError: a part or the gradient norm is NaN/inf; the weights and the
                 optimizer state are left as they were.
         """
-        check_finite(**(parts or {"loss": loss}))
+        named = parts or {"loss": loss}
+        if distributed.current() is None:
+            check_finite(**named)
+        elif distributed.any_rank(any(not torch.isfinite(v).all() for v in named.values())):
+            check_finite(**named)  # names this rank's non-finite parts
+            raise NonFiniteLossError("non-finite loss on another rank")
         self.torch.zero_grad(set_to_none=True)
-        loss.backward()
+        dp = distributed.current()
+        # Data-parallel: Σ_r share_r ∇loss_r over ranks is the gradient of the whole minibatch's loss.
+        (loss * dp.loss_scale if dp is not None else loss).backward()
+        distributed.all_reduce_grads(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"non-finite gradient norm {float(norm)} (the losses were finite)")
         self.torch.step()
@@ -86,15 +97,17 @@ def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, dev
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for rows in torch.randperm(num_rows, generator=generator).tensor_split(num_minibatches):
-            yield rows.to(device)
+            yield distributed.rank_rows(rows).to(device)  # data-parallel: this rank's part
 
 
 def draw_rows(num_rows: int, size: int, seed: int, replacement: bool = False) -> list[int]:
     """``size`` random row indices of ``num_rows`` (distinct, at most ``num_rows`` of them, unless ``replacement``)."""
     generator = torch.Generator().manual_seed(seed)
     if replacement:
-        return torch.randint(num_rows, (size,), generator=generator).tolist()
-    return torch.randperm(num_rows, generator=generator)[: min(size, num_rows)].tolist()
+        rows = torch.randint(num_rows, (size,), generator=generator)
+    else:
+        rows = torch.randperm(num_rows, generator=generator)[: min(size, num_rows)]
+    return distributed.rank_rows(rows).tolist()  # data-parallel: this rank's part
 
 
 class Means:
@@ -105,8 +118,11 @@ class Means:
         self.counts: dict[str, int] = {}
 
     def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        dp = distributed.current()
+        # Data-parallel: the loop averages over ranks, so W·share_r·value_r sums to the minibatch's value.
+        weight = dp.weight * dp.world_size if dp is not None else 1.0
         for name, value in values.items():
-            value = value.item() if isinstance(value, torch.Tensor) else float(value)
+            value = (value.item() if isinstance(value, torch.Tensor) else float(value)) * weight
             self.sums[name] = self.sums.get(name, 0.0) + value
             self.counts[name] = self.counts.get(name, 0) + 1
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from algorithms import distributed
 from algorithms import metrics as M
 from algorithms.base import TrainContext, collect_rollouts, sequence_kl
 from algorithms.core import (
@@ -244,6 +245,7 @@ class Trainer(Stateful):
         B = mask.shape[0]
         means = Means()
         for rows in minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
+            distributed.share_tokens(mask)  # data-parallel: the losses average over tokens
             m = mask[rows]
             ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
             logprobs, values = logprobs_and_values(policy, self.value_head, ids, attn, batch.vocab_size)

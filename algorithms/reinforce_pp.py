@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import core
+from algorithms import core, distributed
 from algorithms import metrics as M
 from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
 from algorithms.core import gae, masked_sum, masked_whiten, token_mean
@@ -119,6 +119,7 @@ class Trainer(Stateful):
         )
         means = Means()
         for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
+            distributed.share_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             loss, clipfrac = reinforce_pp_loss(logp, batch.logprobs[rows], advantages[rows], mask, c.clip_eps)
             grad_norm = self.optimizer.step(loss, policy=loss)

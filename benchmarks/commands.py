@@ -24,11 +24,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         require_trl()  # before the suite runs, not after
     suite_device(suite.device)  # a device this machine lacks fails before the folder is touched
+    executor = None
+    if args.executor == "ray":
+        from benchmarks.executors import RayExecutor
+
+        executor = RayExecutor.for_suite(suite, args.address)  # Ray missing, or no cluster at --address: fail now
+    elif args.address is not None:
+        raise ValueError("--address needs --executor ray")
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()
     with claim_run_folder(out):  # one bench at a time writes a results folder
-        results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress)
+        try:
+            results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress, executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
         if args.baseline:
             from benchmarks.trl_baseline import run_trl_baseline
 
@@ -51,6 +62,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline", choices=["trl"], default=None, help="also run TRL's GRPO/DPO trainers (extra: compare)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument(
+        "--executor", choices=["local", "ray"], default="local", help="local process pool, or Ray tasks (extra: ray)"
+    )
+    p.add_argument(
+        "--address", default=None, help="with --executor ray: a running cluster's HOST:PORT (default: local)"
+    )
 
 
 BENCH = Command(

@@ -285,17 +285,23 @@ def _summary(result: dict[str, Any]) -> str:
     return f"  done   {key}: gold {gold:+.3f}  KL {kl:.2f}  {tokens:,.0f} tokens  {rate:,.0f} tok/s  {wall:.0f} s"
 
 
-def run_suite(suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells."""
+def run_suite(
+    suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True, executor=None
+) -> list[dict]:
+    """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells.
+
+    ``executor(jobs, display, workers, threads, out)`` runs the jobs (``benchmarks.executors``);
+    default: this process (``workers`` 0) or a local process pool.
+    """
     from algorithms.runfolder import claim_run_folder
 
     suite_device(suite.device)  # a device this machine lacks fails here, not in every cell
     pipeline.check_rewards(suite)  # and so does a reward that cannot be used
     with claim_run_folder(out) as out:
-        return _run_suite(suite, out, workers, progress)
+        return _run_suite(suite, out, workers, progress, executor)
 
 
-def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> list[dict]:
+def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, executor=None) -> list[dict]:
     workers = suite.workers if workers is None else workers
     cells = suite.cells()  # resolves "all" and fails early on unknown algorithm names
     (out / "suite.json").write_text(
@@ -320,7 +326,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool) -> 
     rm_jobs, bon_jobs = pipeline.feedback_jobs(suite, out)
     display = _Display(len(base_jobs) + len(rm_jobs) + len(bon_jobs) + len(todo), f"bench {suite.name}", progress)
     threads = suite.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
-    execute = _run_inline if workers == 0 else _run_pool
+    execute = executor or (_run_inline if workers == 0 else _run_pool)
     try:
         # Base models first (in parallel across tasks): every cell of a task starts from it.
         execute(base_jobs, display, workers, threads, out)

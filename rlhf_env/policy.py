@@ -64,6 +64,10 @@ class SamplingPolicy:
         self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
+    def sample(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens drawn from (B, V) log-probs (a data-parallel run swaps in row-seeded draws)."""
+        return sample_tokens(logprobs, self.generator)
+
     def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
         """One action per row from an env observation (batched or single)."""
         ids = torch.as_tensor(obs["input_ids"])
@@ -83,7 +87,7 @@ class SamplingPolicy:
         logprobs = self.lm.feed(chunk, lengths, restart)
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
-        token = logprobs.argmax(-1) if self.greedy else sample_tokens(logprobs, self.generator)
+        token = logprobs.argmax(-1) if self.greedy else self.sample(logprobs)
         lp = logprobs.gather(1, token[:, None]).squeeze(1)
         token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
         if single:

@@ -193,6 +193,7 @@ def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsy
         ("rollout", "rlhf_env.builtins"),
         ("base-model", "rlhf_env.builtins"),
         ("train", "algorithms.builtins"),
+        ("export-lora", "algorithms.builtins"),
         ("bench", "benchmarks.builtins"),
     }
     algos = {e["name"]: e["description"] for e in desc["algorithms"]}

@@ -1,0 +1,340 @@
+"""Data-parallel training under ``torchrun``: gloo on CPU, NCCL on CUDA.
+
+A run started by ``torchrun --nproc-per-node N -m rlhf_env train ...`` has N ranks. Each
+rank rolls out its share of the batch's groups (a group never splits), and the shares are
+gathered so that every rank holds the whole batch, in the row order a 1-rank run has:
+advantages, filters and metrics are computed on the global batch. Each minibatch is then
+cut into W parts, one per rank; rank r backpropagates ``share_r · loss_r`` (``share_r``: its
+part of the minibatch's rows) and the gradients are summed across ranks, which for a loss
+that averages over rows is the gradient of the whole minibatch's loss. Rank 0 alone writes.
+
+Seeds follow rows, not ranks: the prompts of a step are drawn once from the step's seed,
+and row i samples its tokens from its own generator, seeded with (step seed, i). So
+global row i is the same completion whichever rank draws it, and a run on 2 ranks makes
+the update a run on 1 rank makes (up to float rounding of different batch shapes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import datetime
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+BACKENDS = ("gloo", "nccl")
+
+
+@dataclasses.dataclass
+class DataParallel:
+    """This process's place in a data-parallel run; ``share``: the part of the current minibatch's
+    rows this rank trains on (None: every rank computes the whole minibatch, each weighs 1/W)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    share: float | None = None
+    sharded: bool = False  # FSDP: gradients are averaged over ranks by its reduce-scatter
+    rows: torch.Tensor | None = None  # the current minibatch's rows (global) ...
+    part: torch.Tensor | None = None  # ... and this rank's part of them
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def loss_scale(self) -> float:
+        """What the loss is multiplied by before backward: ``weight``, times W where FSDP averages."""
+        return self.weight * (self.world_size if self.sharded else 1)
+
+    @property
+    def weight(self) -> float:
+        """The factor this rank's loss is multiplied by before the gradients are summed over ranks."""
+        return self.share if self.share is not None else 1.0 / self.world_size
+
+
+_current: DataParallel | None = None
+
+
+def current() -> DataParallel | None:
+    """The data-parallel run this process is part of (None: a single-process run)."""
+    return _current
+
+
+def launched() -> bool:
+    """True when ``torchrun`` (or its environment variables) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def setup(device: torch.device, backend: str | None = None, config=None) -> DataParallel | None:
+    """Join the ``torchrun`` process group (None when not launched by it and no backend asked).
+
+    Raises ``ValueError`` before any work for a backend this machine cannot run (NCCL
+    without CUDA, NCCL on a CPU device) or one that is unknown, and for a world size that
+    does not divide ``config``'s batch.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ValueError("the NCCL backend needs CUDA GPUs and this machine has none; use --backend gloo on CPU")
+        if device.type != "cuda":
+            raise ValueError(f"the NCCL backend runs on CUDA devices, not {device}; use --backend gloo on CPU")
+    if not launched():
+        if backend is None:
+            return None
+        world, rank, local = 1, 0, 0  # a 1-rank data-parallel run: row seeds, no process group
+    else:
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    if config is not None:
+        check_batch(config, world)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        atexit.register(_leave)  # later runs in this process (API calls) reuse the group
+    return DataParallel(rank, world, local, backend, device)
+
+
+def _leave() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def active(dp: DataParallel | None) -> Iterator[DataParallel | None]:
+    """Make ``dp`` the current run for the plumbing (optimizer step, minibatches, rollouts)."""
+    global _current
+    before, _current = _current, dp
+    try:
+        yield dp
+    finally:
+        _current = before
+
+
+def follow(out) -> contextlib.AbstractContextManager:
+    """The run folder as a rank other than 0 sees it: read, never locked or written."""
+    from pathlib import Path
+
+    return contextlib.nullcontext(Path(out).expanduser())
+
+
+class NullWriter:
+    """TensorBoard's writer on ranks other than 0: writes nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# -- collectives (no-ops on one rank) ---------------------------------------------------------
+
+
+def _many(dp: DataParallel | None) -> bool:
+    return dp is not None and dp.world_size > 1
+
+
+def barrier() -> None:
+    if _many(_current):
+        torch.distributed.barrier()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over ranks in one flat buffer (a missing gradient counts as 0)."""
+    dp = _current
+    if not _many(dp):
+        return
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if not isinstance(p, DTensor)]  # FSDP reduces its shards' gradients itself
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    dp = _current
+    if not _many(dp):
+        return flag
+    t = torch.tensor([float(flag)], device=dp.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def from_lead(value: float) -> float:
+    """Rank 0's ``value`` on every rank (e.g. whether a wall-clock budget is spent)."""
+    dp = _current
+    if not _many(dp):
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=dp.device)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
+
+
+def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over ranks (those computed on the gathered batch are equal on all ranks)."""
+    dp = _current
+    if not _many(dp):
+        return metrics
+    keys = sorted(metrics)  # every rank's step returns the same keys
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=dp.device)
+    torch.distributed.all_reduce(t)
+    mean = dict(zip(keys, (v / dp.world_size for v in t.tolist())))
+    return {k: mean[k] for k in metrics}
+
+
+# -- who trains on which rows ------------------------------------------------------------------
+
+
+def rank_rows(rows: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a minibatch's (b,) row indices; sets the loss weight ``share``."""
+    dp = _current
+    if dp is None:
+        return rows
+    if len(rows) < dp.world_size:
+        raise ValueError(
+            f"a minibatch of {len(rows)} rows cannot be split over {dp.world_size} ranks; "
+            "use fewer minibatches or a larger batch"
+        )
+    part = rows.tensor_split(dp.world_size)[dp.rank]
+    dp.share, dp.rows, dp.part = len(part) / len(rows), rows, part
+    return part
+
+
+def share_tokens(mask: torch.Tensor) -> None:
+    """For a loss averaged over the minibatch's tokens: weigh this rank's part by its share of the tokens.
+
+    Args:
+        mask: (B, T) the whole batch's completion-token mask (the rows ``minibatches`` indexes).
+    """
+    dp = _current
+    if dp is None or dp.rows is None:
+        return
+    total = float(mask[dp.rows.to(mask.device)].sum())
+    dp.share = float(mask[dp.part.to(mask.device)].sum()) / total if total else len(dp.part) / len(dp.rows)
+
+
+def shard_size(num_envs: int, group_size: int) -> int:
+    """Rows of this rank's training env for a global batch of ``num_envs`` rows in groups of ``group_size``."""
+    dp = _current
+    if dp is None:
+        return num_envs
+    groups = num_envs // group_size
+    if groups % dp.world_size:
+        raise ValueError(
+            f"world size {dp.world_size} does not divide the batch's {groups} prompts "
+            f"({num_envs} rows in groups of {group_size}); a group never splits across ranks"
+        )
+    return num_envs // dp.world_size
+
+
+def check_batch(config, world_size: int) -> None:
+    """Before any work: the world size must divide the config's batch (prompts, envs or examples)."""
+    for name in ("num_prompts", "num_envs", "batch_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value % world_size:
+            raise ValueError(
+                f"world size {world_size} does not divide the batch ({name}={value}); "
+                f"use a {name} that is a multiple of {world_size}"
+            )
+
+
+# -- rollouts: row seeds and gathering ---------------------------------------------------------
+
+
+def row_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + 7919 * row + 1) % (2**63 - 1)
+
+
+def collect_shard(ctx, env, seed: int, prompts: list[str] | None = None):
+    """This rank's groups of the step's batch, sampled with row seeds, gathered into the global ``RolloutBatch``.
+
+    ``env``: this rank's training env (``shard_size`` rows). ``prompts``: one per global group;
+    default drawn uniformly from the task's training prompts with ``seed``.
+    """
+    from rlhf_env.rollout import EpisodeStream, env_attr, first_episodes, to_batch
+
+    dp = _current
+    G = env_attr(env, "group_size")
+    local_groups = env.num_envs // G
+    groups = local_groups * dp.world_size
+    if prompts is None:
+        pool = ctx.task.train_prompts
+        prompts = [pool[i] for i in np.random.default_rng(seed).integers(len(pool), size=groups)]
+    first = dp.rank * local_groups
+    mine = list(prompts)[first : first + local_groups]
+    pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
+    rows = range(first * G, (first + local_groups) * G)
+    sampler = RowSeededSampler(ctx.policy, env.num_envs, [row_seed(seed, r) for r in rows], pad, vocab)
+    stream = EpisodeStream(env, sampler, seed, {"prompts": mine})
+    return gather_batch(to_batch(first_episodes(stream, env.num_envs), pad, vocab, ctx.device), pad)
+
+
+def gather_batch(batch, pad_token_id: int):
+    """The ranks' ``RolloutBatch`` shares concatenated in rank order, right-padded to one length."""
+    dp = _current
+    if not _many(dp):
+        return batch
+    length = torch.tensor([batch.input_ids.shape[1]], device=dp.device)
+    torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+    extra = int(length.item()) - batch.input_ids.shape[1]
+    fields = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 2 and extra:
+                fill = pad_token_id if f.name == "input_ids" else 0
+                value = torch.nn.functional.pad(value, (0, extra), value=fill)
+            parts = [torch.empty_like(value) for _ in range(dp.world_size)]
+            torch.distributed.all_gather(parts, value.contiguous())
+            value = torch.cat(parts)
+        elif isinstance(value, list):
+            parts = [None] * dp.world_size
+            torch.distributed.all_gather_object(parts, value)
+            value = [x for part in parts for x in part]
+        fields[f.name] = value
+    return type(batch)(**fields)
+
+
+class RowSeededSampler:
+    """The ``kv_cache`` sampler with one generator per row: row r's tokens depend on its seed only.
+
+    Tokens are drawn by inverse CDF from one uniform per row and step, so no row's draw
+    depends on how many other rows share the batch.
+    """
+
+    def __init__(self, model, batch_size: int, seeds: list[int], pad_token_id: int, vocab_size: int | None):
+        from rlhf_env.policy import SamplingPolicy
+
+        self.policy = SamplingPolicy(model, batch_size, pad_token_id, vocab_size=vocab_size)
+        self.policy.sample = self.sample
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def sample(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens from (B, V) log-probs."""
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        cdf = logprobs.double().exp().cumsum(-1)
+        target = (u.to(cdf.device) * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+    def act(self, obs):
+        return self.policy.act(obs)
