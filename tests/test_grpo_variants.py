@@ -1,9 +1,10 @@
 """GSPO, CISPO and DAPO (GRPO's trainer with registered pieces): losses by hand, DAPO's
-dynamic sampling and overlong shaping, config errors, a trainer step."""
+dynamic sampling and overlong shaping, config errors, a trainer step, learning."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from algorithms import cispo, dapo, gspo
 from algorithms.base import AlgorithmSpec, RolloutBatch, TrainContext
-from algorithms.loop import train
+from algorithms.loop import evaluate_policy, train
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -56,11 +57,12 @@ def test_cispo_loss_keeps_a_gradient_on_clipped_tokens():
     parts.loss.backward()
     want = torch.tensor([[0, -1.28, -1, 0, 0], [0, 1, 1, 0.8, 0]]) / 5  # −w Â / 5: clipped tokens keep one
     torch.testing.assert_close(logp.grad, want)
-    # The default ε_low = 1 sets no lower bound: ρ = 0.5 keeps its weight.
+    # The defaults ε_low = 1, ε_high = 5 clip neither: ρ = 0.5 and ρ = 1.5 keep their weights.
     logp.grad = None
     parts = cispo.cispo_loss(logp, old, ref, ADV, MASK)
     parts.loss.backward()
-    assert logp.grad[1, 3].item() == pytest.approx(0.5 / 5) and parts.clipfrac.item() == pytest.approx(1 / 5)
+    assert logp.grad[1, 3].item() == pytest.approx(0.5 / 5) and logp.grad[0, 1].item() == pytest.approx(-1.5 / 5)
+    assert parts.clipfrac.item() == 0.0
 
 
 def test_dapo_loss_clips_higher_and_averages_tokens():
@@ -161,3 +163,52 @@ def test_dapo_dynamic_sampling_keeps_only_informative_groups(task):
     assert batch.input_ids.shape[0] == len(advantages) == batch.action_mask.shape[0]
     sampled = len(groups) / extra["reward/groups_kept"]  # 4 groups a round, 1 to 5 rounds
     assert sampled in (4, 8, 12, 16, 20) and (len(groups) == 4 or sampled == 20)
+
+
+# -- learning ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learning_task():
+    """1-digit addition from the committed base model, evaluated on the training prompts × 4
+    (320 samples, ±0.03), as tests/test_train_loop.py does."""
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
+    return dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
+
+
+@pytest.fixture(scope="module")
+def base_gold(learning_task):
+    ref, tokenizer = load_base_model(learning_task, device="cpu", progress=False)
+    return evaluate_policy(TrainContext(learning_task, ref, ref, tokenizer, torch.device("cpu")), n=320)["reward/gold"]
+
+
+def final_gold(spec, task, path, steps, config=None):
+    kw = dict(eval_every=steps, eval_prompts=320, progress=False, device="cpu", seed=0, config=config or {})
+    records = train(spec, task, path, steps=steps, **kw)
+    assert all(math.isfinite(r["loss/policy"]) for r in records)
+    return records[-1]["reward/gold"]
+
+
+def test_gspo_learns_one_digit_addition(learning_task, base_gold, tmp_path):
+    """Default config (16 prompts × 8), 60 steps (GRPO's test takes 150). Measured over seeds
+    0-2: base 0.39 -> 0.50-0.54 (+0.11-0.15, KL 0.37-0.44); 40 steps rose by only 0.07-0.08
+    and lr 1e-3 collapsed (0.16). The margin asked for is 0.05."""
+    gold = final_gold(GSPO, learning_task, tmp_path / "run", 60)
+    assert gold >= base_gold + 0.05, (base_gold, gold)
+
+
+def test_dapo_learns_one_digit_addition(learning_task, base_gold, tmp_path):
+    """Default config (16 groups of 8 kept by dynamic sampling), 40 steps: fewer than GSPO's
+    since each step may sample up to 3 rollouts. Measured over seeds 0-2: base 0.39 ->
+    0.48-0.56 (+0.09-0.17, KL 0.52-0.60); 60 steps gave 0.55-0.60 on seeds 0-1. The margin
+    asked for is 0.045."""
+    gold = final_gold(DAPO, learning_task, tmp_path / "run", 40)
+    assert gold >= base_gold + 0.045, (base_gold, gold)
+
+
+def test_cispo_learns_one_digit_addition(learning_task, base_gold, tmp_path):
+    """Default config (lr 1e-4, ε_high 5), 60 steps. Measured over seeds 0-2: base 0.39 ->
+    0.49-0.52 (+0.10-0.13, KL 0.16-0.28). With GRPO's lr 3e-4 and ε_high 0.28 (the old defaults)
+    it ended at 0.38 with a KL of 2.0 (cispo's module docstring). The margin asked for is 0.05."""
+    gold = final_gold(CISPO, learning_task, tmp_path / "run", 60)
+    assert gold >= base_gold + 0.05, (base_gold, gold)
