@@ -19,6 +19,7 @@ the task's optimised reward, in ``out/runs/<task>/best_of_n/seed<k>/``, for any 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -53,17 +54,15 @@ def check_rewards(suite: Suite) -> None:
 
 def feedback_jobs(suite: Suite, out: Path) -> tuple[list, list]:
     """``(reward-model jobs, best-of-n jobs)`` not yet done, as the runner's ``(key, fn, args)``."""
-    from benchmarks import runner
-
     rm_jobs, bon_jobs, seen = [], [], set()
     for t in suite.tasks:
         for seed in suite.seeds:
             if t.reward == LEARNED and rm_dir(out, t, seed) not in seen:
                 seen.add(rm_dir(out, t, seed))
-                if (runner.read_result(rm_dir(out, t, seed)) or {}).get("status") != "ok":
+                if (read_result(rm_dir(out, t, seed)) or {}).get("status") != "ok":
                     key = f"{t.rm_key}/{RM_ALGORITHM}/seed{seed}"
                     rm_jobs.append((key, train_reward_model, (t, seed, str(out), suite.device)))
-            if t.pipeline.get("best_of_n") and (runner.read_result(bon_dir(out, t, seed)) or {}).get("status") != "ok":
+            if t.pipeline.get("best_of_n") and (read_result(bon_dir(out, t, seed)) or {}).get("status") != "ok":
                 bon_jobs.append(
                     (f"{t.label}/{BON_ALGORITHM}/seed{seed}", run_best_of_n, (t, seed, str(out), suite.device))
                 )
@@ -82,11 +81,27 @@ def _entry(job) -> TaskEntry:
     return first.task if isinstance(first, Cell) else first
 
 
-def _write(path: Path, result: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.runner import _write_result
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A stage's ``result.json`` (as the runner reads a cell's), None if absent or unreadable."""
+    try:
+        return json.loads((path / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
 
-    _write_result(path, result)
+
+def _write(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write ``result.json`` atomically (the runner imports this module, so not its writer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path / "result.json")
     return result
+
+
+def _device(name: str):
+    from rlhf_env.models import resolve_device
+
+    return resolve_device(None if name == "auto" else name)
 
 
 def _failed(path: Path, base: dict[str, Any], t0: float, exc: BaseException) -> dict[str, Any]:
@@ -109,11 +124,10 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
         from algorithms import reward_model
         from algorithms.base import TrainContext
         from algorithms.loop import step_seed
-        from benchmarks.runner import suite_device
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
-        device = suite_device(device_name)
+        device = _device(device_name)
         t = get_task(task.name, **task.knobs)
         ref, tok = load_base_model(t, task.model, device=device, progress=False)
         config = reward_model.Config(
@@ -187,11 +201,10 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
     try:
         from algorithms.best_of_n import evaluate_best_of_n
         from algorithms.reward_choice import resolve_reward
-        from benchmarks.runner import suite_device
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
-        device = suite_device(device_name)
+        device = _device(device_name)
         t = get_task(task.name, **task.knobs)
         ref, tok = load_base_model(t, task.model, device=device, progress=False)
         choice = resolve_reward(proxy_reward(task, seed, Path(out)), t, device=device)

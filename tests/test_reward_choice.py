@@ -65,9 +65,16 @@ def test_a_reward_model_folder_is_the_proxy_and_gold_is_still_measured(tmp_path,
         f"rlhf train: error: {out} holds a run with other settings: reward {str(dirs['rm'].resolve())!r} -> "
         "'completion_length:max_chars=4'"
     )
+    # Without --reward a resumed run keeps its own; --override changes it (recorded).
+    assert cli.main([*train_argv(out, dirs["model"], steps=3), "--resume"]) == 0
+    assert json.loads((out / "config.json").read_text())["reward"] == str(dirs["rm"].resolve())
+    argv = train_argv(out, dirs["model"], "--reward", "completion_length:max_chars=4", steps=4)
     assert cli.main([*argv, "--resume", "--override"]) == 0
     last = records(out)[-1]
-    assert last["step"] == 2 and 0 <= last["reward/proxy"] <= 1  # a completion length share, capped at 1
+    assert last["step"] == 3 and 0 <= last["reward/proxy"] <= 1  # a completion length share, capped at 1
+    assert json.loads((out / "config.json").read_text())["overrides"][0]["changes"]["reward"]["new"] == (
+        "completion_length:max_chars=4"
+    )
 
 
 def test_a_registered_reward_with_options_and_gold(tmp_path, dirs, capsys):
