@@ -9,19 +9,15 @@ non-negative estimate of KL(π_θ ‖ π_ref) from *mismatched* pairs (x_i, y_j)
     L = mean over the batch of (λ_y − v(x, y))
 
 The examples come from the same data as DPO (``algorithms.dpo.load_pairs``: the task's
-simulated annotators or a user file), unpaired as the paper does with preference data. A
-completion is labelled by the annotators' majority over every pair it appears in
-(``unpair``): chosen more often than rejected is desirable, less often undesirable, as often
-dropped. With distinct completions this is the paper's chosen → desirable, rejected →
-undesirable; where completions repeat (short answers), a coin-flip label between two equally
-bad answers no longer marks one of them desirable. Each step draws a random mix of examples.
-Each example's mismatched completion is fixed once (the next example's in a seeded cyclic
-order), so log π_ref of both is computed once. The formulas: docs/maths.md §21.
+simulated annotators or a user file), unpaired as the paper does with preference data:
+every chosen completion is a desirable example, every rejected one an undesirable example,
+and each step draws a random mix of them. Each example's mismatched completion is fixed
+once (the next example's in a seeded cyclic order), so log π_ref of both is computed once.
+The formulas: docs/maths.md §21.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +29,6 @@ from algorithms.dpo import PairConfig, load_pairs, sequence_logprobs
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, pack_completions
-from rlhf_env.tasks.base import PreferencePair
 
 
 @dataclass
@@ -96,33 +91,16 @@ def kto_loss(
     return loss, r.detach()
 
 
-def unpair(pairs: list[PreferencePair]) -> list[tuple[str, str, bool]]:
-    """Every completion of every pair as ``(prompt, completion, desirable)``, labelled by its net vote.
-
-    The vote of (x, y) is (pairs where y was chosen) − (pairs where it was rejected), over all
-    pairs of prompt x: > 0 desirable, < 0 undesirable, 0 (no majority) left out. Each
-    occurrence stays an example, so common completions weigh as much as in the pairs; chosen
-    occurrences come first, then rejected ones, each in the pairs' order.
-    """
-    votes: Counter[tuple[str, str]] = Counter()
-    for p in pairs:
-        votes[p.prompt, p.chosen] += 1
-        votes[p.prompt, p.rejected] -= 1
-    occurrences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    return [(x, y, votes[x, y] > 0) for x, y in occurrences if votes[x, y] != 0]
-
-
 # -- the trainer ---------------------------------------------------------------------------
 
 
 class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
         self.ctx, self.config = ctx, config
-        labelled = unpair(load_pairs(ctx, config))
-        if not labelled:
-            raise ValueError("KTO: no example has a majority label (every completion was chosen as often as rejected)")
-        self.examples = [(x, y) for x, y, _ in labelled]
-        self.desirable = torch.tensor([d for _, _, d in labelled], device=ctx.device)
+        pairs = load_pairs(ctx, config)
+        # Unpaired: chosen completions are desirable, rejected ones undesirable.
+        self.examples = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        self.desirable = torch.tensor([True] * len(pairs) + [False] * len(pairs), device=ctx.device)
         n = len(self.examples)
         # The mismatched completion of each example: the next one's in a seeded cyclic order.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed)).tolist()

@@ -79,6 +79,11 @@ def sample_completions(
     left, pos, visible = _left_aligned(ids, lengths, pad_token_id)
     P, M = left.shape[1], left.shape[1] + K
     col_pos = torch.cat([pos, lengths[:, None] + torch.arange(K, device=device)[None, :]], dim=1)  # (B, M)
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None:
+        # A row may be asked for more tokens than fit (the env ignores those past its room):
+        # they sit at the last position rather than index past the position table.
+        col_pos = col_pos.clamp(max=limit - 1)
     vis = torch.cat([visible, torch.zeros(B, K, dtype=torch.bool, device=device)], dim=1)
     windows, kernel = layer_windows(model), model.config._attn_implementation
     full_sdpa = kernel == "sdpa" and not any(windows.values())

@@ -83,6 +83,8 @@ class EpisodeStream:
             return obs, *(np.asarray(c)[:, None] for c in cols), info
         if acting.any():
             done = (obs["length"] - obs["prompt_length"])[acting].min()
+            # Rows on their reset step generate from their prompt: ignored, but kept short.
+            obs = {**obs, "length": np.where(acting, obs["length"], obs["prompt_length"])}
             action = self.sampler.generate(obs, int(min(self.chunk, env_attr(self.env, "max_new_tokens") - done)))
         else:  # every row is resetting: nothing to generate
             action = {"token": np.zeros((B, 1), np.int64), "logprob": np.zeros((B, 1), np.float32)}

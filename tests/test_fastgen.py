@@ -103,3 +103,21 @@ def test_grpo_with_hf_generate_reports_the_mismatch_and_trains():
     metrics = trainer.step(0, 5)
     assert 0 <= metrics["rollout/logprob_diff"] < 1e-4  # generate's logits agree with the training forward
     assert math.isfinite(metrics["loss/total"]) and metrics["perf/tokens"] > 0
+
+
+def test_tokens_past_the_position_table_do_not_break_the_ones_before():
+    from rlhf_env.fastgen import sample_completions
+    from rlhf_env.tiny import build_tiny_model
+
+    model, tok = build_tiny_model(n_positions=8, seed=0)
+    ids = torch.tensor([tok("Hello")["input_ids"] + [0] * 3, tok("Hi there")["input_ids"]])  # lengths 5 and 8
+    lengths = torch.tensor([5, 8])
+    gen = torch.Generator().manual_seed(0)
+    tokens, logprobs, _ = sample_completions(
+        model, ids, lengths, 4, pad_token_id=0, eos_token_id=None, vocab_size=len(tok), generator=gen
+    )
+    assert tokens.shape == (2, 4)
+    # Row 0 has room for 3 tokens: their log-probs are a full forward's.
+    seq = ids[0, :5].tolist() + tokens[0, :3].tolist()
+    full = torch.log_softmax(model(torch.tensor([seq])).logits[0, 4:7].float(), dim=-1).detach()
+    torch.testing.assert_close(logprobs[0, :3], full.gather(1, tokens[0, :3, None]).squeeze(1), atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ from algorithms.base import AlgorithmSpec, TrainContext
 from algorithms.loop import evaluate_policy, train
 from rlhf_env import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
-from rlhf_env.tasks.base import PreferencePair, Task
+from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 
 IPO = AlgorithmSpec(dpo.IPOConfig, dpo.IPOTrainer)
@@ -174,45 +174,10 @@ def test_ipo_and_simpo_start_from_their_known_losses_and_simpo_never_runs_the_re
     assert "dpo/chosen_reward" not in record
 
 
-def test_kto_labels_each_completion_by_its_net_vote():
-    P = PreferencePair
-    pairs = [P("1+1=", "2", "3"), P("1+1=", "4", "3"), P("1+1=", "3", "4"), P("2+2=", "3", "5")]
-    # votes: (1+1=, 2) +1; (1+1=, 3) −1 −1 +1 = −1; (1+1=, 4) +1 −1 = 0 (left out); (2+2=, 3) +1; (2+2=, 5) −1.
-    # "3" was chosen once for 1+1= (a coin flip against "4") but loses overall: undesirable there,
-    # while the same text is desirable for 2+2=.
-    assert kto.unpair(pairs) == [
-        ("1+1=", "2", True),
-        ("1+1=", "3", False),
-        ("2+2=", "3", True),
-        ("1+1=", "3", False),
-        ("1+1=", "3", False),
-        ("2+2=", "5", False),
-    ]
-    # distinct completions: the paper's unpairing, chosen desirable and rejected undesirable
-    assert kto.unpair([P("a", "x", "y"), P("a", "z", "w")]) == [
-        ("a", "x", True),
-        ("a", "z", True),
-        ("a", "y", False),
-        ("a", "w", False),
-    ]
-
-
-def test_kto_without_a_majority_anywhere_is_an_error(tmp_path):
-    path = tmp_path / "prefs.jsonl"
-    path.write_text(
-        '{"prompt": "ab", "chosen": "e", "rejected": "f"}\n{"prompt": "ab", "chosen": "f", "rejected": "e"}\n'
-    )
-    with pytest.raises(ValueError, match="KTO: no example has a majority label"):
-        kto.Trainer(tiny_ctx(), kto.Config(preference_file=str(path)))
-
-
-def test_kto_unpairs_and_mismatches_the_examples(tmp_path):
+def test_kto_unpairs_and_mismatches_the_examples():
     ctx = tiny_ctx()
-    path = tmp_path / "prefs.jsonl"
-    rows = [("ab", "e", "xyz"), ("cd", "ee", "q"), ("ef", "e", "f"), ("gh", "abc", "ed"), ("ab", "ea", "x")]
-    path.write_text("".join(f'{{"prompt": "{x}", "chosen": "{c}", "rejected": "{r}"}}\n' for x, c, r in rows))
-    trainer = kto.Trainer(ctx, kto.Config(preference_file=str(path), batch_size=10))
-    assert trainer.desirable.tolist() == [True] * 5 + [False] * 5
+    trainer = kto.Trainer(ctx, kto.Config(num_pairs=6, batch_size=12))
+    assert trainer.desirable.tolist() == [True] * 6 + [False] * 6
     # every example's mismatched row keeps its own prompt with another example's completion
     for (x, _), (ids, plen) in zip(trainer.examples, trainer.mismatched):
         assert ids[:plen] == ctx.tokenizer(x)["input_ids"]
