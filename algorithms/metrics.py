@@ -96,7 +96,7 @@ SIMPO_REJECTED_REWARD = _metric(
 )
 KTO_REFERENCE_POINT = _metric(
     "dpo/kto_reference_point",
-    "z₀ = max(0, mean log π_θ/π_ref) over the step's mismatched pairs: KTO's KL estimate, docs/maths.md §15",
+    "z₀ = max(0, mean log π_θ/π_ref) over the step's mismatched pairs: KTO's KL estimate, docs/maths.md §21",
     "nats per completion",
 )
 KTO_DESIRABLE_REWARD = _metric(
