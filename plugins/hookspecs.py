@@ -49,5 +49,9 @@ def rlhf_register_generators(register):
     A generator follows ``rlhf_env.generation.Generator``: called as
     ``generator(model, batch_size, pad_token_id=, vocab_size=, seed=, temperature=, greedy=)``
     it returns a sampler whose ``act(obs)`` gives ``{"token": (B,) int64, "logprob": (B,) float32}``.
-    The rollout path picks one by name (``rlhf_env.rollout``; the built-in is ``kv_cache``).
+    The rollout path picks one by name (``rlhf_env.rollout``; built in: ``kv_cache`` and
+    ``hf_generate``). Optional: ``generate(obs, max_tokens)`` for whole completions (the
+    chunked path, ``{"token": (B, K), "logprob": (B, K), "length": (B,)}``), and a class
+    attribute ``exact_logprobs = True`` when its log-probs are a full forward's (otherwise
+    trainers recompute them and correct with truncated importance sampling).
     """
