@@ -3,8 +3,8 @@
     L = −(1/N) Σ_i Σ_t log π_θ(y_t | x_i, y_<t)    (N: completion tokens in the batch)
 
 The same loss that built the base models (``rlhf_env.scoring.sft_loss``: completion + EOS,
-prompt tokens masked; docs/maths.md §10), on random minibatches of the task's ``sft_data``
-(drawn with replacement). The baseline every RLHF method should beat when demonstrations exist.
+prompt tokens masked; docs/maths.md §10), on random minibatches of the task's
+``demonstrations`` (drawn with replacement; ``sft_data`` when a task has none). The baseline every RLHF method should beat when demonstrations exist.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Config:
 class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: Config):
         self.ctx, self.config = ctx, config
-        self.data = list(ctx.task.sft_data)
+        self.data = list(ctx.task.demonstrations or ctx.task.sft_data)
         tok = ctx.tokenizer
         # Loss-bearing tokens per example: the completion and its EOS.
         self.target_tokens = [len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for _, c in self.data]

@@ -132,8 +132,17 @@ def test_sft_corpus_has_mixed_sentiment(task):
     assert sum(s == 0.0 for s in scores) / n > 0.05  # some neutral text too
 
 
+def test_demonstrations_are_positive_train_prompt_reviews_apart_from_the_corpus(task):
+    """SFT's demonstrations show what the gold rewards; the base model's corpus stays mixed."""
+    demos = task.demonstrations
+    assert len(demos) == 4000 and {p for p, _ in demos} <= set(task.train_prompts)
+    scores = vader_reward([p for p, _ in demos], [c for _, c in demos])
+    assert statistics.mean(scores) > 0.5 and sum(s > 0 for s in scores) / len(scores) > 0.95
+    assert not set(demos) <= set(task.sft_data)  # written apart, not a filter of the corpus
+
+
 def test_sft_text_fits_the_model(task):
-    for p, c in task.sft_data:
+    for p, c in task.sft_data + task.demonstrations:
         assert set(p + c) <= PRINTABLE
         assert len(c) < task.max_new_tokens  # room left for the EOS the trainer appends
     longest = MAX_PROMPT_CHARS + task.max_new_tokens + 1  # + BOS

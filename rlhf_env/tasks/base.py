@@ -38,6 +38,9 @@ class Task:
         train_prompts / eval_prompts: disjoint prompt lists.
         gold_reward: ``gold(prompts, completions) -> list[float]``, the measured truth.
         sft_data: ``(prompt, completion)`` pairs the base model is trained on.
+        demonstrations: ``(prompt, completion)`` pairs of the behaviour the gold rewards, what
+            SFT trains on (the human demonstrations of RLHF); ``sft_data`` when None, as in a
+            task whose corpus is already the wanted behaviour (arithmetic's correct sums).
         max_new_tokens: completion length limit for rollouts on this task.
         recipe: how to build the base model.
         config: the knobs that made this task (part of the base model's cache key).
@@ -51,6 +54,7 @@ class Task:
     max_new_tokens: int = 16
     recipe: BaseModelRecipe = field(default_factory=BaseModelRecipe)
     config: dict[str, Any] = field(default_factory=dict)
+    demonstrations: list[tuple[str, str]] | None = None
 
     def __post_init__(self):
         for what in ("train_prompts", "eval_prompts", "sft_data"):

@@ -307,6 +307,9 @@ def make_sentiment_task(
     random.Random(seed).shuffle(pool)
     eval_prompts, train_prompts = pool[:n_eval], pool[n_eval : n_eval + n_train]
     reviews = generate_reviews(n_sft, seed=seed + 1, openings=train_prompts, mix=mix, max_chars=max_new_tokens - 1)
+    demos = generate_reviews(
+        n_sft, seed=seed + 2, openings=train_prompts, mix=(1, 0, 0, 0), max_chars=max_new_tokens - 1
+    )
     # Measured (one thread, batch 32): 2x64 (115k params) runs ~65 ms/step, ~1-1.5 min for
     # 1000 steps, reaching ~0.7 nats/char: mostly legible words, some misspellings, mixed tone.
     # 3x96 at 600 steps costs the same and samples no better, so the smaller model wins.
@@ -328,6 +331,9 @@ def make_sentiment_task(
         eval_prompts=eval_prompts,
         gold_reward=vader_reward,
         sft_data=[(r.opening, r.continuation) for r in reviews],
+        # SFT's demonstrations: positive reviews, written apart from the base model's mixed
+        # corpus (SFT on that corpus only repeats the base model's training).
+        demonstrations=[(r.opening, r.continuation) for r in demos],
         max_new_tokens=max_new_tokens,
         recipe=recipe,
         config=config,
