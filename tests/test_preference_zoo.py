@@ -176,7 +176,7 @@ def test_ipo_and_simpo_start_from_their_known_losses_and_simpo_never_runs_the_re
 
 def test_kto_unpairs_and_mismatches_the_examples():
     ctx = tiny_ctx()
-    trainer = kto.Trainer(ctx, kto.Config(num_pairs=6, batch_size=12))
+    trainer = kto.Trainer(ctx, kto.Config(num_pairs=6, batch_size=12, lr=3e-4, undesirable_weight=1.0))
     assert trainer.desirable.tolist() == [True] * 6 + [False] * 6
     # every example's mismatched row keeps its own prompt with another example's completion
     for (x, _), (ids, plen) in zip(trainer.examples, trainer.mismatched):
@@ -225,6 +225,14 @@ def test_ipo_learns_one_digit_addition(tmp_path):
     smallest gain."""
     base, gold = gold_gain(IPO, tmp_path, 300, {})
     assert gold[-1] > base + 0.05, (base, gold)
+
+
+def test_kto_learns_one_digit_addition(tmp_path):
+    """Default config, 300 steps: gold on the training prompts (320 samples) rises from the
+    base model's 0.39 to 0.42-0.43 (gain 0.026-0.041 over seeds 0-2, KL 0.1-0.2 nats); DPO's
+    lr 3e-4 with λ_U = 1 fell to 0.27 instead. The margin asked for is half the smallest gain."""
+    base, gold = gold_gain(KTO, tmp_path, 300, {})
+    assert gold[-1] > base + 0.013, (base, gold)
 
 
 def test_online_dpo_learns_one_digit_addition(tmp_path):
