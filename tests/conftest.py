@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -79,6 +80,16 @@ def demo_dist(plugin_path):
     """An installed-looking dist whose entry point ``demo`` adds demo_algo/demo_task/demo_reward."""
     _write_dist(plugin_path, "rlhf_demo_plugin", {"demo": "rlhf_demo_plugin"}, {"rlhf_demo_plugin": DEMO_SOURCE})
     return plugin_path
+
+
+@pytest.fixture(scope="module")
+def learning_task():
+    """1-digit addition from the committed base model (the quick suite's task), evaluated on
+    the training prompts × 4 (320 samples, ±0.03): the learning tests' low-noise signal."""
+    from rlhf_env.tasks.arithmetic import make_arithmetic_task
+
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
+    return dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
 
 
 @pytest.fixture(scope="session")

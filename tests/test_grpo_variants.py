@@ -4,7 +4,6 @@ dynamic sampling and overlong shaping, config errors, a trainer step, learning."
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -166,14 +165,6 @@ def test_dapo_dynamic_sampling_keeps_only_informative_groups(task):
 
 
 # -- learning ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def learning_task():
-    """1-digit addition from the committed base model, evaluated on the training prompts × 4
-    (320 samples, ±0.03), as tests/test_train_loop.py does."""
-    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
-    return dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
 
 
 @pytest.fixture(scope="module")

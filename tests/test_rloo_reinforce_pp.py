@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -138,14 +137,6 @@ def test_rlhf_list_shows_the_online_zoo_and_each_has_its_description(capsys):
 
 
 # -- learning ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def learning_task():
-    """1-digit addition from the committed base model, evaluated on the training prompts × 4
-    (320 samples, ±0.03), as tests/test_train_loop.py does."""
-    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)
-    return dataclasses.replace(task, eval_prompts=task.train_prompts * 4)
 
 
 @pytest.fixture(scope="module")
