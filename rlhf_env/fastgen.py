@@ -6,6 +6,12 @@ left-aligned histories, then one forward per new token into a preallocated cache
 rows' own positions. The Python work per token is a fixed number of tensor calls,
 whatever the batch; decoding stops when every row has sampled EOS.
 
+On CUDA, ``cuda_graph=True`` replays the decode step's forward as a CUDA graph captured once
+per call (full-attention sdpa models; others decode eagerly): the static cache, mask and
+position buffers keep fixed addresses, so only the token and its positions are copied in.
+At small models a decode step is a few hundred kernel launches of microseconds each, and
+the graph removes their CPU cost; the sampling itself stays eager.
+
 ``HFGenerateSampler`` is the second registered backend, ``hf_generate``: Hugging Face
 ``generate`` for any model it supports. Its log-probs come from the logits ``generate``
 computed under its own padding and cache, which need not equal a training forward to the
@@ -52,6 +58,40 @@ def _masks(windows: dict, visible: torch.Tensor, col_pos: torch.Tensor, q_pos: t
     return out if len(out) > 1 else next(iter(out.values()))
 
 
+def _graphed_decode(model, forward: dict, cache, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor):
+    """A CUDA graph of one decode forward: ``step(tok (B,), q_pos (B, 1)) -> logits (B, 1, V)``.
+
+    ``mask`` must be a view of a buffer the caller updates in place. Warm-up runs (needed before
+    capture) write one throwaway column where the next real step writes anyway, and the cache
+    lengths they advance are restored, so the cache is left as it was.
+    """
+    tok_in, pos_in = tok[:, None].clone(), pos.clone()
+    lengths = [layer.cumulative_length.clone() for layer in cache.layers]
+
+    def run():
+        return model(input_ids=tok_in, attention_mask=mask, position_ids=pos_in, **forward).logits
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    for layer, n in zip(cache.layers, lengths):
+        layer.cumulative_length.copy_(n)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = run()
+
+    def step(t: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        tok_in.copy_(t[:, None])
+        pos_in.copy_(q_pos)
+        graph.replay()
+        return logits
+
+    return step
+
+
 @torch.inference_mode()
 def sample_completions(
     model,
@@ -65,13 +105,15 @@ def sample_completions(
     generator: torch.Generator,
     temperature: float = 1.0,
     greedy: bool = False,
+    cuda_graph: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample up to ``max_tokens`` tokens after each row's ``ids[i, :lengths[i]]``.
 
     Returns ``(tokens (B, K), logprobs (B, K), counts (B,))`` on ``ids``' device, K <= max_tokens:
     the log-probs are those of softmax(logits / temperature) over the first ``vocab_size``
     ids, the distribution each token was drawn from; ``counts`` is up to and including the
-    first EOS (the env ignores what follows).
+    first EOS (the env ignores what follows). ``cuda_graph``: replay the decode forward as a
+    CUDA graph (CUDA, full-attention sdpa only; ignored elsewhere). Same tokens and log-probs.
     """
     device = next(model.parameters()).device
     ids, lengths = ids.to(device), lengths.to(device)
@@ -97,6 +139,8 @@ def sample_completions(
     logprobs = torch.zeros(B, K, dtype=torch.float32, device=device)
     counts = torch.full((B,), K, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    graphed = None
+    use_graph = cuda_graph and full_sdpa and device.type == "cuda" and K > 1
     for t in range(K):
         lp = torch.log_softmax(logits[:, -1, :vocab_size].float() / temperature, dim=-1)
         tok = lp.argmax(-1) if greedy else torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
@@ -113,6 +157,10 @@ def sample_completions(
         q_pos = col_pos[:, P + t : P + t + 1]
         # Full attention: every written column precedes the query, so visibility is the mask.
         mask = vis[:, None, None, :] if full_sdpa else _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+        if use_graph:
+            graphed = graphed or _graphed_decode(model, forward, cache, tok, q_pos, mask)
+            logits = graphed(tok, q_pos)
+            continue
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
     return tokens, logprobs, counts
 

@@ -36,6 +36,8 @@ class SamplingPolicy:
             distribution, softmax(logits / temperature), which is the acting policy.
         seed: seed of the sampling generator.
         greedy: take the most likely token (its log-prob reported) instead of sampling.
+        cuda_graph: in ``generate`` on CUDA, replay the decode forward as a CUDA graph
+            (``rlhf_env.fastgen``); the same samples and log-probs, fewer kernel launches.
 
     The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``): ``act`` for
     the token path, ``generate`` (``rlhf_env.fastgen.sample_completions``) for whole
@@ -53,9 +55,11 @@ class SamplingPolicy:
         seed: int = 0,
         vocab_size: int | None = None,
         greedy: bool = False,
+        cuda_graph: bool = False,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.cuda_graph = cuda_graph
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
         self.model, self.pad_token_id, self.vocab_size = model, pad_token_id, vocab_size
         self.eos_token_id = getattr(model.generation_config, "eos_token_id", None)
@@ -111,5 +115,6 @@ class SamplingPolicy:
             generator=self.generator,
             temperature=self.temperature,
             greedy=self.greedy,
+            cuda_graph=self.cuda_graph,
         )
         return as_chunk_action(tokens, logprobs, counts)

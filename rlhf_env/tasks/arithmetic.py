@@ -7,7 +7,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from rlhf_env.tasks.base import BaseModelRecipe, Task
+from rlhf_env.tasks.base import BaseModelRecipe, Task, sized_recipe
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _PROMPT = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*$")
@@ -56,11 +56,14 @@ def make_arithmetic_task(
     n_eval: int = 200,
     seed: int = 0,
     sft_steps: int = 700,
+    model_size: str = "tiny",
 ) -> Task:
     """Problems ``a<op>b=`` with ``digits``-digit operands; SFT data are the correct answers.
 
     Train and eval prompts are disjoint. ``sft_steps`` sets how far the base model is
-    trained: few enough that it is right only part of the time.
+    trained: few enough that it is right only part of the time. ``model_size``: ``tiny``
+    (0.4M parameters, CPU) or ``gpu`` (~25M, ``rlhf_env.tasks.base.GPU_SHAPE``; it learns
+    per step far faster, so it gets a third of the steps at a fifth of the rate).
     """
     if digits < 1 or not operators or set(operators) - OPERATORS.keys():
         raise ValueError(f"digits must be >= 1 and operators a non-empty subset of '+-*', got {digits}, {operators!r}")
@@ -82,8 +85,14 @@ def make_arithmetic_task(
         gold_reward=exact_match,
         sft_data=[(p, answer(p)) for p in train],
         max_new_tokens=digits * 2 + 2,
-        recipe=BaseModelRecipe(
-            n_layer=2, n_head=4, n_embd=128, sft_steps=sft_steps, batch_size=64, lr=3e-3, chars="0123456789+-*= "
+        recipe=sized_recipe(
+            BaseModelRecipe(
+                n_layer=2, n_head=4, n_embd=128, sft_steps=sft_steps, batch_size=64, lr=3e-3, chars="0123456789+-*= "
+            ),
+            model_size,
+            sft_steps=max(1, sft_steps // 3),
+            lr=6e-4,
         ),
-        config={"digits": digits, "operators": operators, "n_train": n_train, "n_eval": n_eval, "seed": seed},
+        config={"digits": digits, "operators": operators, "n_train": n_train, "n_eval": n_eval, "seed": seed}
+        | ({"model_size": model_size} if model_size != "tiny" else {}),  # tiny: the shipped models' keys
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
@@ -27,6 +27,21 @@ class BaseModelRecipe:
     lr: float = 3e-3
     seed: int = 0
     chars: str | None = None
+
+
+# GPU-sized base models (``model_size="gpu"``): 8 layers of width 512, ~25M parameters with a
+# character vocabulary, the shape of the GPT-2 family's small end. Built on the GPU on first use
+# (``build_base_model(device=...)``, which the bench passes its device to).
+GPU_SHAPE = dict(n_layer=8, n_head=8, n_embd=512)
+MODEL_SIZES = ("tiny", "gpu")
+
+
+def sized_recipe(recipe: BaseModelRecipe, model_size: str, **gpu_training) -> BaseModelRecipe:
+    """``recipe`` at a named size: ``tiny`` as given, ``gpu`` with ``GPU_SHAPE`` and ``gpu_training``
+    (the SFT settings that suit the larger model, e.g. a lower ``lr``)."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {model_size!r}")
+    return recipe if model_size == "tiny" else replace(recipe, **GPU_SHAPE, **gpu_training)
 
 
 @dataclass
@@ -73,4 +88,4 @@ class Task:
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-__all__ = ["BaseModelRecipe", "PreferencePair", "RewardFn", "Task"]
+__all__ = ["MODEL_SIZES", "BaseModelRecipe", "PreferencePair", "RewardFn", "Task", "sized_recipe"]

@@ -86,10 +86,14 @@ def train_sft(
     return model.eval(), loss.item()
 
 
-def build_base_model(task: Task, *, force: bool = False, progress: bool = True, callback=None) -> Path:
+def build_base_model(
+    task: Task, *, force: bool = False, progress: bool = True, callback=None, device: torch.device | str | None = None
+) -> Path:
     """The task's base model directory: cached, else shipped, else built (SFT) and cached.
 
-    ``force`` builds afresh into the cache. ``callback``: see ``train_sft``.
+    ``force`` builds afresh into the cache. ``callback``: see ``train_sft``. ``device``: where
+    the SFT runs (default: the CPU), e.g. the GPU a suite's cells will use; the weights are
+    saved in float32 either way.
     """
     target = base_model_dir(task)
     if not force:
@@ -102,9 +106,11 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True, 
     model, _ = build_tiny_model(
         tokenizer, n_layer=r.n_layer, n_head=r.n_head, n_embd=r.n_embd, n_positions=r.n_positions, seed=r.seed
     )
+    device = torch.device(device or "cpu")
+    model.to(device)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r.seed)
+        torch.manual_seed(r.seed)  # the CPU generator: train_sft draws minibatches there
         model, final_loss = train_sft(
             model,
             tokenizer,
@@ -123,11 +129,12 @@ def build_base_model(task: Task, *, force: bool = False, progress: bool = True, 
         "final_sft_loss": final_loss,
         "build_seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        save_tiny(model, tokenizer, tmp)
+        save_tiny(model.cpu(), tokenizer, tmp)
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
         if target.exists():
             shutil.rmtree(target)
@@ -147,5 +154,8 @@ def load_base_model(
     callback=None,
 ):
     """``(model, tokenizer)``: the checkpoint at ``model_path`` if given, else the task's base model."""
-    path = Path(model_path) if model_path is not None else build_base_model(task, progress=progress, callback=callback)
+    if model_path is not None:
+        path = Path(model_path)
+    else:  # a model built on first use is built where it will run
+        path = build_base_model(task, progress=progress, callback=callback, device=device)
     return load_pretrained(path, device=device, dtype=dtype)

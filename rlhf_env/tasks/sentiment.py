@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from rlhf_env.tasks.base import BaseModelRecipe, Task
+from rlhf_env.tasks.base import BaseModelRecipe, Task, sized_recipe
 
 MAX_PROMPT_CHARS = 40
 MAX_COMPLETION_CHARS = 31  # + EOS = the default max_new_tokens of 32
@@ -292,12 +292,15 @@ def make_sentiment_task(
     max_new_tokens: int = 32,
     mix: Sequence[float] = (0.4, 0.4, 0.12, 0.08),
     recipe: BaseModelRecipe | None = None,
+    model_size: str = "tiny",
 ) -> Task:
     """The ``sentiment`` task: write a positive continuation of a review opening.
 
     Train and eval prompts are disjoint openings drawn (by ``seed``) from the grammar's pool;
     the SFT corpus uses train openings only, each paired with continuations of every polarity
     (mix: positive, negative, neutral, mixed), so the base model is roughly neutral on average.
+    ``model_size``: ``tiny`` (0.1M parameters, CPU) or ``gpu`` (~25M, ``rlhf_env.tasks.base.GPU_SHAPE``,
+    trained at a fifth of the rate); ignored when ``recipe`` is given.
     """
     pool = list(_POOL)
     if min(n_train, n_eval, n_sft) < 1:
@@ -313,8 +316,12 @@ def make_sentiment_task(
     # Measured (one thread, batch 32): 2x64 (115k params) runs ~65 ms/step, ~1-1.5 min for
     # 1000 steps, reaching ~0.7 nats/char: mostly legible words, some misspellings, mixed tone.
     # 3x96 at 600 steps costs the same and samples no better, so the smaller model wins.
-    recipe = recipe or BaseModelRecipe(
-        n_layer=2, n_head=2, n_embd=64, n_positions=128, sft_steps=1000, batch_size=32, lr=3e-3, seed=seed
+    recipe = recipe or sized_recipe(
+        BaseModelRecipe(
+            n_layer=2, n_head=2, n_embd=64, n_positions=128, sft_steps=1000, batch_size=32, lr=3e-3, seed=seed
+        ),
+        model_size,
+        lr=6e-4,
     )
     config = dict(
         n_train=n_train,
@@ -325,6 +332,8 @@ def make_sentiment_task(
         mix=list(mix),
         grammar=_GRAMMAR_DIGEST,
     )
+    if model_size != "tiny":  # tiny: the shipped base model's cache key stays as it was
+        config["model_size"] = model_size
     return Task(
         name="sentiment",
         train_prompts=train_prompts,
