@@ -85,7 +85,7 @@ def build_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: in
     return ref, policy, reward, tokenizer
 
 
-def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype):
+def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype, cuda_graph: bool = False):
     """A ``VectorTextGenEnv`` and its ``SamplingPolicy`` agent, ready for ``env_rollout``."""
     env = VectorTextGenEnv(
         tokenizer,
@@ -98,8 +98,15 @@ def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, devi
         device=device,
         dtype=dtype,
     )
+    options = {"cuda_graph": True} if cuda_graph else {}
     agent = make_sampler(
-        DEFAULT_GENERATOR, policy_model, batch, pad_token_id=env.pad_token_id, vocab_size=env.vocab_size, seed=0
+        DEFAULT_GENERATOR,
+        policy_model,
+        batch,
+        pad_token_id=env.pad_token_id,
+        vocab_size=env.vocab_size,
+        seed=0,
+        **options,
     )  # the registered generation backend
     return env, agent
 
@@ -224,20 +231,19 @@ def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
     baseline_args = (policy_model, ref, reward, input_ids, attention_mask, n, eos, pad)
     err_lp, err_score = check_baseline(ref, reward, input_ids, attention_mask, baseline_rollout(*baseline_args)[1], eos)
 
+    sides = {
+        "env": lambda: env_rollout(env, agent, n, args.seed),
+        "baseline": lambda: baseline_rollout(*baseline_args)[0],
+    }
+    if args.cuda_graph:  # the same env, its sampler's decode forward replayed as a CUDA graph
+        g_env, g_agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, n, device, dtype, True)
+        sides["env_graph"] = lambda: env_rollout(g_env, g_agent, n, args.seed)
     torch.manual_seed(args.seed)
-    runs = timed(
-        {
-            "env": lambda: env_rollout(env, agent, n, args.seed),
-            "baseline": lambda: baseline_rollout(*baseline_args)[0],
-        },
-        args.warmup,
-        args.repeats,
-        device,
-    )
+    runs = timed(sides, args.warmup, args.repeats, device)
     env_rates, base_rates = ([t / s for t, s in runs[k]] for k in ("env", "baseline"))
     env_rate, base_rate = statistics.median(env_rates), statistics.median(base_rates)
     params = sum(p.numel() for p in ref.parameters())
-    return {
+    row = {
         "model": name,
         "params": params,
         "env_tokens_per_s": round(env_rate, 1),
@@ -249,6 +255,10 @@ def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
         "baseline_tokens_per_rollout": statistics.median(t for t, _ in runs["baseline"]),
         "baseline_check_max_abs_err": {"ref_logprob": err_lp, "score": err_score},
     }
+    if "env_graph" in runs:
+        graph_rate = statistics.median(t / s for t, s in runs["env_graph"])
+        row.update(env_graph_tokens_per_s=round(graph_rate, 1), ratio_graph=round(graph_rate / base_rate, 3))
+    return row
 
 
 def print_table(rows: list[dict], args, device) -> None:
@@ -261,6 +271,11 @@ def print_table(rows: list[dict], args, device) -> None:
             f"{r['model']:<15} {r['params']:>9,} {device.type:<6} {args.dtype:<8} {args.batch:>4} "
             f"{args.max_new_tokens:>4} {r['env_tokens_per_s']:>11,.0f} {r['baseline_tokens_per_s']:>11,.0f} {r['ratio']:>7.2f}"
         )
+    for r in rows:
+        if "ratio_graph" in r:
+            print(
+                f"{r['model']}: env with CUDA-graph decode {r['env_graph_tokens_per_s']:,.0f} tok/s, {r['ratio_graph']:.2f}x HF"
+            )
     for r in rows:
         env, base, err = r["env_runs_tokens_per_s"], r["baseline_runs_tokens_per_s"], r["baseline_check_max_abs_err"]
         print(
@@ -286,6 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores available)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=CPU_CONFIGS)
+    p.add_argument("--cuda-graph", action="store_true", help="also time the env with CUDA-graph decoding (CUDA)")
     p.add_argument("--out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
 

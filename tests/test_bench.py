@@ -103,7 +103,7 @@ REGISTERED = (
     "registered: cispo, dapo, dpo, dr_grpo, grpo, gspo, ipo, kto, online_dpo, ppo, reinforce, reinforce_pp, "
     "reinforce_pp_baseline, reward_model, rloo, sft, simpo"
 )
-KNOBS = "known: ['digits', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
+KNOBS = "known: ['digits', 'model_size', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
 
 
 @pytest.mark.parametrize(
