@@ -5,7 +5,7 @@ from __future__ import annotations
 from plugins import hookimpl
 from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
-from rlhf_env.policy import SamplingPolicy
+from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
 from rlhf_env.tasks import arithmetic, sentiment
 
 
@@ -38,4 +38,5 @@ def rlhf_register_commands(register):
 def rlhf_register_generators(register):
     """Generation backends (``rlhf_env.generation.Generator``)."""
     register("kv_cache", SamplingPolicy)
+    register("kv_cache_graph", GraphedSamplingPolicy)
     register("hf_generate", HFGenerateSampler)

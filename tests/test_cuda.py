@@ -53,11 +53,12 @@ def test_cuda_graph_decode_gives_the_eager_samples(dtype):
     torch.testing.assert_close(eager[1], graphed[1], atol=1e-5, rtol=0)
 
 
-def test_cuda_sampler_logprobs_equal_a_full_forward():
+@pytest.mark.parametrize("generator", ["kv_cache", "kv_cache_graph"])
+def test_cuda_sampler_logprobs_equal_a_full_forward(generator):
     env = make_default_vector_env(num_envs=4, max_new_tokens=8, beta=0.1, device="cuda")
     policy = copy.deepcopy(env.ref_model)
     assert next(policy.parameters()).device.type == "cuda"
-    batch = collect(env, policy, seed=1, device=torch.device("cuda"))
+    batch = collect(env, policy, seed=1, device=torch.device("cuda"), generator=generator)
     full = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size).detach()
     assert batch.input_ids.device.type == "cuda" and batch.num_tokens >= 4
     torch.testing.assert_close(batch.logprobs * batch.action_mask, full * batch.action_mask, atol=1e-4, rtol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tinyparts import count_e, next_logprobs
@@ -129,9 +131,10 @@ def test_vector_env_on_cuda_bf16_matches_cpu_float32():
 
     _, tok = build_tiny_model()
     ref, _ = build_tiny_model(tok)
+    # One model object each: an env moves the model it is given to its device (in place).
     envs = [
-        VectorTextGenEnv(tok, ref, count_e, ["Hi there"], num_envs=4, beta=0.1, max_new_tokens=4, device=d, dtype=dt)
-        for d, dt in [("cpu", None), ("cuda", torch.bfloat16)]
+        VectorTextGenEnv(tok, m, count_e, ["Hi there"], num_envs=4, beta=0.1, max_new_tokens=4, device=d, dtype=dt)
+        for m, d, dt in [(ref, "cpu", None), (copy.deepcopy(ref), "cuda", torch.bfloat16)]
     ]
     outs = []
     for env in envs:
