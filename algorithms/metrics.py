@@ -175,3 +175,17 @@ ROLLOUT_LOGPROB_DIFF = _metric(
     "truncated importance sampling",
     "nats per token",
 )
+
+# -- peak memory against the analytic estimate (issue 13) --------------------------------------
+MEMORY_PEAK_MB = _metric(
+    "memory/peak_mb",
+    "peak tensor memory of the first two training steps: CUDA max allocated, or on CPU the live tensors at "
+    "the start plus the allocator's peak inside (`algorithms.memory`); in the second step's record",
+    "MiB",
+)
+MEMORY_ESTIMATE_MB = _metric(
+    "memory/estimate_mb",
+    "analytic peak of one training step: weights, gradients, Adam moments, reference, reward model and the "
+    "larger of the update's and the rollout's activations, docs/maths.md §24",
+    "MiB",
+)
