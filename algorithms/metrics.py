@@ -9,8 +9,8 @@ equal). The formulas behind the names are in ``docs/maths.md``.
 Namespaces: ``reward/`` rewards, ``objective/`` what the KL-regularised objective is made
 of, ``loss/`` the losses minimised, ``policy/`` and ``optim/`` update diagnostics,
 ``dpo/`` and ``rm/`` algorithm-specific ones, ``rollout/`` the sampler's agreement with
-the trainer, ``perf/`` throughput and memory,
-``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
+the trainer, ``perf/`` throughput and memory, ``memory/`` peak tensor memory against its
+analytic estimate, ``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
 names of its own; the built-ins log only these.
 """
 
