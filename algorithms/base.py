@@ -110,9 +110,31 @@ def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0) -> N
     batch.logprobs = old
 
 
+def sampler_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """``rollout/logprob_diff`` of a batch from a generator without exact log-probs; {} otherwise."""
+    from algorithms import metrics as M
+
+    return {M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}
+
+
+def is_weighted(logp: torch.Tensor, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """(b, T) ``w_t · log π_θ`` with the batch's truncated importance weights (``core.truncated_is_weights``),
+    or ``logp`` itself for an exact generator: the score-function term of REINFORCE-style losses."""
+    return logp if batch.is_weights is None else logp * batch.is_weights[rows]
+
+
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients)."""
     return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
 
 
-__all__ = ["AlgorithmSpec", "RolloutBatch", "TrainContext", "collect_rollouts", "policy_logprobs", "sequence_kl"]
+__all__ = [
+    "AlgorithmSpec",
+    "RolloutBatch",
+    "TrainContext",
+    "collect_rollouts",
+    "is_weighted",
+    "policy_logprobs",
+    "sampler_metrics",
+    "sequence_kl",
+]
