@@ -173,6 +173,30 @@ def _quiet_stderr():
             os.close(saved)
 
 
+def _memory_profiler():
+    """A started ``torch.autograd.profiler.profile`` recording the allocator's memory events.
+
+    Recording only the user scope keeps operator events out (a training step has tens of
+    thousands, and processing them took seconds); memory events come through regardless.
+    ``torch.profiler.profile`` is avoided too: its first use costs ~3 s. Should a torch
+    version lack the private entry points, a plain profile is started instead (slower, same figures).
+    """
+    from torch.autograd.profiler import profile
+
+    prof = profile(use_cpu=True, profile_memory=True)
+    try:
+        from torch._C._autograd import _enable_profiler
+        from torch._C._profiler import RecordScope
+
+        prof._prepare_trace()
+        _enable_profiler(prof.config(create_trace_id=False), prof.kineto_activities, {RecordScope.USER_SCOPE})
+        prof.entered = True
+    except (AttributeError, ImportError, TypeError):
+        prof = profile(use_cpu=True, profile_memory=True)
+        prof.__enter__()
+    return prof
+
+
 class PeakMeter:
     """Peak tensor memory between ``start()`` and ``stop()`` (returns MiB); see the module docstring."""
 
@@ -190,12 +214,9 @@ class PeakMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = -1  # marks the CUDA window open
             return
-        from torch.profiler import ProfilerActivity, profile
-
         self.baseline = live_tensor_bytes(self.device)
-        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with _quiet_stderr():
-            self.profiler.__enter__()
+            self.profiler = _memory_profiler()
 
     def stop(self) -> float:
         if self.device.type == "cuda":
@@ -203,7 +224,7 @@ class PeakMeter:
             return torch.cuda.max_memory_allocated(self.device) / MIB
         with _quiet_stderr():
             self.profiler.__exit__(None, None, None)
-        events = [e for e in self.profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events = [e for e in self.profiler.kineto_results.events() if e.name() == "[memory]"]
         self.profiler = None
         current = peak = 0
         for e in sorted(events, key=lambda e: e.start_ns()):
