@@ -147,6 +147,7 @@ def estimate(ctx, config, trainer=None, seq_len: int | None = None) -> Estimate 
 
 def live_tensor_bytes(device: torch.device) -> int:
     """Bytes of every tensor storage alive on ``device`` (each storage once), gradients included."""
+    gc.collect()  # unreachable cycles still holding tensors (a previous cell's) are not alive
     tensors = []
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == device.type:  # type(): no __class__ lookups
