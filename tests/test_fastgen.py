@@ -151,6 +151,29 @@ def test_every_clipped_loss_weights_its_policy_term_by_the_truncated_is_weights(
     )
 
 
+STUB_GENERATOR = """
+from rlhf_env import hookimpl
+from rlhf_env.policy import SamplingPolicy
+
+
+class OneNatLow(SamplingPolicy):
+    exact_logprobs = False
+
+    def act(self, obs):
+        out = super().act(obs)
+        return {**out, "logprob": out["logprob"] - 1.0}
+
+    def generate(self, obs, max_tokens):
+        out = super().generate(obs, max_tokens)
+        return {**out, "logprob": out["logprob"] - 1.0}
+
+
+@hookimpl
+def rlhf_register_generators(register):
+    register("one_nat_low", OneNatLow)
+"""
+
+
 @pytest.mark.parametrize(
     "algo, config",
     [
@@ -162,12 +185,13 @@ def test_every_clipped_loss_weights_its_policy_term_by_the_truncated_is_weights(
         ("gspo", {"num_prompts": 2, "group_size": 2, "num_minibatches": 1}),
     ],
 )
-def test_on_policy_trainers_correct_an_inexact_sampler(monkeypatch, algo, config):
-    """A stub generator samples as ``kv_cache`` but reports log-probs 1 nat low: the trainer logs the
-    mismatch and weights each token by w = min(e¹, 2) = 2, so the policy loss and its gradient are
-    exactly twice the exact path's (Adam's first step is scale-free: the weights barely differ)."""
+def test_on_policy_trainers_correct_an_inexact_sampler(plugin_path, write_dist, algo, config):
+    """A plugin generator samples as ``kv_cache`` but reports log-probs 1 nat low (to the env too, whose
+    KL-shaped rewards take them): the trainer logs the mismatch, moves the rewards back to π_θold's and
+    weights each token by w = min(e¹, 2) = 2, so the policy loss and its gradient are exactly twice
+    the exact path's (Adam's first step is scale-free: the weights barely differ)."""
+    write_dist(plugin_path, "rlhf_demo_gen", {"stubgen": "rlhf_demo_gen"}, {"rlhf_demo_gen": STUB_GENERATOR})
     import plugins
-    from algorithms import base
     from algorithms.base import TrainContext
     from rlhf_env.tasks.arithmetic import make_arithmetic_task
     from rlhf_env.tasks.base_models import load_base_model
@@ -183,21 +207,14 @@ def test_on_policy_trainers_correct_an_inexact_sampler(monkeypatch, algo, config
         return trainer.step(0, 5), ctx.policy
 
     exact, exact_policy = one_step("kv_cache")
-    real_collect = base.collect
-
-    def stub_collect(env, policy, seed, prompts=None, *, device=None, generator=None):
-        batch = real_collect(env, policy, seed, prompts, device=device, generator="kv_cache")
-        batch.logprobs = batch.logprobs - 1.0 * batch.action_mask  # the stub's log-probs, 1 nat off
-        return batch
-
-    monkeypatch.setattr(base, "collect", stub_collect)
-    monkeypatch.setattr(base, "exact_logprobs", lambda name: name != "stub")
-    stub, stub_policy = one_step("stub")
+    stub, stub_policy = one_step("one_nat_low")
     assert "rollout/logprob_diff" not in exact and stub["rollout/logprob_diff"] == pytest.approx(1.0, abs=1e-5)
+    assert stub["reward/score"] == exact["reward/score"]  # the same samples
+    if "objective/return" in exact:  # KL-shaped rewards: back to π_θold's
+        assert stub["objective/return"] == pytest.approx(exact["objective/return"], abs=1e-5)
     # (REINFORCE++'s whitened advantages make its loss ~0 at ρ = 1: the gradient carries the check.)
     assert stub["loss/policy"] == pytest.approx(2 * exact["loss/policy"], rel=1e-4, abs=1e-6)
     assert stub["optim/grad_norm"] == pytest.approx(2 * exact["optim/grad_norm"], rel=1e-4)
-    assert stub["reward/score"] == exact["reward/score"]  # the same samples
     # Adam's step g/(|g| + ε) is the same for 2g but where |g| is near ε: well under a step of lr.
     for a, b in zip(exact_policy.parameters(), stub_policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
