@@ -10,7 +10,7 @@ caches and no-grad forward over the whole batch, whichever is larger).
 iterations, so the gradients and Adam moments of step 1 are live while step 2's
 activations build up): on CUDA ``torch.cuda.max_memory_allocated``; on CPU the tensors
 alive when the window opens (their storages, counted once) plus the highest running total
-of the CPU allocator's allocations and frees inside the window, from ``torch.profiler``'s
+of the CPU allocator's allocations and frees inside the window, from the PyTorch profiler's
 memory events. The CPU figure counts tensor storage only (not Python objects, the
 tokenizer or the allocator's slack) and never less than the true tensor peak: a tensor
 allocated before the window and freed inside it keeps counting.

@@ -200,7 +200,7 @@ def memory_section(summaries: list[dict[str, Any]]) -> list[str]:
         "Estimate: weights of every model held, gradients and Adam moments of the trained ones, and the "
         "larger of the update's and the rollout's activations (docs/maths.md §24). Measured: peak tensor "
         "memory of the first two steps (CUDA: max allocated; CPU: live tensors at the start plus the "
-        "allocator's peak inside, from `torch.profiler` memory events). Target: measured ≤ 1.5 × estimate.",
+        "allocator's peak inside, from the PyTorch profiler's memory events). Target: measured ≤ 1.5 × estimate.",
         "",
         "| task | algorithm | estimate MB | measured MB | measured / estimate |",
         "|---|---|---|---|---|",
