@@ -19,7 +19,7 @@ from algorithms import distributed
 from algorithms.core import truncated_is_weights
 from algorithms.overrides import typed_overrides
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
-from rlhf_env.rollout import RolloutBatch, collect, sequence_kl
+from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
 from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
@@ -94,20 +94,39 @@ def collect_rollouts(ctx: TrainContext, env, seed: int, prompts: list[str] | Non
     else:
         batch = collect(env, ctx.policy, seed, prompts, device=ctx.device, generator=ctx.generator)
     if not exact_logprobs(ctx.generator):
-        correct_sampler_logprobs(ctx.policy, batch)
+        correct_sampler_logprobs(ctx.policy, batch, beta=float(env_attr(env, "beta")))
     return batch
 
 
-def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0) -> None:
+def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0, beta: float = 0.0) -> None:
     """For a generator without exact log-probs: π_θold from a training forward replaces the
     sampler's, ``logprob_diff`` reports the mismatch and ``is_weights`` (truncated importance
-    sampling, ``core.truncated_is_weights``) correct the policy gradient for it."""
+    sampling, ``core.truncated_is_weights``) correct the policy gradient for it (docs/maths.md §25).
+
+    ``beta``: the env's β. Its KL-shaped token rewards −β (log π_sampler − log π_ref) took the
+    sampler's log-probs; they are moved to π_θold's, −β (log π_θold − log π_ref).
+    """
     with torch.no_grad():
         old = policy_logprobs(policy, batch) * batch.action_mask
     sampled, mask = batch.logprobs, batch.action_mask
     batch.logprob_diff = float(((old - sampled).abs() * mask).sum() / mask.sum().clamp(min=1))
     batch.is_weights = truncated_is_weights(old, sampled, mask, cap)
+    if beta:
+        batch.rewards = batch.rewards - beta * (old - sampled) * mask
     batch.logprobs = old
+
+
+def sampler_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """``rollout/logprob_diff`` of a batch from a generator without exact log-probs; {} otherwise."""
+    from algorithms import metrics as M
+
+    return {M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}
+
+
+def is_weighted(logp: torch.Tensor, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+    """(b, T) ``w_t · log π_θ`` with the batch's truncated importance weights (``core.truncated_is_weights``),
+    or ``logp`` itself for an exact generator: the score-function term of REINFORCE-style losses."""
+    return logp if batch.is_weights is None else logp * batch.is_weights[rows]
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
@@ -115,4 +134,13 @@ def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = sli
     return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
 
 
-__all__ = ["AlgorithmSpec", "RolloutBatch", "TrainContext", "collect_rollouts", "policy_logprobs", "sequence_kl"]
+__all__ = [
+    "AlgorithmSpec",
+    "RolloutBatch",
+    "TrainContext",
+    "collect_rollouts",
+    "is_weighted",
+    "policy_logprobs",
+    "sampler_metrics",
+    "sequence_kl",
+]

@@ -42,17 +42,22 @@ class Config(grpo.Config):
             raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
 
 
-def cispo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=1.0, eps_high=5.0, kl_coef=0.0) -> LossParts:
+def cispo_loss(
+    logp, old_logp, ref_logp, advantages, mask, eps_low=1.0, eps_high=5.0, kl_coef=0.0, tis=None
+) -> LossParts:
     """−token_mean(sg(clip(ρ, 1−ε_low, 1+ε_high)) Â_i log π_θ) + β token_mean(k3).
 
     Args:
         logp: (B, T) log π_θ (with gradients); old_logp, ref_logp: (B, T).
         advantages: (B,) Â_i; mask: (B, T) 1 on completion tokens.
+        tis: (B, T) truncated importance weights w_t of an inexact generator, multiplying the clipped weight; or None.
     Returns:
         ``LossParts``; clipfrac is the share of completion tokens whose weight was clipped.
     """
     ratio = (logp - old_logp).exp().detach()
     weight = ratio.clamp(1 - eps_low, 1 + eps_high)
+    if tis is not None:
+        weight = weight * tis
     policy = -token_mean(weight * advantages[:, None].detach() * logp, mask)
     kl = kl_coef * token_mean(kl_k3(logp, ref_logp), mask)
     clipfrac = token_mean(((ratio > 1 + eps_high) | (ratio < 1 - eps_low)).to(mask.dtype), mask)
@@ -64,6 +69,6 @@ class Trainer(grpo.Trainer):
 
     token_level = True
 
-    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+    def loss(self, logp, old_logp, ref_logp, advantages, mask, tis=None) -> LossParts:
         c = self.config
-        return cispo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef)
+        return cispo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef, tis)

@@ -182,7 +182,7 @@ def check_asymmetric_clip(eps_low: float, eps_high: float) -> None:
 def truncated_is_weights(
     old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float = 2.0
 ) -> torch.Tensor:
-    """Truncated importance sampling (Yao et al. 2025): w_t = min(π_θold(y_t) / π_sampler(y_t), C).
+    """Truncated importance sampling (Yao et al. 2025, docs/maths.md §25): w_t = min(π_θold(y_t) / π_sampler(y_t), C).
 
     For rollouts whose sampler's log-probs differ from the trainer's forward (another
     generation engine, other kernels): each token's policy-gradient term is weighted by

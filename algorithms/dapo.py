@@ -67,15 +67,20 @@ def informative_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped != grouped[:, :1]).any(dim=1)
 
 
-def dapo_loss(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.28, kl_coef=0.0) -> LossParts:
+def dapo_loss(
+    logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.28, kl_coef=0.0, tis=None
+) -> LossParts:
     """−token_mean(min(ρ Â_i, clip(ρ, 1−ε_low, 1+ε_high) Â_i)) + β token_mean(k3).
 
     Args:
         logp: (B, T) log π_θ (with gradients); old_logp, ref_logp: (B, T).
         advantages: (B,) Â_i; mask: (B, T) 1 on completion tokens.
+        tis: (B, T) truncated importance weights multiplying the surrogate (an inexact generator), or None.
     """
     ratio = torch.exp(logp - old_logp.detach())
     surrogate, clipped = asymmetric_clipped_surrogate(ratio, advantages[:, None], eps_low, eps_high)
+    if tis is not None:
+        surrogate = surrogate * tis
     policy = -token_mean(surrogate, mask)
     kl = kl_coef * token_mean(kl_k3(logp, ref_logp), mask)
     return LossParts(policy + kl, policy, kl, token_mean(clipped.to(mask.dtype), mask).detach())
@@ -96,6 +101,8 @@ def take_rows(batches: list[tuple[RolloutBatch, torch.Tensor]], pad_token_id: in
             parts.append(torch.nn.functional.pad(x, (0, L - b.input_ids.shape[1]), value=pad_value))
         return torch.cat(parts)
 
+    weighted = all(b.is_weights is not None for b, _ in batches)  # an inexact generator's rounds
+    diffs = [b.logprob_diff for b, _ in batches if b.logprob_diff is not None]
     return RolloutBatch(
         prompts=[b.prompts[r] for b, rows in batches for r in rows.tolist()],
         completions=[b.completions[r] for b, rows in batches for r in rows.tolist()],
@@ -104,6 +111,8 @@ def take_rows(batches: list[tuple[RolloutBatch, torch.Tensor]], pad_token_id: in
         **{name: cat(name, 0.0) for name in ("action_mask", "logprobs", "ref_logprobs", "rewards")},
         scores=torch.cat([b.scores[rows] for b, rows in batches]),
         vocab_size=batches[0][0].vocab_size,
+        is_weights=cat("is_weights", 0.0) if weighted else None,
+        logprob_diff=sum(diffs) / len(diffs) if diffs else None,  # the mean over the rounds kept
     )
 
 
@@ -119,9 +128,9 @@ class Trainer(grpo.Trainer):
             )
         super().__init__(ctx, config)
 
-    def loss(self, logp, old_logp, ref_logp, advantages, mask) -> LossParts:
+    def loss(self, logp, old_logp, ref_logp, advantages, mask, tis=None) -> LossParts:
         c = self.config
-        return dapo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef)
+        return dapo_loss(logp, old_logp, ref_logp, advantages, mask, c.clip_eps_low, c.clip_eps_high, c.kl_coef, tis)
 
     def rollout(self, seed: int):
         c, G = self.config, self.config.group_size

@@ -31,7 +31,7 @@ import torch
 
 from algorithms import core, distributed
 from algorithms import metrics as M
-from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import kl_k3, masked_mean
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
@@ -218,7 +218,7 @@ class Trainer(Stateful):
                 distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
-            # Subclasses whose loss takes no ``tis`` train on the recomputed π_θold only.
+            # A (third-party) subclass whose loss takes no ``tis`` trains on the recomputed π_θold only.
             tis = {"tis": batch.is_weights[rows]} if batch.is_weights is not None and self._takes_tis else {}
             parts = self.loss(*args, **tis)
             grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
@@ -238,7 +238,7 @@ class Trainer(Stateful):
             M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
-            **({M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}),
+            **sampler_metrics(batch),
         }
 
     @property

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from algorithms import distributed, lora
+from algorithms import distributed, lora, memory
 from algorithms import fsdp as sharding
 from algorithms import metrics as M
 from algorithms.base import TrainContext
@@ -152,6 +152,7 @@ def train(
     backend: str | None = None,
     lora_settings: lora.LoraSettings | None = None,
     fsdp: bool = False,
+    measure_memory: bool = False,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -175,6 +176,9 @@ def train(
     (``algorithms.distributed``): same update as one rank, rank 0 alone writes.
     ``lora_settings``: train LoRA adapters (``algorithms.lora``) instead of every weight.
     ``fsdp``: shard the policy over the ranks (``algorithms.fsdp``; sharded checkpoints).
+    ``measure_memory``: the record of the second step (the first, in a one-step run) carries
+    ``memory/peak_mb``, the peak tensor memory of the first two steps, and ``memory/estimate_mb``
+    (``algorithms.memory``).
     """
     budget = Budget(steps, max_tokens, max_seconds)
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
@@ -282,8 +286,11 @@ def train(
             bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt}% [{elapsed}<{remaining}{postfix}]",
         )
         step = start
+        meter = memory.PeakMeter(device) if measure_memory else None
         try:
             while done < 1.0:
+                if meter is not None and step == start:
+                    meter.start()
                 t0 = time.perf_counter()
                 torch.manual_seed(step_seed(seed, step))
                 try:
@@ -309,6 +316,8 @@ def train(
                     }
                 )
                 before, done = done, distributed.from_lead(budget.fraction(step + 1, tokens_total, elapsed))
+                if meter is not None and meter.running and (step > start or done >= 1.0):
+                    metrics.update(_memory_metrics(meter, ctx, cfg, trainer))
                 if eval_points:
                     due = done >= 1.0 or math.floor(done * eval_points) > math.floor(before * eval_points)
                 else:
@@ -332,9 +341,20 @@ def train(
                 if step % checkpoint_every == 0 or done >= 1.0:
                     _save_checkpoint(out, ctx, trainer, step)
         finally:
+            if meter is not None and meter.running:  # an exception inside the window: close the profiler
+                meter.stop()
             writer.close()
             bar.close()
         return records
+
+
+def _memory_metrics(meter: memory.PeakMeter, ctx: TrainContext, cfg, trainer) -> dict[str, float]:
+    """``memory/peak_mb`` of the window ``meter`` closes now and ``memory/estimate_mb`` (if the config is known)."""
+    out = {M.MEMORY_PEAK_MB: meter.stop()}
+    est = memory.estimate(ctx, cfg, trainer)
+    if est is not None:
+        out[M.MEMORY_ESTIMATE_MB] = est.mb
+    return out
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ equal). The formulas behind the names are in ``docs/maths.md``.
 Namespaces: ``reward/`` rewards, ``objective/`` what the KL-regularised objective is made
 of, ``loss/`` the losses minimised, ``policy/`` and ``optim/`` update diagnostics,
 ``dpo/`` and ``rm/`` algorithm-specific ones, ``rollout/`` the sampler's agreement with
-the trainer, ``perf/`` throughput and memory,
-``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
+the trainer, ``perf/`` throughput and memory, ``memory/`` peak tensor memory against its
+analytic estimate, ``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
 names of its own; the built-ins log only these.
 """
 
@@ -174,4 +174,18 @@ ROLLOUT_LOGPROB_DIFF = _metric(
     "guarantee the training forward's log-probs (e.g. `hf_generate`); the update then corrects with "
     "truncated importance sampling",
     "nats per token",
+)
+
+# -- peak memory against the analytic estimate (issue 13) --------------------------------------
+MEMORY_PEAK_MB = _metric(
+    "memory/peak_mb",
+    "peak tensor memory of the first two training steps: CUDA max allocated, or on CPU the live tensors at "
+    "the start plus the allocator's peak inside (`algorithms.memory`); in the second step's record",
+    "MiB",
+)
+MEMORY_ESTIMATE_MB = _metric(
+    "memory/estimate_mb",
+    "analytic peak of one training step: weights, gradients, Adam moments, reference, reward model and the "
+    "larger of the update's and the rollout's activations, docs/maths.md §24",
+    "MiB",
 )

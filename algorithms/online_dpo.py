@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import metrics as M
-from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import masked_sum
 from algorithms.dpo import dpo_loss, pair_metrics
 from algorithms.plumbing import PolicyTrainer
@@ -69,6 +69,8 @@ class Trainer(PolicyTrainer):
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.ONLINE_DPO_PAIR_FRACTION: len(chosen) / c.num_prompts,
             M.PERF_TOKENS: batch.num_tokens,
+            # The DPO loss does not use the sampler's log-probs: a mismatch is reported, nothing to correct.
+            **sampler_metrics(batch),
         }
         if len(chosen) == 0:  # every prompt tied: nothing to prefer
             return metrics

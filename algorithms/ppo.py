@@ -46,7 +46,7 @@ from torch import nn
 
 from algorithms import distributed
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, sequence_kl
+from algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
 from algorithms.core import (
     clipped,
     clipped_surrogate,
@@ -106,7 +106,7 @@ class Config:
 # -- pure maths ------------------------------------------------------------------------------
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float, tis=None):
     """Clipped surrogate: −masked_mean(min(ρ Â, clip(ρ, 1−ε, 1+ε) Â)), ρ = exp(log π − log π_old).
 
     Args:
@@ -115,11 +115,14 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
         advantages: (B, T) Â (no gradient).
         mask: (B, T) 1 on completion tokens.
         clip_eps: ε > 0.
+        tis: (B, T) truncated importance weights multiplying the surrogate (an inexact generator), or None.
     Returns:
         (loss, clipfrac): scalar loss; the share of masked tokens where clipping changed the
         objective (``core.clipped``: the gradient through ρ is cut there).
     """
     surrogate, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+    if tis is not None:
+        surrogate = surrogate * tis
     loss = -masked_mean(surrogate, mask)
     clipfrac = masked_mean(clipped(ratio, advantages, clip_eps).float(), mask)
     return loss, clipfrac
@@ -249,7 +252,8 @@ class Trainer(Stateful):
             m = mask[rows]
             ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
             logprobs, values = logprobs_and_values(policy, self.value_head, ids, attn, batch.vocab_size)
-            pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps)
+            tis = batch.is_weights[rows] if batch.is_weights is not None else None
+            pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps, tis)
             vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
             loss = pg_loss + c.vf_coef * vf_loss
             grad_norm = self.optimizer.step(loss, policy=pg_loss, value=vf_loss)
@@ -275,6 +279,7 @@ class Trainer(Stateful):
             M.OBJECTIVE_KL_COEF: beta,
             M.OBJECTIVE_RETURN: masked_sum(batch.rewards, mask, 1).mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
+            **sampler_metrics(batch),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import metrics as M
-from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import masked_sum
 from algorithms.plumbing import PolicyTrainer
 
@@ -48,7 +48,8 @@ class Trainer(PolicyTrainer):
         c, policy = self.config, self.ctx.policy
         batch = collect_rollouts(self.ctx, self.ctx.env(c.num_envs, beta=c.kl_coef), seed)
         returns = masked_sum(batch.rewards, batch.action_mask, 1)
-        seq_logp = masked_sum(policy_logprobs(policy, batch), batch.action_mask, 1)
+        # An inexact generator: each token's score-function term weighted by w_t (docs/maths.md §25).
+        seq_logp = masked_sum(is_weighted(policy_logprobs(policy, batch), batch), batch.action_mask, 1)
         loss = reinforce_loss(seq_logp, returns, returns.mean() if c.baseline else 0.0)
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
@@ -58,4 +59,5 @@ class Trainer(PolicyTrainer):
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.OBJECTIVE_RETURN: returns.mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
+            **sampler_metrics(batch),
         }

@@ -20,7 +20,7 @@ import torch
 
 from algorithms import core, distributed
 from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import gae, masked_sum, masked_whiten, token_mean
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 
@@ -87,16 +87,19 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, baseline:
     return masked_whiten((returns - baseline[:, None]) * mask, mask)
 
 
-def reinforce_pp_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2):
+def reinforce_pp_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, tis=None):
     """−token_mean(min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t)) over the minibatch's completion tokens.
 
     Args:
         logp: (B, T) log π_θ (with gradients); old_logp: (B, T) log π_old.
         advantages: (B, T) Â; mask: (B, T).
+        tis: (B, T) truncated importance weights multiplying the surrogate (an inexact generator), or None.
     Returns:
         (loss scalar, clipfrac scalar).
     """
     surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    if tis is not None:
+        surrogate = surrogate * tis
     clipfrac = token_mean(core.clipped(ratio, advantages, clip_eps).to(mask.dtype), mask)
     return -token_mean(surrogate, mask), clipfrac.detach()
 
@@ -121,7 +124,8 @@ class Trainer(Stateful):
         for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
             distributed.share_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
-            loss, clipfrac = reinforce_pp_loss(logp, batch.logprobs[rows], advantages[rows], mask, c.clip_eps)
+            tis = batch.is_weights[rows] if batch.is_weights is not None else None
+            loss, clipfrac = reinforce_pp_loss(logp, batch.logprobs[rows], advantages[rows], mask, c.clip_eps, tis)
             grad_norm = self.optimizer.step(loss, policy=loss)
             means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm})
         return {
@@ -130,6 +134,7 @@ class Trainer(Stateful):
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.OBJECTIVE_RETURN: masked_sum(batch.rewards, batch.action_mask, 1).mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
+            **sampler_metrics(batch),
         }
 
 

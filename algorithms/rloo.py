@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from algorithms import metrics as M
-from algorithms.base import collect_rollouts, policy_logprobs, sequence_kl
+from algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import leave_one_out_baseline, masked_sum
 from algorithms.grpo import group_std
 from algorithms.plumbing import PolicyTrainer
@@ -49,7 +49,7 @@ class Trainer(PolicyTrainer):
         env = self.ctx.env(c.num_prompts * c.k, group_size=c.k, beta=c.kl_coef)
         batch = collect_rollouts(self.ctx, env, seed)
         returns = masked_sum(batch.rewards, batch.action_mask, 1)
-        seq_logp = masked_sum(policy_logprobs(policy, batch), batch.action_mask, 1)
+        seq_logp = masked_sum(is_weighted(policy_logprobs(policy, batch), batch), batch.action_mask, 1)
         loss = reinforce_loss(seq_logp, returns, leave_one_out_baseline(returns, c.k))
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
@@ -60,4 +60,5 @@ class Trainer(PolicyTrainer):
             M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
             M.OBJECTIVE_RETURN: returns.mean().item(),
             M.PERF_TOKENS: batch.num_tokens,
+            **sampler_metrics(batch),
         }

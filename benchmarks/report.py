@@ -2,7 +2,8 @@
 
 - ``results.csv``: one row per cell (and per task's base model), the raw figures.
 - ``results.md``: per task and algorithm, mean ± std over seeds of the final gold reward,
-  KL to the reference, training tokens/s, wall time and peak memory.
+  KL to the reference, training tokens/s, wall time and peak memory; then a table of each
+  algorithm's peak tensor memory against its analytic estimate (``algorithms.memory``).
 - ``frontier.png``: gold reward against KL to the reference, each algorithm's path from the
   base model through its evaluations (means over seeds; bars: std of the final point).
 - ``gold_vs_tokens.png``, ``gold_vs_time.png``: gold reward against training tokens and
@@ -39,6 +40,8 @@ FIGURES = [
     M.TIME_ELAPSED_S,
     M.TIME_WALL_S,
     M.PERF_PEAK_MEM_MB,
+    M.MEMORY_ESTIMATE_MB,
+    M.MEMORY_PEAK_MB,
     M.TIME_STEPS,
 ]
 EXTRA_CSV = [M.OBJECTIVE_KL_BEST_OF_N, M.RM_HELDOUT_ACCURACY, M.RM_HELDOUT_GOLD_ACCURACY]
@@ -170,6 +173,7 @@ def write_markdown(
                 name = f"best-of-{e['ok'][0]['n']} *(baseline)*"
             lines.append(f"| {name} | {seeds} | {figures} |")
         lines.append("")
+    lines += memory_section(summaries)
     lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
     failed += [r for t in rms for r in rms[t] if r.get("status") != "ok"]
@@ -183,6 +187,29 @@ def write_markdown(
             )
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def memory_section(summaries: list[dict[str, Any]]) -> list[str]:
+    """Peak tensor memory of the first two steps against the analytic estimate, per task and algorithm."""
+    rows = [e for e in summaries if e[M.MEMORY_PEAK_MB] and e[M.MEMORY_ESTIMATE_MB]]
+    if not rows:
+        return []
+    lines = [
+        "## Peak memory against the analytic estimate",
+        "",
+        "Estimate: weights of every model held, gradients and Adam moments of the trained ones, and the "
+        "larger of the update's and the rollout's activations (docs/maths.md §24). Measured: peak tensor "
+        "memory of the first two steps (CUDA: max allocated; CPU: live tensors at the start plus the "
+        "allocator's peak inside, from the PyTorch profiler's memory events). Target: measured ≤ 1.5 × estimate.",
+        "",
+        "| task | algorithm | estimate MB | measured MB | measured / estimate |",
+        "|---|---|---|---|---|",
+    ]
+    for e in rows:
+        ratio = [r[M.MEMORY_PEAK_MB] / r[M.MEMORY_ESTIMATE_MB] for r in e["ok"] if M.MEMORY_ESTIMATE_MB in r]
+        figures = [_fmt(e[M.MEMORY_ESTIMATE_MB], 1), _fmt(e[M.MEMORY_PEAK_MB], 1), _fmt(ratio, 2)]
+        lines.append(f"| {e['task']} | {e['algorithm']} | " + " | ".join(figures) + " |")
+    return lines + [""]
 
 
 def _trl_section(suite: Suite, out_dir: Path) -> list[str]:

@@ -16,7 +16,9 @@ pool is rebuilt and the remaining cells go on. ``out`` is owned by one process a
 ``result.json`` names its figures as ``metrics.jsonl`` does (``algorithms.metrics``):
 ``reward/gold``, ``objective/kl_eval``, ``perf/tokens_total`` and ``time/elapsed_s`` are the
 run's last record's; ``time/steps``, ``perf/mean_tokens_per_s``, ``time/wall_s`` and
-``perf/peak_mem_mb`` are the runner's. ``task``, ``algorithm``, ``seed``, ``budget``,
+``perf/peak_mem_mb`` are the runner's; ``memory/peak_mb`` and ``memory/estimate_mb`` (the
+peak tensor memory of the first two steps and its analytic estimate, ``algorithms.memory``)
+are the run's. ``task``, ``algorithm``, ``seed``, ``budget``,
 ``status``, ``error`` and ``device`` say which cell it is and how it went.
 """
 
@@ -196,8 +198,12 @@ def run_cell(
             progress=False,
             algo_name=cell.algorithm,
             callback=report,
+            measure_memory=True,
         )
         last = records[-1]
+        memory = next(
+            (r for r in records if M.MEMORY_PEAK_MB in r), {}
+        )  # the first window (a resumed cell measures again)
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
         names = (M.REWARD_GOLD, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
         result = {
@@ -208,6 +214,7 @@ def run_cell(
             M.PERF_MEAN_TOKENS_PER_S: last[M.PERF_TOKENS_TOTAL] / last[M.TIME_ELAPSED_S],
             M.TIME_WALL_S: time.perf_counter() - t0,
             M.PERF_PEAK_MEM_MB: _peak_memory_mb(device),
+            **{name: memory[name] for name in (M.MEMORY_PEAK_MB, M.MEMORY_ESTIMATE_MB) if name in memory},
             "device": str(device),
         }
         (path / "error.txt").unlink(missing_ok=True)

@@ -9,22 +9,24 @@ token reward of docs/maths.md §2,
 scores every row that ended in one batch, and starts new prompts in the rows that ask,
 all with **one** reference forward. ``advance_chunk`` does the same for up to K tokens
 per row, still with one reference forward (the chunked rollout path). Both envs are thin
-wrappers around it.
+wrappers around it; what they share around it, loading their parts (``load_parts``) and
+their public attributes (``EnvProperties``), is in ``rlhf_env.env_common`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
+from rlhf_env.env_common import EnvProperties, load_parts  # re-exported: the envs' old import path
 from rlhf_env.errors import InvalidActionError
 from rlhf_env.kvcache import IncrementalLM
-from rlhf_env.models import check_vocab, default_device, load_causal_lm, load_tokenizer, pad_token_id
+from rlhf_env.models import check_vocab, pad_token_id
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores, reward_name
+
+__all__ = ["ChunkOut", "EnvProperties", "EpisodeBatch", "StepOut", "load_parts"]
 
 
 @dataclass
@@ -60,25 +62,6 @@ class ChunkOut:
     applied: torch.Tensor  # bool, tokens that were applied
     score: torch.Tensor  # (B,) float32, r_φ(x, y) of rows that ended, else 0
     ended: torch.Tensor  # (B,) bool, rows whose episode ended in this chunk
-
-
-def load_parts(
-    tokenizer, ref_model, reward, *, reward_tokenizer=None, device=None, dtype=None, trust_remote_code: bool = False
-):
-    """The env factories' loading step: paths become objects, models move to ``device``/``dtype``.
-
-    Returns ``(tokenizer, ref_model or None, reward callable, torch.device)``, what
-    ``EpisodeBatch`` takes. A ``PreTrainedModel`` or a path as ``reward`` becomes a
-    ``RewardModel`` scored with ``reward_tokenizer`` (default the policy's tokenizer).
-    """
-    device = torch.device(device) if device is not None else default_device()
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer, trust_remote_code)
-    if ref_model is not None:
-        ref_model = load_causal_lm(ref_model, device, dtype, trust_remote_code)
-    if isinstance(reward, PreTrainedModel) or (reward is not None and isinstance(reward, (str, os.PathLike))):
-        reward = RewardModel(reward, reward_tokenizer or tokenizer, device, dtype, trust_remote_code)
-    return tokenizer, ref_model, reward, device
 
 
 class EpisodeBatch:
@@ -369,64 +352,3 @@ class EpisodeBatch:
             restart[r] = True
         if bool(lengths.any()):
             self.ref.feed(chunk, lengths, restart)
-
-
-class EnvProperties:
-    """The envs' public attributes (both envs; ``core`` is private).
-
-    Through Gymnasium wrappers read them with ``rlhf_env.rollout.env_attr(env, name)``
-    (``get_wrapper_attr`` where the wrapper has it) and set ``beta`` with ``set_env_attr``.
-    """
-
-    core: EpisodeBatch
-
-    @property
-    def tokenizer(self):
-        """The policy's tokenizer."""
-        return self.core.tokenizer
-
-    @property
-    def ref_model(self):
-        """The reference model π_ref (None without one)."""
-        return self.core.ref_model
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Completion length limit (``truncated`` when reached)."""
-        return self.core.max_new_tokens
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return self.core.max_prompt_tokens
-
-    @property
-    def pad_token_id(self) -> int:
-        """The id in padding slots of observations."""
-        return self.core.pad_token_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.core.eos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's ids: actions are in [0, vocab_size)."""
-        return self.core.vocab_size
-
-    @property
-    def device(self) -> torch.device:
-        """Where the reference and reward models run."""
-        return self.core.device
-
-    @property
-    def beta(self) -> float:
-        """KL coefficient β of the token reward; settable (adaptive KL changes it between rollouts)."""
-        return self.core.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        if not value >= 0:
-            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {value}")
-        if value > 0 and self.core.ref is None:
-            raise ValueError(f"beta={value} > 0 needs a reference model (ref_model=None)")
-        self.core.beta = float(value)

@@ -339,6 +339,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
         gold, kl = figures[(c.algorithm, c.seed)]
         result = {"status": "ok", M.REWARD_GOLD: gold, M.OBJECTIVE_KL_EVAL: kl, M.PERF_TOKENS_TOTAL: 100}
         result |= {M.TIME_ELAPSED_S: 2.0, M.PERF_MEAN_TOKENS_PER_S: 50.0, M.TIME_WALL_S: 3.0, M.PERF_PEAK_MEM_MB: 400.0}
+        result |= {M.MEMORY_ESTIMATE_MB: 20.0, M.MEMORY_PEAK_MB: 20.0 + 4 * c.seed} if c.algorithm == "ppo" else {}
         _write_result(cell_dir(out, c), result)
         (cell_dir(out, c) / "metrics.jsonl").write_text(
             json.dumps(
@@ -358,6 +359,8 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
     assert "| dpo | 1 (1 failed) | 0.900 | – | 1.00 |" in md
     assert md.index("| dpo |") < md.index("| ppo |")  # best gold first
     assert "| *base model* | – | 0.250 |" in md and "`arithmetic/dpo/seed1`: ValueError: boom" in md
+    # Peak memory against the estimate: ppo's ratios 1.0 and 1.2; dpo recorded none, so no row.
+    assert "| arithmetic | ppo | 20.0 ± 0.0 | 22.0 ± 2.8 | 1.10 ± 0.14 |" in md and "| arithmetic | dpo |" not in md
 
 
 # -- the TRL peer baseline ---------------------------------------------------------------------

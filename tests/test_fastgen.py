@@ -121,3 +121,100 @@ def test_tokens_past_the_position_table_do_not_break_the_ones_before():
     seq = ids[0, :5].tolist() + tokens[0, :3].tolist()
     full = torch.log_softmax(model(torch.tensor([seq])).logits[0, 4:7].float(), dim=-1).detach()
     torch.testing.assert_close(logprobs[0, :3], full.gather(1, tokens[0, :3, None]).squeeze(1), atol=1e-5, rtol=0)
+
+
+def test_every_clipped_loss_weights_its_policy_term_by_the_truncated_is_weights():
+    from algorithms import cispo, dapo, gspo, ppo, reinforce_pp
+
+    gen = torch.Generator().manual_seed(1)
+    logp, old, ref = (torch.randn(2, 5, generator=gen) * 0.3 - 1 for _ in range(3))
+    adv, mask, two = torch.tensor([1.0, -0.5]), torch.ones(2, 5), torch.full((2, 5), 2.0)
+    for loss in (dapo.dapo_loss, gspo.gspo_loss, cispo.cispo_loss):  # w_t = 2 on every token: twice the policy term
+        torch.testing.assert_close(
+            loss(logp, old, ref, adv, mask, tis=two).policy, 2 * loss(logp, old, ref, adv, mask).policy
+        )
+    token_adv = adv[:, None].expand(2, 5)
+    torch.testing.assert_close(
+        ppo.policy_loss(logp, old, token_adv, mask, 0.2, two)[0],
+        2 * ppo.policy_loss(logp, old, token_adv, mask, 0.2)[0],
+    )
+    torch.testing.assert_close(
+        reinforce_pp.reinforce_pp_loss(logp, old, token_adv, mask, 0.2, two)[0],
+        2 * reinforce_pp.reinforce_pp_loss(logp, old, token_adv, mask, 0.2)[0],
+    )
+    # GSPO weighs a sequence by the geometric mean of its w_t: (1, 4) -> 2, the same as (2, 2).
+    mixed = torch.tensor([[1.0, 4.0, 1.0, 4.0, 0.0], [2.0, 2.0, 2.0, 2.0, 0.0]])
+    mask4 = torch.tensor([[1.0, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    torch.testing.assert_close(
+        gspo.gspo_loss(logp, old, ref, adv, mask4, tis=mixed).policy,
+        2 * gspo.gspo_loss(logp, old, ref, adv, mask4).policy,
+    )
+
+
+STUB_GENERATOR = """
+from rlhf_env import hookimpl
+from rlhf_env.policy import SamplingPolicy
+
+
+class OneNatLow(SamplingPolicy):
+    exact_logprobs = False
+
+    def act(self, obs):
+        out = super().act(obs)
+        return {**out, "logprob": out["logprob"] - 1.0}
+
+    def generate(self, obs, max_tokens):
+        out = super().generate(obs, max_tokens)
+        return {**out, "logprob": out["logprob"] - 1.0}
+
+
+@hookimpl
+def rlhf_register_generators(register):
+    register("one_nat_low", OneNatLow)
+"""
+
+
+@pytest.mark.parametrize(
+    "algo, config",
+    [
+        ("reinforce", {"num_envs": 4}),
+        ("rloo", {"num_prompts": 2, "k": 2}),
+        ("ppo", {"num_envs": 4, "num_minibatches": 1, "ppo_epochs": 1, "vf_coef": 0.0}),  # the policy part alone
+        ("reinforce_pp", {"num_prompts": 4, "num_minibatches": 1}),
+        ("dapo", {"num_prompts": 2, "group_size": 2, "num_minibatches": 1}),  # rows kept over rounds keep their w
+        ("gspo", {"num_prompts": 2, "group_size": 2, "num_minibatches": 1}),
+    ],
+)
+def test_on_policy_trainers_correct_an_inexact_sampler(plugin_path, write_dist, algo, config):
+    """A plugin generator samples as ``kv_cache`` but reports log-probs 1 nat low (to the env too, whose
+    KL-shaped rewards take them): the trainer logs the mismatch, moves the rewards back to π_θold's and
+    weights each token by w = min(e¹, 2) = 2, so the policy loss and its gradient are exactly twice
+    the exact path's (Adam's first step is scale-free: the weights barely differ)."""
+    write_dist(plugin_path, "rlhf_demo_gen", {"stubgen": "rlhf_demo_gen"}, {"rlhf_demo_gen": STUB_GENERATOR})
+    import plugins
+    from algorithms.base import TrainContext
+    from rlhf_env.tasks.arithmetic import make_arithmetic_task
+    from rlhf_env.tasks.base_models import load_base_model
+
+    task = make_arithmetic_task(digits=1, n_train=80, n_eval=20, sft_steps=100)  # a shipped base model
+    ref, tok = load_base_model(task, device="cpu", progress=False)
+    spec = plugins.get_host().algorithms.get(algo)
+
+    def one_step(generator):
+        ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), generator=generator)
+        trainer = spec.Trainer(ctx, spec.Config(**config))
+        torch.manual_seed(0)
+        return trainer.step(0, 5), ctx.policy
+
+    exact, exact_policy = one_step("kv_cache")
+    stub, stub_policy = one_step("one_nat_low")
+    assert "rollout/logprob_diff" not in exact and stub["rollout/logprob_diff"] == pytest.approx(1.0, abs=1e-5)
+    assert stub["reward/score"] == exact["reward/score"]  # the same samples
+    if "objective/return" in exact:  # KL-shaped rewards: back to π_θold's
+        assert stub["objective/return"] == pytest.approx(exact["objective/return"], abs=1e-5)
+    # (REINFORCE++'s whitened advantages make its loss ~0 at ρ = 1: the gradient carries the check.)
+    assert stub["loss/policy"] == pytest.approx(2 * exact["loss/policy"], rel=1e-4, abs=1e-6)
+    assert stub["optim/grad_norm"] == pytest.approx(2 * exact["optim/grad_norm"], rel=1e-4)
+    # Adam's step g/(|g| + ε) is the same for 2g but where |g| is near ε: well under a step of lr.
+    for a, b in zip(exact_policy.parameters(), stub_policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

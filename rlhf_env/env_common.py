@@ -1,0 +1,92 @@
+"""What ``TextGenEnv`` and ``VectorTextGenEnv`` share around their ``EpisodeBatch`` (``rlhf_env.core``):
+the loading step of their factories and their public attributes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import PreTrainedModel
+
+from rlhf_env.models import default_device, load_causal_lm, load_tokenizer
+from rlhf_env.rewards import RewardModel
+
+
+def load_parts(
+    tokenizer, ref_model, reward, *, reward_tokenizer=None, device=None, dtype=None, trust_remote_code: bool = False
+):
+    """The env factories' loading step: paths become objects, models move to ``device``/``dtype``.
+
+    Returns ``(tokenizer, ref_model or None, reward callable, torch.device)``, what
+    ``EpisodeBatch`` takes. A ``PreTrainedModel`` or a path as ``reward`` becomes a
+    ``RewardModel`` scored with ``reward_tokenizer`` (default the policy's tokenizer).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer, trust_remote_code)
+    if ref_model is not None:
+        ref_model = load_causal_lm(ref_model, device, dtype, trust_remote_code)
+    if isinstance(reward, PreTrainedModel) or (reward is not None and isinstance(reward, (str, os.PathLike))):
+        reward = RewardModel(reward, reward_tokenizer or tokenizer, device, dtype, trust_remote_code)
+    return tokenizer, ref_model, reward, device
+
+
+class EnvProperties:
+    """The envs' public attributes (both envs; ``core`` is private).
+
+    Through Gymnasium wrappers read them with ``rlhf_env.rollout.env_attr(env, name)``
+    (``get_wrapper_attr`` where the wrapper has it) and set ``beta`` with ``set_env_attr``.
+    """
+
+    core: object  # the env's rlhf_env.core.EpisodeBatch
+
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer."""
+        return self.core.tokenizer
+
+    @property
+    def ref_model(self):
+        """The reference model π_ref (None without one)."""
+        return self.core.ref_model
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Completion length limit (``truncated`` when reached)."""
+        return self.core.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.core.max_prompt_tokens
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id in padding slots of observations."""
+        return self.core.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.core.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's ids: actions are in [0, vocab_size)."""
+        return self.core.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reference and reward models run."""
+        return self.core.device
+
+    @property
+    def beta(self) -> float:
+        """KL coefficient β of the token reward; settable (adaptive KL changes it between rollouts)."""
+        return self.core.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {value}")
+        if value > 0 and self.core.ref is None:
+            raise ValueError(f"beta={value} > 0 needs a reference model (ref_model=None)")
+        self.core.beta = float(value)
