@@ -1,6 +1,6 @@
 """The device's measured ceilings, and how near the training update and decoding come to them.
 
-Measured in one run, on one device (CUDA; ``--device cpu`` runs the same code at toy sizes,
+The formulas: docs/maths.md §26. Measured in one run, on one device (CUDA; ``--device cpu`` runs the same code at toy sizes,
 what the tests do):
 
 * **peak**: a bf16 ``n × n × n`` matrix product on random data (mean of ``--repeats`` after
