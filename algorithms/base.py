@@ -111,8 +111,14 @@ def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0) -> N
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-    """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients)."""
-    return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
+    """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients); 0 past each row's end.
+
+    The rows are right-padded, so the forward runs on them trimmed to their longest row.
+    """
+    ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
+    width = int(attn.sum(1).max())
+    logp = next_token_logprobs(model, ids[:, :width], attn[:, :width], batch.vocab_size)
+    return torch.nn.functional.pad(logp, (0, ids.shape[1] - width))
 
 
 __all__ = ["AlgorithmSpec", "RolloutBatch", "TrainContext", "collect_rollouts", "policy_logprobs", "sequence_kl"]

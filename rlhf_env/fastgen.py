@@ -34,13 +34,25 @@ def _left_aligned(ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int):
     return left, src.clamp(min=0), visible
 
 
-def _masks(windows: dict, visible: torch.Tensor, col_pos: torch.Tensor, q_pos: torch.Tensor, kernel: str, dtype):
+def attention_masks(
+    windows: dict,
+    visible: torch.Tensor,
+    col_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    kernel: str,
+    dtype,
+    related: torch.Tensor | None = None,
+):
     """Attention masks (B, 1, q, M) for queries at positions ``q_pos`` (B, q) over all M cache columns.
 
-    A key is allowed when written and visible, not after the query by position, and within
-    the layer's window; one mask or ``{layer type: mask}`` (models mixing layer types)."""
+    A key is allowed when written and visible, not after the query by position, within the
+    layer's window and, where ``related`` (B, q, M) bool is given, where it is True (rows
+    holding several branches: ``scoring.branch_logprobs``); one mask or ``{layer type: mask}``
+    (models mixing layer types)."""
     gap = q_pos[:, :, None] - col_pos[:, None, :]
     seen = visible[:, None, :] & (gap >= 0)
+    if related is not None:
+        seen = seen & related
     out = {}
     for kind, window in windows.items():
         allowed = (seen & (gap < window) if window else seen)[:, None]
@@ -90,7 +102,7 @@ def sample_completions(
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
     # Queries see only the columns written so far: the unwritten ones are hidden by ``vis``.
-    mask = _masks(windows, vis, col_pos, pos, kernel, model.dtype)
+    mask = attention_masks(windows, vis, col_pos, pos, kernel, model.dtype)
     forward = dict(use_cache=True, **{cache_kwarg(model): cache})
     logits = model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
     tokens = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
@@ -112,7 +124,9 @@ def sample_completions(
         vis[:, P + t] = True
         q_pos = col_pos[:, P + t : P + t + 1]
         # Full attention: every written column precedes the query, so visibility is the mask.
-        mask = vis[:, None, None, :] if full_sdpa else _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+        mask = (
+            vis[:, None, None, :] if full_sdpa else attention_masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+        )
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
     return tokens, logprobs, counts
 
