@@ -25,6 +25,26 @@ from transformers.cache_utils import Cache, StaticLayer
 from rlhf_env.kvcache import cache_kwarg, layer_windows
 
 
+class WrittenLayer(StaticLayer):
+    """A preallocated cache layer that hands attention only the columns written so far.
+
+    Decoding step t then attends over P + t + 1 keys, not all P + K, and each write is a
+    slice copy (``StaticLayer`` writes with ``index_copy_``, several times slower on CPU)."""
+
+    def __init__(self, max_cache_len: int):
+        super().__init__(max_cache_len=max_cache_len)
+        self.written = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.written = self.written, self.written + key_states.shape[-2]
+        self.cumulative_length.add_(key_states.shape[-2])
+        self.keys[:, :, start : self.written] = key_states
+        self.values[:, :, start : self.written] = value_states
+        return self.keys[:, :, : self.written], self.values[:, :, : self.written]
+
+
 def _left_aligned(ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int):
     """(B, P) histories moved to the right end (P = longest), their (B, P) positions and visibility."""
     P = int(lengths.max())
@@ -100,9 +120,9 @@ def sample_completions(
     windows, kernel = layer_windows(model), model.config._attn_implementation
     full_sdpa = kernel == "sdpa" and not any(windows.values())
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
-    # Queries see only the columns written so far: the unwritten ones are hidden by ``vis``.
-    mask = attention_masks(windows, vis, col_pos, pos, kernel, model.dtype)
+    cache = Cache(layers=[WrittenLayer(max_cache_len=M) for _ in range(n_layers)])
+    # Queries see only the columns written so far (the cache hands attention no others).
+    mask = attention_masks(windows, vis[:, :P], col_pos[:, :P], pos, kernel, model.dtype)
     forward = dict(use_cache=True, **{cache_kwarg(model): cache})
     logits = model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
     tokens = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
@@ -122,10 +142,13 @@ def sample_completions(
         if t == K - 1:
             break
         vis[:, P + t] = True
-        q_pos = col_pos[:, P + t : P + t + 1]
+        n = P + t + 1  # columns written once this token is
+        q_pos, seen = col_pos[:, P + t : n], vis[:, :n]
         # Full attention: every written column precedes the query, so visibility is the mask.
         mask = (
-            vis[:, None, None, :] if full_sdpa else attention_masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
+            seen[:, None, None, :]
+            if full_sdpa
+            else attention_masks(windows, seen, col_pos[:, :n], q_pos, kernel, model.dtype)
         )
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
     return tokens, logprobs, counts
