@@ -19,8 +19,8 @@ from algorithms import distributed
 from algorithms.core import truncated_is_weights
 from algorithms.overrides import typed_overrides
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
+from rlhf_env.packing import packed_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, sequence_kl
-from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
 
@@ -111,14 +111,14 @@ def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0) -> N
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-    """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients); 0 past each row's end.
+    """(b, L-1) log-probs of the batch's completion tokens under ``model`` (with gradients), 0 elsewhere.
 
-    The rows are right-padded, so the forward runs on them trimmed to their longest row.
+    Rows of one group share their prompt: ``packed_logprobs`` runs it once for all of them
+    and packs the rows without padding.
     """
-    ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
-    width = int(attn.sum(1).max())
-    logp = next_token_logprobs(model, ids[:, :width], attn[:, :width], batch.vocab_size)
-    return torch.nn.functional.pad(logp, (0, ids.shape[1] - width))
+    return packed_logprobs(
+        model, batch.input_ids[rows], batch.attention_mask[rows], batch.action_mask[rows], batch.vocab_size
+    )
 
 
 __all__ = ["AlgorithmSpec", "RolloutBatch", "TrainContext", "collect_rollouts", "policy_logprobs", "sequence_kl"]

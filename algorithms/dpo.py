@@ -30,7 +30,8 @@ from algorithms.base import TrainContext
 from algorithms.core import masked_sum
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.models import pad_token_id
-from rlhf_env.scoring import branch_logprobs, encode_completion, next_token_logprobs, pack_completions, shares_prompts
+from rlhf_env.packing import branch_logprobs, shares_prompts
+from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import PreferencePair
 
 

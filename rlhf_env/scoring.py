@@ -47,68 +47,6 @@ def next_token_logprobs(
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 
-def shares_prompts(model) -> bool:
-    """Whether ``branch_logprobs`` can run ``model``: explicit 4-D masks and ``position_ids``
-    (``kvcache.layer_windows``' conditions)."""
-    from rlhf_env.kvcache import UnsupportedModelError, layer_windows
-
-    try:
-        layer_windows(model)
-    except UnsupportedModelError:
-        return False
-    return True
-
-
-def branch_logprobs(
-    model, input_ids: torch.Tensor, segments: torch.Tensor, vocab_size: int | None = None
-) -> torch.Tensor:
-    """Log-probs of several completions of one prompt scored in one row, the prompt run once.
-
-    A row is ``prompt ∘ branch 1 ∘ branch 2 ∘ …`` then padding. Branch k's tokens sit at the
-    positions they would have right after the prompt and attend to the prompt and to their
-    own branch only, so each branch is scored exactly as the row ``prompt ∘ branch k`` would
-    be (``next_token_logprobs``), in one forward and without running the prompt again.
-
-    Args:
-        input_ids: (B, W) int64.
-        segments: (B, W) int64: 0 on the prompt (at least one token), k >= 1 on branch k
-            (contiguous), -1 on padding (at the end).
-        vocab_size: see ``token_logprobs``.
-    Returns:
-        (B, W) float32: at a branch column, log p(token | prompt, the branch before it); 0 elsewhere.
-    """
-    from rlhf_env.fastgen import attention_masks
-    from rlhf_env.kvcache import layer_windows
-
-    B, W = input_ids.shape
-    cols = torch.arange(W, device=input_ids.device)[None, :]
-    prompt, branch = segments == 0, segments > 0
-    P = prompt.sum(1, keepdim=True)  # (B, 1) prompt lengths
-    after = torch.cat([torch.zeros_like(branch[:, :1]), segments[:, 1:] != segments[:, :-1]], 1)
-    starts = branch & after  # each branch's first column
-    start_col = torch.where(starts, cols, 0).cummax(1).values
-    positions = torch.where(branch, P + cols - start_col, torch.where(prompt, cols, 0))
-    # Padding queries see the prompt's first token only (a row with no allowed key would be NaN).
-    related = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
-    kernel = model.config._attn_implementation
-    mask = attention_masks(layer_windows(model), segments >= 0, positions, positions, kernel, model.dtype, related)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    # Column c predicts column c + 1, except that a later branch's first token is predicted by
-    # the prompt's last column: those few are gathered apart.
-    logp = torch.cat(
-        [
-            torch.zeros_like(logits[:, :1, 0], dtype=torch.float32),
-            token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size),
-        ],
-        1,
-    )
-    rows, at = torch.nonzero(starts & (cols > P), as_tuple=True)
-    if len(rows):
-        firsts = token_logprobs(logits[rows, P[rows, 0] - 1], input_ids[rows, at], vocab_size)
-        logp = logp.index_put((rows, at), firsts)
-    return logp * branch
-
-
 def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into ``(input_ids, attention_mask)``, both (N, max_len) int64."""
     width = max(len(s) for s in sequences)
