@@ -10,7 +10,9 @@ minibatch of pairs. The loop still evaluates the policy with env rollouts (gold 
 
 A completion is scored as the base models were trained (``rlhf_env.scoring.sft_loss``): the
 prompt's ids, then the completion's ids and EOS; log π(y|x) sums over the completion and
-EOS tokens only, never the prompt or the padding. The formulas: docs/maths.md §9.
+EOS tokens only, never the prompt or the padding. A pair is scored as one row in which the
+prompt runs once for both completions (``rlhf_env.packing.branch_logprobs``), where the
+model takes explicit attention masks; else as two padded rows. The formulas: docs/maths.md §9.
 
 Two registered variants share the pairs, the encodings and the trainer and differ only in
 the pair loss: IPO (Azar et al. 2023; ``ipo_loss``, docs/maths.md §19) and SimPO (Meng et

@@ -121,9 +121,7 @@ def pack_trees(trees: list[tuple[list[int], list[list[int]]]], capacity: int, pa
         else:
             rows.append([piece[0], [piece]])
     W = max(r[0] for r in rows)
-    ids = torch.full((len(rows), W), pad_token_id, dtype=torch.long)
-    segments = torch.full((len(rows), W), -1, dtype=torch.long)
-    tree_ids = torch.full((len(rows), W), -1, dtype=torch.long)
+    flat_rows, seg_rows, tree_rows = [], [], []
     places: list[list] = [[None] * len(b) for _, b in trees]
     for r, (_, row) in enumerate(rows):
         flat, seg, tid = [], [], []
@@ -135,9 +133,11 @@ def pack_trees(trees: list[tuple[list[int], list[list[int]]]], capacity: int, pa
                 flat += tokens
                 seg += [j + 1] * len(tokens)
             tid += [n] * (len(seg) - len(tid))
-        ids[r, : len(flat)] = torch.tensor(flat, dtype=torch.long)
-        segments[r, : len(seg)] = torch.tensor(seg, dtype=torch.long)
-        tree_ids[r, : len(tid)] = torch.tensor(tid, dtype=torch.long)
+        pad = W - len(flat)
+        flat_rows.append(flat + [pad_token_id] * pad)
+        seg_rows.append(seg + [-1] * pad)
+        tree_rows.append(tid + [-1] * pad)
+    ids, segments, tree_ids = (torch.tensor(x, dtype=torch.long) for x in (flat_rows, seg_rows, tree_rows))
     return ids, segments, tree_ids, places
 
 
