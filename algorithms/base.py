@@ -19,8 +19,8 @@ from algorithms import distributed
 from algorithms.core import truncated_is_weights
 from algorithms.overrides import typed_overrides
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
+from rlhf_env.packing import packed_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
-from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
 
@@ -130,8 +130,14 @@ def is_weighted(logp: torch.Tensor, batch: RolloutBatch, rows: slice | torch.Ten
 
 
 def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-    """(b, L-1) log-probs of the batch's tokens under ``model`` (with gradients)."""
-    return next_token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], batch.vocab_size)
+    """(b, L-1) log-probs of the batch's completion tokens under ``model`` (with gradients), 0 elsewhere.
+
+    Rows of one group share their prompt: ``packed_logprobs`` runs it once for all of them
+    and packs the rows without padding.
+    """
+    return packed_logprobs(
+        model, batch.input_ids[rows], batch.attention_mask[rows], batch.action_mask[rows], batch.vocab_size
+    )
 
 
 __all__ = [

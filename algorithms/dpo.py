@@ -10,7 +10,9 @@ minibatch of pairs. The loop still evaluates the policy with env rollouts (gold 
 
 A completion is scored as the base models were trained (``rlhf_env.scoring.sft_loss``): the
 prompt's ids, then the completion's ids and EOS; log π(y|x) sums over the completion and
-EOS tokens only, never the prompt or the padding. The formulas: docs/maths.md §9.
+EOS tokens only, never the prompt or the padding. A pair is scored as one row in which the
+prompt runs once for both completions (``rlhf_env.packing.branch_logprobs``), where the
+model takes explicit attention masks; else as two padded rows. The formulas: docs/maths.md §9.
 
 Two registered variants share the pairs, the encodings and the trainer and differ only in
 the pair loss: IPO (Azar et al. 2023; ``ipo_loss``, docs/maths.md §19) and SimPO (Meng et
@@ -30,6 +32,7 @@ from algorithms.base import TrainContext
 from algorithms.core import masked_sum
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.models import pad_token_id
+from rlhf_env.packing import branch_logprobs, shares_prompts
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import PreferencePair
 
@@ -187,6 +190,36 @@ def sequence_logprobs(
     return masked_sum(next_token_logprobs(model, input_ids, attention_mask, vocab_size), completion_mask, 1)
 
 
+def pair_rows(chosen, rejected, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Each pair as one row ``prompt ∘ chosen ∘ rejected`` for ``branch_logprobs`` (the prompt run once).
+
+    Args:
+        chosen, rejected: per pair ``(ids, prompt_length)`` (``encode_completion``).
+    Returns:
+        ``(input_ids, segments, widths)``: (N, W) right-padded ids, (N, W) segments (0 prompt,
+        1 chosen, 2 rejected, -1 padding) and (N,) row lengths; None when a pair's two
+        encodings do not start with the same non-empty prompt (they are then scored apart).
+    """
+    rows, segs = [], []
+    for (c, pc), (r, pr) in zip(chosen, rejected):
+        if pc < 1 or pc != pr or c[:pc] != r[:pr]:
+            return None
+        rows.append(c + r[pr:])
+        segs.append([0] * pc + [1] * (len(c) - pc) + [2] * (len(r) - pr))
+    widths = torch.tensor([len(row) for row in rows])
+    W = int(widths.max())
+    ids = torch.tensor([row + [pad] * (W - len(row)) for row in rows])
+    segments = torch.tensor([seg + [-1] * (W - len(seg)) for seg in segs])
+    return ids, segments, widths
+
+
+def pair_logprobs(model, ids: torch.Tensor, segments: torch.Tensor, vocab_size: int | None):
+    """(B,) log π(y+|x), (B,) log π(y−|x) and their (B,) token counts, of ``pair_rows`` rows."""
+    logp = branch_logprobs(model, ids, segments, vocab_size)
+    chosen, rejected = segments == 1, segments == 2
+    return (logp * chosen).sum(1), (logp * rejected).sum(1), chosen.sum(1), rejected.sum(1)
+
+
 # -- the trainer ---------------------------------------------------------------------------
 
 
@@ -215,6 +248,12 @@ class Trainer(Stateful):
         if limit is not None and longest > limit:
             raise ValueError(f"a preference pair is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
+        # Chosen and rejected share the prompt: one row per pair runs it once (``branch_logprobs``),
+        # where the model takes explicit masks; else a row per completion.
+        shared = shares_prompts(ctx.policy) and (not self.uses_reference or shares_prompts(ctx.ref))
+        self.rows = pair_rows(self.chosen, self.rejected, self.pad) if shared else None
+        if self.rows is not None:
+            self.rows = tuple(t.to(ctx.device) for t in self.rows)
         self.ref_chosen = self.ref_rejected = torch.zeros(len(self.pairs), device=ctx.device)
         if self.uses_reference:  # log π_ref(y±|x), once per pair
             self.ref_chosen, self.ref_rejected = self.reference_logprobs(eval_batch_size)
@@ -224,12 +263,30 @@ class Trainer(Stateful):
     def reference_logprobs(self, eval_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         ref_c, ref_r = [], []
         for s in range(0, len(self.pairs), eval_batch_size):
-            rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
-            lp = sequence_logprobs(self.ctx.ref, *pack_completions(rows, self.pad, self.ctx.device), self.vocab_size)
-            n = len(rows) // 2
-            ref_c.append(lp[:n])
-            ref_r.append(lp[n:])
+            if self.rows is not None:
+                c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + eval_batch_size, len(self.pairs))))
+            else:
+                rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
+                lp = sequence_logprobs(
+                    self.ctx.ref, *pack_completions(rows, self.pad, self.ctx.device), self.vocab_size
+                )
+                c, r = lp[: len(rows) // 2], lp[len(rows) // 2 :]
+            ref_c.append(c)
+            ref_r.append(r)
         return torch.cat(ref_c), torch.cat(ref_r)
+
+    def pair_batch(self, model, index: torch.Tensor):
+        """(B,) log π(y+|x), log π(y−|x), |y+| and |y−| of the pairs ``index``, in one forward."""
+        if self.rows is not None:
+            ids, segments, widths = self.rows
+            index = index.to(widths.device)
+            W = int(widths[index].max())  # trimmed to the longest row drawn
+            return pair_logprobs(model, ids[index, :W], segments[index, :W], self.vocab_size)
+        rows = [self.chosen[i] for i in index.tolist()] + [self.rejected[i] for i in index.tolist()]
+        ids, attn, mask = pack_completions(rows, self.pad, self.ctx.device)
+        logp, lengths = sequence_logprobs(model, ids, attn, mask, self.vocab_size), mask.sum(1)
+        b = len(index)
+        return logp[:b], logp[b:], lengths[:b], lengths[b:]
 
     def pair_loss(self, policy_c, policy_r, ref_c, ref_r, length_c, length_r):
         """The variant's loss of (B,) sequence log-probs and lengths: ``(loss, chosen_r, rejected_r)``."""
@@ -237,20 +294,15 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         policy = self.ctx.policy
-        idx = draw_rows(len(self.pairs), self.config.batch_size, seed)
-        rows = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
-        ids, attn, mask = pack_completions(rows, self.pad, self.ctx.device)
-        logp = sequence_logprobs(policy, ids, attn, mask, self.vocab_size)  # chosen and rejected in one forward
-        lengths = mask.sum(1)
-        b = len(idx)
-        index = torch.tensor(idx, device=logp.device)
+        index = torch.tensor(draw_rows(len(self.pairs), self.config.batch_size, seed), device=self.ctx.device)
+        policy_c, policy_r, length_c, length_r = self.pair_batch(policy, index)  # chosen and rejected in one forward
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]
-        loss, chosen_r, rejected_r = self.pair_loss(logp[:b], logp[b:], ref_c, ref_r, lengths[:b], lengths[b:])
+        loss, chosen_r, rejected_r = self.pair_loss(policy_c, policy_r, ref_c, ref_r, length_c, length_r)
         grad_norm = self.optimizer.step(loss, policy=loss)
         return {
             **pair_metrics(loss, grad_norm, chosen_r, rejected_r),
             **self.reward_metrics(chosen_r, rejected_r),
-            M.PERF_TOKENS: float(mask.sum()),
+            M.PERF_TOKENS: float(length_c.sum() + length_r.sum()),
         }
 
     def reward_metrics(self, chosen_r: torch.Tensor, rejected_r: torch.Tensor) -> dict[str, float]:

@@ -40,7 +40,13 @@ class Optimizer:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.params = [p for p in params if p.requires_grad]  # LoRA: the adapters only
         self.max_grad_norm = float(max_grad_norm)
-        self.torch = torch.optim.Adam(self.params, lr=lr)
+        # The fused kernel: one pass over each tensor instead of a dozen ops per parameter (the
+        # same update up to rounding). Plain CPU/CUDA tensors only (not FSDP's DTensors).
+        self.fused = bool(self.params) and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() and not hasattr(p, "full_tensor")
+            for p in self.params
+        )
+        self.torch = torch.optim.Adam(self.params, lr=lr, fused=self.fused or None)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -80,6 +86,8 @@ class Optimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.torch.load_state_dict(state)
+        for group in self.torch.param_groups:  # the saved groups carry the saver's kernel choice
+            group["fused"], group["foreach"] = self.fused or None, None
 
 
 def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, device=None) -> Iterator[torch.Tensor]:

@@ -13,8 +13,20 @@ DPO's one-off reference pass over the pairs, TRL's dataset tokenisation); one of
 iterations is ``num_minibatches`` TRL optimizer steps, its generation included. ``ratio`` is
 ours / TRL in iterations per second (medians). Prints a table, then one JSON line.
 
+``--clock cpu`` times both sides by this process's CPU time instead of the wall clock: with
+one torch thread that is the time the work ran, whatever else the machine was running (on a
+shared machine the wall clock of a step can swing several-fold with its neighbours' load).
+
+Equal work, and where ours does it differently: both sides score every completion token
+of the same batch with the policy, in float32. Our DPO computes the reference log-probs
+once at set-up (timed out, like TRL's tokenisation), TRL once per step; ours scores a pair
+as one row whose prompt runs once for chosen and rejected, and our GRPO scores the rows of
+a minibatch that share a prompt as one such tree, rows packed without padding
+(``rlhf_env.packing``); TRL pads one row per completion. The log-probs are the same up to
+float rounding (``tests/test_packing.py``).
+
     python benchmarks/peer_speed.py [--tasks arithmetic sentiment] [--algorithms grpo dpo]
-        [--iterations 3] [--warmup 1] [--threads 1] [--out FILE]
+        [--iterations 3] [--warmup 1] [--threads 1] [--clock wall|cpu] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model
 
 SEED = 0
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set by --clock
 
 
 def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> list[float]:
@@ -50,9 +64,9 @@ def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int)
     times = []
     for step in range(warmup + iterations):
         torch.manual_seed(step_seed(SEED, step))
-        t0 = time.perf_counter()
+        t0 = clock()
         trainer.step(step, step_seed(SEED, step))
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times[warmup:]
 
 
@@ -66,10 +80,10 @@ def time_trl(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if not stamps:
-                stamps.append(time.perf_counter())
+                stamps.append(clock())
 
         def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
     torch.manual_seed(SEED)
     model = mask_positions(copy.deepcopy(ref)).train()
@@ -122,12 +136,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=3, help="timed iterations per side")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall clock, or this process's CPU time")
     p.add_argument("--out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    global clock
     args = parse_args(argv)
+    clock = CLOCKS[args.clock]
     trl = require_trl()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -142,11 +159,12 @@ def main(argv=None) -> dict:
         )
     print(
         f"medians of {args.iterations} iterations after {args.warmup} warm-up (ours twice: before and after TRL); "
-        f"torch threads {torch.get_num_threads()}; total {time.perf_counter() - t0:.0f}s"
+        f"torch threads {torch.get_num_threads()}; {args.clock} clock; total {time.perf_counter() - t0:.0f}s"
     )
     summary = {
         "benchmark": "peer_speed",
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "iterations": args.iterations,
         "warmup": args.warmup,
         "torch": torch.__version__,

@@ -2,13 +2,14 @@
 
 ``sample_completions`` is the ``kv_cache`` generator's fast path: one prefill of the rows'
 left-aligned histories, then one forward per new token into a preallocated cache
-(``StaticLayer``: written in place, no concatenation), with a preallocated mask and the
-rows' own positions. The Python work per token is a fixed number of tensor calls,
+(``WrittenLayer``: written in place, no concatenation; attention sees the written columns
+only), with the rows' own positions. The Python work per token is a fixed number of tensor calls,
 whatever the batch; decoding stops when every row has sampled EOS.
 
 On CUDA, ``cuda_graph=True`` replays the decode step's forward as a CUDA graph captured once
-per call (full-attention sdpa models; others decode eagerly): the static cache, mask and
-position buffers keep fixed addresses, so only the token and its positions are copied in.
+per call (full-attention sdpa models; others decode eagerly): a ``StaticLayer`` cache whose
+attention spans all columns, the unwritten masked, so that the cache, mask and position
+buffers keep fixed shapes and addresses and only the token and its positions are copied in.
 At small models a decode step is a few hundred kernel launches of microseconds each, and
 the graph removes their CPU cost; the sampling itself stays eager.
 
@@ -31,6 +32,26 @@ from transformers.cache_utils import Cache, StaticLayer
 from rlhf_env.kvcache import cache_kwarg, layer_windows
 
 
+class WrittenLayer(StaticLayer):
+    """A preallocated cache layer that hands attention only the columns written so far.
+
+    Decoding step t then attends over P + t + 1 keys, not all P + K, and each write is a
+    slice copy (``StaticLayer`` writes with ``index_copy_``, several times slower on CPU)."""
+
+    def __init__(self, max_cache_len: int):
+        super().__init__(max_cache_len=max_cache_len)
+        self.written = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.written = self.written, self.written + key_states.shape[-2]
+        self.cumulative_length.add_(key_states.shape[-2])
+        self.keys[:, :, start : self.written] = key_states
+        self.values[:, :, start : self.written] = value_states
+        return self.keys[:, :, : self.written], self.values[:, :, : self.written]
+
+
 def _left_aligned(ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int):
     """(B, P) histories moved to the right end (P = longest), their (B, P) positions and visibility."""
     P = int(lengths.max())
@@ -40,13 +61,25 @@ def _left_aligned(ids: torch.Tensor, lengths: torch.Tensor, pad_token_id: int):
     return left, src.clamp(min=0), visible
 
 
-def _masks(windows: dict, visible: torch.Tensor, col_pos: torch.Tensor, q_pos: torch.Tensor, kernel: str, dtype):
+def attention_masks(
+    windows: dict,
+    visible: torch.Tensor,
+    col_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+    kernel: str,
+    dtype,
+    related: torch.Tensor | None = None,
+):
     """Attention masks (B, 1, q, M) for queries at positions ``q_pos`` (B, q) over all M cache columns.
 
-    A key is allowed when written and visible, not after the query by position, and within
-    the layer's window; one mask or ``{layer type: mask}`` (models mixing layer types)."""
+    A key is allowed when written and visible, not after the query by position, within the
+    layer's window and, where ``related`` (B, q, M) bool is given, where it is True (rows
+    holding several branches: ``scoring.branch_logprobs``); one mask or ``{layer type: mask}``
+    (models mixing layer types)."""
     gap = q_pos[:, :, None] - col_pos[:, None, :]
     seen = visible[:, None, :] & (gap >= 0)
+    if related is not None:
+        seen = seen & related
     out = {}
     for kind, window in windows.items():
         allowed = (seen & (gap < window) if window else seen)[:, None]
@@ -130,9 +163,13 @@ def sample_completions(
     windows, kernel = layer_windows(model), model.config._attn_implementation
     full_sdpa = kernel == "sdpa" and not any(windows.values())
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
-    # Queries see only the columns written so far: the unwritten ones are hidden by ``vis``.
-    mask = _masks(windows, vis, col_pos, pos, kernel, model.dtype)
+    use_graph = cuda_graph and full_sdpa and device.type == "cuda" and K > 1
+    if use_graph:  # a graph needs fixed shapes: attention over all M columns, the unwritten masked
+        cache = Cache(layers=[StaticLayer(max_cache_len=M) for _ in range(n_layers)])
+        mask = attention_masks(windows, vis, col_pos, pos, kernel, model.dtype)
+    else:  # queries see only the columns written so far (the cache hands attention no others)
+        cache = Cache(layers=[WrittenLayer(max_cache_len=M) for _ in range(n_layers)])
+        mask = attention_masks(windows, vis[:, :P], col_pos[:, :P], pos, kernel, model.dtype)
     forward = dict(use_cache=True, **{cache_kwarg(model): cache})
     logits = model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
     tokens = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
@@ -140,7 +177,6 @@ def sample_completions(
     counts = torch.full((B,), K, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     graphed = None
-    use_graph = cuda_graph and full_sdpa and device.type == "cuda" and K > 1
     for t in range(K):
         lp = torch.log_softmax(logits[:, -1, :vocab_size].float() / temperature, dim=-1)
         tok = lp.argmax(-1) if greedy else torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
@@ -154,13 +190,18 @@ def sample_completions(
         if t == K - 1:
             break
         vis[:, P + t] = True
-        q_pos = col_pos[:, P + t : P + t + 1]
+        n = P + t + 1  # columns written once this token is
+        q_pos, seen = col_pos[:, P + t : n], vis[:, :n]
         # Full attention: every written column precedes the query, so visibility is the mask.
-        mask = vis[:, None, None, :] if full_sdpa else _masks(windows, vis, col_pos, q_pos, kernel, model.dtype)
         if use_graph:
-            graphed = graphed or _graphed_decode(model, forward, cache, tok, q_pos, mask)
+            graphed = graphed or _graphed_decode(model, forward, cache, tok, q_pos, vis[:, None, None, :])
             logits = graphed(tok, q_pos)
             continue
+        mask = (
+            seen[:, None, None, :]
+            if full_sdpa
+            else attention_masks(windows, seen, col_pos[:, :n], q_pos, kernel, model.dtype)
+        )
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=q_pos, **forward).logits
     return tokens, logprobs, counts
 

@@ -42,7 +42,8 @@ def next_token_logprobs(
     Returns:
         (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # No KV cache: a training forward would otherwise build one and throw it away.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 
