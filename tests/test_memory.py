@@ -109,4 +109,7 @@ def test_measured_peak_is_close_to_the_estimate(learning_task, tmp_path, algo, c
     )
     assert M.MEMORY_PEAK_MB not in records[0]  # the window spans both steps
     peak, est = records[1][M.MEMORY_PEAK_MB], records[1][M.MEMORY_ESTIMATE_MB]
-    assert 30 < est < 45 and 0.8 <= peak / est <= 1.25, (peak, est)
+    # The estimate pads every row to the longest prompt plus max_new_tokens; packed scoring
+    # (rlhf_env/packing.py: rows sharing a prompt run it once, no padding) saves up to ~30%:
+    # measured 0.70-0.73 here (0.99-1.07 before packing).
+    assert 30 < est < 45 and 0.6 <= peak / est <= 1.25, (peak, est)
