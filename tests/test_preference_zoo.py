@@ -245,21 +245,21 @@ def test_ipo_learns_one_digit_addition(tmp_path):
 
 
 def test_simpo_learns_one_digit_addition(tmp_path):
-    """Default config (sft_weight 1), 300 steps: gold on the training prompts (320 samples) rises
-    from the base model's 0.39 to 0.43-0.53 (gain 0.044-0.141 over seeds 0-2, KL 0.3-0.4 nats);
-    plain SimPO (sft_weight 0) falls to 0.15-0.33. The margin asked for is under half the
-    smallest gain."""
-    base, gold = gold_gain(SIMPO, tmp_path, 300, {})
-    assert gold[-1] > base + 0.02, (base, gold)
+    """Default config (sft_weight 1), 200 steps: gold on the training prompts (320 samples) rises
+    from the base model's 0.39 to 0.42-0.49 (gain 0.028-0.103 over seeds 0-2, KL 0.1-0.4 nats;
+    after 300 steps 0.044-0.141); plain SimPO (sft_weight 0) falls to 0.15-0.33 in 300 steps.
+    The margin asked for is half the smallest gain."""
+    base, gold = gold_gain(SIMPO, tmp_path, 200, {})
+    assert gold[-1] > base + 0.014, (base, gold)
 
 
 def test_kto_learns_one_digit_addition(tmp_path):
-    """Default config (lr 1e-4, λ_U 0.75), 300 steps: gold on the training prompts (320 samples)
-    rises from the base model's 0.39 to 0.46-0.53 (gain 0.072-0.137 over seeds 0-2, KL 0.4-0.5
-    nats); the former lr 3e-5 gained 0.03-0.04. The margin asked for is under half the smallest
-    gain."""
-    base, gold = gold_gain(KTO, tmp_path, 300, {})
-    assert gold[-1] > base + 0.035, (base, gold)
+    """Default config (lr 1e-4, λ_U 0.75), 200 steps: gold on the training prompts (320 samples)
+    rises from the base model's 0.39 to 0.48 (gain 0.088-0.094 over seeds 0-2, KL 0.23-0.24
+    nats; after 300 steps 0.072-0.137); the former lr 3e-5 gained 0.025-0.041 in 300 steps. The
+    margin asked for is under half the smallest gain."""
+    base, gold = gold_gain(KTO, tmp_path, 200, {})
+    assert gold[-1] > base + 0.04, (base, gold)
 
 
 def test_online_dpo_learns_one_digit_addition(tmp_path):
