@@ -36,7 +36,7 @@ def rlhf_register_algorithms(register):
         AlgorithmSpec(
             dpo.SimPOConfig,
             dpo.SimPOTrainer,
-            "SimPO: reference-free, length-normalised log-likelihood margin with a target γ",
+            "SimPO: reference-free, length-normalised log-likelihood margin with a target γ, plus the chosen NLL",
         ),
     )
     register(
