@@ -286,14 +286,7 @@ class Trainer(Stateful):
     def reference_logprobs(self, eval_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         ref_c, ref_r = [], []
         for s in range(0, len(self.pairs), eval_batch_size):
-            if self.rows is not None:
-                c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + eval_batch_size, len(self.pairs))))
-            else:
-                rows = self.chosen[s : s + eval_batch_size] + self.rejected[s : s + eval_batch_size]
-                lp = sequence_logprobs(
-                    self.ctx.ref, *pack_completions(rows, self.pad, self.ctx.device), self.vocab_size
-                )
-                c, r = lp[: len(rows) // 2], lp[len(rows) // 2 :]
+            c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + eval_batch_size, len(self.pairs))))
             ref_c.append(c)
             ref_r.append(r)
         return torch.cat(ref_c), torch.cat(ref_r)

@@ -205,23 +205,20 @@ class PeakMeter:
         self.device = torch.device(device)
         self.profiler = None
         self.baseline = 0
-
-    @property
-    def running(self) -> bool:
-        return self.profiler is not None or self.baseline < 0
+        self.running = False
 
     def start(self) -> None:
+        self.running = True
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = -1  # marks the CUDA window open
             return
         self.baseline = live_tensor_bytes(self.device)
         with _quiet_stderr():
             self.profiler = _memory_profiler()
 
     def stop(self) -> float:
+        self.running = False
         if self.device.type == "cuda":
-            self.baseline = 0
             return torch.cuda.max_memory_allocated(self.device) / MIB
         with _quiet_stderr():
             self.profiler.__exit__(None, None, None)

@@ -201,9 +201,8 @@ def run_cell(
             measure_memory=True,
         )
         last = records[-1]
-        memory = next(
-            (r for r in records if M.MEMORY_PEAK_MB in r), {}
-        )  # the first window (a resumed cell measures again)
+        # The first window's memory figures (a resumed cell measures again).
+        memory = next((r for r in records if M.MEMORY_PEAK_MB in r), {})
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
         names = (M.REWARD_GOLD, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
         result = {
