@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -111,3 +112,39 @@ def arch_checkpoint(tmp_path_factory):
         return made[arch, tok_kind]
 
     return get
+
+
+# -- learning tests ------------------------------------------------------------------------------
+# A learning test asks for the ``learning`` fixture: it trains with ``learning.seed`` and states its
+# claim as ``learning.check(value, floor)``. ``benchmarks/learning_check.py`` reruns every such test
+# under each CPU kernel and several seeds through these two variables and prints value vs floor.
+LEARNING_SEED_ENV = "RLHF_ENV_LEARNING_SEED"  # the seed the learning tests train with (default 0)
+LEARNING_LOG_ENV = "RLHF_ENV_LEARNING_LOG"  # a JSON-lines file each check appends to, when set
+
+
+@dataclasses.dataclass
+class Learning:
+    test: str
+    seed: int
+
+    def check(self, value: float, floor: float, what: str = "reward/gold") -> None:
+        """Assert ``value > floor`` and, when ``$RLHF_ENV_LEARNING_LOG`` is set, record both."""
+        log = os.environ.get(LEARNING_LOG_ENV)
+        if log:
+            row = {"test": self.test, "what": what, "seed": self.seed, "value": float(value), "floor": float(floor)}
+            row["kernel"] = torch.backends.cpu.get_cpu_capability()
+            with open(log, "a") as f:  # one short line per write: appends from xdist workers do not interleave
+                f.write(json.dumps(row) + "\n")
+        assert value > floor, f"{what} {value:.4f} is not above {floor:.4f} (seed {self.seed})"
+
+
+@pytest.fixture
+def learning(request):
+    """The seed a learning test trains with and its ``check(value, floor)``; marks it ``learning``."""
+    return Learning(request.node.nodeid, int(os.environ.get(LEARNING_SEED_ENV, "0")))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "learning" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.learning)

@@ -36,7 +36,7 @@ def test_sft_loss_is_the_completion_nll_by_hand():
         assert float(sft_loss(model, tok, pairs)) == pytest.approx(by_hand / count, abs=1e-5)
 
 
-def test_base_model_is_built_once_cached_and_learns(cache):
+def test_base_model_is_built_once_cached_and_learns(cache, learning):
     task = make_arithmetic_task(digits=1, n_train=60, n_eval=20, sft_steps=150)
     path = build_base_model(task, progress=False)
     assert path == base_model_dir(task) and path.parent == cache / "base_models"
@@ -52,7 +52,7 @@ def test_base_model_is_built_once_cached_and_learns(cache):
     seen = dataclasses.replace(task, eval_prompts=task.train_prompts)  # 60 examples: memorised, not general
     trained_acc = evaluate(seen, model, tok, greedy=True)["gold_mean"]
     untrained_acc = evaluate(seen, untrained, tok, greedy=True)["gold_mean"]
-    assert trained_acc >= untrained_acc + 0.3, (trained_acc, untrained_acc)
+    learning.check(trained_acc, untrained_acc + 0.3, "greedy gold")  # the recipe is seeded: the same on every seed
     with torch.no_grad():
         assert float(sft_loss(model, tok, task.sft_data)) < 0.5 * float(sft_loss(untrained, tok, task.sft_data))
 

@@ -298,7 +298,7 @@ def test_resumed_run_reproduces_an_uninterrupted_one(task, tmp_path):
     assert len({r["objective/kl_coef"] for r in whole}) == 6  # β moved every step
 
 
-def test_learns_one_digit_addition(task, tmp_path):
+def test_learns_one_digit_addition(task, tmp_path, learning):
     """Default config, seed 0: gold reward on the training prompts rises from the base model's
     by well over the eval noise (64 samples, about ±0.06). Measured: base 0.39, 0.61 after 25
     steps, 0.80 after 50 (sampled KL to the reference ≈ 1.1 nats), ~15 s; seeds 1-3 ended at
@@ -307,10 +307,18 @@ def test_learns_one_digit_addition(task, tmp_path):
     ref, tokenizer = load_base_model(task, device="cpu")
     base = evaluate_policy(TrainContext(task, ref, ref, tokenizer, torch.device("cpu")), 64)["reward/gold"]
     records = train(
-        SPEC, task, tmp_path / "run", steps=50, eval_every=25, eval_prompts=64, progress=False, device="cpu", seed=0
+        SPEC,
+        task,
+        tmp_path / "run",
+        steps=50,
+        eval_every=25,
+        eval_prompts=64,
+        progress=False,
+        device="cpu",
+        seed=learning.seed,
     )
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 2
-    assert gold[-1] > base + 0.15, (base, gold)
+    learning.check(gold[-1], base + 0.15)
     assert 0 < records[-1]["objective/kl_eval"] < 5  # moved away from the reference, not blown up
     assert all(math.isfinite(r["loss/total"]) for r in records)
