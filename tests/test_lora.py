@@ -154,3 +154,36 @@ def test_independent_processes_start_from_the_same_adapters(model_dir, tmp_path,
     a, b = adapters
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_A" in k)  # drawn, not zeros
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_lora_overwrites_nothing_and_takes_only_runs(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(train_argv(model_dir, run, "--lora-rank", "4", steps=1)) == 0
+    config = (run / "config.json").read_bytes()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("my settings")
+    refused = {
+        run: f"rlhf export-lora: error: {run} is the run folder itself; export the merged model to a new or empty folder",
+        notes: f"rlhf export-lora: error: {notes} is not empty; export the merged model to a new or empty folder "
+        "(nothing is overwritten)",
+        notes / "config.json": f"rlhf export-lora: error: {notes / 'config.json'} is a file; "
+        "export the merged model to a new or empty folder",
+    }
+    for out, message in refused.items():
+        assert cli.main(["export-lora", str(run), str(out)]) == 1
+        assert error_line(capsys, "export-lora") == message
+    assert (run / "config.json").read_bytes() == config  # the run can still resume
+    assert (notes / "config.json").read_text() == "my settings" and len(list(notes.iterdir())) == 1
+
+    assert cli.main(["export-lora", str(model_dir), str(tmp_path / "merged")]) == 1
+    assert error_line(capsys, "export-lora") == (
+        f"rlhf export-lora: error: {model_dir} is not a run folder: its config.json names no algorithm and task "
+        "(a model's config?); export-lora takes a folder written by rlhf train --lora-rank"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["export-lora", str(run), str(empty)]) == 0
+    assert load_causal_lm(empty) is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+    assert cli.main(train_argv(model_dir, run, "--resume", steps=2)) == 0
