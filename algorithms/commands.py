@@ -134,11 +134,11 @@ TRAIN = Command("train an algorithm on a task", _train_arguments, cmd_train, _tr
 # -- rlhf export-lora ---------------------------------------------------------------------
 def cmd_export_lora(args: argparse.Namespace) -> int:
     """Merge a LoRA run's adapters into its base model; OUT is a plain checkpoint (a --model for any command)."""
-    from algorithms.lora import export
-    from algorithms.runfolder import read_run_config
+    from algorithms.lora import check_destination, export, run_settings
 
-    saved = read_run_config(Path(args.run)) if Path(args.run).is_dir() else None
-    task = _saved_task(saved["task"], saved.get("task_config") or {}) if saved else None
+    saved = run_settings(args.run)  # a LoRA run, and a destination that overwrites nothing, before any loading
+    check_destination(args.run, args.out)
+    task = _saved_task(saved["task"], saved.get("task_config") or {})
     print(f"merged adapters of {args.run} -> {export(args.run, args.out, task)}")
     return 0
 

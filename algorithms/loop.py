@@ -225,6 +225,9 @@ def train(
         if dp is not None:
             distributed.check_batch(cfg, dp.world_size)
         ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
+        # New adapters (and anything else drawn while the models are built) come from the run's seed,
+        # not from whatever this process drew before: the same in every run and on every rank.
+        torch.manual_seed(seed)
         # The policy starts as the reference, or as the checkpoint's weights when resuming.
         if lora_settings is not None:  # adapters on the base; the reference is the base with them off
             policy = lora.attach(ref, lora_settings, ckpt if resuming else None).eval()
@@ -235,7 +238,7 @@ def train(
         else:
             policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
         ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=choice.fn)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # again: a trainer's own init (a value head) is the same with or without LoRA
         t0 = time.perf_counter()
         trainer = spec.Trainer(ctx, cfg)
         setup_s = time.perf_counter() - t0  # pair generation, reference log-probs, ...: part of the cost

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,24 +128,61 @@ def save(policy: torch.nn.Module, tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def run_settings(run: str | Path) -> dict:
+    """The settings (``config.json``) of the LoRA run in ``run``; ``LoraError`` if it holds no such run."""
+    from algorithms.runfolder import CHECKPOINT, read_run_config
+
+    run = Path(run)
+    settings = read_run_config(run) if run.is_dir() else None
+    if settings is None:
+        raise LoraError(f"{run} holds no run (no config.json)")
+    if not {"algorithm", "task"} <= settings.keys():  # e.g. a model folder: its config.json is the model's
+        raise LoraError(
+            f"{run} is not a run folder: its config.json names no algorithm and task (a model's config?); "
+            "export-lora takes a folder written by rlhf train --lora-rank"
+        )
+    if not settings.get("lora") or not (run / CHECKPOINT / ADAPTER_CONFIG).exists():
+        ckpt = run / CHECKPOINT
+        raise LoraError(f"{run} is not a LoRA run: {ckpt} holds no {ADAPTER_CONFIG} (its weights need no merge)")
+    return settings
+
+
+def check_destination(run: str | Path, out: str | Path) -> None:
+    """``out`` must be new or an empty folder, and not the run itself: nothing of a user's is overwritten."""
+    run, out = Path(run), Path(out)
+    if out.exists() and out.resolve() == run.resolve():
+        raise LoraError(f"{out} is the run folder itself; export the merged model to a new or empty folder")
+    if out.is_file():
+        raise LoraError(f"{out} is a file; export the merged model to a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise LoraError(
+            f"{out} is not empty; export the merged model to a new or empty folder (nothing is overwritten)"
+        )
+
+
 def export(run: str | Path, out: str | Path, task=None) -> Path:
     """Merge a LoRA run's adapters into its base model and save the result to ``out`` (a plain checkpoint).
 
-    ``task``: the run's task (default: built from its name and knobs in config.json).
+    ``out`` must be new or an empty folder; the model is written beside it and renamed in, so an
+    interrupted export leaves nothing half-written. ``task``: the run's task (default: built from its
+    name and knobs in config.json).
     """
-    from algorithms.runfolder import CHECKPOINT, read_run_config
+    from algorithms.runfolder import CHECKPOINT
     from rlhf_env.models import save_pretrained
     from rlhf_env.tasks import get_task
     from rlhf_env.tasks.base_models import load_base_model
 
-    run = Path(run)
-    ckpt = run / CHECKPOINT
-    settings = read_run_config(run) if run.is_dir() else None
-    if settings is None:
-        raise LoraError(f"{run} holds no run (no config.json)")
-    if not (ckpt / ADAPTER_CONFIG).exists():
-        raise LoraError(f"{run} is not a LoRA run: {ckpt} holds no {ADAPTER_CONFIG} (its weights need no merge)")
+    run, out = Path(run), Path(out)
+    settings = run_settings(run)
+    check_destination(run, out)
     task = task or get_task(settings["task"], **(settings.get("task_config") or {}))
     base, tokenizer = load_base_model(task, settings.get("model"), device="cpu")
-    merged = wrapper_of(attach(base, LoraSettings.from_dict(settings["lora"]), ckpt)).merge_and_unload()
-    return save_pretrained(merged, tokenizer, Path(out))
+    merged = wrapper_of(attach(base, LoraSettings.from_dict(settings["lora"]), run / CHECKPOINT)).merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save_pretrained(merged, tokenizer, tmp)
+        os.replace(tmp, out)  # onto a missing or empty folder only: a folder filled meanwhile is an error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -28,23 +28,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         from benchmarks.executors import RayExecutor
 
-        executor = RayExecutor.for_suite(suite, args.address)  # Ray missing, or no cluster at --address: fail now
-    elif args.address is not None:
-        raise ValueError("--address needs --executor ray")
+        # Ray missing, or no cluster answering at --address (a bounded wait): fail before the folder is claimed.
+        executor = RayExecutor.for_suite(suite, args.address, args.connect_timeout)
+    elif args.address is not None or args.connect_timeout is not None:
+        raise ValueError("--address and --connect-timeout need --executor ray")
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()
-    with claim_run_folder(out):  # one bench at a time writes a results folder
-        try:
-            results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress, executor=executor)
-        finally:
-            if executor is not None:
-                executor.close()
-        if args.baseline:
-            from benchmarks.trl_baseline import run_trl_baseline
+    try:
+        with claim_run_folder(out):  # one bench at a time writes a results folder
+            try:
+                results = run_suite(suite, out, workers=args.workers, progress=not args.no_progress, executor=executor)
+            finally:
+                if executor is not None:
+                    executor.close()
+            if args.baseline:
+                from benchmarks.trl_baseline import run_trl_baseline
 
-            run_trl_baseline(suite, out, progress=not args.no_progress)  # failures are recorded in the table
-        paths = write_report(suite, out, total_s=time.perf_counter() - t0)
+                run_trl_baseline(suite, out, progress=not args.no_progress)  # failures are recorded in the table
+            paths = write_report(suite, out, total_s=time.perf_counter() - t0)
+    finally:
+        if executor is not None:
+            executor.close()  # also when the folder could not be claimed (a joined cluster is left)
     print(Path(paths["markdown"]).read_text())
     failed = [r for r in results if r.get("status") != "ok"]
     print(
@@ -67,6 +72,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--address", default=None, help="with --executor ray: a running cluster's HOST:PORT (default: local)"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --address: how long to wait for the cluster's answer (default 10)",
     )
 
 

@@ -22,8 +22,12 @@ class ExecutorError(RuntimeError):
     """An executor that cannot run here: Ray missing, or a cluster address that does not answer."""
 
 
-def check_address(address: str, timeout: float = 3.0) -> None:
-    """Fail fast unless ``host:port`` (or ``ray://host:port``) accepts a connection."""
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_address(address: str, timeout: float = 3.0, answer_timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast unless ``host:port`` (or ``ray://host:port``) accepts a connection and speaks gRPC,
+    as a Ray head (GCS) or Ray Client server does, within ``answer_timeout`` seconds."""
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -36,27 +40,50 @@ def check_address(address: str, timeout: float = 3.0) -> None:
         raise ExecutorError(
             f"no Ray cluster answers at {address} ({reason}); start one with `ray start --head`"
         ) from None
+    _check_answers(address, f"{host}:{port}", answer_timeout)
+
+
+def _check_answers(address: str, target: str, timeout: float) -> None:
+    """A port that accepts but never answers (not Ray) would make ``ray.init`` wait for ever: wait for
+    the gRPC handshake instead, for ``timeout`` seconds."""
+    import grpc  # Ray's own dependency
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise ExecutorError(
+            f"something at {address} accepts connections but gave no Ray handshake within {timeout:g}s "
+            "(not a Ray cluster?); give the head's address as `ray start --head` prints it, or a longer --connect-timeout"
+        ) from None
+    finally:
+        channel.close()
 
 
 class RayExecutor:
     """Runs the runner's jobs ``(key, fn, args)`` as Ray tasks; call with the runner's executor arguments."""
 
-    def __init__(self, address: str | None = None, num_gpus_per_cell: float = 0.0):
+    def __init__(
+        self, address: str | None = None, num_gpus_per_cell: float = 0.0, connect_timeout: float = CONNECT_TIMEOUT_S
+    ):
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ExecutorError("--executor ray needs Ray: pip install 'rlhf_env[ray]'") from None
-        if address is not None:
-            check_address(address)
+        if not connect_timeout > 0:
+            raise ExecutorError(f"--connect-timeout must be > 0, got {connect_timeout}")
         self.address, self.num_gpus = address, num_gpus_per_cell
         self.started = False
+        if address is not None:  # join now: a cluster that is not there fails before the output folder is claimed
+            check_address(address, answer_timeout=connect_timeout)
+            self._connect()
 
     @classmethod
-    def for_suite(cls, suite, address: str | None = None) -> RayExecutor:
+    def for_suite(cls, suite, address: str | None = None, connect_timeout: float | None = None) -> RayExecutor:
         from benchmarks.runner import suite_device
 
         gpus = 1.0 / max(suite.workers, 1) if suite_device(suite.device).type == "cuda" else 0.0
-        return cls(address, gpus)
+        return cls(address, gpus, CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout)
 
     def _connect(self) -> None:
         import ray
@@ -66,7 +93,10 @@ class RayExecutor:
         if self.address is None:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:  # answered, but not as a usable cluster
+                raise ExecutorError(f"cannot join the Ray cluster at {self.address}: {exc}") from None
         self.started = True
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from algorithms import metrics as M
-from benchmarks import pipeline
+from benchmarks import fingerprint, pipeline
 from benchmarks.suite import Cell, Suite, TaskEntry
 
 _progress_queue = None  # set in each worker by _init_worker
@@ -321,6 +321,8 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
             indent=2,
         )
     )
+    # A result is reused only if the suite still resolves to the settings it was made with.
+    fingerprint.check_and_record(out, list(fingerprint.entries(suite, cells, out, cell_dir, base_dir)))
     base_jobs = [
         (f"{t.label}/base", prepare_task, (t, str(out), suite.device, suite.eval_prompts))
         for t in suite.tasks

@@ -271,6 +271,17 @@ def _expand(entry: TaskEntry, pipeline: dict[str, Any], host) -> list[TaskEntry]
     return out
 
 
+def _check_sweep(pipeline: dict[str, Any], reward: str, where: str) -> None:
+    """Sweeping the feedback (pairs, tau) only changes a learned reward: elsewhere it makes identical cells."""
+    swept = [k for k in ("pairs", "tau") if isinstance(pipeline[k], list) and len(pipeline[k]) > 1]
+    if swept and reward != LEARNED:
+        raise SuiteError(
+            f"{where}: pipeline.{swept[0]} sweeps {pipeline[swept[0]]} but the task's reward is {reward!r}: "
+            f"{' and '.join(swept)} only shape a learned reward, so every entry would run the same cells; "
+            'give one value, or set reward = "learned"'
+        )
+
+
 def _reward(raw: dict, where: str, default: str) -> str:
     value = raw.get("reward", default)
     if not isinstance(value, str) or not value.strip():
@@ -308,6 +319,7 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: di
     label = _string(t, "label", tw, t["name"])
     reward = _reward(t, tw, top["reward"])
     pipeline = _pipeline(t.get("pipeline", {}), tw, top["pipeline"])
+    _check_sweep(pipeline, reward, tw)
     entry = TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model, reward)
     return _expand(entry, pipeline, host)
 

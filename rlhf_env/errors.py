@@ -42,3 +42,7 @@ class DeviceError(ValueError):
 
 class RunWarning(CommandWarning):
     """Something in a run folder was repaired: a torn metrics line dropped, an interrupted checkpoint restored."""
+
+
+class DataWarning(CommandWarning):
+    """Rows of a user's data file were left out (a preference pair whose chosen equals its rejected)."""

@@ -240,3 +240,32 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path, learning
         p_correct(policy, tok, task.train_prompts), p_correct(ref, tok, task.train_prompts) + 0.05, "p_correct"
     )
     assert all(math.isfinite(r["loss/policy"]) for r in records)
+
+
+@pytest.mark.parametrize("algo", ["dpo", "ipo", "simpo", "kto"])
+def test_pairs_whose_chosen_is_the_rejected_are_dropped_at_the_cli(tmp_path, capsys, algo):
+    from rlhf_env import cli
+    from rlhf_env.tiny import build_char_tokenizer, build_tiny_model
+
+    model = save_tiny(*build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=0), tmp_path / "model")
+    rows = [("2+3=", "5", "5"), ("1+1=", "2", "11"), ("9+0=", "9", "9"), ("4+4=", "8", "7")]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+
+    def run(out, data):
+        argv = ["train", "--algo", algo, "--task", "arithmetic", "--model", str(model), "--out", str(tmp_path / out)]
+        argv += ["--steps", "1", "--eval-every", "100", "--set", f"preference_file={data}", "--set", "batch_size=2"]
+        return cli.main(argv)
+
+    assert run("some", path) == 0
+    err = capsys.readouterr().err
+    assert f"rlhf train: warning: {path}: dropped 2 of 4 pairs whose chosen equals its rejected (rows 0, 2); " in err
+
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": c}) + "\n" for p, c, _ in rows))
+    assert run("none", ties) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("rlhf train: ")]
+    assert lines == [
+        f"rlhf train: error: {ties}: every pair's chosen equals its rejected (4 pairs): no preference to learn"
+    ], err

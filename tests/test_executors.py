@@ -50,3 +50,40 @@ def test_a_ray_address_that_does_not_answer_fails_before_any_work(tmp_path, caps
         "rlhf bench: error: no Ray cluster answers at 127.0.0.1:9 (Connection refused); start one with `ray start --head`"
     ]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_ray_address_that_accepts_but_never_answers_fails_in_bounded_time(tmp_path, capsys):
+    """Something (not Ray) listens on loopback and says nothing: a one-line error, the folder untouched."""
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # hold the connection open, send nothing
+            except OSError:  # the server was closed
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    (tmp_path / "s.toml").write_text(suite('["sft"]'))
+    argv = ["bench", "--suite", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o"), "--executor", "ray"]
+    t0 = time.perf_counter()
+    try:
+        assert cli.main([*argv, "--address", address, "--connect-timeout", "1"]) == 1
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    assert time.perf_counter() - t0 < 30
+    assert accepted  # it did answer TCP
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"rlhf bench: error: something at {address} accepts connections but gave no Ray handshake within 1s "
+        "(not a Ray cluster?); give the head's address as `ray start --head` prints it, or a longer --connect-timeout"
+    ]
+    assert not (tmp_path / "o").exists()  # nothing claimed

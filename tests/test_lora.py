@@ -81,3 +81,109 @@ def test_bad_lora_input_is_one_clear_line(model_dir, tmp_path, capsys):
     assert cli.main(["export-lora", str(tmp_path / "full"), str(tmp_path / "out")]) == 1
     line = error_line(capsys, "export-lora")
     assert line.startswith("rlhf export-lora: error: ") and "is not a LoRA run" in line
+
+
+# An algorithm that changes no weight: its checkpoint holds the adapters as they were created.
+STILL_SOURCE = """
+from dataclasses import dataclass
+
+from algorithms.base import AlgorithmSpec
+from rlhf_env import hookimpl
+
+
+@dataclass
+class Config:
+    pass
+
+
+class Trainer:
+    def __init__(self, ctx, config):
+        pass
+
+    def step(self, step, seed):
+        return {"perf/tokens": 1}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@hookimpl
+def rlhf_register_algorithms(register):
+    register("still", AlgorithmSpec(Config, Trainer))
+"""
+
+
+def steady(records: list[dict]) -> list[dict]:
+    """The records without their clock readings."""
+    return [{k: v for k, v in r.items() if not k.startswith(("perf/", "time/"))} for r in records]
+
+
+def test_same_seed_same_lora_run(model_dir, tmp_path):
+    """Two runs in one process: the second starts with whatever the first left in torch's generator."""
+    runs = {name: tmp_path / name for name in ("a", "b", "other_seed")}
+    for name, out in runs.items():
+        seed = "1" if name == "other_seed" else "0"
+        assert cli.main(train_argv(model_dir, out, "--lora-rank", "4", "--seed", seed)) == 0
+    a, b, c = (load_file(str(out / "checkpoint" / "adapter_model.safetensors")) for out in runs.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if "lora_A" in k)  # the adapters come from the seed
+    metrics = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in runs.values()]
+    assert steady(metrics[0]) == steady(metrics[1])
+
+
+def test_independent_processes_start_from_the_same_adapters(model_dir, tmp_path, plugin_path, write_dist):
+    """As ``torchrun``'s ranks are: separate interpreters, each drawing what it draws before training."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_dist(plugin_path, "rlhf_demo_still", {"still": "rlhf_demo_still"}, {"rlhf_demo_still": STILL_SOURCE})
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, str(plugin_path)])}
+    adapters = []
+    for name in ("rank0", "rank1"):
+        out = tmp_path / name
+        argv = ["train", "--algo", "still", "--task", "arithmetic", "--model", str(model_dir), "--out", str(out)]
+        argv += ["--steps", "1", "--eval-every", "100", "--lora-rank", "4", "--seed", "3"]
+        subprocess.run([sys.executable, "-m", "rlhf_env", *argv], env=env, check=True, capture_output=True)
+        adapters.append(load_file(str(out / "checkpoint" / "adapter_model.safetensors")))
+    a, b = adapters
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_A" in k)  # drawn, not zeros
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_lora_overwrites_nothing_and_takes_only_runs(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(train_argv(model_dir, run, "--lora-rank", "4", steps=1)) == 0
+    config = (run / "config.json").read_bytes()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "config.json").write_text("my settings")
+    refused = {
+        run: f"rlhf export-lora: error: {run} is the run folder itself; export the merged model to a new or empty folder",
+        notes: f"rlhf export-lora: error: {notes} is not empty; export the merged model to a new or empty folder "
+        "(nothing is overwritten)",
+        notes / "config.json": f"rlhf export-lora: error: {notes / 'config.json'} is a file; "
+        "export the merged model to a new or empty folder",
+    }
+    for out, message in refused.items():
+        assert cli.main(["export-lora", str(run), str(out)]) == 1
+        assert error_line(capsys, "export-lora") == message
+    assert (run / "config.json").read_bytes() == config  # the run can still resume
+    assert (notes / "config.json").read_text() == "my settings" and len(list(notes.iterdir())) == 1
+
+    assert cli.main(["export-lora", str(model_dir), str(tmp_path / "merged")]) == 1
+    assert error_line(capsys, "export-lora") == (
+        f"rlhf export-lora: error: {model_dir} is not a run folder: its config.json names no algorithm and task "
+        "(a model's config?); export-lora takes a folder written by rlhf train --lora-rank"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["export-lora", str(run), str(empty)]) == 0
+    assert load_causal_lm(empty) is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
+    assert cli.main(train_argv(model_dir, run, "--resume", steps=2)) == 0

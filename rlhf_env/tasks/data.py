@@ -28,11 +28,12 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_env.errors import DataFileError
+from rlhf_env.errors import DataFileError, DataWarning
 from rlhf_env.tasks.base import PreferencePair
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -47,7 +48,32 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
 def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     """Read ``prompt``, ``chosen`` and ``rejected`` columns into preference pairs, in file order."""
     cols = _load_columns(path, ("prompt", "chosen", "rejected"))
-    return [PreferencePair(p, c, r) for p, c, r in zip(cols["prompt"], cols["chosen"], cols["rejected"])]
+    pairs = [PreferencePair(p, c, r) for p, c, r in zip(cols["prompt"], cols["chosen"], cols["rejected"])]
+    return distinct_pairs(pairs, Path(path))
+
+
+def distinct_pairs(pairs: list[PreferencePair], path: Path) -> list[PreferencePair]:
+    """``pairs`` without those whose chosen equals the rejected, with a warning counting them.
+
+    Such a pair states no preference: every preference loss is flat in it (DPO's is log 2 with zero
+    gradient), yet it would count as training data. A file with no other pair is a ``DataFileError``.
+    """
+    ties = [i for i, p in enumerate(pairs) if p.chosen == p.rejected]
+    if not ties:
+        return pairs
+    if len(ties) == len(pairs):
+        raise DataFileError(
+            f"{path}: every pair's chosen equals its rejected ({len(pairs)} pairs): no preference to learn"
+        )
+    rows = ", ".join(map(str, ties[:5])) + (", ..." if len(ties) > 5 else "")
+    warnings.warn(
+        f"{path}: dropped {len(ties)} of {len(pairs)} pairs whose chosen equals its rejected (rows {rows}); "
+        f"training on the other {len(pairs) - len(ties)}",
+        DataWarning,
+        stacklevel=2,
+    )
+    tied = set(ties)
+    return [p for i, p in enumerate(pairs) if i not in tied]
 
 
 def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str, list[str]]:
