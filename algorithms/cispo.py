@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from algorithms import grpo
 from algorithms.core import kl_k3, token_mean
 from algorithms.grpo import LossParts
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -37,9 +38,9 @@ class Config(grpo.Config):
     def __post_init__(self):
         super().__post_init__()
         if not (0 < self.clip_eps_low <= 1):
-            raise ValueError(f"clip_eps_low must be in (0, 1], got {self.clip_eps_low}")
+            raise SettingError(f"clip_eps_low must be in (0, 1], got {self.clip_eps_low}")
         if not self.clip_eps_high > 0:
-            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+            raise SettingError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
 
 
 def cispo_loss(

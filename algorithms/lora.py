@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from rlhf_env.errors import UserError
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """Bad LoRA settings, or a run/checkpoint without adapters."""
 
 

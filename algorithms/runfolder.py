@@ -26,14 +26,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_env.errors import RunWarning
+from rlhf_env.errors import RunWarning, UserError
 
 CHECKPOINT = "checkpoint"
 LOCK = ".lock"
 _held: dict[str, int] = {}  # folders this process has locked -> nesting depth (the runner locks, then its cells)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """An output folder that cannot be used: a file, owned by another process, damaged, or holding another run."""
 
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from plugins.cli import Command
+from rlhf_env.errors import SettingError
 
 
 # -- rlhf bench ---------------------------------------------------------------------------
@@ -30,7 +31,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         executor = RayExecutor.for_suite(suite, args.address)  # Ray missing, or no cluster at --address: fail now
     elif args.address is not None:
-        raise ValueError("--address needs --executor ray")
+        raise SettingError("--address needs --executor ray")
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()

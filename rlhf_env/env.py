@@ -16,7 +16,7 @@ import torch
 from rlhf_env import spaces
 from rlhf_env.core import EpisodeBatch
 from rlhf_env.env_common import EnvProperties, load_parts
-from rlhf_env.errors import EpisodeEndedError, InvalidActionError
+from rlhf_env.errors import EpisodeEndedError, InvalidActionError, SettingError
 
 
 def split_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,7 +110,7 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
         trust_remote_code: bool = False,
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
+            raise SettingError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         parts = load_parts(
             tokenizer,

@@ -8,6 +8,7 @@ import os
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_env.errors import SettingError
 from rlhf_env.models import default_device, load_causal_lm, load_tokenizer
 from rlhf_env.rewards import RewardModel
 
@@ -86,7 +87,7 @@ class EnvProperties:
     @beta.setter
     def beta(self, value: float) -> None:
         if not value >= 0:
-            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {value}")
+            raise SettingError(f"beta (the KL coefficient) must be >= 0, got {value}")
         if value > 0 and self.core.ref is None:
-            raise ValueError(f"beta={value} > 0 needs a reference model (ref_model=None)")
+            raise SettingError(f"beta={value} > 0 needs a reference model (ref_model=None)")
         self.core.beta = float(value)

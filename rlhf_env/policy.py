@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_env.errors import SettingError
 from rlhf_env.fastgen import as_chunk_action, obs_history, sample_completions
 from rlhf_env.kvcache import IncrementalLM
 
@@ -58,7 +59,7 @@ class SamplingPolicy:
         cuda_graph: bool = False,
     ):
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise SettingError(f"temperature must be > 0, got {temperature}")
         self.cuda_graph = cuda_graph
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
         self.model, self.pad_token_id, self.vocab_size = model, pad_token_id, vocab_size

@@ -20,6 +20,7 @@ from rlhf_env import spaces
 from rlhf_env.core import EpisodeBatch
 from rlhf_env.env import split_action, split_chunk_action
 from rlhf_env.env_common import EnvProperties, load_parts
+from rlhf_env.errors import EnvStateError, SettingError
 
 
 class VectorTextGenEnv(EnvProperties, VectorEnv):
@@ -61,9 +62,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         trust_remote_code: bool = False,
     ):
         if num_envs < 1 or group_size < 1 or num_envs % group_size:
-            raise ValueError(f"num_envs={num_envs} must be a positive multiple of group_size={group_size}")
+            raise SettingError(f"num_envs={num_envs} must be a positive multiple of group_size={group_size}")
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
+            raise SettingError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         self.num_envs, self.group_size = num_envs, group_size
         self.num_groups = num_envs // group_size
@@ -119,7 +120,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         if "prompts" in options:
             given = list(options["prompts"])
             if len(given) != self.num_groups:
-                raise ValueError(
+                raise SettingError(
                     f"options['prompts'] needs {self.num_groups} prompts (one per group), got {len(given)}"
                 )
             self._queues = [[p] for p in given]
@@ -132,7 +133,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
 
     def step(self, actions):
         if not self._started:
-            raise RuntimeError("step() called before reset()")
+            raise EnvStateError("step() called before reset()")
         B = self.num_envs
         tokens, logprobs = split_action(actions, B)
         resetting = self._autoreset.copy()
@@ -169,7 +170,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         rows that ended, ``score``/``prompt``/``completion`` with (B,) masks, as ``step`` gives.
         """
         if not self._started:
-            raise RuntimeError("step_chunk() called before reset()")
+            raise EnvStateError("step_chunk() called before reset()")
         B = self.num_envs
         tokens, logprobs, counts = split_chunk_action(actions, B)
         resetting = self._autoreset.copy()

@@ -54,6 +54,13 @@ class Trainer:
         pass
 
 
+def grumpy():
+    def reward(prompts, completions):
+        raise ValueError("no scores today")
+
+    return reward
+
+
 def clumsy():
     task = None
     return task.prompts  # a plugin's bug
@@ -65,6 +72,11 @@ def rlhf_register_tasks(register):
     register("wordy", lambda: dataclasses.replace(task, gold_reward=verdicts))
     register("silent", lambda: dataclasses.replace(task, gold_reward=nothing))
     register("clumsy", clumsy)
+
+
+@hookimpl
+def rlhf_register_rewards(register):
+    register("grumpy", grumpy)
 
 
 @hookimpl
@@ -224,3 +236,12 @@ def test_an_internal_error_is_one_line_that_points_to_debug(user_plugin, tmp_pat
         "rlhf train: error: AttributeError: 'NoneType' object has no attribute 'prompts' "
         "(an internal error; --debug shows the traceback)"
     )
+
+
+def test_a_reward_that_raises_during_training_is_named(user_plugin, tmp_path, model_dir, capsys):
+    # issue 20 §3c: the reward's own exception, told as the reward's, not as the library's internal error.
+    argv = train_argv(
+        tmp_path / "run", model_dir, "--reward", "grumpy", "--set", "num_envs=2", algo="reinforce", batch=None
+    )
+    assert cli.main(argv) == 1
+    assert error_line(capsys) == "rlhf train: error: reward 'grumpy' raised ValueError: no scores today"
