@@ -87,7 +87,7 @@ class ResumeError(UserError, ValueError):
         super().__init__(f"{out} holds a run with other settings: {diffs}; a resumed run keeps its settings: {hint}")
 
 
-def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
+def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int, resumes_from: int | None = None) -> None:
     if sharding.is_sharded(ctx.policy):  # FSDP: every rank writes its shards
         return sharding.save_checkpoint(out, ctx.policy, ctx.tokenizer, trainer, step, distributed.current().lead)
     if distributed.current() is not None and not distributed.current().lead:
@@ -97,7 +97,7 @@ def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
         (lora.save if lora.wrapper_of(ctx.policy) else save_pretrained)(ctx.policy, ctx.tokenizer, folder)
         torch.save({"step": step, "trainer": trainer.state_dict()}, folder / "trainer_state.pt")
 
-    write_checkpoint(out, save)
+    write_checkpoint(out, save, resumes_from)
 
 
 def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], overrides: dict[str, Any]):
@@ -246,6 +246,7 @@ def train(
                 sharding.gather(policy)  # after the optimizer took the sharded parameters
 
         start, records = 0, []
+        saved_step = None  # the step the folder resumes from, said when a later checkpoint write fails
         if resuming:
             try:
                 state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
@@ -255,7 +256,7 @@ def train(
                 sharding.load_checkpoint(ckpt, policy, trainer)
             else:
                 trainer.load_state_dict(state["trainer"])
-            start = state["step"]
+            start = saved_step = state["step"]
             records = [r for r in history if r["step"] < start]
         if lead:
             write_text_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in records))
@@ -340,7 +341,8 @@ def train(
                     callback(record, min(done, 1.0))
                 step += 1
                 if step % checkpoint_every == 0 or done >= 1.0:
-                    _save_checkpoint(out, ctx, trainer, step)
+                    _save_checkpoint(out, ctx, trainer, step, saved_step)
+                    saved_step = step
         finally:
             if meter is not None and meter.running:  # an exception inside the window: close the profiler
                 meter.stop()
