@@ -113,6 +113,22 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds ``out``'s lock when another process does; None when it is free or this process's."""
+    out = Path(out).expanduser()
+    path = out / LOCK
+    if not path.exists() or str(out.resolve()) in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return None if _try_lock(fd) else _describe_holder(path)
+    finally:
+        os.close(fd)  # releases the probe's lock, if it took one
+
+
 def _describe_holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())

@@ -19,6 +19,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.runner import run_suite, suite_device
     from benchmarks.suite import load_suite
 
+    if args.workers is not None and args.workers < 0:  # before the output folder is made
+        raise SettingError(f"--workers must be >= 0 (0: cells run in this process), got {args.workers}")
     suite = load_suite(args.suite)
     if args.baseline:
         from benchmarks.trl_baseline import require_trl
