@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -81,3 +82,14 @@ def test_bad_lora_input_is_one_clear_line(model_dir, tmp_path, capsys):
     assert cli.main(["export-lora", str(tmp_path / "full"), str(tmp_path / "out")]) == 1
     line = error_line(capsys, "export-lora")
     assert line.startswith("rlhf export-lora: error: ") and "is not a LoRA run" in line
+
+
+def test_lora_without_peft_says_which_extra_to_install(model_dir, tmp_path, capsys, monkeypatch):
+    # issue 20 §3e: an install without the `lora` extra (None in sys.modules makes `import peft` fail).
+    monkeypatch.setitem(sys.modules, "peft", None)
+    out = tmp_path / "run"
+    assert cli.main(train_argv(model_dir, out, "--lora-rank", "2")) == 1
+    assert error_line(capsys, "train") == (
+        "rlhf train: error: LoRA (--lora-rank) needs PEFT, which is not installed: pip install 'rlhf_env[lora]'"
+    )
+    assert not out.exists()  # refused before any work
