@@ -145,14 +145,16 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start an episode with ``options["prompt"]`` or a prompt drawn with the seeded RNG."""
+        self._check_open("reset")
+        options = self._reset_options(options, ("prompt",))
         super().reset(seed=seed)
-        options = options or {}
         prompt = options["prompt"] if "prompt" in options else self.core.prompts.sample(self.np_random)
         self.core.advance(torch.zeros(1, dtype=torch.long), None, torch.zeros(1, dtype=torch.bool), {0: prompt})
         self._done, self._started = False, True
         return self._obs(), {"prompt": prompt}
 
     def step(self, action):
+        self._check_open("step")
         if self._done:
             why = "reset() was never called" if not self._started else "the episode has ended"
             raise EpisodeEndedError(f"step() called but {why}: call reset() first")

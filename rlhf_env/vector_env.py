@@ -112,8 +112,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
     # -- gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start every row. ``options["prompts"]``: one prompt per group for the first episodes."""
+        self._check_open("reset")
+        options = self._reset_options(options, ("prompts",))
         super().reset(seed=seed)
-        options = options or {}
         self._episode[:] = 0
         self._queue_start[:] = 0
         self._queues = [[] for _ in range(self.num_groups)]
@@ -132,6 +133,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         return self._obs(), {"prompt": np.array([restarts[r] for r in range(B)], dtype=object)}
 
     def step(self, actions):
+        self._check_open("step")
         if not self._started:
             raise EnvStateError("step() called before reset()")
         B = self.num_envs
@@ -169,6 +171,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         ``ref_logprob``/``kl`` (B, K) (masked by ``_ref_logprob``/``_kl`` = ``applied``) and, for
         rows that ended, ``score``/``prompt``/``completion`` with (B,) masks, as ``step`` gives.
         """
+        self._check_open("step_chunk")
         if not self._started:
             raise EnvStateError("step_chunk() called before reset()")
         B = self.num_envs
