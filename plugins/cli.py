@@ -20,13 +20,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from plugins.errors import UserError
 
-class UserError(Exception):
-    """The base of the library's own errors: a mistake the user can fix, told in its message.
-
-    The CLI prints these as one line; any other exception (a torch failure, an out-of-memory,
-    a bug here or in a plugin) is an internal error and points to ``--debug``.
-    """
+__all__ = ["Command", "CommandWarning", "UserError", "build_parser", "main"]
 
 
 class CommandWarning(UserWarning):
