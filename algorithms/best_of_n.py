@@ -17,19 +17,20 @@ import math
 import torch
 
 from algorithms import metrics as M
+from rlhf_env.errors import SettingError
 
 
 def best_of_n_kl(n: int) -> float:
     """log n − (n − 1)/n, the KL of best-of-n sampling to the sampling distribution (nats)."""
     if n < 1:
-        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+        raise SettingError(f"best-of-n needs n >= 1, got {n}")
     return math.log(n) - (n - 1) / n
 
 
 def powers_of_two(n_max: int) -> list[int]:
     """1, 2, 4, ... up to ``n_max`` (which must be a power of two)."""
     if n_max < 1 or n_max & (n_max - 1):
-        raise ValueError(f"best-of-n n_max must be a power of two >= 1, got {n_max}")
+        raise SettingError(f"best-of-n n_max must be a power of two >= 1, got {n_max}")
     return [2**k for k in range(n_max.bit_length())]
 
 

@@ -7,9 +7,12 @@ every token keeps a REINFORCE gradient, with a bounded weight:
     ŵ_{i,t} = sg(clip(ρ_{i,t}, 1−ε_low, 1+ε_high))
     J       = Σ_i Σ_t ŵ_{i,t} Â_i log π_θ(y_{i,t}|s_{i,t}) / Σ_i |y_i|   [ − β token_mean(k3) ]
 
-MiniMax sets no lower bound (ε_low large) and tunes ε_high only; the default ε_high = 5 is
-TRL's recommended value (ScaleRL's ε_max), a cap against rare huge weights rather than a trust region. GRPO's
-trainer with this loss: docs/maths.md §17.
+MiniMax sets no lower bound (ε_low large) and tunes ε_high only; the default ε_high = 5 caps
+the weight at 1 + ε_high = 6, a cap against rare huge weights rather than a trust region. TRL's
+``loss_type="cispo"`` caps at ε_high itself (``clamp(ρ, max=epsilon_high)``, ScaleRL's ε_max), so
+its recommended ``epsilon_high=5.0`` is a cap of 5: ``clip_eps_high=4`` here. The bound is written
+1 + ε_high as in MiniMax-M1 and every other clip of this library. GRPO's trainer with this loss:
+docs/maths.md §17.
 
 The default learning rate is a third of GRPO's. GRPO's clip zeroes the gradient of a token
 once its ratio leaves [1−ε, 1+ε], which bounds how far the later minibatches of a batch move
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from algorithms import grpo
 from algorithms.core import kl_k3, token_mean
 from algorithms.grpo import LossParts
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -32,14 +36,14 @@ class Config(grpo.Config):
     lr: float = 1e-4  # a third of GRPO's: no clip stops a token's gradient (module docstring)
     kl_coef: float = 0.0  # MiniMax-M1 uses no KL penalty
     clip_eps_low: float = 1.0  # 1: no lower bound on the weight (ρ > 0), as MiniMax
-    clip_eps_high: float = 5.0  # the weight's upper bound is 1 + ε_high (TRL's recommendation for CISPO)
+    clip_eps_high: float = 5.0  # the weight's cap is 1 + ε_high = 6 (TRL's epsilon_high is the cap: 6.0)
 
     def __post_init__(self):
         super().__post_init__()
         if not (0 < self.clip_eps_low <= 1):
-            raise ValueError(f"clip_eps_low must be in (0, 1], got {self.clip_eps_low}")
+            raise SettingError(f"clip_eps_low must be in (0, 1], got {self.clip_eps_low}")
         if not self.clip_eps_high > 0:
-            raise ValueError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
+            raise SettingError(f"clip_eps_high must be > 0, got {self.clip_eps_high}")
 
 
 def cispo_loss(

@@ -9,6 +9,7 @@ from typing import Any
 from algorithms import metrics as M
 from plugins.cli import Command
 from rlhf_env.commands import DTYPES, positive_int, torch_dtype
+from rlhf_env.errors import SettingError
 
 
 # -- rlhf train ---------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = (read_run_config(Path(args.out)) if args.resume and Path(args.out).is_dir() else None) or {}
     algo, task_name = args.algo or saved.get("algorithm"), args.task or saved.get("task")
     if not algo or not task_name:
-        raise ValueError("--algo and --task are required to start a run (--resume takes them from the run in --out)")
+        raise SettingError("--algo and --task are required to start a run (--resume takes them from the run in --out)")
     spec = plugins.get_host().algorithms.get(algo)  # unknown names list the registered ones
     if task_name == saved.get("task"):
         task = _saved_task(task_name, saved.get("task_config") or {})
@@ -75,7 +76,7 @@ def _lora_settings(args: argparse.Namespace, saved: dict[str, Any]):
 
     if args.lora_rank is None:
         if args.lora_alpha is not None or args.lora_dropout is not None or args.lora_target_modules is not None:
-            raise ValueError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-rank")
+            raise SettingError("--lora-alpha, --lora-dropout and --lora-target-modules need --lora-rank")
         return LoraSettings.from_dict(saved["lora"]) if saved.get("lora") else None
     targets = args.lora_target_modules
     targets = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_env.errors import SettingError
 from rlhf_env.scoring import token_logprobs  # noqa: F401  (re-exported: log-probs from logits)
 
 
@@ -174,9 +175,9 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
 def check_asymmetric_clip(eps_low: float, eps_high: float) -> None:
     """Raise ``ValueError`` unless 0 < ε_low < 1 and ε_high > 0 (clip-higher, docs/maths.md §13)."""
     if not (0 < eps_low < 1):
-        raise ValueError(f"clip_eps_low must be in (0, 1), got {eps_low}")
+        raise SettingError(f"clip_eps_low must be in (0, 1), got {eps_low}")
     if not eps_high > 0:
-        raise ValueError(f"clip_eps_high must be > 0, got {eps_high}")
+        raise SettingError(f"clip_eps_high must be > 0, got {eps_high}")
 
 
 def truncated_is_weights(
@@ -190,6 +191,6 @@ def truncated_is_weights(
     old_logp, sampler_logp, mask: (B, T); returns (B, T), 0 off the mask, no gradient.
     """
     if not cap > 0:
-        raise ValueError(f"the truncation cap C must be > 0, got {cap}")
+        raise SettingError(f"the truncation cap C must be > 0, got {cap}")
     w = torch.exp((old_logp - sampler_logp).detach()).clamp(max=cap)
     return w * mask

@@ -26,6 +26,7 @@ from algorithms import metrics as M
 from algorithms.base import RolloutBatch, collect_rollouts
 from algorithms.core import asymmetric_clipped_surrogate, check_asymmetric_clip, kl_k3, token_mean
 from algorithms.grpo import LossParts
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -41,9 +42,9 @@ class Config(grpo.Config):
         super().__post_init__()
         check_asymmetric_clip(self.clip_eps_low, self.clip_eps_high)
         if self.max_sample_rounds < 1:
-            raise ValueError(f"max_sample_rounds must be >= 1, got {self.max_sample_rounds}")
+            raise SettingError(f"max_sample_rounds must be >= 1, got {self.max_sample_rounds}")
         if self.overlong_buffer < 0 or self.overlong_penalty < 0:
-            raise ValueError(
+            raise SettingError(
                 f"overlong_buffer and overlong_penalty must be >= 0, got {self.overlong_buffer}, {self.overlong_penalty}"
             )
 
@@ -123,7 +124,7 @@ class Trainer(grpo.Trainer):
 
     def __init__(self, ctx, config: Config):
         if config.overlong_buffer >= ctx.task.max_new_tokens:
-            raise ValueError(
+            raise SettingError(
                 f"overlong_buffer={config.overlong_buffer} must be below the task's max_new_tokens={ctx.task.max_new_tokens}"
             )
         super().__init__(ctx, config)

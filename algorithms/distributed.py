@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from rlhf_env.errors import SettingError
+
 BACKENDS = ("gloo", "nccl")
 
 
@@ -80,12 +82,12 @@ def setup(device: torch.device, backend: str | None = None, config=None) -> Data
     does not divide ``config``'s batch.
     """
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise SettingError(f"unknown distributed backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise ValueError("the NCCL backend needs CUDA GPUs and this machine has none; use --backend gloo on CPU")
+            raise SettingError("the NCCL backend needs CUDA GPUs and this machine has none; use --backend gloo on CPU")
         if device.type != "cuda":
-            raise ValueError(f"the NCCL backend runs on CUDA devices, not {device}; use --backend gloo on CPU")
+            raise SettingError(f"the NCCL backend runs on CUDA devices, not {device}; use --backend gloo on CPU")
     if not launched():
         if backend is None:
             return None
@@ -211,7 +213,7 @@ def rank_rows(rows: torch.Tensor) -> torch.Tensor:
     if dp is None:
         return rows
     if len(rows) < dp.world_size:
-        raise ValueError(
+        raise SettingError(
             f"a minibatch of {len(rows)} rows cannot be split over {dp.world_size} ranks; "
             "use fewer minibatches or a larger batch"
         )
@@ -240,7 +242,7 @@ def shard_size(num_envs: int, group_size: int) -> int:
         return num_envs
     groups = num_envs // group_size
     if groups % dp.world_size:
-        raise ValueError(
+        raise SettingError(
             f"world size {dp.world_size} does not divide the batch's {groups} prompts "
             f"({num_envs} rows in groups of {group_size}); a group never splits across ranks"
         )
@@ -252,7 +254,7 @@ def check_batch(config, world_size: int) -> None:
     for name in ("num_prompts", "num_envs", "batch_size"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value % world_size:
-            raise ValueError(
+            raise SettingError(
                 f"world size {world_size} does not divide the batch ({name}={value}); "
                 f"use a {name} that is a multiple of {world_size}"
             )

@@ -31,6 +31,7 @@ from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.core import masked_sum
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
@@ -52,15 +53,15 @@ class PairConfig:
 
     def __post_init__(self):
         if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"{self.name} lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+            raise SettingError(f"{self.name} lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
         if self.batch_size < 1 or self.num_pairs < 1:
-            raise ValueError(
+            raise SettingError(
                 f"{self.name} batch_size and num_pairs must be >= 1, got {self.batch_size}, {self.num_pairs}"
             )
         if not self.annotator_tau > 0:
-            raise ValueError(f"{self.name} annotator_tau must be > 0, got {self.annotator_tau}")
+            raise SettingError(f"{self.name} annotator_tau must be > 0, got {self.annotator_tau}")
         if self.preference_file is not None and not Path(self.preference_file).expanduser().is_file():
-            raise FileNotFoundError(f"{self.name} preference_file {self.preference_file!r} is not a file")
+            raise MissingFileError(f"{self.name} preference_file {self.preference_file!r} is not a file")
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Config(PairConfig):
 
     def __post_init__(self):
         if not self.beta > 0:
-            raise ValueError(f"DPO beta must be > 0, got {self.beta}")
+            raise SettingError(f"DPO beta must be > 0, got {self.beta}")
         super().__post_init__()
 
 
@@ -81,7 +82,7 @@ class IPOConfig(PairConfig):
 
     def __post_init__(self):
         if not self.tau > 0:
-            raise ValueError(f"IPO tau must be > 0 (the target margin is 1/(2 tau)), got {self.tau}")
+            raise SettingError(f"IPO tau must be > 0 (the target margin is 1/(2 tau)), got {self.tau}")
         super().__post_init__()
 
 
@@ -108,11 +109,11 @@ class SimPOConfig(PairConfig):
 
     def __post_init__(self):
         if not self.beta > 0:
-            raise ValueError(f"SimPO beta must be > 0, got {self.beta}")
+            raise SettingError(f"SimPO beta must be > 0, got {self.beta}")
         if not self.gamma >= 0:
-            raise ValueError(f"SimPO gamma (the target margin) must be >= 0, got {self.gamma}")
+            raise SettingError(f"SimPO gamma (the target margin) must be >= 0, got {self.gamma}")
         if not self.sft_weight >= 0:
-            raise ValueError(f"SimPO sft_weight (the chosen NLL's weight) must be >= 0, got {self.sft_weight}")
+            raise SettingError(f"SimPO sft_weight (the chosen NLL's weight) must be >= 0, got {self.sft_weight}")
         super().__post_init__()
 
 
@@ -269,7 +270,7 @@ class Trainer(Stateful):
         limit = getattr(ctx.policy.config, "max_position_embeddings", None)
         longest = max(len(ids) for ids, _ in self.chosen + self.rejected)
         if limit is not None and longest > limit:
-            raise ValueError(f"a preference pair is {longest} tokens long; the model reads at most {limit}")
+            raise SettingError(f"a preference pair is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
         # Chosen and rejected share the prompt: one row per pair runs it once (``branch_logprobs``),
         # where the model takes explicit masks; else a row per completion.

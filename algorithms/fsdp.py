@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_env.errors import SettingError
+
 SHARDED = "sharded"
 
 
@@ -62,7 +64,7 @@ def check_trainer(trainer) -> None:
     """FSDP checkpoints hold the policy and its optimizer: trainers with more state are refused."""
     state = getattr(trainer, "state", None)
     if state != {"optimizer": "optimizer"}:
-        raise ValueError(
+        raise SettingError(
             f"--fsdp supports trainers whose state is the policy's optimizer; {type(trainer).__module__} keeps {state}"
         )
 

@@ -34,6 +34,7 @@ from algorithms import metrics as M
 from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import kl_k3, masked_mean
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -50,20 +51,22 @@ class Config:
 
     def __post_init__(self):
         if self.group_size < 2:
-            raise ValueError(f"GRPO needs group_size >= 2 (advantages are relative to a group), got {self.group_size}")
+            raise SettingError(
+                f"GRPO needs group_size >= 2 (advantages are relative to a group), got {self.group_size}"
+            )
         if self.kl_coef < 0:
-            raise ValueError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
+            raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
         if self.clip_eps <= 0:
-            raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
+            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
         if self.num_prompts < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
-            raise ValueError(f"num_prompts, num_iterations and num_minibatches must be >= 1: {self}")
+            raise SettingError(f"num_prompts, num_iterations and num_minibatches must be >= 1: {self}")
         if (self.num_prompts * self.group_size) % self.num_minibatches:
-            raise ValueError(
+            raise SettingError(
                 f"num_minibatches={self.num_minibatches} must divide num_prompts × group_size = "
                 f"{self.num_prompts * self.group_size}"
             )
         if self.lr <= 0 or self.max_grad_norm <= 0 or self.std_eps <= 0:
-            raise ValueError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
+            raise SettingError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
 
 
 @dataclass

@@ -57,6 +57,9 @@ def gspo_loss(
     """
     s = sequence_ratio(logp, old_logp, mask)
     surrogate, clipped = asymmetric_clipped_surrogate(s, advantages, eps_low, eps_high)
+    # An all-padding row has s = exp(0) = 1, so s Â would count Â in the loss's value (not its
+    # gradient); it contributes 0, as in GRPO and TRL.
+    surrogate = surrogate * (mask.sum(dim=1) > 0).to(surrogate.dtype)
     if tis is not None:  # off the mask w = 0: clamp before the log, the mask drops those entries
         surrogate = surrogate * torch.exp(masked_mean(torch.log(tis.clamp(min=1e-30)), mask, dim=1))
     policy = -surrogate.mean()

@@ -27,6 +27,7 @@ from algorithms.base import TrainContext
 from algorithms.core import masked_mean
 from algorithms.dpo import PairConfig, load_pairs, sequence_logprobs
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, pack_completions
 
@@ -52,9 +53,9 @@ class Config(PairConfig):
 
     def __post_init__(self):
         if not self.beta > 0:
-            raise ValueError(f"KTO beta must be > 0, got {self.beta}")
+            raise SettingError(f"KTO beta must be > 0, got {self.beta}")
         if not self.desirable_weight > 0 or not self.undesirable_weight > 0:
-            raise ValueError(
+            raise SettingError(
                 f"KTO desirable_weight and undesirable_weight (λ_D, λ_U) must be > 0, "
                 f"got {self.desirable_weight}, {self.undesirable_weight}"
             )
@@ -124,7 +125,7 @@ class Trainer(Stateful):
         limit = getattr(ctx.policy.config, "max_position_embeddings", None)
         longest = max(len(ids) for ids, _ in self.encoded + self.mismatched)
         if limit is not None and longest > limit:
-            raise ValueError(f"a KTO example is {longest} tokens long; the model reads at most {limit}")
+            raise SettingError(f"a KTO example is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
         self.ref_logp = self.logprobs(ctx.ref, self.encoded, eval_batch_size)
         self.ref_mismatched = self.logprobs(ctx.ref, self.mismatched, eval_batch_size)

@@ -39,13 +39,14 @@ from algorithms.runfolder import (
     write_checkpoint,
     write_text_atomic,
 )
+from rlhf_env.errors import SettingError, UserError
 from rlhf_env.models import load_causal_lm, resolve_device, save_pretrained
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training stopped; the message names the step and where the last good checkpoint is."""
 
 
@@ -68,12 +69,12 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
 
 def proxy_scores(reward, prompts: list[str], completions: list[str]):
     """(N,) the proxy reward of completions, checked as the env checks a reward's output."""
-    from rlhf_env.rewards import as_scores, reward_name
+    from rlhf_env.rewards import as_scores, call_reward, reward_name
 
-    return as_scores(reward(prompts, completions), len(completions), reward_name(reward))
+    return as_scores(call_reward(reward, prompts, completions), len(completions), reward_name(reward))
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A resumed run asked for settings other than the run's own; ``changes`` maps each key to (old, new)."""
 
     def __init__(self, out: Path, changes: dict[str, tuple[Any, Any]], fixed: str = ""):
@@ -86,7 +87,7 @@ class ResumeError(ValueError):
         super().__init__(f"{out} holds a run with other settings: {diffs}; a resumed run keeps its settings: {hint}")
 
 
-def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
+def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int, resumes_from: int | None = None) -> None:
     if sharding.is_sharded(ctx.policy):  # FSDP: every rank writes its shards
         return sharding.save_checkpoint(out, ctx.policy, ctx.tokenizer, trainer, step, distributed.current().lead)
     if distributed.current() is not None and not distributed.current().lead:
@@ -96,7 +97,7 @@ def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int) -> None:
         (lora.save if lora.wrapper_of(ctx.policy) else save_pretrained)(ctx.policy, ctx.tokenizer, folder)
         torch.save({"step": step, "trainer": trainer.state_dict()}, folder / "trainer_state.pt")
 
-    write_checkpoint(out, save)
+    write_checkpoint(out, save, resumes_from)
 
 
 def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], overrides: dict[str, Any]):
@@ -188,7 +189,7 @@ def train(
     device, lead = (dp.device, dp.lead) if dp is not None else (device, True)
     choice = resolve_reward(reward, task, device=device)  # and a reward that cannot be used
     if fsdp and (dp is None or dp.world_size < 2 or lora_settings is not None):
-        raise ValueError("--fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)")
+        raise SettingError("--fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)")
     with distributed.active(dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
         if lead:
             recover_checkpoint(out)
@@ -218,7 +219,7 @@ def train(
             if (saved.get("lora") or None) != (lora_settings.as_dict() if lora_settings else None):
                 raise lora.LoraError(f"{out}: the LoRA settings of a run cannot change (it has {saved.get('lora')})")
             if saved.get("fsdp", False) != fsdp:
-                raise ValueError(
+                raise SettingError(
                     f"{out}: a run's --fsdp cannot change (its checkpoint is {'' if fsdp else 'not '}sharded)"
                 )
         cfg = spec.Config(**overrides)
@@ -248,6 +249,7 @@ def train(
                 sharding.gather(policy)  # after the optimizer took the sharded parameters
 
         start, records = 0, []
+        saved_step = None  # the step the folder resumes from, said when a later checkpoint write fails
         if resuming:
             try:
                 state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=False)
@@ -257,7 +259,7 @@ def train(
                 sharding.load_checkpoint(ckpt, policy, trainer)
             else:
                 trainer.load_state_dict(state["trainer"])
-            start = state["step"]
+            start = saved_step = state["step"]
             records = [r for r in history if r["step"] < start]
         if lead:
             write_text_atomic(metrics_file, "".join(json.dumps(r) + "\n" for r in records))
@@ -342,7 +344,8 @@ def train(
                     callback(record, min(done, 1.0))
                 step += 1
                 if step % checkpoint_every == 0 or done >= 1.0:
-                    _save_checkpoint(out, ctx, trainer, step)
+                    _save_checkpoint(out, ctx, trainer, step, saved_step)
+                    saved_step = step
         finally:
             if meter is not None and meter.running:  # an exception inside the window: close the profiler
                 meter.stop()
@@ -371,10 +374,10 @@ class Budget:
     def __post_init__(self):
         given = {k: v for k, v in self.__dict__.items() if v is not None}
         if not given:
-            raise ValueError("give a budget: steps, max_tokens or max_seconds")
+            raise SettingError("give a budget: steps, max_tokens or max_seconds")
         bad = {k: v for k, v in given.items() if not v > 0}
         if bad:
-            raise ValueError(f"budget values must be > 0, got {bad}")
+            raise SettingError(f"budget values must be > 0, got {bad}")
 
     def fraction(self, steps: int, tokens: float, seconds: float) -> float:
         """How much of the budget is spent (≥ 1: done): the largest of the three ratios."""

@@ -21,11 +21,23 @@ from pathlib import Path
 
 import torch
 
+from rlhf_env.errors import MissingExtraError, UserError
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """Bad LoRA settings, or a run/checkpoint without adapters."""
+
+
+def require_peft() -> None:
+    """PEFT, or a ``MissingExtraError`` that says which extra installs it."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(
+            "LoRA (--lora-rank) needs PEFT, which is not installed: pip install 'rlhf_env[lora]'"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        require_peft()  # settings are made before any work: a missing install fails there
         if self.rank < 1:
             raise LoraError(f"--lora-rank must be >= 1, got {self.rank}")
         if self.alpha is not None and not self.alpha > 0:
@@ -72,6 +85,7 @@ def attach(base: torch.nn.Module, settings: LoraSettings, adapters: str | Path |
 
     Raises ``LoraError`` naming the target modules the model lacks, and the ones it has.
     """
+    require_peft()
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if settings.target_modules is not None:

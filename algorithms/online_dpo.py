@@ -23,6 +23,7 @@ from algorithms.base import collect_rollouts, policy_logprobs, sampler_metrics, 
 from algorithms.core import masked_sum
 from algorithms.dpo import dpo_loss, pair_metrics
 from algorithms.plumbing import PolicyTrainer
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -34,11 +35,11 @@ class Config:
 
     def __post_init__(self):
         if self.num_prompts < 1:
-            raise ValueError(f"online DPO num_prompts must be >= 1, got {self.num_prompts}")
+            raise SettingError(f"online DPO num_prompts must be >= 1, got {self.num_prompts}")
         if not self.beta > 0:
-            raise ValueError(f"online DPO beta must be > 0, got {self.beta}")
+            raise SettingError(f"online DPO beta must be > 0, got {self.beta}")
         if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"online DPO lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+            raise SettingError(f"online DPO lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
 
 
 def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

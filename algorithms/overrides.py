@@ -19,11 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, Literal, Union
 
+from rlhf_env.errors import SettingError
+
 TRUE, FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 NONE = {"none", "null"}
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """An override with an unknown key or a value of the wrong type; the message names the key."""
 
 

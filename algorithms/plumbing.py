@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from algorithms import distributed
+from rlhf_env.errors import SettingError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,7 +38,7 @@ class Optimizer:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, max_grad_norm: float):
         if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+            raise SettingError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.params = [p for p in params if p.requires_grad]  # LoRA: the adapters only
         self.max_grad_norm = float(max_grad_norm)
         # The fused kernel: one pass over each tensor instead of a dozen ops per parameter (the
@@ -155,7 +156,7 @@ class Stateful:
     def load_state_dict(self, state: dict) -> None:
         missing = sorted(set(self.state) - set(state))
         if missing:
-            raise ValueError(f"{type(self).__module__} trainer state lacks {missing}; it has {sorted(state)}")
+            raise SettingError(f"{type(self).__module__} trainer state lacks {missing}; it has {sorted(state)}")
         for key, attr in self.state.items():
             getattr(self, attr).load_state_dict(state[key])
 

@@ -58,6 +58,7 @@ from algorithms.core import (
     token_logprobs,
 )
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
 
 
@@ -82,7 +83,7 @@ class Config:
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:
             if not ok:
-                raise ValueError(f"invalid PPO config: {what}")
+                raise SettingError(f"invalid PPO config: {what}")
 
         need(self.num_envs >= 1, f"num_envs must be >= 1, got {self.num_envs}")
         need(

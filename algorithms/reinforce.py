@@ -15,6 +15,7 @@ from algorithms import metrics as M
 from algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import masked_sum
 from algorithms.plumbing import PolicyTrainer
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Config:
 
     def __post_init__(self):
         if self.num_envs < 1 or self.lr <= 0 or self.kl_coef < 0 or self.max_grad_norm <= 0:
-            raise ValueError(f"invalid REINFORCE config: {self}")
+            raise SettingError(f"invalid REINFORCE config: {self}")
 
 
 def reinforce_loss(

@@ -23,6 +23,7 @@ from algorithms import metrics as M
 from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
 from algorithms.core import gae, masked_sum, masked_whiten, token_mean
 from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -38,18 +39,20 @@ class Config:
 
     def __post_init__(self):
         if self.num_prompts < 1 or self.group_size < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
-            raise ValueError(f"num_prompts, group_size, num_iterations and num_minibatches must be >= 1: {self}")
+            raise SettingError(f"num_prompts, group_size, num_iterations and num_minibatches must be >= 1: {self}")
         if (self.num_prompts * self.group_size) % self.num_minibatches:
-            raise ValueError(
+            raise SettingError(
                 f"num_minibatches={self.num_minibatches} must divide num_prompts × group_size = "
                 f"{self.num_prompts * self.group_size}"
             )
         if self.kl_coef < 0:
-            raise ValueError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
+            raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
         if self.clip_eps <= 0:
-            raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
+            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
         if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise ValueError(f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}")
+            raise SettingError(
+                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
+            )
 
 
 @dataclass
@@ -59,7 +62,7 @@ class BaselineConfig(Config):
 
     def __post_init__(self):
         if self.group_size < 2:
-            raise ValueError(
+            raise SettingError(
                 f"REINFORCE++-baseline needs group_size >= 2 (the baseline is a group mean), got {self.group_size}"
             )
         super().__post_init__()

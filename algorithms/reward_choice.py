@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_env.errors import UserError
+
 GOLD = "gold"
 
 
-class RewardChoiceError(ValueError):
+class RewardChoiceError(UserError, ValueError):
     """A reward that cannot be used; the message names the value and why."""
 
 
@@ -84,6 +86,10 @@ def _registered(value: str, where: str) -> RewardChoice:
     except (TypeError, ValueError) as exc:
         raise RewardChoiceError(f"{where}: {exc}") from None
     spec = name + (":" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) if kwargs else "")
+    try:
+        fn.rlhf_name = name  # errors it raises name it as the user chose it (``rewards.reward_name``)
+    except (AttributeError, TypeError):  # a builtin or a slotted object: named by its function
+        pass
     return RewardChoice(spec, "registered", fn)
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pack
 from rlhf_env.tasks.base import PreferencePair
@@ -48,13 +49,13 @@ class Config:
 
     def __post_init__(self):
         if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"reward model lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+            raise SettingError(f"reward model lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
         if self.batch_size < 1 or self.num_pairs < 1 or self.num_heldout_pairs < 1:
-            raise ValueError(f"reward model batch_size, num_pairs and num_heldout_pairs must be >= 1: {self}")
+            raise SettingError(f"reward model batch_size, num_pairs and num_heldout_pairs must be >= 1: {self}")
         if self.heldout_every < 0:
-            raise ValueError(f"heldout_every must be >= 0, got {self.heldout_every}")
+            raise SettingError(f"heldout_every must be >= 0, got {self.heldout_every}")
         if not self.annotator_tau > 0:
-            raise ValueError(f"annotator_tau must be > 0, got {self.annotator_tau}")
+            raise SettingError(f"annotator_tau must be > 0, got {self.annotator_tau}")
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ class ScalarRewardModel(nn.Module):
         model = AutoModelForSequenceClassification.from_config(config)
         head = getattr(model, "score", None)
         if not isinstance(head, nn.Linear) or head.bias is not None:
-            raise NotImplementedError(
+            raise UnsupportedModelError(
                 f"exporting a reward model as {type(model).__name__} is not supported (needs a bias-free `score` head)"
             )
         model.base_model.load_state_dict(self.trunk.state_dict())

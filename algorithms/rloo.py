@@ -20,6 +20,7 @@ from algorithms.core import leave_one_out_baseline, masked_sum
 from algorithms.grpo import group_std
 from algorithms.plumbing import PolicyTrainer
 from algorithms.reinforce import reinforce_loss
+from rlhf_env.errors import SettingError
 
 
 @dataclass
@@ -32,13 +33,15 @@ class Config:
 
     def __post_init__(self):
         if self.k < 2:
-            raise ValueError(f"RLOO needs k >= 2 (the baseline is the mean of the other k−1), got k={self.k}")
+            raise SettingError(f"RLOO needs k >= 2 (the baseline is the mean of the other k−1), got k={self.k}")
         if self.num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+            raise SettingError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.kl_coef < 0:
-            raise ValueError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
+            raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
         if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise ValueError(f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}")
+            raise SettingError(
+                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
+            )
 
 
 class Trainer(PolicyTrainer):

@@ -26,14 +26,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_env.errors import RunWarning
+from rlhf_env.errors import RunWarning, UserError
 
 CHECKPOINT = "checkpoint"
 LOCK = ".lock"
 _held: dict[str, int] = {}  # folders this process has locked -> nesting depth (the runner locks, then its cells)
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError, ValueError):
     """An output folder that cannot be used: a file, owned by another process, damaged, or holding another run."""
 
 
@@ -113,6 +113,22 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def lock_holder(out: str | os.PathLike) -> str | None:
+    """Who holds ``out``'s lock when another process does; None when it is free or this process's."""
+    out = Path(out).expanduser()
+    path = out / LOCK
+    if not path.exists() or str(out.resolve()) in _held:
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return None if _try_lock(fd) else _describe_holder(path)
+    finally:
+        os.close(fd)  # releases the probe's lock, if it took one
+
+
 def _describe_holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
@@ -125,13 +141,41 @@ def _describe_holder(path: Path) -> str:
 # -- checkpoints ----------------------------------------------------------------------------
 
 
-def write_checkpoint(out: Path, save: Callable[[Path], None]) -> None:
+class CheckpointWriteError(RunFolderError):
+    """A checkpoint could not be written (a full disk, say); the previous one is kept."""
+
+
+def write_checkpoint(out: Path, save: Callable[[Path], None], resumes_from: int | None = None) -> None:
     """``save(folder)`` into a temporary folder, then swap it in as ``out/checkpoint``.
 
     Between the two renames ``checkpoint/`` is missing and the previous one is ``.old-<pid>``;
     ``recover_checkpoint`` puts it back. Files are synced before the renames, so after a power
-    cut the renamed folder holds complete files.
+    cut the renamed folder holds complete files. A failed write (``OSError``, or torch's
+    ``RuntimeError`` from its zip writer) leaves the previous checkpoint in place and raises a
+    ``CheckpointWriteError`` that says so (``resumes_from``: that checkpoint's step, None: none yet).
     """
+    try:
+        _write_checkpoint(out, save)
+    except (OSError, RuntimeError) as exc:
+        if resumes_from is not None:
+            kept = f"the run folder still resumes from step {resumes_from}"
+        elif (out / CHECKPOINT / "trainer_state.pt").exists():
+            kept = "the run folder still resumes from its previous checkpoint"
+        else:
+            kept = "no earlier checkpoint: the run starts again"
+        raise CheckpointWriteError(f"could not write checkpoint to {out / CHECKPOINT}: {_why(exc)} ({kept})") from exc
+
+
+def _why(exc: BaseException) -> str:
+    """A write failure in words: ``no space left on device``, not ``[enforce fail at inline_container.cc:672] ...``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split("] ", 1)[-1].strip(" .")  # drop torch's "[enforce fail at file:line]" prefix
+    return f"{text} (is the disk full?)"
+
+
+def _write_checkpoint(out: Path, save: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     try:
         save(tmp)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from algorithms import metrics as M
 from algorithms.base import TrainContext
 from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.errors import SettingError
 from rlhf_env.scoring import sft_loss
 
 
@@ -25,7 +26,7 @@ class Config:
 
     def __post_init__(self):
         if self.batch_size < 1 or not self.lr > 0 or not self.max_grad_norm > 0:
-            raise ValueError(f"invalid SFT config (need batch_size >= 1, lr > 0, max_grad_norm > 0): {self}")
+            raise SettingError(f"invalid SFT config (need batch_size >= 1, lr > 0, max_grad_norm > 0): {self}")
 
 
 class Trainer(Stateful):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from plugins.cli import Command
+from rlhf_env.errors import SettingError
 
 
 # -- rlhf bench ---------------------------------------------------------------------------
@@ -18,6 +19,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks.runner import run_suite, suite_device
     from benchmarks.suite import load_suite
 
+    if args.workers is not None and args.workers < 0:  # before the output folder is made
+        raise SettingError(f"--workers must be >= 0 (0: cells run in this process), got {args.workers}")
     suite = load_suite(args.suite)
     if args.baseline:
         from benchmarks.trl_baseline import require_trl
@@ -31,7 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # Ray missing, or no cluster answering at --address (a bounded wait): fail before the folder is claimed.
         executor = RayExecutor.for_suite(suite, args.address, args.connect_timeout)
     elif args.address is not None or args.connect_timeout is not None:
-        raise ValueError("--address and --connect-timeout need --executor ray")
+        raise SettingError("--address and --connect-timeout need --executor ray")
     out = Path(args.out or Path("runs") / "bench" / suite.name)
     print(f"rlhf bench: suite {suite.name!r} ({suite.path}) -> {out}")
     t0 = time.perf_counter()

@@ -15,10 +15,12 @@ import socket
 import sys
 from pathlib import Path
 
+from rlhf_env.errors import UserError
+
 EXECUTORS = ("local", "ray")
 
 
-class ExecutorError(RuntimeError):
+class ExecutorError(UserError, RuntimeError):
     """An executor that cannot run here: Ray missing, or a cluster address that does not answer."""
 
 

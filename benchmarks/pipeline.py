@@ -27,6 +27,7 @@ from typing import Any
 
 from algorithms import metrics as M
 from benchmarks.suite import GOLD, LEARNED, Cell, Suite, SuiteError, TaskEntry
+from rlhf_env.errors import TrainingStoppedError
 
 RM_ALGORITHM, BON_ALGORITHM = "reward_model", "best_of_n"
 
@@ -172,7 +173,7 @@ def proxy_reward(task: TaskEntry, seed: int, out: Path) -> str:
         return task.reward
     result = json.loads((rm_dir(out, task, seed) / "result.json").read_text())
     if result.get("status") != "ok":
-        raise RuntimeError(f"the task's reward model failed: {result.get('error')}")
+        raise TrainingStoppedError(f"the task's reward model failed: {result.get('error')}")
     return str(rm_dir(out, task, seed) / "model")
 
 
@@ -186,7 +187,7 @@ def cell_inputs(cell: Cell, out: Path) -> tuple[dict[str, Any], str]:
     try:
         reward = proxy_reward(cell.task, cell.seed, out)
     except OSError:
-        raise RuntimeError("the task's reward model was not trained") from None
+        raise TrainingStoppedError("the task's reward model was not trained") from None
     fields = getattr(plugins.get_host().algorithms.get(cell.algorithm).Config, "__dataclass_fields__", {})
     if "preference_file" in fields and config.get("preference_file") is None:
         config["preference_file"] = str(rm_dir(out, cell.task, cell.seed) / "pairs.jsonl")

@@ -160,9 +160,22 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 def run_cell(
     cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int
 ) -> dict[str, Any]:
-    """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``."""
+    """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``.
+
+    The cell's folder is held from start to end, so only its owner writes ``result.json`` and
+    ``error.txt``; a folder another process holds is reported and left as it is.
+    """
+    from algorithms.runfolder import RunLockedError, claim_run_folder
+
     path = cell_dir(Path(out), cell)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with claim_run_folder(path):
+            return _train_cell(cell, path, out, device_name, eval_points, eval_prompts, checkpoint_every)
+    except RunLockedError as exc:
+        return _failed(cell, f"skipped: {exc}")
+
+
+def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_prompts, checkpoint_every) -> dict:
     t0 = time.perf_counter()
     base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
     try:
@@ -345,7 +358,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
             if base.get("status") == "ok":
                 jobs.append((c.id, run_cell, (c, *args)))
             else:
-                _write_result(cell_dir(out, c), _failed(c, f"the task's base model failed: {base['error']}"))
+                _write_cell_result(cell_dir(out, c), _failed(c, f"the task's base model failed: {base['error']}"))
                 display.finish(c.id, f"  FAILED {c.id}: the task's base model failed")
         # Then each learned-reward task's reward models (once per seed, shared by its cells), with the
         # cells that do not need one filling the workers; then the rest.
@@ -354,7 +367,29 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
         execute(then, display, workers, threads, out)
     finally:
         display.close()
-    return [read_result(cell_dir(out, c)) or _failed(c, "no result") for c in cells]
+    return [_cell_result(out, c) for c in cells]
+
+
+def _cell_result(out: Path, cell: Cell) -> dict[str, Any]:
+    """The cell's ``result.json``; a cell whose folder another process holds is reported as skipped."""
+    from algorithms.runfolder import lock_holder
+
+    path = cell_dir(out, cell)
+    holder = lock_holder(path)
+    if holder is not None:
+        return _failed(cell, f"skipped: {path} is in use by {holder}; nothing was written into it")
+    return read_result(path) or _failed(cell, "no result")
+
+
+def _write_cell_result(path: Path, result: dict[str, Any]) -> None:
+    """``result.json`` into a cell folder, unless another process holds it (then it is not ours to write)."""
+    from algorithms.runfolder import RunLockedError, claim_run_folder
+
+    try:
+        with claim_run_folder(path):
+            _write_result(path, result)
+    except RunLockedError:
+        pass  # ``_cell_result`` reports the cell
 
 
 def _failed(cell: Cell, error: str) -> dict[str, Any]:
@@ -376,7 +411,7 @@ def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any
         error = f"{type(exc).__name__}: {exc}"
     if fn is run_cell:
         result = _failed(args[0], error)
-        _write_result(cell_dir(out, args[0]), result)
+        _write_cell_result(cell_dir(out, args[0]), result)
         return result
     if fn is not prepare_task:  # a pipeline stage: its result stays unwritten, so the next run tries again
         return {"stage": key, "status": "failed", "task": key, "algorithm": "", "seed": args[1], "error": error}

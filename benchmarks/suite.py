@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithms.overrides import ConfigError, signature_types, typed_overrides, typed_values
+from rlhf_env.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -78,7 +79,7 @@ PIPELINE_TYPES = {k: float if k in ("tau", "beta", "rm_lr") else int for k in PI
 SWEEPS = {"pairs": "N", "tau": "tau", "beta": "beta"}  # key -> its name in labels and tables
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """A suite file that cannot be run; the message names the file and the key."""
 
 

@@ -37,6 +37,7 @@ from typing import Any
 from algorithms import metrics as M
 from benchmarks.runner import _write_result, cell_dir, read_result, run_dir, suite_device
 from benchmarks.suite import Cell, Suite
+from rlhf_env.errors import MissingExtraError, TrainingStoppedError
 
 ALGOS = ("grpo", "dpo")
 
@@ -45,7 +46,7 @@ def require_trl():
     try:
         import trl  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError('--baseline trl needs TRL: pip install -e ".[compare]"') from exc
+        raise MissingExtraError('--baseline trl needs TRL: pip install -e ".[compare]"') from exc
     return trl
 
 
@@ -218,7 +219,7 @@ def run_trl_baseline(suite: Suite, out: str | Path, progress: bool = True) -> li
         c for c in suite.cells() if c.algorithm in ALGOS and (read_result(cell_dir(out, c)) or {}).get("status") == "ok"
     ]
     if not cells:
-        raise RuntimeError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")
+        raise TrainingStoppedError("--baseline trl compares with the suite's grpo and dpo cells; none of them finished")
     saved = torch.get_num_threads()
     # The same torch threads as one of the suite's workers, so steps/s compare like with like.
     torch.set_num_threads(suite.threads or max(1, (os.cpu_count() or 1) // max(suite.workers, 1)))

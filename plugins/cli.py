@@ -20,6 +20,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from plugins.errors import UserError
+
+__all__ = ["Command", "CommandWarning", "UserError", "build_parser", "main"]
+
 
 class CommandWarning(UserWarning):
     """A warning the CLI prints as ``rlhf <command>: warning: ...`` (a repaired run folder, say)."""
@@ -32,7 +36,8 @@ class Command:
     Attributes:
         help: one line for ``rlhf --help``.
         add_arguments: ``add_arguments(parser)`` adds the command's flags to its argparse parser.
-        run: ``run(args) -> exit code``; raise an exception (its message is shown) to fail.
+        run: ``run(args) -> exit code``; raise a ``UserError`` (its message is shown) to fail; any other
+            exception is reported as an internal error.
         interrupted: ``interrupted(args) -> str``, what Ctrl-C says (how to pick up again).
     """
 
@@ -80,17 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
 
 
-# Kinds of errors that are the user's to fix (bad input, missing files, a busy folder, a stopped
-# run); their message says what is wrong. Anything else is a bug, here or in a plugin.
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
-
-
 def describe_error(exc: BaseException) -> str:
-    """One line for an exception."""
+    """One line for an exception: the message of the library's own errors, else an internal error.
+
+    An OS error on a named file (a missing or unwritable path the user gave) is the user's to fix
+    too, and is told as ``PATH: reason``; a torch ``RuntimeError`` or a bare ``ValueError`` is not.
+    """
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"  # not "[Errno 2] ..."
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, USER_ERRORS) and text and type(exc) is not KeyError:
+    if isinstance(exc, UserError) and text:
         return text
     return f"{type(exc).__name__}: {text} (an internal error; --debug shows the traceback)"
 

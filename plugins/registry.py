@@ -6,12 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from plugins.errors import UserError
 
-class DuplicateNameError(ValueError):
+
+class DuplicateNameError(UserError, ValueError):
     """Two plugins (or one plugin twice) registered the same name for one kind."""
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A lookup for a name nobody registered; the message lists the names that exist."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
@@ -34,7 +36,7 @@ class Registry:
 
     def add(self, name: str, obj: Any, plugin: str) -> None:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+            raise DuplicateNameError(f"{self.kind} name must be a non-empty string, got {name!r}")
         if name in self._entries:
             other = self._entries[name].plugin
             raise DuplicateNameError(

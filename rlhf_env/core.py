@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_env.env_common import EnvProperties, load_parts  # re-exported: the envs' old import path
-from rlhf_env.errors import InvalidActionError
+from rlhf_env.errors import InvalidActionError, SettingError
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.models import check_vocab, pad_token_id
 from rlhf_env.prompts import PromptSource
-from rlhf_env.rewards import RewardModel, as_scores, reward_name
+from rlhf_env.rewards import RewardModel, as_scores, call_reward, reward_name
 
 __all__ = ["ChunkOut", "EnvProperties", "EpisodeBatch", "StepOut", "load_parts"]
 
@@ -94,11 +94,11 @@ class EpisodeBatch:
         device: torch.device,
     ):
         if not beta >= 0:
-            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {beta}")
+            raise SettingError(f"beta (the KL coefficient) must be >= 0, got {beta}")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise SettingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if beta > 0 and ref_model is None:
-            raise ValueError(f"beta={beta} > 0 needs a reference model (ref_model=None)")
+            raise SettingError(f"beta={beta} > 0 needs a reference model (ref_model=None)")
         self.tokenizer = tokenizer
         self.beta = float(beta)
         self.max_new_tokens = int(max_new_tokens)
@@ -121,11 +121,11 @@ class EpisodeBatch:
         longest = max(len(self._encode(p, limit=None)) for p in self.prompts.prompts)
         self.max_prompt_tokens = int(max_prompt_tokens or longest)
         if longest > self.max_prompt_tokens:
-            raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_tokens={self.max_prompt_tokens}")
+            raise SettingError(f"a prompt has {longest} tokens, more than max_prompt_tokens={self.max_prompt_tokens}")
         self.max_len = self.max_prompt_tokens + self.max_new_tokens
         limit = getattr(getattr(self.ref_model, "config", None), "max_position_embeddings", None)
         if limit is not None and self.max_len > limit:
-            raise ValueError(
+            raise SettingError(
                 f"max_prompt_tokens + max_new_tokens = {self.max_len} exceeds the reference model's {limit} positions"
             )
 
@@ -147,10 +147,10 @@ class EpisodeBatch:
                 raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
             ids = list(self.tokenizer(prompt)["input_ids"])
             if not ids:
-                raise ValueError(f"prompt {prompt!r} is empty after tokenization")
+                raise SettingError(f"prompt {prompt!r} is empty after tokenization")
             self._prompt_ids[prompt] = ids
         if limit is not None and len(ids) > limit:
-            raise ValueError(f"prompt {prompt!r} has {len(ids)} tokens, more than max_prompt_tokens={limit}")
+            raise SettingError(f"prompt {prompt!r} has {len(ids)} tokens, more than max_prompt_tokens={limit}")
         return ids
 
     def completion_ids(self, row: int) -> list[int]:
@@ -328,7 +328,7 @@ class EpisodeBatch:
             return as_scores(self.reward.score_ids(seqs), len(rows), reward_name(self.reward))
         prompts = [self.prompt_text[r] for r in rows]
         completions = [self.completion_text(r) for r in rows]
-        return as_scores(self.reward(prompts, completions), len(rows), reward_name(self.reward))
+        return as_scores(call_reward(self.reward, prompts, completions), len(rows), reward_name(self.reward))
 
     def _feed_reference(self, out: StepOut | None, restarts: dict[int, str]) -> None:
         """One reference forward: the new token of continuing rows (none when ``out`` is None:

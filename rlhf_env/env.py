@@ -16,7 +16,7 @@ import torch
 from rlhf_env import spaces
 from rlhf_env.core import EpisodeBatch
 from rlhf_env.env_common import EnvProperties, load_parts
-from rlhf_env.errors import EpisodeEndedError, InvalidActionError
+from rlhf_env.errors import EpisodeEndedError, InvalidActionError, SettingError
 
 
 def split_action(action: Any, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,7 +110,7 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
         trust_remote_code: bool = False,
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
+            raise SettingError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         parts = load_parts(
             tokenizer,
@@ -145,14 +145,16 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start an episode with ``options["prompt"]`` or a prompt drawn with the seeded RNG."""
+        self._check_open("reset")
+        options = self._reset_options(options, ("prompt",))
         super().reset(seed=seed)
-        options = options or {}
         prompt = options["prompt"] if "prompt" in options else self.core.prompts.sample(self.np_random)
         self.core.advance(torch.zeros(1, dtype=torch.long), None, torch.zeros(1, dtype=torch.bool), {0: prompt})
         self._done, self._started = False, True
         return self._obs(), {"prompt": prompt}
 
     def step(self, action):
+        self._check_open("step")
         if self._done:
             why = "reset() was never called" if not self._started else "the episode has ended"
             raise EpisodeEndedError(f"step() called but {why}: call reset() first")

@@ -8,6 +8,7 @@ import os
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_env.errors import EnvStateError, SettingError
 from rlhf_env.models import default_device, load_causal_lm, load_tokenizer
 from rlhf_env.rewards import RewardModel
 
@@ -39,6 +40,25 @@ class EnvProperties:
     """
 
     core: object  # the env's rlhf_env.core.EpisodeBatch
+    _closed = False
+
+    def close(self, **kwargs) -> None:
+        """Close the env: a later ``reset``, ``step`` or ``step_chunk`` raises ``EnvStateError``."""
+        self._closed = True
+        super().close(**kwargs)
+
+    def _check_open(self, call: str) -> None:
+        # A closed env would go on silently, so a use-after-close bug would look like training.
+        if self._closed:
+            raise EnvStateError(f"{call}() called after close(); make a new env")
+
+    def _reset_options(self, options: dict | None, known: tuple[str, ...]) -> dict:
+        """``options``, refusing keys this env does not read (a typo would otherwise be ignored)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise SettingError(f"reset() got unknown option(s) {unknown}; this env knows {list(known)}")
+        return options
 
     @property
     def tokenizer(self):
@@ -86,7 +106,7 @@ class EnvProperties:
     @beta.setter
     def beta(self, value: float) -> None:
         if not value >= 0:
-            raise ValueError(f"beta (the KL coefficient) must be >= 0, got {value}")
+            raise SettingError(f"beta (the KL coefficient) must be >= 0, got {value}")
         if value > 0 and self.core.ref is None:
-            raise ValueError(f"beta={value} > 0 needs a reference model (ref_model=None)")
+            raise SettingError(f"beta={value} > 0 needs a reference model (ref_model=None)")
         self.core.beta = float(value)

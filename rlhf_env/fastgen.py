@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from rlhf_env.errors import SettingError
 from rlhf_env.kvcache import cache_kwarg, layer_windows
 
 
@@ -241,7 +242,7 @@ class HFGenerateSampler:
         greedy: bool = False,
     ):
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise SettingError(f"temperature must be > 0, got {temperature}")
         self.model, self.batch_size, self.pad_token_id, self.vocab_size = model, batch_size, pad_token_id, vocab_size
         self.temperature, self.greedy, self.seed = temperature, greedy, seed
         self.calls = 0

@@ -26,7 +26,7 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import logging as hf_logging
 
-from rlhf_env.errors import DeviceError, ModelLoadError, VocabMismatchError
+from rlhf_env.errors import DeviceError, MissingFileError, ModelLoadError, SettingError, VocabMismatchError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,7 +93,7 @@ def resolve_device(device=None) -> torch.device:
 def _local_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model path {str(path)!r} is not a local directory (nothing is downloaded; "
             "pass a directory saved with save_pretrained)"
         )
@@ -188,7 +188,7 @@ def load_reward_model(model, device=None, dtype=None, trust_remote_code: bool = 
     mapping, what = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "sequence-classification"
     model = _load(AutoModelForSequenceClassification, mapping, what, model, device, dtype, trust_remote_code)
     if model.config.num_labels != 1:
-        raise ValueError(f"a reward model needs exactly one label, this one has {model.config.num_labels}")
+        raise SettingError(f"a reward model needs exactly one label, this one has {model.config.num_labels}")
     return model
 
 

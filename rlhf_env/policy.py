@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_env.errors import SettingError
 from rlhf_env.fastgen import as_chunk_action, obs_history, sample_completions
 from rlhf_env.kvcache import IncrementalLM
 
@@ -22,12 +23,30 @@ def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator) -> torch.T
     return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)
 
 
+def _fit(env, tokenizer, batch_size, pad_token_id, vocab_size) -> tuple[int, int, int | None]:
+    """Rows, pad id and vocabulary from the env (or the tokenizer) where not given explicitly."""
+    if env is not None:
+        base = getattr(env, "unwrapped", env)
+        batch_size = batch_size if batch_size is not None else getattr(base, "num_envs", 1)
+        pad_token_id = pad_token_id if pad_token_id is not None else base.pad_token_id
+        vocab_size = vocab_size if vocab_size is not None else base.vocab_size
+    elif tokenizer is not None:
+        from rlhf_env.models import pad_token_id as pad_of
+
+        pad_token_id = pad_token_id if pad_token_id is not None else pad_of(tokenizer)
+        vocab_size = vocab_size if vocab_size is not None else len(tokenizer)
+    return (1 if batch_size is None else batch_size), (0 if pad_token_id is None else pad_token_id), vocab_size
+
+
 class SamplingPolicy:
     """Sample ``{"token", "logprob"}`` actions for a batch of ``batch_size`` rows.
 
     Args:
         model: a Hugging Face causal LM (eval mode; on the device it should run on).
-        batch_size: rows of the env (1 for ``TextGenEnv``).
+        batch_size: rows of the env (1 for ``TextGenEnv``); default the ``env``'s, else 1.
+        env: the env it acts in: its rows, pad id and vocabulary size are taken from it, so a
+            model whose embedding is padded beyond the tokenizer samples only ids the env accepts.
+        tokenizer: the policy's tokenizer, for the same when there is no env at hand.
         pad_token_id: the id fed in padding slots (``rlhf_env.models.pad_token_id``).
         vocab_size: the tokenizer's size (the env's ``vocab_size``): ids beyond it are never
             sampled and the log-probs are over the first ``vocab_size`` ids, as training
@@ -49,16 +68,20 @@ class SamplingPolicy:
     def __init__(
         self,
         model,
-        batch_size: int,
-        pad_token_id: int = 0,
+        batch_size: int | None = None,
+        pad_token_id: int | None = None,
         temperature: float = 1.0,
         seed: int = 0,
         vocab_size: int | None = None,
         greedy: bool = False,
         cuda_graph: bool = False,
+        *,
+        env=None,
+        tokenizer=None,
     ):
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise SettingError(f"temperature must be > 0, got {temperature}")
+        batch_size, pad_token_id, vocab_size = _fit(env, tokenizer, batch_size, pad_token_id, vocab_size)
         self.cuda_graph = cuda_graph
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
         self.model, self.pad_token_id, self.vocab_size = model, pad_token_id, vocab_size

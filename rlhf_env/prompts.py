@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_env.errors import SettingError
+
 # A small set of openings written for this project: the default env's prompts.
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The weather today is",
@@ -43,7 +45,7 @@ class PromptSource:
             raise TypeError("prompts must be a sequence of strings, not a single string")
         prompts = list(prompts)
         if not prompts:
-            raise ValueError("the prompt source is empty: give at least one prompt")
+            raise SettingError("the prompt source is empty: give at least one prompt")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompt {i} is {type(p).__name__}, not str: {p!r}")

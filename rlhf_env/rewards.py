@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from rlhf_env.errors import RewardError
+from rlhf_env.errors import RewardError, SettingError
 from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer, pad_token_id
 from rlhf_env.scoring import pack
 
@@ -34,7 +34,7 @@ class RewardModel:
     def __init__(self, model, tokenizer=None, device=None, dtype=None, trust_remote_code: bool = False):
         if tokenizer is None:
             if not isinstance(model, (str, os.PathLike)):
-                raise ValueError("RewardModel needs the reward model's tokenizer")
+                raise SettingError("RewardModel needs the reward model's tokenizer")
             tokenizer = model
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
@@ -43,7 +43,7 @@ class RewardModel:
         check_vocab(tokenizer, self.model, "reward model")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             # Sequence classifiers find the last real token by the pad id: it must not be a real token.
-            raise ValueError("the reward model's tokenizer has neither a pad nor an EOS token")
+            raise SettingError("the reward model's tokenizer has neither a pad nor an EOS token")
         self.pad_token_id = pad_token_id(tokenizer)
         # Sequence classifiers read the last non-pad token; they need to know the pad id.
         if self.model.config.pad_token_id is None:
@@ -70,10 +70,26 @@ def reward_name(reward) -> str:
     """How messages name a reward: ``module.function`` (or its class), or the reward model's class."""
     if isinstance(reward, RewardModel):
         return f"reward model {type(reward.model).__name__}"
+    label = getattr(reward, "rlhf_name", None)  # the name it was chosen by (``--reward completion_length``)
+    if label:
+        return repr(label)
     fn = getattr(reward, "func", reward)  # a functools.partial names its function
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     module = getattr(fn, "__module__", None) or type(fn).__module__
     return f"{module}.{name}" if module else name
+
+
+def call_reward(reward, prompts: list[str], completions: list[str]):
+    """``reward(prompts, completions)``; an exception it raises becomes a ``RewardError`` that names it.
+
+    Without the name, a reward's bug deep inside a training step reads as the library's own.
+    """
+    try:
+        return reward(prompts, completions)
+    except RewardError:
+        raise
+    except Exception as exc:
+        raise RewardError(f"reward {reward_name(reward)} raised {type(exc).__name__}: {exc}") from exc
 
 
 def as_scores(raw, n: int, name: str = "") -> torch.Tensor:
@@ -107,8 +123,8 @@ def as_scores(raw, n: int, name: str = "") -> torch.Tensor:
 
 def letter_fraction(letter: str = "e") -> RewardFn:
     """Score = share of the completion's characters equal to ``letter`` (0 if empty)."""
-    if len(letter) != 1:
-        raise ValueError(f"letter must be a single character, got {letter!r}")
+    if not isinstance(letter, str) or len(letter) != 1:
+        raise SettingError(f"letter must be a single character, got {letter!r}")
 
     def reward(prompts: list[str], completions: list[str]) -> list[float]:
         return [c.count(letter) / len(c) if c else 0.0 for c in completions]
@@ -118,6 +134,9 @@ def letter_fraction(letter: str = "e") -> RewardFn:
 
 def completion_length(max_chars: int = 32) -> RewardFn:
     """Score = completion length in characters divided by ``max_chars``, capped at 1."""
+    # Checked here, where the option is chosen, not at the first step (a division by zero).
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+        raise SettingError(f"max_chars must be an integer >= 1 (the length that scores 1), got {max_chars!r}")
 
     def reward(prompts: list[str], completions: list[str]) -> list[float]:
         return [min(len(c), max_chars) / max_chars for c in completions]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
 
 
@@ -61,7 +62,7 @@ def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[to
 def encode_completion(tokenizer, prompt: str, completion: str, eos: bool = True) -> tuple[list[int], int]:
     """``(ids, prompt_length)``: ``tokenizer(prompt)`` then the completion's ids (and EOS)."""
     if eos and tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token, so a completion cannot be ended")
+        raise SettingError("the tokenizer has no EOS token, so a completion cannot be ended")
     p = tokenizer(prompt)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return p + c + ([tokenizer.eos_token_id] if eos else []), len(p)

@@ -20,6 +20,7 @@ from rlhf_env import spaces
 from rlhf_env.core import EpisodeBatch
 from rlhf_env.env import split_action, split_chunk_action
 from rlhf_env.env_common import EnvProperties, load_parts
+from rlhf_env.errors import EnvStateError, SettingError
 
 
 class VectorTextGenEnv(EnvProperties, VectorEnv):
@@ -61,9 +62,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         trust_remote_code: bool = False,
     ):
         if num_envs < 1 or group_size < 1 or num_envs % group_size:
-            raise ValueError(f"num_envs={num_envs} must be a positive multiple of group_size={group_size}")
+            raise SettingError(f"num_envs={num_envs} must be a positive multiple of group_size={group_size}")
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None")
+            raise SettingError(f"render_mode must be one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode
         self.num_envs, self.group_size = num_envs, group_size
         self.num_groups = num_envs // group_size
@@ -111,15 +112,16 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
     # -- gymnasium API ------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start every row. ``options["prompts"]``: one prompt per group for the first episodes."""
+        self._check_open("reset")
+        options = self._reset_options(options, ("prompts",))
         super().reset(seed=seed)
-        options = options or {}
         self._episode[:] = 0
         self._queue_start[:] = 0
         self._queues = [[] for _ in range(self.num_groups)]
         if "prompts" in options:
             given = list(options["prompts"])
             if len(given) != self.num_groups:
-                raise ValueError(
+                raise SettingError(
                     f"options['prompts'] needs {self.num_groups} prompts (one per group), got {len(given)}"
                 )
             self._queues = [[p] for p in given]
@@ -131,8 +133,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         return self._obs(), {"prompt": np.array([restarts[r] for r in range(B)], dtype=object)}
 
     def step(self, actions):
+        self._check_open("step")
         if not self._started:
-            raise RuntimeError("step() called before reset()")
+            raise EnvStateError("step() called before reset()")
         B = self.num_envs
         tokens, logprobs = split_action(actions, B)
         resetting = self._autoreset.copy()
@@ -168,8 +171,9 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         ``ref_logprob``/``kl`` (B, K) (masked by ``_ref_logprob``/``_kl`` = ``applied``) and, for
         rows that ended, ``score``/``prompt``/``completion`` with (B,) masks, as ``step`` gives.
         """
+        self._check_open("step_chunk")
         if not self._started:
-            raise RuntimeError("step_chunk() called before reset()")
+            raise EnvStateError("step_chunk() called before reset()")
         B = self.num_envs
         tokens, logprobs, counts = split_chunk_action(actions, B)
         resetting = self._autoreset.copy()

@@ -370,6 +370,7 @@ def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
     import sys
 
     from benchmarks.trl_baseline import run_trl_baseline
+    from rlhf_env.errors import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
     suite = load_suite(
@@ -378,7 +379,7 @@ def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
             'seeds = [0]\nalgorithms = ["grpo"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n',
         )
     )
-    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[compare\]"'):
+    with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[compare\]"'):  # a user error, one line
         run_trl_baseline(suite, tmp_path)
 
 

@@ -201,14 +201,16 @@ def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsy
 
 
 COMMAND_SOURCE = """
-from plugins.cli import Command
+from plugins.cli import Command, UserError
 from rlhf_env import hookimpl
 
 
 def run(args):
     print(f"hello {args.name}")
     if args.name == "boom":
-        raise ValueError("no booms here")
+        raise UserError("no booms here")
+    if args.name == "bug":
+        raise ValueError("a plugin's own bug")
     return 0
 
 
@@ -230,3 +232,8 @@ def test_a_third_party_command_runs_like_a_built_in_one(plugin_path, write_dist,
     assert capsys.readouterr().out == "hello you\n"
     assert cli.main(["hello", "--name", "boom"]) == 1
     assert capsys.readouterr().err == "rlhf hello: error: no booms here\n"
+    # Only the library's error types are user errors; a bare ValueError is a bug and says so.
+    assert cli.main(["hello", "--name", "bug"]) == 1
+    assert capsys.readouterr().err == (
+        "rlhf hello: error: ValueError: a plugin's own bug (an internal error; --debug shows the traceback)\n"
+    )

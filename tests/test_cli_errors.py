@@ -54,6 +54,18 @@ class Trainer:
         pass
 
 
+class OomTrainer(Trainer):
+    def step(self, step, seed):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def grumpy():
+    def reward(prompts, completions):
+        raise ValueError("no scores today")
+
+    return reward
+
+
 def clumsy():
     task = None
     return task.prompts  # a plugin's bug
@@ -68,8 +80,14 @@ def rlhf_register_tasks(register):
 
 
 @hookimpl
+def rlhf_register_rewards(register):
+    register("grumpy", grumpy)
+
+
+@hookimpl
 def rlhf_register_algorithms(register):
     register("sleepy", AlgorithmSpec(Config, Trainer))
+    register("oom", AlgorithmSpec(Config, OomTrainer))
 """
 
 
@@ -224,3 +242,54 @@ def test_an_internal_error_is_one_line_that_points_to_debug(user_plugin, tmp_pat
         "rlhf train: error: AttributeError: 'NoneType' object has no attribute 'prompts' "
         "(an internal error; --debug shows the traceback)"
     )
+
+
+def test_a_reward_that_raises_during_training_is_named(user_plugin, tmp_path, model_dir, capsys):
+    # issue 20 §3c: the reward's own exception, told as the reward's, not as the library's internal error.
+    argv = train_argv(
+        tmp_path / "run", model_dir, "--reward", "grumpy", "--set", "num_envs=2", algo="reinforce", batch=None
+    )
+    assert cli.main(argv) == 1
+    assert error_line(capsys) == "rlhf train: error: reward 'grumpy' raised ValueError: no scores today"
+
+
+def test_a_torch_runtime_error_is_internal_and_points_to_debug(user_plugin, tmp_path, model_dir, capsys):
+    # issue 20 §3i: a RuntimeError (torch, an OOM) is not the user's mistake: it gets the --debug hint.
+    assert cli.main(train_argv(tmp_path / "run", model_dir, algo="oom", batch=None)) == 1
+    assert error_line(capsys) == (
+        "rlhf train: error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB "
+        "(an internal error; --debug shows the traceback)"
+    )
+
+
+@pytest.mark.parametrize(
+    "failure, said",
+    [
+        (OSError(28, "No space left on device"), "no space left on device"),
+        (  # what torch.save raises on a full disk
+            RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0"),
+            "PytorchStreamWriter failed writing file data/0 (is the disk full?)",
+        ),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_is_told_and_the_run_resumes(
+    tmp_path, model_dir, monkeypatch, capsys, failure, said
+):
+    # issue 20 §3a: one line that says what happened, and the folder still resumes.
+    out = tmp_path / "run"
+    assert cli.main(train_argv(out, model_dir, steps=1)) == 0  # a checkpoint at step 1
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert cli.main([*train_argv(out, model_dir, steps=2), "--resume"]) == 1
+    assert error_line(capsys) == (
+        f"rlhf train: error: could not write checkpoint to {out / 'checkpoint'}: {said} "
+        "(the run folder still resumes from step 1)"
+    )
+    assert not list(out.glob(".checkpoint-*")) and not (out / ".lock").exists()
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    assert cli.main([*train_argv(out, model_dir, steps=2), "--resume"]) == 0, capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

@@ -103,3 +103,39 @@ def test_missing_local_model_path_is_not_downloaded(tmp_path):
     _, _, tok = tiny_pair()
     with pytest.raises(FileNotFoundError, match="not a local directory"):
         TextGenEnv(tok, str(tmp_path / "no-such-model"), count_e, ["Hi"], device="cpu")
+
+
+def test_step_and_step_chunk_after_close_are_refused():
+    # issue 20 §3f: a closed env used to go on silently.
+    from rlhf_env.errors import EnvStateError
+
+    _, ref, tok = tiny_pair()
+    env = TextGenEnv(tok, ref, count_e, ["Hello"], beta=0.0, device="cpu")
+    env.reset(seed=0)
+    env.close()
+    with pytest.raises(EnvStateError, match=r"^step\(\) called after close\(\); make a new env$"):
+        env.step(5)
+    with pytest.raises(EnvStateError, match=r"^reset\(\) called after close\(\)"):
+        env.reset(seed=0)
+    venv = VectorTextGenEnv(tok, ref, count_e, ["Hello"], num_envs=2, beta=0.0, device="cpu")
+    venv.reset(seed=0)
+    venv.close()
+    with pytest.raises(EnvStateError, match=r"^step\(\) called after close\(\)"):
+        venv.step(np.array([5, 6]))
+    with pytest.raises(EnvStateError, match=r"^step_chunk\(\) called after close\(\)"):
+        venv.step_chunk(np.array([[5, 6], [6, 5]]))
+
+
+def test_unknown_reset_options_name_the_key_and_the_known_ones():
+    from rlhf_env.errors import SettingError
+
+    _, ref, tok = tiny_pair()
+    env = TextGenEnv(tok, ref, count_e, ["Hello"], beta=0.0, device="cpu")
+    with pytest.raises(
+        SettingError, match=r"^reset\(\) got unknown option\(s\) \['promt'\]; this env knows \['prompt'\]$"
+    ):
+        env.reset(seed=0, options={"promt": "Hi"})
+    venv = VectorTextGenEnv(tok, ref, count_e, ["Hello"], num_envs=2, beta=0.0, device="cpu")
+    with pytest.raises(SettingError, match=r"unknown option\(s\) \['prompt'\]; this env knows \['prompts'\]$"):
+        venv.reset(seed=0, options={"prompt": "Hi"})
+    assert env.reset(seed=0, options={"prompt": "Hi"})[1]["prompt"] == "Hi"  # a known key still works

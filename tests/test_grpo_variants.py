@@ -203,3 +203,36 @@ def test_cispo_learns_one_digit_addition(learning_task, base_gold, tmp_path, lea
     it ended at 0.38 with a KL of 2.0 (cispo's module docstring). The margin asked for is 0.05."""
     gold = final_gold(CISPO, learning_task, tmp_path / "run", 60, learning.seed)
     learning.check(gold, base_gold + 0.05)
+
+
+def test_gspo_all_padding_row_contributes_zero():
+    # issue 20 §4j, by hand: row 0 has one token with ρ = 1 (s = 1) and Â = 2; row 1 is all
+    # padding with Â = 3. J = (1/B)(s_0 Â_0 + 0) = (2 + 0)/2 = 1, so the loss is −1 (it was −2.5:
+    # the empty row's s = exp(0) = 1 counted its Â).
+    logp = torch.tensor([[-0.5, 0.0], [0.0, 0.0]], requires_grad=True)
+    old, ref = logp.detach().clone(), logp.detach().clone()
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    parts = gspo.gspo_loss(logp, old, ref, torch.tensor([2.0, 3.0]), mask, eps_low=0.2, eps_high=0.2)
+    assert parts.policy.item() == pytest.approx(-1.0)
+    parts.loss.backward()
+    # ∂/∂logp_{0,0} of −(1/2) s_0 Â_0 with s_0 = exp(logp_{0,0} − old): −(1/2)·2 = −1; padding gets 0.
+    assert logp.grad.flatten().tolist() == pytest.approx([-1.0, 0.0, 0.0, 0.0])
+
+
+def test_cispo_cap_is_one_plus_eps_high_and_maps_to_trls_epsilon_high():
+    # issue 20 §4k, by hand: ρ = 5.5 and 7 (old log-prob log 0.1), Â = 1, one row of two tokens.
+    old = torch.log(torch.tensor([[0.1, 0.1]]))
+    logp = torch.log(torch.tensor([[0.55, 0.7]])).requires_grad_()
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    parts = cispo.cispo_loss(logp, old, old, adv, mask)  # defaults: ε_low = 1, ε_high = 5
+    # ŵ = clip(ρ, 0, 1 + 5) = [5.5, 6]; J = (5.5 log 0.55 + 6 log 0.7) / 2; the gradient is −ŵ/2.
+    assert parts.policy.item() == pytest.approx(-(5.5 * math.log(0.55) + 6 * math.log(0.7)) / 2, rel=1e-5)
+    parts.loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-2.75, -3.0], rel=1e-5)
+    assert parts.clipfrac.item() == pytest.approx(0.5)
+    # TRL's cispo weight is clamp(ρ, max=epsilon_high): its recommended 5.0 is clip_eps_high = 4 here.
+    trl_weight = torch.clamp((logp - old).exp(), max=5.0).detach()
+    trl_policy = -(trl_weight * adv[:, None] * logp).sum() / mask.sum()
+    ours = cispo.cispo_loss(logp, old, old, adv, mask, eps_high=4.0).policy
+    assert ours.item() == pytest.approx(trl_policy.item(), rel=1e-6)
+    assert cispo.Config().clip_eps_high == 5.0  # the default cap stays 6 (TRL's epsilon_high = 6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -187,3 +188,14 @@ def test_export_lora_overwrites_nothing_and_takes_only_runs(model_dir, tmp_path,
     assert load_causal_lm(empty) is not None
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary folder left
     assert cli.main(train_argv(model_dir, run, "--resume", steps=2)) == 0
+
+
+def test_lora_without_peft_says_which_extra_to_install(model_dir, tmp_path, capsys, monkeypatch):
+    # issue 20 §3e: an install without the `lora` extra (None in sys.modules makes `import peft` fail).
+    monkeypatch.setitem(sys.modules, "peft", None)
+    out = tmp_path / "run"
+    assert cli.main(train_argv(model_dir, out, "--lora-rank", "2")) == 1
+    assert error_line(capsys, "train") == (
+        "rlhf train: error: LoRA (--lora-rank) needs PEFT, which is not installed: pip install 'rlhf_env[lora]'"
+    )
+    assert not out.exists()  # refused before any work

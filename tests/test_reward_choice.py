@@ -120,6 +120,10 @@ def test_a_reward_model_run_folder(tmp_path, dirs, capsys):
             "letter_fraction:letter=ab",
             "reward 'letter_fraction:letter=ab': letter must be a single character, got 'ab'",
         ),
+        (  # issue 20 §3b: refused here, not as an internal error (a division by zero) at the first step
+            "completion_length:max_chars=0",
+            "reward 'completion_length:max_chars=0': max_chars must be an integer >= 1 (the length that scores 1), got 0",
+        ),
         ("./no/such/folder", "reward './no/such/folder': no such folder (nor a registered reward)"),
         ("{model}", "reward '{model}': not a reward model ("),
         (

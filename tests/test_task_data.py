@@ -206,47 +206,49 @@ def test_invalid_utf8_names_the_file_line_and_byte(tmp_path, name, text, where):
 def test_number_among_strings_in_jsonl_names_its_row(tmp_path):
     rows = [dict(ROWS[0]), dict(ROWS[0]), dict(ROWS[0], chosen=42)]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    with pytest.raises(DataFileError, match=err(path, r"row 2, column 'chosen': expected a string, got int 42")):
+    with pytest.raises(DataFileError, match=err(path, r"line 3, column 'chosen': expected a string, got int 42")):
         load_preferences(path)
 
 
 def test_number_among_strings_in_json_list_names_its_row(tmp_path):
     path = tmp_path / "prefs.json"
     path.write_text(json.dumps([ROWS[0], dict(ROWS[1], rejected=True)]))
-    with pytest.raises(DataFileError, match=err(path, r"row 1, column 'rejected': expected a string, got bool True")):
+    with pytest.raises(
+        DataFileError, match=err(path, r"record 2, column 'rejected': expected a string, got bool True")
+    ):
         load_preferences(path)
 
 
 def test_numbers_in_a_parquet_column(tmp_path):
     path = tmp_path / "prefs.parquet"
     pd.DataFrame({"prompt": ["a", "b"], "chosen": [1.0, 2.0], "rejected": ["c", "d"]}).to_parquet(path)
-    expected = r"row 0, column 'chosen': expected a string, got float 1.0 \(column read as float64\)"
+    expected = r"record 1, column 'chosen': expected a string, got float 1.0 \(column read as float64\)"
     with pytest.raises(DataFileError, match=err(path, expected)):
         load_preferences(path)
 
 
 def test_list_instead_of_string(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", [dict(ROWS[0], rejected=["x", "y"])])
-    with pytest.raises(DataFileError, match=err(path, r"row 0, column 'rejected': expected a string, got list")):
+    with pytest.raises(DataFileError, match=err(path, r"line 1, column 'rejected': expected a string, got list")):
         load_preferences(path)
 
 
 def test_null_in_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "prefs.jsonl", [ROWS[0], dict(ROWS[1], chosen=None)])
-    with pytest.raises(DataFileError, match=err(path, r"row 1, column 'chosen': null or missing value")):
+    with pytest.raises(DataFileError, match=err(path, r"line 2, column 'chosen': null or missing value")):
         load_preferences(path)
 
 
 def test_key_missing_from_one_jsonl_row(tmp_path):
     incomplete = {"prompt": "p", "chosen": "c"}
     path = write_jsonl(tmp_path / "prefs.jsonl", [ROWS[0], ROWS[1], incomplete])
-    with pytest.raises(DataFileError, match=err(path, r"row 2, column 'rejected': null or missing value")):
+    with pytest.raises(DataFileError, match=err(path, r"line 3, column 'rejected': null or missing value")):
         load_preferences(path)
 
 
 def test_empty_cell_in_csv(tmp_path):
     path = write_csv(tmp_path / "prefs.csv", "prompt,chosen,rejected\na,b,c\nd,,f\n")
-    expected = r"row 1, column 'chosen': null or missing value.*empty CSV cell"
+    expected = r"line 3, column 'chosen': null or missing value.*empty CSV cell"
     with pytest.raises(DataFileError, match=err(path, expected)):
         load_preferences(path)
 
@@ -254,11 +256,18 @@ def test_empty_cell_in_csv(tmp_path):
 def test_null_in_parquet(tmp_path):
     path = tmp_path / "prompts.parquet"
     pd.DataFrame({"prompt": ["a", None, "c"]}).to_parquet(path)
-    with pytest.raises(DataFileError, match=err(path, r"row 1, column 'prompt': null or missing value")):
+    with pytest.raises(DataFileError, match=err(path, r"record 2, column 'prompt': null or missing value")):
         load_prompts(path)
 
 
 def test_empty_string_prompt(tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"prompt": "fine"}, {"prompt": ""}])
-    with pytest.raises(DataFileError, match=err(path, r"row 2, column 'prompt': empty prompt")):
+    with pytest.raises(DataFileError, match=err(path, r"line 3, column 'prompt': empty prompt")):
         load_prompts(path)
+
+
+def test_a_bad_second_row_is_named_as_line_2_not_row_0(tmp_path):
+    # issue 20 §3g: a mixed column read as Json decoded row 0's "2" as 2 and blamed it.
+    path = write_jsonl(tmp_path / "prefs.jsonl", [dict(ROWS[0], chosen="2"), dict(ROWS[1], chosen=4)])
+    with pytest.raises(DataFileError, match=err(path, r"line 2, column 'chosen': expected a string, got int 4$")):
+        load_preferences(path)

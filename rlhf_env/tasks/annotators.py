@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_env.errors import SettingError, TrainingStoppedError
 from rlhf_env.rollout import complete
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
@@ -18,7 +19,7 @@ from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 def preference_probability(gold_a: np.ndarray, gold_b: np.ndarray, tau: float) -> np.ndarray:
     """σ((g(a) − g(b)) / τ), elementwise."""
     if not tau > 0:
-        raise ValueError(f"tau (the annotator temperature) must be > 0, got {tau}")
+        raise SettingError(f"tau (the annotator temperature) must be > 0, got {tau}")
     z = (np.asarray(gold_a, dtype=np.float64) - np.asarray(gold_b, dtype=np.float64)) / tau
     return 0.5 * (1.0 + np.tanh(z / 2.0))  # = σ(z), without overflow
 
@@ -63,5 +64,7 @@ def sample_preference_pairs(
             [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], task.gold_reward, tau, rng
         )[:need]
     if len(pairs) < n:
-        raise RuntimeError(f"only {len(pairs)} of {n} pairs had two different samples; the model is too deterministic")
+        raise TrainingStoppedError(
+            f"only {len(pairs)} of {n} pairs had two different samples; the model is too deterministic"
+        )
     return pairs

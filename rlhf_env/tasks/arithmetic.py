@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from rlhf_env.errors import SettingError
 from rlhf_env.tasks.base import BaseModelRecipe, Task, sized_recipe
 
 OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -18,7 +19,7 @@ def answer(prompt: str) -> str:
     """The correct answer of a prompt ``a<op>b=`` as a string."""
     m = _PROMPT.match(prompt)
     if not m:
-        raise ValueError(f"not an arithmetic prompt: {prompt!r} (expected like '37+48=')")
+        raise SettingError(f"not an arithmetic prompt: {prompt!r} (expected like '37+48=')")
     a, op, b = m.groups()
     return str(OPERATORS[op](int(a), int(b)))
 
@@ -66,12 +67,14 @@ def make_arithmetic_task(
     steps at a third of the rate).
     """
     if digits < 1 or not operators or set(operators) - OPERATORS.keys():
-        raise ValueError(f"digits must be >= 1 and operators a non-empty subset of '+-*', got {digits}, {operators!r}")
+        raise SettingError(
+            f"digits must be >= 1 and operators a non-empty subset of '+-*', got {digits}, {operators!r}"
+        )
     rng = random.Random(seed)
     high = 10**digits
     universe = len(operators) * high * high
     if n_train + n_eval > universe:
-        raise ValueError(f"only {universe} distinct problems with digits={digits}, operators={operators!r}")
+        raise SettingError(f"only {universe} distinct problems with digits={digits}, operators={operators!r}")
     seen: set[str] = set()
     while len(seen) < n_train + n_eval:
         seen.add(f"{rng.randrange(high)}{rng.choice(operators)}{rng.randrange(high)}=")

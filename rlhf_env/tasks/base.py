@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from rlhf_env.errors import SettingError
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
 
@@ -40,7 +41,7 @@ def sized_recipe(recipe: BaseModelRecipe, model_size: str, **gpu_training) -> Ba
     """``recipe`` at a named size: ``tiny`` as given, ``gpu`` with ``GPU_SHAPE`` and ``gpu_training``
     (the SFT settings that suit the larger model, e.g. a lower ``lr``)."""
     if model_size not in MODEL_SIZES:
-        raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {model_size!r}")
+        raise SettingError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {model_size!r}")
     return recipe if model_size == "tiny" else replace(recipe, **GPU_SHAPE, **gpu_training)
 
 
@@ -74,7 +75,7 @@ class Task:
     def __post_init__(self):
         for what in ("train_prompts", "eval_prompts", "sft_data"):
             if not getattr(self, what):
-                raise ValueError(f"task {self.name!r} has no {what}")
+                raise SettingError(f"task {self.name!r} has no {what}")
 
     def preference_pairs(self, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0) -> list[PreferencePair]:
         """``n`` pairs of two samples of ``model`` labelled by a simulated Bradley-Terry annotator."""

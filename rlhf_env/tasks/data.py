@@ -10,9 +10,11 @@ download-count ping, only for the duration of the call, and it builds into a thr
 directory, so nothing is written to the user's cache and no stale cache can be read.
 
 Every problem raises :class:`~rlhf_env.errors.DataFileError` with a message that starts with
-the file's path and, for a bad field, names the 0-based row and the column::
+the file's path and, for a bad field, where it is and the column: ``line N`` of a JSON-lines or
+CSV file (1-based, as an editor counts; a CSV header is line 1, its first data row line 2), as the
+UTF-8 check says; ``record N`` (1-based) of a JSON list or a Parquet file::
 
-    data/prefs.jsonl: row 3, column 'chosen': expected a string, got int 7
+    data/prefs.jsonl: line 4, column 'chosen': expected a string, got int 7
 
 A CSV file holds text, so its columns are read as text (``12+7=,19,18`` is three strings, not
 a string and two numbers). Typed formats (JSON, Parquet) are not converted: a number where a
@@ -115,7 +117,40 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
             raise DataFileError(
                 f"{path}: missing column(s) {', '.join(map(repr, missing))}; found columns: {ds.column_names}"
             )
+        if builder == "json" and any(not _is_string(ds.features[c]) for c in required):
+            # A mixed column (datasets >= 5 reads it as Json) decodes "2" as 2: read the file itself.
+            found = _first_non_string_json_field(path, required)
+            if found is not None:
+                raise _bad_field(path, *found)
         return {c: _checked_column(path, c, ds.features[c], list(ds[c])) for c in required}
+
+
+def _is_string(feature: Any) -> bool:
+    from datasets import Value
+
+    return isinstance(feature, Value) and feature.dtype in _STRING_DTYPES
+
+
+def _where(path: Path, row: int) -> str:
+    """Where a 0-based data row is, as a user finds it: ``line N`` of a text file (1-based, as an
+    editor counts; a CSV's header is line 1), ``record N`` (1-based) of a JSON list or Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return f"line {row + 2}"
+    if suffix == ".jsonl" or (suffix == ".json" and not _is_json_list(path)):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+            if row < len(lines):
+                return f"line {lines[row]}"
+        return f"line {row + 1}"
+    return f"record {row + 1}"
+
+
+def _is_json_list(path: Path) -> bool:
+    try:
+        return path.read_text(encoding="utf-8").lstrip().startswith("[")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _builder_kwargs(builder: str, required: Sequence[str]) -> dict[str, Any]:
@@ -155,7 +190,7 @@ def _checked_column(path: Path, column: str, feature: Any, values: list[Any]) ->
         if value is None or not isinstance(value, str):
             raise _bad_field(path, row, column, value, note)
         if column == "prompt" and value == "":
-            raise DataFileError(f"{path}: row {row}, column 'prompt': empty prompt")
+            raise DataFileError(f"{path}: {_where(path, row)}, column 'prompt': empty prompt")
     return values
 
 
@@ -166,7 +201,7 @@ def _bad_field(path: Path, row: int, column: str, value: Any, note: str = "") ->
         note = " (an empty CSV cell reads as null)" if path.suffix.lower() == ".csv" else note
     else:
         what = f"expected a string, got {type(value).__name__} {value!r}"
-    return DataFileError(f"{path}: row {row}, column {column!r}: {what}{note}")
+    return DataFileError(f"{path}: {_where(path, row)}, column {column!r}: {what}{note}")
 
 
 def _parse_error(path: Path, builder: str, exc: BaseException, required: Sequence[str]) -> DataFileError:

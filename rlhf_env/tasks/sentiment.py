@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from rlhf_env.errors import SettingError
 from rlhf_env.tasks.base import BaseModelRecipe, Task, sized_recipe
 
 MAX_PROMPT_CHARS = 40
@@ -219,7 +220,7 @@ def continue_review(opening: str, polarity: str, rng: random.Random, max_chars: 
     Redraws until the text fits in ``max_chars`` (every template has short fills, so this ends).
     """
     if opening not in _POOL:
-        raise ValueError(f"{opening!r} is not an opening of the sentiment grammar")
+        raise SettingError(f"{opening!r} is not an opening of the sentiment grammar")
     spec = _SUBJECTS[_POOL[opening]]
     templates = _TEMPLATES[_kind(opening)][polarity]
     for _ in range(1000):
@@ -238,7 +239,7 @@ def continue_review(opening: str, polarity: str, rng: random.Random, max_chars: 
         )
         if len(text) <= max_chars:
             return text
-    raise ValueError(f"no {polarity} continuation of {opening!r} fits in {max_chars} characters")
+    raise SettingError(f"no {polarity} continuation of {opening!r} fits in {max_chars} characters")
 
 
 def generate_reviews(
@@ -256,7 +257,7 @@ def generate_reviews(
         max_chars: longest continuation, in characters.
     """
     if len(mix) != len(POLARITIES):
-        raise ValueError(f"mix needs one weight per polarity {POLARITIES}, got {list(mix)}")
+        raise SettingError(f"mix needs one weight per polarity {POLARITIES}, got {list(mix)}")
     rng = random.Random(seed)
     openings = list(openings) if openings is not None else list(_POOL)
     reviews = []
@@ -304,9 +305,9 @@ def make_sentiment_task(
     """
     pool = list(_POOL)
     if min(n_train, n_eval, n_sft) < 1:
-        raise ValueError(f"n_train, n_eval and n_sft must be positive, got {n_train}, {n_eval}, {n_sft}")
+        raise SettingError(f"n_train, n_eval and n_sft must be positive, got {n_train}, {n_eval}, {n_sft}")
     if n_train + n_eval > len(pool):
-        raise ValueError(f"n_train + n_eval = {n_train + n_eval} exceeds the {len(pool)} openings available")
+        raise SettingError(f"n_train + n_eval = {n_train + n_eval} exceeds the {len(pool)} openings available")
     random.Random(seed).shuffle(pool)
     eval_prompts, train_prompts = pool[:n_eval], pool[n_eval : n_eval + n_train]
     reviews = generate_reviews(n_sft, seed=seed + 1, openings=train_prompts, mix=mix, max_chars=max_new_tokens - 1)
