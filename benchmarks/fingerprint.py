@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from algorithms.runfolder import lock_holder
 from benchmarks.pipeline import BON_ALGORITHM, RM_ALGORITHM, bon_dir, rm_dir
 from benchmarks.suite import LEARNED, Cell, Suite, SuiteError, TaskEntry
 
@@ -109,6 +110,8 @@ def check_and_record(out: Path, found: list[tuple[str, Path, dict[str, Any]]]) -
             "remove their folders to run them again with the new settings, or use another --out"
         )
     for _, folder, settings in found:
+        if lock_holder(folder):  # another process's cell: never written into (the runner skips it too)
+            continue
         if (folder / SETTINGS).exists() or not _finished(folder):  # not a result from before the records
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"{SETTINGS}.tmp"
