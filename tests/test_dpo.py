@@ -259,7 +259,9 @@ def test_pairs_whose_chosen_is_the_rejected_are_dropped_at_the_cli(tmp_path, cap
 
     assert run("some", path) == 0
     err = capsys.readouterr().err
-    assert f"rlhf train: warning: {path}: dropped 2 of 4 pairs whose chosen equals its rejected (rows 0, 2); " in err
+    assert (
+        f"rlhf train: warning: {path}: dropped 2 of 4 pairs whose chosen equals its rejected (line 1, line 3); " in err
+    )
 
     ties = tmp_path / "ties.jsonl"
     ties.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": c}) + "\n" for p, c, _ in rows))
@@ -269,3 +271,15 @@ def test_pairs_whose_chosen_is_the_rejected_are_dropped_at_the_cli(tmp_path, cap
     assert lines == [
         f"rlhf train: error: {ties}: every pair's chosen equals its rejected (4 pairs): no preference to learn"
     ], err
+
+    # A bad field is named by the line a user finds it on (issue 20: row 1 was reported as row 0).
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "2+3=", "chosen": "5", "rejected": "4"})
+        + "\n"
+        + json.dumps({"prompt": "1+1=", "chosen": 2, "rejected": "3"})
+        + "\n"
+    )
+    assert run("bad", bad) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf train: ")]
+    assert lines == [f"rlhf train: error: {bad}: line 2, column 'chosen': expected a string, got int 2"]

@@ -67,9 +67,9 @@ def distinct_pairs(pairs: list[PreferencePair], path: Path) -> list[PreferencePa
         raise DataFileError(
             f"{path}: every pair's chosen equals its rejected ({len(pairs)} pairs): no preference to learn"
         )
-    rows = ", ".join(map(str, ties[:5])) + (", ..." if len(ties) > 5 else "")
+    where = ", ".join(_where(path, i) for i in ties[:5]) + (", ..." if len(ties) > 5 else "")
     warnings.warn(
-        f"{path}: dropped {len(ties)} of {len(pairs)} pairs whose chosen equals its rejected (rows {rows}); "
+        f"{path}: dropped {len(ties)} of {len(pairs)} pairs whose chosen equals its rejected ({where}); "
         f"training on the other {len(pairs) - len(ties)}",
         DataWarning,
         stacklevel=2,
