@@ -298,27 +298,21 @@ def test_resumed_run_reproduces_an_uninterrupted_one(task, tmp_path):
     assert len({r["objective/kl_coef"] for r in whole}) == 6  # β moved every step
 
 
-def test_learns_one_digit_addition(task, tmp_path, learning):
-    """Default config, seed 0: gold reward on the training prompts rises from the base model's
-    by well over the eval noise (64 samples, about ±0.06). Measured: base 0.39, 0.61 after 25
-    steps, 0.80 after 50 (sampled KL to the reference ≈ 1.1 nats), ~15 s; seeds 1-3 ended at
-    0.61-0.70; with the committed base model, seeds 0-1 on two CPU kernels ended at 0.69-0.72
-    from 0.39. The margin asked for is 0.15."""
-    ref, tokenizer = load_base_model(task, device="cpu")
-    base = evaluate_policy(TrainContext(task, ref, ref, tokenizer, torch.device("cpu")), 64)["reward/gold"]
-    records = train(
-        SPEC,
-        task,
-        tmp_path / "run",
-        steps=50,
-        eval_every=25,
-        eval_prompts=64,
-        progress=False,
-        device="cpu",
-        seed=learning.seed,
-    )
+def test_learns_one_digit_addition(learning_task, tmp_path, learning):
+    """Default config (lr 1e-4), 50 rollouts, gold on the training prompts × 4 (320 samples,
+    ±0.03) after 25 and 50. The gold must rise past the base at both and keep rising between
+    them: at the former lr 3e-4 it swung by ±0.1 between evaluations (an AVX-512 run read 0.656
+    at 25 and 0.516 at 50; docs/maths.md §5). Measured at lr 1e-4 (see the closing figures in
+    benchmarks/results/learning_check.md): base 0.39."""
+    ref, tokenizer = load_base_model(learning_task, device="cpu")
+    ctx = TrainContext(learning_task, ref, ref, tokenizer, torch.device("cpu"))
+    base = evaluate_policy(ctx, 320)["reward/gold"]
+    kw = dict(eval_every=25, eval_prompts=320, progress=False, device="cpu", seed=learning.seed)
+    records = train(SPEC, learning_task, tmp_path / "run", steps=50, **kw)
     gold = [r["reward/gold"] for r in records if "reward/gold" in r]
     assert len(gold) == 2
-    learning.check(gold[-1], base + 0.15)
+    learning.check(gold[0], base + 0.08, "reward/gold at 25")
+    learning.check(gold[1], base + 0.12, "reward/gold at 50")
+    learning.check(gold[1] - gold[0], -0.04, "gold rise 25 -> 50")  # no fall beyond the eval noise
     assert 0 < records[-1]["objective/kl_eval"] < 5  # moved away from the reference, not blown up
     assert all(math.isfinite(r["loss/total"]) for r in records)
