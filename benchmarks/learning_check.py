@@ -7,11 +7,17 @@ kernels and seeds that this script measures::
 
     python benchmarks/learning_check.py                     # every available kernel, seeds 0 1 2
     python benchmarks/learning_check.py --kernels default --seeds 0 -k ppo
+    python benchmarks/learning_check.py --kernels avx2 --blas compatible   # MKL's portable code path
 
 Each (kernel, seed) is one ``pytest -m learning`` run with ``ATEN_CPU_CAPABILITY`` and
 ``RLHF_ENV_LEARNING_SEED`` set; the tests' ``learning.check(value, floor)`` calls append to a
 JSON-lines log (``RLHF_ENV_LEARNING_LOG``, see tests/conftest.py), from which the table is
-made. A kernel the CPU lacks is skipped: torch would silently fall back to a lower one.
+made. A kernel the CPU lacks is skipped: asked for one, torch dies on the first vector op.
+
+``ATEN_CPU_CAPABILITY`` picks ATen's own vectorised kernels (element-wise ops, softmax,
+reductions) but not the matrix products: MKL picks its code path from the CPU, so an AVX-512
+machine also multiplies matrices differently. ``--blas compatible`` sets ``MKL_CBWR=COMPATIBLE``
+(MKL's portable code path, other rounding again) to stand in for that on a machine without it.
 Exits 1 if any check failed.
 """
 
@@ -53,23 +59,27 @@ def kernel_runs(kernel: str, flags: set[str]) -> bool:
     return got.lower() == kernel
 
 
-def run(kernel: str, seed: int, log: Path, workers: int, select: str | None) -> int:
+def run(kernel: str, blas: str, seed: int, log: Path, workers: int, select: str | None) -> int:
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel, "RLHF_ENV_LEARNING_SEED": str(seed)}
+    env.pop("MKL_CBWR", None)
+    if blas == "compatible":
+        env["MKL_CBWR"] = "COMPATIBLE"
     env["RLHF_ENV_LEARNING_LOG"] = str(log)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "learning", "-n", str(workers), "-p", "no:cacheprovider"]
     cmd += ["-k", select] if select else []
-    print(f"== kernel {kernel}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    print(f"== kernel {kernel}, BLAS {blas}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per (test, quantity), a column per (kernel, seed), the floor and the smallest margin."""
-    cols = sorted({(r["kernel"], r["seed"]) for r in rows})
+    col = lambda r: (r["kernel"] + ("" if r.get("blas", "native") == "native" else "+cbwr"), r["seed"])  # noqa: E731
+    cols = sorted({col(r) for r in rows})
     cells: dict[tuple[str, str], dict] = defaultdict(dict)
     floors: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         key = (r["test"].split("::", 1)[-1], r["what"])
-        cells[key][r["kernel"], r["seed"]] = r["value"] - r["floor"]
+        cells[key][col(r)] = r["value"] - r["floor"]
         floors[key].append(r["floor"])
     head = "| test | quantity | " + " | ".join(f"{k} s{s}" for k, s in cols) + " | floor | min margin |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
@@ -80,13 +90,14 @@ def table(rows: list[dict]) -> str:
         shown = ["–" if v is None else f"{v:+.3f}" for v in values]
         worst = min(v for v in values if v is not None)
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(shown) + f" | {floor} | {worst:+.3f} |")
-    return "\n".join(lines) + "\n\nEach cell is value − floor (positive: passed).\n"
+    return "\n".join(lines) + "\n\nEach cell is value − floor (positive: passed); +cbwr: MKL_CBWR=COMPATIBLE.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--blas", nargs="+", choices=("native", "compatible"), default=["native"])
     ap.add_argument("-k", dest="select", help="pytest -k expression: a subset of the learning tests")
     ap.add_argument("-n", dest="workers", type=int, default=2, help="pytest-xdist workers (default 2)")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) and the raw rows (.jsonl) here")
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"not on this CPU, skipped: {', '.join(skipped)}")
     log = Path(tempfile.mkstemp(prefix="learning_", suffix=".jsonl")[1])
-    failed = [(k, s) for k in kernels for s in args.seeds if run(k, s, log, args.workers, args.select) != 0]
+    runs = [(k, b, s) for k in kernels for b in args.blas for s in args.seeds]
+    failed = [r for r in runs if run(*r, log, args.workers, args.select) != 0]
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     report = table(rows) if rows else "no learning check ran\n"
     print(report)
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(report)
         args.out.with_suffix(".jsonl").write_text(log.read_text())
     if failed:
-        print("failed runs (kernel, seed):", failed)
+        print("failed runs (kernel, BLAS, seed):", failed)
     return 1 if failed or not rows else 0
 
 

@@ -133,6 +133,7 @@ class Learning:
         if log:
             row = {"test": self.test, "what": what, "seed": self.seed, "value": float(value), "floor": float(floor)}
             row["kernel"] = torch.backends.cpu.get_cpu_capability()
+            row["blas"] = os.environ.get("MKL_CBWR") or "native"  # MKL's code path: learning_check --blas
             with open(log, "a") as f:  # one short line per write: appends from xdist workers do not interleave
                 f.write(json.dumps(row) + "\n")
         assert value > floor, f"{what} {value:.4f} is not above {floor:.4f} (seed {self.seed})"

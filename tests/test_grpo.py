@@ -13,7 +13,7 @@ import torch
 from algorithms import grpo
 from algorithms.base import AlgorithmSpec, TrainContext
 from algorithms.core import kl_k3, masked_mean, masked_sum
-from algorithms.loop import train
+from algorithms.loop import evaluate_policy, train
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -227,24 +227,15 @@ def test_state_dict_round_trip_continues_identically(task, spec):
 
 
 @pytest.mark.parametrize("spec", [GRPO, DR_GRPO], ids=["grpo", "dr_grpo"])
-def test_learns_one_digit_addition(task, tmp_path, spec, learning):
-    """Default config, seed 0: gold reward on the training prompts rises by well over the
-    eval noise (64 samples, ±0.06). Over seeds 0-1 and two CPU kernels (AVX2, non-vectorised)
-    both variants rose by 0.23-0.30 from the first to the final evaluation (earlier builds:
-    0.19-0.32); the margin asked for is 0.1."""
-    records = train(
-        spec,
-        task,
-        tmp_path / "run",
-        steps=150,
-        eval_every=15,
-        eval_prompts=64,
-        progress=False,
-        device="cpu",
-        seed=learning.seed,
-    )
-    gold = [r["reward/gold"] for r in records if "reward/gold" in r]
-    assert len(gold) == 10
-    learning.check(gold[-1], gold[0] + 0.1)
+def test_learns_one_digit_addition(learning_task, tmp_path, spec, learning):
+    """Default config, 150 steps: gold on the training prompts × 4 (320 samples, ±0.03) against
+    the base model's on the same samples. (The first version compared the final evaluation with
+    the one after 15 steps, each on 64 samples, ±0.06: its margin swung 0.04-0.15 over seeds and
+    kernels on noise alone.) Measured: benchmarks/results/learning_check.md."""
+    ref, tokenizer = load_base_model(learning_task, device="cpu")
+    base = evaluate_policy(TrainContext(learning_task, ref, ref, tokenizer, torch.device("cpu")), 320)["reward/gold"]
+    kw = dict(eval_every=150, eval_prompts=320, progress=False, device="cpu", seed=learning.seed)
+    records = train(spec, learning_task, tmp_path / "run", steps=150, **kw)
+    learning.check(records[-1]["reward/gold"], base + 0.1)
     assert 0 < records[-1]["objective/kl_eval"] < 5  # moved away from the reference, not blown up
     assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["loss/kl"]) for r in records)
