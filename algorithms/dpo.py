@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.core import masked_sum
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.core import masked_sum
+from rlhf_env.algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts

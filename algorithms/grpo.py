@@ -29,11 +29,18 @@ from typing import NamedTuple
 
 import torch
 
-from algorithms import core, distributed
-from algorithms import metrics as M
-from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import kl_k3, masked_mean
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms import core, distributed
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import (
+    RolloutBatch,
+    TrainContext,
+    collect_rollouts,
+    policy_logprobs,
+    sampler_metrics,
+    sequence_kl,
+)
+from rlhf_env.algorithms.core import kl_k3, masked_mean
+from rlhf_env.algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 from rlhf_env.errors import SettingError
 
 

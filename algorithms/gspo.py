@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import grpo
-from algorithms.core import (
+from rlhf_env.algorithms import grpo
+from rlhf_env.algorithms.core import (
     asymmetric_clipped_surrogate,
     check_asymmetric_clip,
     kl_k3,
@@ -27,7 +27,7 @@ from algorithms.core import (
     sequence_ratio,
     token_mean,
 )
-from algorithms.grpo import LossParts
+from rlhf_env.algorithms.grpo import LossParts
 
 
 @dataclass

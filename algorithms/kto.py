@@ -8,7 +8,7 @@ non-negative estimate of KL(π_θ ‖ π_ref) from *mismatched* pairs (x_i, y_j)
               λ_U σ(β (z₀ − r_θ(x, y)))   if y is undesirable
     L = mean over the batch of (λ_y − v(x, y))
 
-The examples come from the same data as DPO (``algorithms.dpo.load_pairs``: the task's
+The examples come from the same data as DPO (``rlhf_env.algorithms.dpo.load_pairs``: the task's
 simulated annotators or a user file), unpaired as the paper does with preference data:
 every chosen completion is a desirable example, every rejected one an undesirable example,
 and each step draws a random mix of them. Each example's mismatched completion is fixed
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.core import masked_mean
-from algorithms.dpo import PairConfig, load_pairs, sequence_logprobs
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.core import masked_mean
+from rlhf_env.algorithms.dpo import PairConfig, load_pairs, sequence_logprobs
+from rlhf_env.algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, pack_completions

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from algorithms import distributed
-from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
-from algorithms.core import (
+from rlhf_env.algorithms import distributed
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.core import (
     clipped,
     clipped_surrogate,
     gae,
@@ -57,7 +57,7 @@ from algorithms.core import (
     masked_whiten,
     token_logprobs,
 )
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
 

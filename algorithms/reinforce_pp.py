@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import core, distributed
-from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import gae, masked_sum, masked_whiten, token_mean
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms import core, distributed
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.core import gae, masked_sum, masked_whiten, token_mean
+from rlhf_env.algorithms.plumbing import Means, Optimizer, Stateful, minibatches
 from rlhf_env.errors import SettingError
 
 

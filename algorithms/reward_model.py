@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pack

@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 import transformers
 
-import plugins
-from algorithms.base import TrainContext
-from algorithms.loop import step_seed
-from benchmarks.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.loop import step_seed
+from rlhf_env.bench.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model
 

@@ -1,6 +1,6 @@
 """``rlhf_env.cli``: the ``rlhf`` entry point, kept under its old name.
 
-The entry point itself is ``plugins.cli.main``, at the bottom layer; every subcommand is a
+The entry point itself is ``rlhf_env.plugins.cli.main``, at the bottom layer; every subcommand is a
 plugin (``rlhf_register_commands``). The rollout helpers live in ``rlhf_env.commands`` and ``rlhf_env.rollout_command``.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from plugins.cli import main
 from rlhf_env.commands import clip, run_rollout
+from rlhf_env.plugins.cli import main
 from rlhf_env.rollout import Episode
 from rlhf_env.rollout_command import RolloutResult
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import plugins
-from rlhf_env import cli, rollout
+from rlhf_env import cli, plugins, rollout
 
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
@@ -192,16 +191,16 @@ def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsy
         ("list", "rlhf_env.builtins"),
         ("rollout", "rlhf_env.builtins"),
         ("base-model", "rlhf_env.builtins"),
-        ("train", "algorithms.builtins"),
-        ("export-lora", "algorithms.builtins"),
-        ("bench", "benchmarks.builtins"),
+        ("train", "rlhf_env.algorithms.builtins"),
+        ("export-lora", "rlhf_env.algorithms.builtins"),
+        ("bench", "rlhf_env.bench.builtins"),
     }
     algos = {e["name"]: e["description"] for e in desc["algorithms"]}
     assert all(algos.values()) and algos["grpo"].startswith("GRPO")  # rlhf list shows one line each
 
 
 COMMAND_SOURCE = """
-from plugins.cli import Command, UserError
+from rlhf_env.plugins.cli import Command, UserError
 from rlhf_env import hookimpl
 
 

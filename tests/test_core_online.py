@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from algorithms import core
+from rlhf_env.algorithms import core
 
 # (B=2, T=5) action coordinates: position 0 is a prompt position; row 0 has 2 completion
 # tokens, row 1 has 3. What sits outside the mask must change nothing.

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import plugins
-from algorithms import dpo, grpo, memory, ppo, sft
-from algorithms import metrics as M
-from algorithms.loop import train
+from rlhf_env import plugins
+from rlhf_env.algorithms import dpo, grpo, memory, ppo, sft
+from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.loop import train
 
 MIB = 2**20
 

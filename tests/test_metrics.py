@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from algorithms import core, grpo, ppo
-from algorithms import metrics as M
+from rlhf_env.algorithms import core, grpo, ppo
+from rlhf_env.algorithms import metrics as M
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = (

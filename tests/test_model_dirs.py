@@ -45,7 +45,7 @@ HF_BARS = ("Loading weights", "Writing model shards")
 
 
 def test_every_builtin_algorithm_is_run_here():
-    import plugins
+    from rlhf_env import plugins
 
     assert set(ALGORITHMS) == set(plugins.get_host().algorithms.names())
 
@@ -233,8 +233,8 @@ def test_bfloat16_on_cpu_gives_float32_logprobs_near_float32(arch_checkpoint, ca
 @pytest.mark.parametrize("arch,tok_kind", CHECKPOINTS)
 def test_training_recomputes_the_sampled_logprobs(arch, tok_kind, arch_checkpoint):
     """The first PPO/GRPO ratio is 1: the trainers' full forwards give the sampler's log-probs."""
-    from algorithms.base import TrainContext, collect_rollouts, policy_logprobs
-    from algorithms.ppo import logprobs_and_values
+    from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs
+    from rlhf_env.algorithms.ppo import logprobs_and_values
     from rlhf_env.tasks import get_task
 
     path = arch_checkpoint(arch, tok_kind)

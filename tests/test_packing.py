@@ -14,8 +14,8 @@ import torch
 from tinyarch import build
 from tinyparts import tiny_pair
 
-from algorithms import dpo
-from algorithms.base import TrainContext
+from rlhf_env.algorithms import dpo
+from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.packing import branch_logprobs, pack_trees, packed_logprobs, shares_prompts
 from rlhf_env.scoring import next_token_logprobs, pack
 from rlhf_env.tasks.base import Task

@@ -11,10 +11,10 @@ import pytest
 import torch
 from tinyparts import count_e, tiny_pair
 
-from algorithms import reward_model, sft
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.loop import evaluate_policy, train
 from rlhf_env import RewardModel
+from rlhf_env.algorithms import reward_model, sft
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.loop import evaluate_policy, train
 from rlhf_env.models import load_causal_lm
 from rlhf_env.scoring import pack, sft_loss
 from rlhf_env.tasks.arithmetic import make_arithmetic_task

@@ -9,12 +9,11 @@ import pytest
 import torch
 from tinyparts import TOY_ALGO_SOURCE
 
-import plugins
-from algorithms import reinforce
-from algorithms.base import AlgorithmSpec
-from algorithms.loop import TrainingError, train
-from algorithms.plumbing import check_finite
-from rlhf_env import cli
+from rlhf_env import cli, plugins
+from rlhf_env.algorithms import reinforce
+from rlhf_env.algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.loop import TrainingError, train
+from rlhf_env.algorithms.plumbing import check_finite
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
