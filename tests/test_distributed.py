@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from algorithms.fsdp import full_weights
 from rlhf_env import cli
+from rlhf_env.algorithms.fsdp import full_weights
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 # A task whose reward varies between completions of a random tiny model (0.25 per "1"), so the
@@ -115,7 +115,7 @@ def test_two_gloo_ranks_make_the_update_one_rank_makes_and_resume_on_one(setup, 
         assert cli.main(train_argv(run, model, one)) == 0
         w = weights(one)
         moved = max(float(v.abs().max()) for k, v in w.items() if "lora_B" in k) if "lora" in run else max_diff(w, base)
-        assert moved > 1e-3  # the steps moved the weights (LoRA's B starts at 0) ...
+        assert moved > 3e-4  # the steps moved the weights (LoRA's B starts at 0; RLOO's lr is 3e-4) ...
         assert max_diff(weights(one), weights(two)) < 1e-5, run  # ... the same way on 1 and on 2 ranks
         a, b = records(one), records(two)
         assert [r["step"] for r in b] == [0, 1]  # rank 0 alone wrote its records
