@@ -7,8 +7,8 @@ from rlhf_env.plugins import hookimpl
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    from rlhf_env.algorithms import dpo, grpo, kto, online_dpo, ppo, reinforce, reward_model, sft
     from rlhf_env.algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.zoo import dpo, grpo, kto, online_dpo, ppo, reinforce, reward_model, sft
 
     register(
         "ppo",
@@ -68,8 +68,8 @@ def rlhf_register_algorithms(register):
 
 def register_online_zoo(register):
     """The 2025 online zoo (issue 15): RLOO, REINFORCE++, GSPO, CISPO, DAPO."""
-    from rlhf_env.algorithms import cispo, dapo, gspo, reinforce_pp, rloo
     from rlhf_env.algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.zoo import cispo, dapo, gspo, reinforce_pp, rloo
 
     register(
         "rloo", AlgorithmSpec(rloo.Config, rloo.Trainer, "RLOO: k samples a prompt, leave-one-out baseline, REINFORCE")

@@ -14,7 +14,7 @@ from rlhf_env.plugins.cli import Command
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite (algorithms × tasks × seeds, equal budgets); tables and plots in --out."""
     # The CLI is the top layer: the benchmark runner sits on the algorithms.
-    from rlhf_env.algorithms.runfolder import claim_run_folder
+    from rlhf_env.algorithms.run.runfolder import claim_run_folder
     from rlhf_env.bench.report import write_report
     from rlhf_env.bench.runner import run_suite, suite_device
     from rlhf_env.bench.suite import load_suite

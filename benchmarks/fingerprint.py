@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf_env.algorithms.runfolder import lock_holder
+from rlhf_env.algorithms.run.runfolder import lock_holder
 from rlhf_env.bench.pipeline import BON_ALGORITHM, RM_ALGORITHM, bon_dir, rm_dir
 from rlhf_env.bench.suite import LEARNED, Cell, Suite, SuiteError, TaskEntry
 

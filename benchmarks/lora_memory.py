@@ -29,9 +29,9 @@ def run_mode(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rlhf_env.algorithms import metrics as M
-    from rlhf_env.algorithms.loop import train
-    from rlhf_env.algorithms.lora import LoraSettings
+    from rlhf_env.algorithms.run import metrics as M
+    from rlhf_env.algorithms.run.loop import train
+    from rlhf_env.algorithms.scale.lora import LoraSettings
     from rlhf_env.plugins import get_host
     from rlhf_env.tasks import get_task
 

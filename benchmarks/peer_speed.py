@@ -47,7 +47,7 @@ import transformers
 
 from rlhf_env import plugins
 from rlhf_env.algorithms.base import TrainContext
-from rlhf_env.algorithms.loop import step_seed
+from rlhf_env.algorithms.run.loop import step_seed
 from rlhf_env.bench.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model

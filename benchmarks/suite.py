@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from rlhf_env.algorithms.overrides import ConfigError, signature_types, typed_overrides, typed_values
+from rlhf_env.algorithms.run.overrides import ConfigError, signature_types, typed_overrides, typed_values
 from rlhf_env.errors import UserError
 
 if sys.version_info >= (3, 11):

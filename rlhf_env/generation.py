@@ -12,7 +12,7 @@ serves the chunked rollout path: one generation and one reference pass per rollo
 built-in ``hf_generate`` wraps Hugging Face ``generate``. A generator whose log-probs are
 those of a full forward of the policy sets ``exact_logprobs = True``; for the others the
 trainer recomputes them (``rollout/logprob_diff``) and corrects with truncated importance
-sampling (``rlhf_env.algorithms.core.truncated_is_weights``).
+sampling (``rlhf_env.algorithms.maths.truncated_is_weights``).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def toy_plugin(plugin_path, write_dist):
 
 HOLDER = """
 import sys, time
-from rlhf_env.algorithms.runfolder import claim_run_folder
+from rlhf_env.algorithms.run.runfolder import claim_run_folder
 with claim_run_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)

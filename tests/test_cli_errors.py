@@ -135,7 +135,7 @@ def test_output_path_that_is_a_file(tmp_path, model_dir, capsys):
 def test_debug_shows_the_traceback(tmp_path, model_dir):
     out = tmp_path / "results.txt"
     out.write_text("")
-    with pytest.raises(ValueError, match="is a file"):  # rlhf_env.algorithms.runfolder.RunFolderError
+    with pytest.raises(ValueError, match="is a file"):  # rlhf_env.algorithms.run.runfolder.RunFolderError
         cli.main(train_argv(out, model_dir, "--debug"))
 
 

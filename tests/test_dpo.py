@@ -11,9 +11,9 @@ import pytest
 import torch
 from tinyparts import count_e, next_logprobs, tiny_pair
 
-from rlhf_env.algorithms import dpo
 from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
-from rlhf_env.algorithms.loop import evaluate_policy, train
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import dpo
 from rlhf_env.models import load_causal_lm
 from rlhf_env.tasks.arithmetic import answer, make_arithmetic_task
 from rlhf_env.tasks.base import Task

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlhf_env.algorithms.base import correct_sampler_logprobs
-from rlhf_env.algorithms.core import truncated_is_weights
-from rlhf_env.algorithms.grpo import grpo_loss
+from rlhf_env.algorithms.maths import truncated_is_weights
+from rlhf_env.algorithms.zoo.grpo import grpo_loss
 from rlhf_env.default import make_default_vector_env
 from rlhf_env.generation import exact_logprobs
 from rlhf_env.rollout import EpisodeStream, collect
@@ -90,8 +90,8 @@ def test_a_sampler_mismatch_is_reported_and_corrected():
 
 
 def test_grpo_with_hf_generate_reports_the_mismatch_and_trains():
-    from rlhf_env.algorithms import grpo
     from rlhf_env.algorithms.base import TrainContext
+    from rlhf_env.algorithms.zoo import grpo
     from rlhf_env.tasks.arithmetic import make_arithmetic_task
     from rlhf_env.tasks.base_models import load_base_model
 
@@ -124,7 +124,7 @@ def test_tokens_past_the_position_table_do_not_break_the_ones_before():
 
 
 def test_every_clipped_loss_weights_its_policy_term_by_the_truncated_is_weights():
-    from rlhf_env.algorithms import cispo, dapo, gspo, ppo, reinforce_pp
+    from rlhf_env.algorithms.zoo import cispo, dapo, gspo, ppo, reinforce_pp
 
     gen = torch.Generator().manual_seed(1)
     logp, old, ref = (torch.randn(2, 5, generator=gen) * 0.3 - 1 for _ in range(3))

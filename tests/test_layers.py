@@ -108,7 +108,9 @@ def test_lower_layers_do_not_import_upper_ones(folder):
 
 
 def test_function_level_imports_count(tmp_path):
-    source = "import os\n\ndef f():\n    from rlhf_env.algorithms.loop import train\n    import rlhf_env.bench.runner\n"
+    source = (
+        "import os\n\ndef f():\n    from rlhf_env.algorithms.run.loop import train\n    import rlhf_env.bench.runner\n"
+    )
     (tmp_path / "m.py").write_text(source)
     assert imported_layers(tmp_path / "m.py") == {"algorithms", "bench"}
 

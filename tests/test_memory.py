@@ -10,9 +10,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_env import plugins
-from rlhf_env.algorithms import dpo, grpo, memory, ppo, sft
-from rlhf_env.algorithms import metrics as M
-from rlhf_env.algorithms.loop import train
+from rlhf_env.algorithms.run import memory
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.loop import train
+from rlhf_env.algorithms.zoo import dpo, grpo, ppo, sft
 
 MIB = 2**20
 

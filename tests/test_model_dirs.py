@@ -234,7 +234,7 @@ def test_bfloat16_on_cpu_gives_float32_logprobs_near_float32(arch_checkpoint, ca
 def test_training_recomputes_the_sampled_logprobs(arch, tok_kind, arch_checkpoint):
     """The first PPO/GRPO ratio is 1: the trainers' full forwards give the sampler's log-probs."""
     from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs
-    from rlhf_env.algorithms.ppo import logprobs_and_values
+    from rlhf_env.algorithms.zoo.ppo import logprobs_and_values
     from rlhf_env.tasks import get_task
 
     path = arch_checkpoint(arch, tok_kind)

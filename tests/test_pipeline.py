@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import pipeline
 from rlhf_env.bench.report import write_report
 from rlhf_env.bench.runner import cell_dir, run_suite

@@ -176,7 +176,7 @@ def holder(tmp_path):
     """Start a process that owns a folder; yields (folder, process)."""
     folder = tmp_path / "busy"
     code = (
-        "import sys, time\nfrom rlhf_env.algorithms.runfolder import claim_run_folder\n"
+        "import sys, time\nfrom rlhf_env.algorithms.run.runfolder import claim_run_folder\n"
         "with claim_run_folder(sys.argv[1]):\n    print('ready', flush=True)\n    time.sleep(120)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_env.algorithms import core, distributed
-from rlhf_env.algorithms import metrics as M
+from rlhf_env.algorithms import maths
 from rlhf_env.algorithms.base import (
     RolloutBatch,
     TrainContext,
@@ -39,8 +38,10 @@ from rlhf_env.algorithms.base import (
     sampler_metrics,
     sequence_kl,
 )
-from rlhf_env.algorithms.core import kl_k3, masked_mean
-from rlhf_env.algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.maths import kl_k3, masked_mean
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
 
@@ -133,15 +134,15 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     """Per-token surrogate with one advantage per completion (B,) broadcast over its tokens.
 
     Returns:
-        (surrogate (B, T), clipped (B, T) bool: clipping changed the objective, ``core.clipped``).
+        (surrogate (B, T), clipped (B, T) bool: clipping changed the objective, ``maths.clipped``).
     """
-    surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
-    return surrogate, core.clipped(ratio, advantages[:, None], clip_eps)
+    surrogate, ratio = maths.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
+    return surrogate, maths.clipped(ratio, advantages[:, None], clip_eps)
 
 
 def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis=None) -> LossParts:
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    if tis is not None:  # truncated importance weights of a sampler that is not π_θold (core.truncated_is_weights)
+    if tis is not None:  # truncated importance weights of a sampler that is not π_θold (maths.truncated_is_weights)
         surrogate = surrogate * tis
     policy = -aggregate(surrogate, mask)
     kl = kl_coef * aggregate(kl_k3(logp, ref_logp), mask)
@@ -168,7 +169,7 @@ def grpo_loss(
         mask: (B, T) 1 on completion tokens; padding and prompt positions never count.
         tis: (B, T) truncated importance weights w_t multiplying the surrogate, or None.
     """
-    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, core.seq_mean, tis)
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, maths.seq_mean, tis)
 
 
 def dr_grpo_loss(
@@ -188,7 +189,7 @@ def dr_grpo_loss(
     """
 
     def aggregate(x, m):
-        return core.seq_sum_norm(x, m, max_new_tokens)
+        return maths.seq_sum_norm(x, m, max_new_tokens)
 
     return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis)
 

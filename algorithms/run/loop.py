@@ -3,7 +3,7 @@
 Each iteration is a function of (weights, trainer state, step): the torch RNG and the
 rollout seeds are derived from ``(seed, step)``, so a run resumed from a checkpoint
 reproduces the metrics of an uninterrupted one. Records use the names of
-``rlhf_env.algorithms.metrics`` (documented in docs/architecture.md), in ``metrics.jsonl`` and as
+``rlhf_env.algorithms.run.metrics`` (documented in docs/architecture.md), in ``metrics.jsonl`` and as
 TensorBoard tags alike.
 """
 
@@ -22,14 +22,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_env.algorithms import distributed, lora, memory
-from rlhf_env.algorithms import fsdp as sharding
-from rlhf_env.algorithms import metrics as M
 from rlhf_env.algorithms.base import TrainContext
-from rlhf_env.algorithms.overrides import typed_overrides
-from rlhf_env.algorithms.plumbing import NonFiniteLossError
-from rlhf_env.algorithms.reward_choice import resolve_reward
-from rlhf_env.algorithms.runfolder import (
+from rlhf_env.algorithms.run import memory
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.overrides import typed_overrides
+from rlhf_env.algorithms.run.plumbing import NonFiniteLossError
+from rlhf_env.algorithms.run.reward_choice import resolve_reward
+from rlhf_env.algorithms.run.runfolder import (
     CHECKPOINT,
     RunFolderError,
     claim_run_folder,
@@ -39,6 +38,8 @@ from rlhf_env.algorithms.runfolder import (
     write_checkpoint,
     write_text_atomic,
 )
+from rlhf_env.algorithms.scale import distributed, lora
+from rlhf_env.algorithms.scale import fsdp as sharding
 from rlhf_env.errors import SettingError, UserError
 from rlhf_env.models import load_causal_lm, resolve_device, save_pretrained
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
@@ -165,7 +166,7 @@ def train(
     ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
     ``callback(record, fraction_of_budget_spent)`` is called after every step. ``dtype``: the
     weights' dtype (default: as saved); log-probs are float32 whatever it is. ``reward``: what
-    the run optimises (``rlhf_env.algorithms.reward_choice``: gold, a registered name, a reward model or
+    the run optimises (``rlhf_env.algorithms.run.reward_choice``: gold, a registered name, a reward model or
     ``reward_model`` run folder); the gold is evaluated either way.
 
     ``out`` is owned by this call (a lock). A folder that holds a run needs ``resume``: the
@@ -174,12 +175,12 @@ def train(
     ``ResumeError``, unless ``override`` (the change is then recorded in ``config.json``).
 
     Started by ``torchrun`` (or with a ``backend``), the run is data-parallel over its ranks
-    (``rlhf_env.algorithms.distributed``): same update as one rank, rank 0 alone writes.
-    ``lora_settings``: train LoRA adapters (``rlhf_env.algorithms.lora``) instead of every weight.
-    ``fsdp``: shard the policy over the ranks (``rlhf_env.algorithms.fsdp``; sharded checkpoints).
+    (``rlhf_env.algorithms.scale.distributed``): same update as one rank, rank 0 alone writes.
+    ``lora_settings``: train LoRA adapters (``rlhf_env.algorithms.scale.lora``) instead of every weight.
+    ``fsdp``: shard the policy over the ranks (``rlhf_env.algorithms.scale.fsdp``; sharded checkpoints).
     ``measure_memory``: the record of the second step (the first, in a one-step run) carries
     ``memory/peak_mb``, the peak tensor memory of the first two steps, and ``memory/estimate_mb``
-    (``rlhf_env.algorithms.memory``).
+    (``rlhf_env.algorithms.run.memory``).
     """
     budget = Budget(steps, max_tokens, max_seconds)
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types fail before any work
