@@ -123,7 +123,7 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
         import torch
 
         from rlhf_env.algorithms.base import TrainContext
-        from rlhf_env.algorithms.run.loop import step_seed
+        from rlhf_env.algorithms.run.loop import seeded_step
         from rlhf_env.algorithms.zoo import reward_model
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
@@ -144,8 +144,7 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
         t1 = time.perf_counter()
         last: dict[str, float] = {}
         for step in range(p["rm_steps"]):
-            torch.manual_seed(step_seed(seed, step))
-            last = trainer.step(step, step_seed(seed, step))
+            last = seeded_step(trainer, seed, step)  # the loop's step: the same seeds
         heldout = trainer.heldout_metrics()
         path.mkdir(parents=True, exist_ok=True)
         with (path / "pairs.jsonl").open("w") as f:
