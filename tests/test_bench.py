@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from tinyparts import TOY_ALGO_SOURCE
 
-from rlhf_env import cli
 from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.loop import Budget, train
 from rlhf_env.bench.report import write_report
 from rlhf_env.bench.runner import _write_result, base_dir, cell_dir, run_suite
 from rlhf_env.bench.suite import SUITES_DIR, SuiteError, load_suite
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 TASK_KNOBS = "knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }"

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlhf_env import cli, plugins, rollout
+from rlhf_env import commands, plugins, rollout
+from rlhf_env.plugins import cli
 
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
@@ -93,7 +94,7 @@ def test_rollout_prints_episodes_and_summary(capsys):
 
 
 def test_run_rollout_episodes_are_consistent():
-    result = cli.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
+    result = commands.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
     assert len(result.episodes) == 5
     assert {ep.row for ep in result.episodes} == {0, 1}
     assert result.tokens >= sum(len(ep.completion) for ep in result.episodes)  # char tokenizer
@@ -151,9 +152,9 @@ def test_episode_stream_follows_next_step_autoreset():
 
 
 def test_clip_quotes_and_shortens():
-    assert cli.clip("abc", 10) == "'abc'"
-    assert cli.clip("x" * 50, 10) == repr("x" * 9 + "\u2026")
-    assert cli.clip("it's", 10) == '"it\'s"'
+    assert commands.clip("abc", 10) == "'abc'"
+    assert commands.clip("x" * 50, 10) == repr("x" * 9 + "\u2026")
+    assert commands.clip("it's", 10) == '"it\'s"'
 
 
 def console_script() -> str | None:

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 # A third-party task whose gold reward returns text or None instead of numbers, and an

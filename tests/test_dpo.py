@@ -244,7 +244,7 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path, learning
 
 @pytest.mark.parametrize("algo", ["dpo", "ipo", "simpo", "kto"])
 def test_pairs_whose_chosen_is_the_rejected_are_dropped_at_the_cli(tmp_path, capsys, algo):
-    from rlhf_env import cli
+    from rlhf_env.plugins import cli
     from rlhf_env.tiny import build_char_tokenizer, build_tiny_model
 
     model = save_tiny(*build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=0), tmp_path / "model")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_env import cli
 from rlhf_env.algorithms.scale import lora
 from rlhf_env.models import load_causal_lm
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 

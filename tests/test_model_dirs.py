@@ -13,9 +13,10 @@ import transformers
 from tinyarch import build, tokenizer
 from tinyparts import count_e
 
-from rlhf_env import IncrementalLM, VectorTextGenEnv, cli
+from rlhf_env import IncrementalLM, VectorTextGenEnv, commands
 from rlhf_env.errors import UnsupportedModelError
 from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id, save_pretrained
+from rlhf_env.plugins import cli
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
 
@@ -100,7 +101,7 @@ def test_base_model_and_rollout_use_the_model_dir(arch, tok_kind, arch_checkpoin
 
 def test_rollout_without_a_task_uses_the_model_it_is_given(arch_checkpoint, tmp_path, capsys):
     def run(model):
-        eps = cli.run_rollout(episodes=4, num_envs=2, max_new_tokens=6, seed=0, model=model).episodes
+        eps = commands.run_rollout(episodes=4, num_envs=2, max_new_tokens=6, seed=0, model=model).episodes
         return [(e.prompt, e.completion) for e in eps]
 
     other = save_pretrained(build("llama", "gpt2", seed=5), tokenizer("gpt2"), tmp_path / "other")

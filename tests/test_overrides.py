@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 
-from rlhf_env import cli
 from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env.algorithms.zoo import ppo
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 

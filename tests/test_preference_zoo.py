@@ -11,10 +11,11 @@ import pytest
 import torch
 from tinyparts import count_e, tiny_pair
 
-from rlhf_env import cli, plugins
+from rlhf_env import plugins
 from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
 from rlhf_env.algorithms.run.loop import evaluate_policy, train
 from rlhf_env.algorithms.zoo import dpo, kto, online_dpo
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

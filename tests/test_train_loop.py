@@ -9,11 +9,12 @@ import pytest
 import torch
 from tinyparts import TOY_ALGO_SOURCE
 
-from rlhf_env import cli, plugins
+from rlhf_env import plugins
 from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env.algorithms.run.loop import TrainingError, train
 from rlhf_env.algorithms.run.plumbing import check_finite
 from rlhf_env.algorithms.zoo import reinforce
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")

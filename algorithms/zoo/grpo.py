@@ -23,7 +23,6 @@ surrogate and ``policy/clipfrac``).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -229,9 +228,9 @@ class Trainer(Stateful):
                 distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
-            # A (third-party) subclass whose loss takes no ``tis`` trains on the recomputed π_θold only.
-            tis = {"tis": batch.is_weights[rows]} if batch.is_weights is not None and self._takes_tis else {}
-            parts = self.loss(*args, **tis)
+            # The contract of ``loss``: it takes ``tis``, None or the (B, T) truncated importance weights of
+            # a sampler that is not π_θold; an override without it fails here, never drops the weights.
+            parts = self.loss(*args, tis=None if batch.is_weights is None else batch.is_weights[rows])
             grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
             means.add(
                 {
@@ -251,10 +250,6 @@ class Trainer(Stateful):
             M.PERF_TOKENS: batch.num_tokens,
             **sampler_metrics(batch),
         }
-
-    @property
-    def _takes_tis(self) -> bool:
-        return "tis" in inspect.signature(self.loss).parameters
 
 
 class DrTrainer(Trainer):

@@ -53,13 +53,13 @@ from rlhf_env.algorithms.maths import (
     masked_mean,
     masked_sum,
     masked_whiten,
-    token_logprobs,
 )
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
+from rlhf_env.scoring import token_logprobs
 
 
 @dataclass
