@@ -1,1 +1,1 @@
-"""The algorithm zoo. Each algorithm module registers itself through ``algorithms.builtins``."""
+"""The algorithm zoo. Each algorithm module registers itself through ``rlhf_env.algorithms.builtins``."""

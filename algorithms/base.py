@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from algorithms import distributed
-from algorithms.core import truncated_is_weights
-from algorithms.overrides import typed_overrides
+from rlhf_env.algorithms.maths import truncated_is_weights
+from rlhf_env.algorithms.run.overrides import typed_overrides
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
 from rlhf_env.packing import packed_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
@@ -118,7 +118,7 @@ def correct_sampler_logprobs(policy, batch: RolloutBatch, cap: float = 2.0, beta
 
 def sampler_metrics(batch: RolloutBatch) -> dict[str, float]:
     """``rollout/logprob_diff`` of a batch from a generator without exact log-probs; {} otherwise."""
-    from algorithms import metrics as M
+    from rlhf_env.algorithms.run import metrics as M
 
     return {M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from plugins import hookimpl
+from rlhf_env.plugins import hookimpl
 
 
 @hookimpl
 def rlhf_register_algorithms(register):
-    from algorithms import dpo, grpo, kto, online_dpo, ppo, reinforce, reward_model, sft
-    from algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.zoo import dpo, grpo, kto, online_dpo, ppo, reinforce, reward_model, sft
 
     register(
         "ppo",
@@ -68,8 +68,8 @@ def rlhf_register_algorithms(register):
 
 def register_online_zoo(register):
     """The 2025 online zoo (issue 15): RLOO, REINFORCE++, GSPO, CISPO, DAPO."""
-    from algorithms import cispo, dapo, gspo, reinforce_pp, rloo
-    from algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.base import AlgorithmSpec
+    from rlhf_env.algorithms.zoo import cispo, dapo, gspo, reinforce_pp, rloo
 
     register(
         "rloo", AlgorithmSpec(rloo.Config, rloo.Trainer, "RLOO: k samples a prompt, leave-one-out baseline, REINFORCE")
@@ -112,7 +112,7 @@ def register_online_zoo(register):
 
 @hookimpl
 def rlhf_register_commands(register):
-    from algorithms.commands import EXPORT_LORA, TRAIN
+    from rlhf_env.algorithms.commands import EXPORT_LORA, TRAIN
 
     register("train", TRAIN)
     register("export-lora", EXPORT_LORA)

@@ -1,4 +1,4 @@
-"""The algorithms layer's ``rlhf train`` command (registered in ``algorithms.builtins``)."""
+"""The algorithms layer's ``rlhf train`` command (registered in ``rlhf_env.algorithms.builtins``)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from algorithms import metrics as M
-from plugins.cli import Command
+from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.commands import DTYPES, positive_int, torch_dtype
 from rlhf_env.errors import SettingError
+from rlhf_env.plugins.cli import Command
 
 
 # -- rlhf train ---------------------------------------------------------------------------
 def _saved_task(name: str, knobs: dict[str, Any]):
     """Task ``name`` built with the knobs a run saved (those its factory still takes)."""
-    import plugins
-    from algorithms.overrides import signature_types
+    from rlhf_env import plugins
+    from rlhf_env.algorithms.run.overrides import signature_types
     from rlhf_env.tasks import get_task
 
     takes = signature_types(plugins.get_host().tasks.get(name))
@@ -29,12 +29,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     ``--resume`` continues the run in --out with its saved algorithm, task, model, seed, config and
     step budget; flags given again must agree with them (or ``--override`` changes them).
     """
-    import plugins
+    from rlhf_env import plugins
 
     # The CLI is the top layer: it may use the training loop that the algorithms layer provides.
-    from algorithms.loop import train
-    from algorithms.overrides import split_assignments, typed_overrides
-    from algorithms.runfolder import read_run_config
+    from rlhf_env.algorithms.run.loop import train
+    from rlhf_env.algorithms.run.overrides import split_assignments, typed_overrides
+    from rlhf_env.algorithms.run.runfolder import read_run_config
     from rlhf_env.tasks import get_task
 
     saved = (read_run_config(Path(args.out)) if args.resume and Path(args.out).is_dir() else None) or {}
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _lora_settings(args: argparse.Namespace, saved: dict[str, Any]):
     """The run's LoRA settings: from the flags, or (resuming without them) the saved ones; None: full fine-tuning."""
-    from algorithms.lora import LoraSettings
+    from rlhf_env.algorithms.scale.lora import LoraSettings
 
     if args.lora_rank is None:
         if args.lora_alpha is not None or args.lora_dropout is not None or args.lora_target_modules is not None:
@@ -135,7 +135,7 @@ TRAIN = Command("train an algorithm on a task", _train_arguments, cmd_train, _tr
 # -- rlhf export-lora ---------------------------------------------------------------------
 def cmd_export_lora(args: argparse.Namespace) -> int:
     """Merge a LoRA run's adapters into its base model; OUT is a plain checkpoint (a --model for any command)."""
-    from algorithms.lora import check_destination, export, run_settings
+    from rlhf_env.algorithms.scale.lora import check_destination, export, run_settings
 
     saved = run_settings(args.run)  # a LoRA run, and a destination that overwrites nothing, before any loading
     check_destination(args.run, args.out)

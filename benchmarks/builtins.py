@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from plugins import hookimpl
+from rlhf_env.plugins import hookimpl
 
 
 @hookimpl
 def rlhf_register_commands(register):
-    from benchmarks.commands import BENCH
+    from rlhf_env.bench.commands import BENCH
 
     register("bench", BENCH)

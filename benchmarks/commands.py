@@ -1,4 +1,4 @@
-"""The benchmarks layer's ``rlhf bench`` command (registered in ``benchmarks.builtins``)."""
+"""The benchmarks layer's ``rlhf bench`` command (registered in ``rlhf_env.bench.builtins``)."""
 
 from __future__ import annotations
 
@@ -6,30 +6,30 @@ import argparse
 import time
 from pathlib import Path
 
-from plugins.cli import Command
 from rlhf_env.errors import SettingError
+from rlhf_env.plugins.cli import Command
 
 
 # -- rlhf bench ---------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run a benchmark suite (algorithms × tasks × seeds, equal budgets); tables and plots in --out."""
     # The CLI is the top layer: the benchmark runner sits on the algorithms.
-    from algorithms.runfolder import claim_run_folder
-    from benchmarks.report import write_report
-    from benchmarks.runner import run_suite, suite_device
-    from benchmarks.suite import load_suite
+    from rlhf_env.algorithms.run.runfolder import claim_run_folder
+    from rlhf_env.bench.report import write_report
+    from rlhf_env.bench.runner import run_suite, suite_device
+    from rlhf_env.bench.suite import load_suite
 
     if args.workers is not None and args.workers < 0:  # before the output folder is made
         raise SettingError(f"--workers must be >= 0 (0: cells run in this process), got {args.workers}")
     suite = load_suite(args.suite)
     if args.baseline:
-        from benchmarks.trl_baseline import require_trl
+        from rlhf_env.bench.trl_baseline import require_trl
 
         require_trl()  # before the suite runs, not after
     suite_device(suite.device)  # a device this machine lacks fails before the folder is touched
     executor = None
     if args.executor == "ray":
-        from benchmarks.executors import RayExecutor
+        from rlhf_env.bench.executors import RayExecutor
 
         # Ray missing, or no cluster answering at --address (a bounded wait): fail before the folder is claimed.
         executor = RayExecutor.for_suite(suite, args.address, args.connect_timeout)
@@ -46,7 +46,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if executor is not None:
                     executor.close()
             if args.baseline:
-                from benchmarks.trl_baseline import run_trl_baseline
+                from rlhf_env.bench.trl_baseline import run_trl_baseline
 
                 run_trl_baseline(suite, out, progress=not args.no_progress)  # failures are recorded in the table
             paths = write_report(suite, out, total_s=time.perf_counter() - t0)

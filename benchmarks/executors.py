@@ -1,4 +1,4 @@
-"""Where a suite's cells run: the local process pool (``benchmarks.runner``, the default) or Ray.
+"""Where a suite's cells run: the local process pool (``rlhf_env.bench.runner``, the default) or Ray.
 
 ``rlhf bench --executor ray [--address ADDR]`` runs each cell as a Ray task asking for the
 suite's resources: ``threads`` CPUs, and on a CUDA suite 1/``workers`` of a GPU (``workers``
@@ -82,7 +82,7 @@ class RayExecutor:
 
     @classmethod
     def for_suite(cls, suite, address: str | None = None, connect_timeout: float | None = None) -> RayExecutor:
-        from benchmarks.runner import suite_device
+        from rlhf_env.bench.runner import suite_device
 
         gpus = 1.0 / max(suite.workers, 1) if suite_device(suite.device).type == "cuda" else 0.0
         return cls(address, gpus, CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout)
@@ -113,7 +113,7 @@ class RayExecutor:
             return
         import ray
 
-        from benchmarks.runner import _crashed, _summary
+        from rlhf_env.bench.runner import _crashed, _summary
 
         self._connect()
         task = ray.remote(_run_job).options(num_cpus=threads, num_gpus=self.num_gpus, max_retries=0)
@@ -136,7 +136,7 @@ def _run_job(fn, args, threads: int, paths: list[str]):
     """Inside a Ray worker: the runner's job with the suite's torch threads and the driver's import
     path (plugins installed beside the driver are found, as spawned pool workers find them)."""
     sys.path.extend(p for p in paths if p not in sys.path)
-    from benchmarks.runner import _init_worker
+    from rlhf_env.bench.runner import _init_worker
 
     _init_worker(None, threads)
     return fn(*args)

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from algorithms.runfolder import lock_holder
-from benchmarks.pipeline import BON_ALGORITHM, RM_ALGORITHM, bon_dir, rm_dir
-from benchmarks.suite import LEARNED, Cell, Suite, SuiteError, TaskEntry
+from rlhf_env.algorithms.run.runfolder import lock_holder
+from rlhf_env.bench.pipeline import BON_ALGORITHM, RM_ALGORITHM, bon_dir, rm_dir
+from rlhf_env.bench.suite import LEARNED, Cell, Suite, SuiteError, TaskEntry
 
 SETTINGS = "settings.json"
 RM_KEYS = ("pairs", "tau", "rm_steps", "rm_lr", "rm_batch_size", "heldout_pairs")

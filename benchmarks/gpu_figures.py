@@ -9,7 +9,7 @@ what the tests do):
 * **update MFU**: one policy-gradient update as the trainers run it: the policy's forward
   over ``B × T`` tokens under bf16 autocast, token log-probs in float32
   (``rlhf_env.scoring.next_token_logprobs``), a REINFORCE loss, and the shared
-  ``algorithms.plumbing.Optimizer`` step (backward, clipping, Adam). Model FLOPs per token
+  ``rlhf_env.algorithms.run.plumbing.Optimizer`` step (backward, clipping, Adam). Model FLOPs per token
   are ``6 N + 12 L d T`` (N: parameters without the position table, the tied head counted
   once; the attention term uncausal, as in PaLM's MFU); MFU = model FLOP/s / peak.
 * **decode**: the ``kv_cache`` generator's sampler (``rlhf_env.fastgen.sample_completions``)
@@ -37,7 +37,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from algorithms.plumbing import Optimizer
+from rlhf_env.algorithms.run.plumbing import Optimizer
 from rlhf_env.fastgen import sample_completions
 from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tasks.base import GPU_SHAPE

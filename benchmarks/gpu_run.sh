@@ -50,8 +50,8 @@ if ! grep -q "cells ok in" "$OUT/bench.txt" && [ -d "$BENCH" ]; then
   $PY - "$SUITE" "$BENCH" >>"$OUT/bench.txt" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
-from benchmarks.report import write_report
-from benchmarks.suite import load_suite
+from rlhf_env.bench.report import write_report
+from rlhf_env.bench.suite import load_suite
 print(Path(write_report(load_suite(sys.argv[1]), sys.argv[2])["markdown"]).read_text())
 EOF
 fi

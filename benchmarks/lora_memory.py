@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning on one model: peak memory and steps/s of GRPO, printed as one JSON line.
 
-    python -m benchmarks.lora_memory [--layers 6 --width 512 --steps 6 --rank 8 --device cpu]
+    python -m rlhf_env.bench.lora_memory [--layers 6 --width 512 --steps 6 --rank 8 --device cpu]
 
 Each mode runs in a fresh process (peaks do not mix): a GPT-2-shaped model of the given size,
 GRPO on the arithmetic task for ``--steps`` steps. Memory: on CUDA the peak of allocated
@@ -29,10 +29,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from algorithms import metrics as M
-    from algorithms.loop import train
-    from algorithms.lora import LoraSettings
-    from plugins import get_host
+    from rlhf_env.algorithms.run import metrics as M
+    from rlhf_env.algorithms.run.loop import train
+    from rlhf_env.algorithms.scale.lora import LoraSettings
+    from rlhf_env.plugins import get_host
     from rlhf_env.tasks import get_task
 
     spec = get_host().algorithms.get("grpo")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         result: dict = {"parameters": model.num_parameters(), "device": args.device, "steps": args.steps}
         result["lora_rank"] = args.rank
         for mode in ("full", "lora"):
-            cmd = [sys.executable, "-m", "benchmarks.lora_memory", "--mode", mode, "--model", str(path)]
+            cmd = [sys.executable, "-m", "rlhf_env.bench.lora_memory", "--mode", mode, "--model", str(path)]
             cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "rank", "device", "threads")]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             result[mode] = json.loads(out.strip().splitlines()[-1])

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from algorithms import metrics as M
-from benchmarks import pipeline
-from benchmarks.runner import read_result, run_dir
-from benchmarks.suite import GOLD, LEARNED, Suite, TaskEntry
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench import pipeline
+from rlhf_env.bench.runner import read_result, run_dir
+from rlhf_env.bench.suite import GOLD, LEARNED, Suite, TaskEntry
 
 
 def reward_models(suite: Suite, out: Path) -> dict[str, list[dict]]:

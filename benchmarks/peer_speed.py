@@ -45,10 +45,10 @@ from pathlib import Path
 import torch
 import transformers
 
-import plugins
-from algorithms.base import TrainContext
-from algorithms.loop import step_seed
-from benchmarks.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run.loop import seeded_step
+from rlhf_env.bench.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model
 
@@ -63,9 +63,8 @@ def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int)
     trainer = plugins.get_host().algorithms.get(algorithm).Trainer(ctx, cfg)
     times = []
     for step in range(warmup + iterations):
-        torch.manual_seed(step_seed(SEED, step))
         t0 = clock()
-        trainer.step(step, step_seed(SEED, step))
+        seeded_step(trainer, SEED, step)  # the training loop's step, seeds included
         times.append(clock() - t0)
     return times[warmup:]
 

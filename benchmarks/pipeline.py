@@ -4,7 +4,7 @@ For a task whose suite ``reward`` is ``learned``, per seed (once, before its cel
 
 1. sample ``pairs`` pairs of two base-model completions on the train prompts and label them with
    the simulated annotators (Bradley-Terry on the gold, temperature ``tau``): the feedback budget;
-2. train one Bradley-Terry reward model r_φ on them (``algorithms.reward_model``) and measure its
+2. train one Bradley-Terry reward model r_φ on them (``rlhf_env.algorithms.zoo.reward_model``) and measure its
    held-out pair accuracy against fresh annotator labels and against the gold order.
 
 Layout: ``out/reward_models/<task>-N<pairs>-tau<tau>/seed<k>/`` holds ``pairs.jsonl``, ``model/``
@@ -12,7 +12,7 @@ Layout: ``out/reward_models/<task>-N<pairs>-tau<tau>/seed<k>/`` holds ``pairs.js
 in β share it. Every cell of the task then gets the same inputs (``cell_inputs``): online
 algorithms optimise r_φ (the env's KL-shaped reward; ``reward/proxy`` beside ``reward/gold``),
 offline pair algorithms (DPO family, KTO) read the same ``pairs.jsonl``, SFT learns from the
-demonstrations. ``best_of_n`` > 0 adds the best-of-n baseline (``algorithms.best_of_n``) against
+demonstrations. ``best_of_n`` > 0 adds the best-of-n baseline (``rlhf_env.bench.best_of_n``) against
 the task's optimised reward, in ``out/runs/<task>/best_of_n/seed<k>/``, for any task.
 """
 
@@ -25,8 +25,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from algorithms import metrics as M
-from benchmarks.suite import GOLD, LEARNED, Cell, Suite, SuiteError, TaskEntry
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench.suite import GOLD, LEARNED, Cell, Suite, SuiteError, TaskEntry
 from rlhf_env.errors import TrainingStoppedError
 
 RM_ALGORITHM, BON_ALGORITHM = "reward_model", "best_of_n"
@@ -42,7 +42,7 @@ def bon_dir(out: Path, task: TaskEntry, seed: int) -> Path:
 
 def check_rewards(suite: Suite) -> None:
     """Every task's reward that is neither gold nor learned resolves (``rlhf train --reward``), before any work."""
-    from algorithms.reward_choice import RewardChoiceError, resolve_reward
+    from rlhf_env.algorithms.run.reward_choice import RewardChoiceError, resolve_reward
     from rlhf_env.tasks import get_task
 
     for t in suite.tasks:
@@ -122,9 +122,9 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
     try:
         import torch
 
-        from algorithms import reward_model
-        from algorithms.base import TrainContext
-        from algorithms.loop import step_seed
+        from rlhf_env.algorithms.base import TrainContext
+        from rlhf_env.algorithms.run.loop import seeded_step
+        from rlhf_env.algorithms.zoo import reward_model
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
@@ -144,8 +144,7 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
         t1 = time.perf_counter()
         last: dict[str, float] = {}
         for step in range(p["rm_steps"]):
-            torch.manual_seed(step_seed(seed, step))
-            last = trainer.step(step, step_seed(seed, step))
+            last = seeded_step(trainer, seed, step)  # the loop's step: the same seeds
         heldout = trainer.heldout_metrics()
         path.mkdir(parents=True, exist_ok=True)
         with (path / "pairs.jsonl").open("w") as f:
@@ -179,7 +178,7 @@ def proxy_reward(task: TaskEntry, seed: int, out: Path) -> str:
 
 def cell_inputs(cell: Cell, out: Path) -> tuple[dict[str, Any], str]:
     """``(config, reward)`` of a cell: its hparams, and for a learned reward the shared reward model and pairs."""
-    import plugins
+    from rlhf_env import plugins
 
     config = cell.config
     if cell.task.reward != LEARNED:
@@ -200,8 +199,8 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
     base = {"stage": BON_ALGORITHM, "task": task.label, "algorithm": BON_ALGORITHM, "seed": seed}
     t0 = time.perf_counter()
     try:
-        from algorithms.best_of_n import evaluate_best_of_n
-        from algorithms.reward_choice import resolve_reward
+        from rlhf_env.algorithms.run.reward_choice import resolve_reward
+        from rlhf_env.bench.best_of_n import evaluate_best_of_n
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 

@@ -3,7 +3,7 @@
 - ``results.csv``: one row per cell (and per task's base model), the raw figures.
 - ``results.md``: per task and algorithm, mean ± std over seeds of the final gold reward,
   KL to the reference, training tokens/s, wall time and peak memory; then a table of each
-  algorithm's peak tensor memory against its analytic estimate (``algorithms.memory``).
+  algorithm's peak tensor memory against its analytic estimate (``rlhf_env.algorithms.run.memory``).
 - ``frontier.png``: gold reward against KL to the reference, each algorithm's path from the
   base model through its evaluations (means over seeds; bars: std of the final point).
 - ``gold_vs_tokens.png``, ``gold_vs_time.png``: gold reward against training tokens and
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from algorithms import metrics as M
-from benchmarks import overoptimisation, pipeline
-from benchmarks.runner import base_dir, cell_dir, read_result, run_dir
-from benchmarks.suite import Suite
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench import overoptimisation, pipeline
+from rlhf_env.bench.runner import base_dir, cell_dir, read_result, run_dir
+from rlhf_env.bench.suite import Suite
 
 # The figures of a cell's result.json, named as in metrics.jsonl.
 FIGURES = [

@@ -4,20 +4,20 @@ Layout of ``out``::
 
     runs/<task>/base/result.json              the reference model evaluated once per task
     runs/<task>/<algorithm>/seed<k>/          metrics.jsonl, tb/, checkpoint/, result.json
-    results.csv, results.md, *.png            written by ``benchmarks.report``
+    results.csv, results.md, *.png            written by ``rlhf_env.bench.report``
 
 A cell whose ``result.json`` says ``ok`` is skipped when the command runs again; an
 interrupted cell resumes from its checkpoint; a failed cell is recorded with its error
 (and traceback in ``error.txt``) and tried again on the next run. A worker process that
 dies (out of memory, a crash in native code) fails the cells running at that moment; the
 pool is rebuilt and the remaining cells go on. ``out`` is owned by one process at a time
-(``algorithms.runfolder``), and so is each cell's folder.
+(``rlhf_env.algorithms.run.runfolder``), and so is each cell's folder.
 
-``result.json`` names its figures as ``metrics.jsonl`` does (``algorithms.metrics``):
+``result.json`` names its figures as ``metrics.jsonl`` does (``rlhf_env.algorithms.run.metrics``):
 ``reward/gold``, ``objective/kl_eval``, ``perf/tokens_total`` and ``time/elapsed_s`` are the
 run's last record's; ``time/steps``, ``perf/mean_tokens_per_s``, ``time/wall_s`` and
 ``perf/peak_mem_mb`` are the runner's; ``memory/peak_mb`` and ``memory/estimate_mb`` (the
-peak tensor memory of the first two steps and its analytic estimate, ``algorithms.memory``)
+peak tensor memory of the first two steps and its analytic estimate, ``rlhf_env.algorithms.run.memory``)
 are the run's. ``task``, ``algorithm``, ``seed``, ``budget``,
 ``status``, ``error`` and ``device`` say which cell it is and how it went.
 """
@@ -39,9 +39,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from algorithms import metrics as M
-from benchmarks import fingerprint, pipeline
-from benchmarks.suite import Cell, Suite, TaskEntry
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench import fingerprint, pipeline
+from rlhf_env.bench.suite import Cell, Suite, TaskEntry
 
 _progress_queue = None  # set in each worker by _init_worker
 
@@ -126,8 +126,8 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 
     t0 = time.perf_counter()
     try:
-        from algorithms.base import TrainContext
-        from algorithms.loop import evaluate_policy
+        from rlhf_env.algorithms.base import TrainContext
+        from rlhf_env.algorithms.run.loop import evaluate_policy
         from rlhf_env.tasks import get_task
         from rlhf_env.tasks.base_models import load_base_model
 
@@ -165,7 +165,7 @@ def run_cell(
     The cell's folder is held from start to end, so only its owner writes ``result.json`` and
     ``error.txt``; a folder another process holds is reported and left as it is.
     """
-    from algorithms.runfolder import RunLockedError, claim_run_folder
+    from rlhf_env.algorithms.run.runfolder import RunLockedError, claim_run_folder
 
     path = cell_dir(Path(out), cell)
     try:
@@ -179,8 +179,8 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
     t0 = time.perf_counter()
     base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
     try:
-        import plugins
-        from algorithms.loop import train
+        from rlhf_env import plugins
+        from rlhf_env.algorithms.run.loop import train
         from rlhf_env.tasks import get_task
 
         device = suite_device(device_name)
@@ -309,10 +309,10 @@ def run_suite(
 ) -> list[dict]:
     """Run every unfinished cell of ``suite`` into ``out`` (owned by this call); returns the results of all cells.
 
-    ``executor(jobs, display, workers, threads, out)`` runs the jobs (``benchmarks.executors``);
+    ``executor(jobs, display, workers, threads, out)`` runs the jobs (``rlhf_env.bench.executors``);
     default: this process (``workers`` 0) or a local process pool.
     """
-    from algorithms.runfolder import claim_run_folder
+    from rlhf_env.algorithms.run.runfolder import claim_run_folder
 
     suite_device(suite.device)  # a device this machine lacks fails here, not in every cell
     pipeline.check_rewards(suite)  # and so does a reward that cannot be used
@@ -372,7 +372,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
 
 def _cell_result(out: Path, cell: Cell) -> dict[str, Any]:
     """The cell's ``result.json``; a cell whose folder another process holds is reported as skipped."""
-    from algorithms.runfolder import lock_holder
+    from rlhf_env.algorithms.run.runfolder import lock_holder
 
     path = cell_dir(out, cell)
     holder = lock_holder(path)
@@ -383,7 +383,7 @@ def _cell_result(out: Path, cell: Cell) -> dict[str, Any]:
 
 def _write_cell_result(path: Path, result: dict[str, Any]) -> None:
     """``result.json`` into a cell folder, unless another process holds it (then it is not ours to write)."""
-    from algorithms.runfolder import RunLockedError, claim_run_folder
+    from rlhf_env.algorithms.run.runfolder import RunLockedError, claim_run_folder
 
     try:
         with claim_run_folder(path):

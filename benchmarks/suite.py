@@ -17,7 +17,7 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     reward = "learned"            # gold (default), learned (the RLHF pipeline), or any `rlhf train --reward`
     pipeline = { pairs = [256, 1024], tau = 0.25 }  # lists sweep: one task entry per combination
 
-``reward = "learned"`` runs the RLHF pipeline (``benchmarks.pipeline``): per task and seed,
+``reward = "learned"`` runs the RLHF pipeline (``rlhf_env.bench.pipeline``): per task and seed,
 ``pairs`` annotator-labelled pairs (temperature ``tau``) of the base model train one reward
 model, which every online cell optimises and whose pairs every offline cell learns from.
 ``pipeline`` keys (top-level table or per task): ``pairs``, ``tau`` and ``beta`` (the KL
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from algorithms.overrides import ConfigError, signature_types, typed_overrides, typed_values
+from rlhf_env.algorithms.run.overrides import ConfigError, signature_types, typed_overrides, typed_values
 from rlhf_env.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -132,7 +132,7 @@ class Suite:
 
     def algorithm_names(self, host=None) -> list[str]:
         """The suite's algorithms; ``all`` is every registered algorithm that trains a policy."""
-        import plugins
+        from rlhf_env import plugins
 
         host = host or plugins.get_host()
         if self.algorithms == "all":
@@ -331,7 +331,7 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     Every algorithm and task name (in lists and ``[hparams.*]`` tables) must be registered, and
     every hyperparameter and knob of its field's type, before any cell runs.
     """
-    import plugins
+    from rlhf_env import plugins
 
     host = host or plugins.get_host()
     path = resolve(suite)

@@ -5,7 +5,7 @@ same base model on the same data with the same hyperparameters for the same numb
 iterations, then the result is evaluated exactly as our cells are (``evaluate_policy``:
 gold reward and KL on the held-out prompts). Results go to
 ``runs/<task>/trl_<algo>/seed<k>/result.json`` (TRL's figures, and ours under ``ours``, both
-named as in ``algorithms.metrics``); the report puts them side by side.
+named as in ``rlhf_env.algorithms.run.metrics``); the report puts them side by side.
 
 - GRPO: one of our iterations samples ``num_prompts × group_size`` completions and takes
   ``num_minibatches`` optimizer steps on them (per epoch). TRL is set up the same way:
@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from algorithms import metrics as M
-from benchmarks.runner import _write_result, cell_dir, read_result, run_dir, suite_device
-from benchmarks.suite import Cell, Suite
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench.runner import _write_result, cell_dir, read_result, run_dir, suite_device
+from rlhf_env.bench.suite import Cell, Suite
 from rlhf_env.errors import MissingExtraError, TrainingStoppedError
 
 ALGOS = ("grpo", "dpo")
@@ -158,9 +158,9 @@ def dpo_trainer(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir
 
 def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
     """Train TRL's trainer for the same iterations as our finished cell; evaluate like ours."""
-    import plugins
-    from algorithms.base import TrainContext
-    from algorithms.loop import evaluate_policy
+    from rlhf_env import plugins
+    from rlhf_env.algorithms.base import TrainContext
+    from rlhf_env.algorithms.run.loop import evaluate_policy
     from rlhf_env.tasks import get_task
     from rlhf_env.tasks.base_models import load_base_model
 

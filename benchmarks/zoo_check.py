@@ -16,10 +16,10 @@ import time
 
 import torch
 
-import plugins
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.loop import evaluate_policy, train
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model
 

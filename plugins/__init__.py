@@ -3,8 +3,8 @@
 Depends on pluggy only. Third-party code should import ``hookimpl`` from ``rlhf_env``.
 """
 
-from plugins.hookspecs import hookimpl, hookspec
-from plugins.manager import (
+from rlhf_env.plugins.hookspecs import hookimpl, hookspec
+from rlhf_env.plugins.manager import (
     BUILTIN_MODULES,
     DISABLE_AUTOLOAD_ENV,
     ENTRY_POINT_GROUP,
@@ -13,7 +13,7 @@ from plugins.manager import (
     get_host,
     reset_host,
 )
-from plugins.registry import DuplicateNameError, Registry, UnknownNameError
+from rlhf_env.plugins.registry import DuplicateNameError, Registry, UnknownNameError
 
 __all__ = [
     "BUILTIN_MODULES",

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from plugins.errors import UserError
+from rlhf_env.plugins.errors import UserError
 
 __all__ = ["Command", "CommandWarning", "UserError", "build_parser", "main"]
 
@@ -49,7 +49,7 @@ class Command:
 
 def build_parser(host=None) -> argparse.ArgumentParser:
     """The ``rlhf`` parser with one subcommand per registered ``Command``."""
-    from plugins.manager import get_host
+    from rlhf_env.plugins.manager import get_host
 
     host = host or get_host()
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as a Gymnasium environment.")

@@ -35,7 +35,7 @@ def rlhf_register_rewards(register):
 
 @hookspec
 def rlhf_register_commands(register):
-    """Add ``rlhf`` subcommands: ``register(name, plugins.cli.Command(help, add_arguments, run))``.
+    """Add ``rlhf`` subcommands: ``register(name, rlhf_env.plugins.cli.Command(help, add_arguments, run))``.
 
     The built-in commands (``list``, ``rollout``, ``base-model``, ``train``, ``bench``) are
     registered through this hook too.

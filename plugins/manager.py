@@ -18,14 +18,14 @@ from typing import Any
 
 import pluggy
 
-from plugins import hookspecs
-from plugins.registry import Registry
+from rlhf_env.plugins import hookspecs
+from rlhf_env.plugins.registry import Registry
 
 ENTRY_POINT_GROUP = "rlhf_env"
 DISABLE_AUTOLOAD_ENV = "RLHF_ENV_DISABLE_PLUGIN_AUTOLOAD"
 # Modules whose hookimpls are the built-in tasks, rewards and algorithms. Named, not
 # imported, so this layer never imports the layers above it.
-BUILTIN_MODULES: tuple[str, ...] = ("rlhf_env.builtins", "algorithms.builtins", "benchmarks.builtins")
+BUILTIN_MODULES: tuple[str, ...] = ("rlhf_env.builtins", "rlhf_env.algorithms.builtins", "rlhf_env.bench.builtins")
 
 # hook name -> (registry kind, registry attribute)
 KINDS = {

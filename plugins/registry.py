@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.errors import UserError
+from rlhf_env.plugins.errors import UserError
 
 
 class DuplicateNameError(UserError, ValueError):

@@ -2,6 +2,6 @@
 
 import sys
 
-from plugins.cli import main
+from rlhf_env.plugins.cli import main
 
 sys.exit(main())

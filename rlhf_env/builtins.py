@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from plugins import hookimpl
 from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
+from rlhf_env.plugins import hookimpl
 from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
 from rlhf_env.tasks import arithmetic, sentiment
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from plugins.cli import Command
+from rlhf_env.plugins.cli import Command
 
 if TYPE_CHECKING:
     from rlhf_env.rollout import Episode
@@ -64,7 +64,7 @@ def format_listing(desc: dict[str, Any]) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the registries (text table or ``--json``)."""
-    import plugins  # imported here so ``rlhf --help`` stays cheap
+    from rlhf_env import plugins  # imported here so ``rlhf --help`` stays cheap
 
     desc = plugins.get_host().describe()
     if args.json:

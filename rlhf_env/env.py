@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from rlhf_env import spaces
-from rlhf_env.core import EpisodeBatch
 from rlhf_env.env_common import EnvProperties, load_parts
+from rlhf_env.episodes import EpisodeBatch
 from rlhf_env.errors import EpisodeEndedError, InvalidActionError, SettingError
 
 

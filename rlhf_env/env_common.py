@@ -1,4 +1,4 @@
-"""What ``TextGenEnv`` and ``VectorTextGenEnv`` share around their ``EpisodeBatch`` (``rlhf_env.core``):
+"""What ``TextGenEnv`` and ``VectorTextGenEnv`` share around their ``EpisodeBatch`` (``rlhf_env.episodes``):
 the loading step of their factories and their public attributes."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class EnvProperties:
     (``get_wrapper_attr`` where the wrapper has it) and set ``beta`` with ``set_env_attr``.
     """
 
-    core: object  # the env's rlhf_env.core.EpisodeBatch
+    core: object  # the env's rlhf_env.episodes.EpisodeBatch
     _closed = False
 
     def close(self, **kwargs) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gymnasium
 
-from plugins.cli import CommandWarning, UserError
+from rlhf_env.plugins.cli import CommandWarning, UserError
 
 __all__ = ["UserError"]  # the base of every error below; re-exported for the layers above
 

@@ -12,7 +12,7 @@ serves the chunked rollout path: one generation and one reference pass per rollo
 built-in ``hf_generate`` wraps Hugging Face ``generate``. A generator whose log-probs are
 those of a full forward of the policy sets ``exact_logprobs = True``; for the others the
 trainer recomputes them (``rollout/logprob_diff``) and corrects with truncated importance
-sampling (``algorithms.core.truncated_is_weights``).
+sampling (``rlhf_env.algorithms.maths.truncated_is_weights``).
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ class Generator(Protocol):
 def exact_logprobs(name: str) -> bool:
     """Whether generator ``name`` promises the log-probs of a full forward of the policy (its
     ``exact_logprobs`` attribute; False when it does not say). Trainers recompute them otherwise."""
-    import plugins
+    from rlhf_env import plugins
 
     return bool(getattr(plugins.get_host().generators.get(name), "exact_logprobs", False))
 
 
 def make_sampler(name: str, model, batch_size: int, **kwargs: Any) -> Sampler:
     """The registered generator ``name`` (unknown names list the registered ones) built for one rollout."""
-    import plugins
+    from rlhf_env import plugins
 
     return plugins.get_host().generators.get(name)(model, batch_size, **kwargs)

@@ -17,7 +17,7 @@ import torch
 
 from rlhf_env.errors import RewardError, SettingError
 from rlhf_env.models import check_vocab, load_reward_model, load_tokenizer, pad_token_id
-from rlhf_env.scoring import pack
+from rlhf_env.scoring import pad_batch
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -57,7 +57,7 @@ class RewardModel:
     @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
         """Score token sequences (prompt ∘ completion ids) in one batch; returns (N,) float32."""
-        ids, mask = pack(sequences, self.pad_token_id, self.device)
+        ids, mask = pad_batch(sequences, self.pad_token_id, self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         return logits[:, 0].float().cpu()
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
-from rlhf_env.scoring import pack
+from rlhf_env.scoring import pad_batch
 
 EVAL_PROMPTS = 64  # the first n eval prompts
 EVAL_SEED = 12345  # one fixed seed for every evaluation
@@ -183,7 +183,7 @@ def first_episodes(stream: EpisodeStream, num_rows: int) -> list[Episode]:
 def to_batch(episodes: list[Episode], pad_token_id: int, vocab_size: int | None, device=None) -> RolloutBatch:
     """Pack one episode per row into a ``RolloutBatch`` (on ``device``)."""
     seqs = [ep.prompt_ids + ep.tokens.tolist() for ep in episodes]
-    ids, attn = pack(seqs, pad_token_id)
+    ids, attn = pad_batch(seqs, pad_token_id)
     shape = (len(episodes), ids.shape[1] - 1)
     action_mask, old, ref, rew = (torch.zeros(shape) for _ in range(4))
     for r, ep in enumerate(episodes):

@@ -48,7 +48,7 @@ def next_token_logprobs(
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 
-def pack(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: list[list[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists into ``(input_ids, attention_mask)``, both (N, max_len) int64."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -76,7 +76,7 @@ def pack_completions(encoded: Sequence[tuple[list[int], int]], pad_token_id: int
         the last in ``next_token_logprobs`` coordinates (entry t is 1 when token t+1 is a
         completion token).
     """
-    ids, attn = pack([e[0] for e in encoded], pad_token_id, device)
+    ids, attn = pad_batch([e[0] for e in encoded], pad_token_id, device)
     T = ids.shape[1]
     pos = torch.arange(1, T, device=ids.device)[None, :]
     starts = torch.tensor([e[1] for e in encoded], device=ids.device)[:, None]

@@ -17,9 +17,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlhf_env import spaces
-from rlhf_env.core import EpisodeBatch
 from rlhf_env.env import split_action, split_chunk_action
 from rlhf_env.env_common import EnvProperties, load_parts
+from rlhf_env.episodes import EpisodeBatch
 from rlhf_env.errors import EnvStateError, SettingError
 
 

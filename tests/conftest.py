@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import plugins
+from rlhf_env import plugins
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their
 # spin-waits stall every forward; one thread keeps the suite fast and steady.

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from algorithms.core import gae, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum, masked_whiten
+from rlhf_env.algorithms.maths import gae, kl_k1, kl_k2, kl_k3, masked_mean, masked_sum, masked_whiten
 
 
 def test_masked_reductions_ignore_padding():

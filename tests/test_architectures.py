@@ -21,7 +21,7 @@ from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
 from rlhf_env.rollout import EpisodeStream
-from rlhf_env.scoring import next_token_logprobs, pack
+from rlhf_env.scoring import next_token_logprobs, pad_batch
 
 ATOL = 1e-4
 BETA = 0.3
@@ -142,7 +142,7 @@ def test_env_and_sampler_equal_full_forwards(arch, tok_kind, arch_checkpoint):
         assert ep["score"] == pytest.approx(score, abs=1e-6)
 
     # Training recomputes the sampler's log-probs from right-padded batches: ratio 1.
-    ids, attn = pack([ep["prompt"] + ep["tokens"] for ep in episodes], pad_token_id(tok))
+    ids, attn = pad_batch([ep["prompt"] + ep["tokens"] for ep in episodes], pad_token_id(tok))
     with torch.no_grad():
         recomputed = next_token_logprobs(policy, ids, attn, V)
     for i, ep in enumerate(episodes):

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from tinyparts import TOY_ALGO_SOURCE
 
-from algorithms import metrics as M
-from algorithms.base import AlgorithmSpec
-from algorithms.loop import Budget, train
-from benchmarks.report import write_report
-from benchmarks.runner import _write_result, base_dir, cell_dir, run_suite
-from benchmarks.suite import SUITES_DIR, SuiteError, load_suite
-from rlhf_env import cli
+from rlhf_env.algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.loop import Budget, train
+from rlhf_env.bench.report import write_report
+from rlhf_env.bench.runner import _write_result, base_dir, cell_dir, run_suite
+from rlhf_env.bench.suite import SUITES_DIR, SuiteError, load_suite
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 TASK_KNOBS = "knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }"
@@ -369,7 +369,7 @@ def test_report_gives_mean_and_std_over_seeds(tmp_path):
 def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
     import sys
 
-    from benchmarks.trl_baseline import run_trl_baseline
+    from rlhf_env.bench.trl_baseline import run_trl_baseline
     from rlhf_env.errors import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
@@ -385,7 +385,7 @@ def test_trl_baseline_without_trl_says_how_to_install_it(monkeypatch, tmp_path):
 
 def test_trl_baseline_trains_trl_beside_ours_at_equal_iterations(tmp_path):
     pytest.importorskip("trl")
-    from benchmarks.trl_baseline import run_trl_baseline
+    from rlhf_env.bench.trl_baseline import run_trl_baseline
 
     body = (
         f'seeds = [0]\nalgorithms = ["grpo", "dpo"]\neval_points = 1\neval_prompts = 8\n[budget]\ntokens = 400\n'
@@ -411,7 +411,7 @@ def test_mask_positions_scores_left_padded_rows_like_unpadded_ones():
 
     import torch
 
-    from benchmarks.trl_baseline import mask_positions
+    from rlhf_env.bench.trl_baseline import mask_positions
     from rlhf_env.tiny import build_tiny_model
 
     model, tok = build_tiny_model(seed=0)

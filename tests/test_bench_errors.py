@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from tinyparts import TOY_ALGO_SOURCE
 
-from benchmarks.runner import cell_dir
-from benchmarks.suite import load_suite
-from rlhf_env import cli
+from rlhf_env.bench.runner import cell_dir
+from rlhf_env.bench.suite import load_suite
+from rlhf_env.plugins import cli
 
 TASK_KNOBS = "knobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }"
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def toy_plugin(plugin_path, write_dist):
 
 HOLDER = """
 import sys, time
-from algorithms.runfolder import claim_run_folder
+from rlhf_env.algorithms.run.runfolder import claim_run_folder
 with claim_run_folder(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tinyparts import TOY_ALGO_SOURCE
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 
 TASK = '[[tasks]]\nname = "arithmetic"\nknobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }\n'
 HEAD = 'seeds = [0]\nalgorithms = ["toy"]\neval_points = 1\neval_prompts = 8\nworkers = 0\n[budget]\ntokens = 40\n'

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from algorithms import metrics as M
-from algorithms.best_of_n import best_of_n, best_of_n_kl, evaluate_best_of_n, powers_of_two
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench.best_of_n import best_of_n, best_of_n_kl, evaluate_best_of_n, powers_of_two
 from rlhf_env.rewards import completion_length
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model

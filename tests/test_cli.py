@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import plugins
-from rlhf_env import cli, rollout
+from rlhf_env import commands, plugins, rollout
+from rlhf_env.plugins import cli
 
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
@@ -94,7 +94,7 @@ def test_rollout_prints_episodes_and_summary(capsys):
 
 
 def test_run_rollout_episodes_are_consistent():
-    result = cli.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
+    result = commands.run_rollout(episodes=5, num_envs=2, max_new_tokens=6, beta=0.5, seed=1)
     assert len(result.episodes) == 5
     assert {ep.row for ep in result.episodes} == {0, 1}
     assert result.tokens >= sum(len(ep.completion) for ep in result.episodes)  # char tokenizer
@@ -152,9 +152,9 @@ def test_episode_stream_follows_next_step_autoreset():
 
 
 def test_clip_quotes_and_shortens():
-    assert cli.clip("abc", 10) == "'abc'"
-    assert cli.clip("x" * 50, 10) == repr("x" * 9 + "\u2026")
-    assert cli.clip("it's", 10) == '"it\'s"'
+    assert commands.clip("abc", 10) == "'abc'"
+    assert commands.clip("x" * 50, 10) == repr("x" * 9 + "\u2026")
+    assert commands.clip("it's", 10) == '"it\'s"'
 
 
 def console_script() -> str | None:
@@ -192,16 +192,16 @@ def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsy
         ("list", "rlhf_env.builtins"),
         ("rollout", "rlhf_env.builtins"),
         ("base-model", "rlhf_env.builtins"),
-        ("train", "algorithms.builtins"),
-        ("export-lora", "algorithms.builtins"),
-        ("bench", "benchmarks.builtins"),
+        ("train", "rlhf_env.algorithms.builtins"),
+        ("export-lora", "rlhf_env.algorithms.builtins"),
+        ("bench", "rlhf_env.bench.builtins"),
     }
     algos = {e["name"]: e["description"] for e in desc["algorithms"]}
     assert all(algos.values()) and algos["grpo"].startswith("GRPO")  # rlhf list shows one line each
 
 
 COMMAND_SOURCE = """
-from plugins.cli import Command, UserError
+from rlhf_env.plugins.cli import Command, UserError
 from rlhf_env import hookimpl
 
 

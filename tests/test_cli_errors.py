@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 # A third-party task whose gold reward returns text or None instead of numbers, and an
@@ -20,7 +20,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env import hookimpl
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
@@ -135,7 +135,7 @@ def test_output_path_that_is_a_file(tmp_path, model_dir, capsys):
 def test_debug_shows_the_traceback(tmp_path, model_dir):
     out = tmp_path / "results.txt"
     out.write_text("")
-    with pytest.raises(ValueError, match="is a file"):  # algorithms.runfolder.RunFolderError
+    with pytest.raises(ValueError, match="is a file"):  # rlhf_env.algorithms.run.runfolder.RunFolderError
         cli.main(train_argv(out, model_dir, "--debug"))
 
 

@@ -66,7 +66,7 @@ def test_cuda_sampler_logprobs_equal_a_full_forward(generator):
 
 
 def test_training_runs_on_cuda_through_the_cli(tmp_path, capsys):
-    from plugins import cli
+    from rlhf_env.plugins import cli
 
     out = tmp_path / "run"
     argv = ["train", "--algo", "grpo", "--task", "arithmetic", "--out", str(out), "--steps", "2", "--device", "cuda"]

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_env import cli
-from rlhf_env.algorithms.fsdp import full_weights
+from rlhf_env.algorithms.scale.fsdp import full_weights
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 # A task whose reward varies between completions of a random tiny model (0.25 per "1"), so the

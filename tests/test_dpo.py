@@ -11,9 +11,9 @@ import pytest
 import torch
 from tinyparts import count_e, next_logprobs, tiny_pair
 
-from algorithms import dpo
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.loop import evaluate_policy, train
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import dpo
 from rlhf_env.models import load_causal_lm
 from rlhf_env.tasks.arithmetic import answer, make_arithmetic_task
 from rlhf_env.tasks.base import Task
@@ -244,7 +244,7 @@ def test_learns_one_digit_addition_from_simulated_preferences(tmp_path, learning
 
 @pytest.mark.parametrize("algo", ["dpo", "ipo", "simpo", "kto"])
 def test_pairs_whose_chosen_is_the_rejected_are_dropped_at_the_cli(tmp_path, capsys, algo):
-    from rlhf_env import cli
+    from rlhf_env.plugins import cli
     from rlhf_env.tiny import build_char_tokenizer, build_tiny_model
 
     model = save_tiny(*build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=0), tmp_path / "model")

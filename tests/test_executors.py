@@ -7,7 +7,7 @@ import csv
 import pytest
 from tinyparts import TOY_ALGO_SOURCE
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 
 pytest.importorskip("ray")  # the `ray` extra (part of `test`)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms.base import correct_sampler_logprobs
-from algorithms.core import truncated_is_weights
-from algorithms.grpo import grpo_loss
+from rlhf_env.algorithms.base import correct_sampler_logprobs
+from rlhf_env.algorithms.maths import truncated_is_weights
+from rlhf_env.algorithms.zoo.grpo import grpo_loss
 from rlhf_env.default import make_default_vector_env
 from rlhf_env.generation import exact_logprobs
 from rlhf_env.rollout import EpisodeStream, collect
@@ -90,8 +90,8 @@ def test_a_sampler_mismatch_is_reported_and_corrected():
 
 
 def test_grpo_with_hf_generate_reports_the_mismatch_and_trains():
-    from algorithms import grpo
-    from algorithms.base import TrainContext
+    from rlhf_env.algorithms.base import TrainContext
+    from rlhf_env.algorithms.zoo import grpo
     from rlhf_env.tasks.arithmetic import make_arithmetic_task
     from rlhf_env.tasks.base_models import load_base_model
 
@@ -124,7 +124,7 @@ def test_tokens_past_the_position_table_do_not_break_the_ones_before():
 
 
 def test_every_clipped_loss_weights_its_policy_term_by_the_truncated_is_weights():
-    from algorithms import cispo, dapo, gspo, ppo, reinforce_pp
+    from rlhf_env.algorithms.zoo import cispo, dapo, gspo, ppo, reinforce_pp
 
     gen = torch.Generator().manual_seed(1)
     logp, old, ref = (torch.randn(2, 5, generator=gen) * 0.3 - 1 for _ in range(3))
@@ -191,8 +191,8 @@ def test_on_policy_trainers_correct_an_inexact_sampler(plugin_path, write_dist, 
     weights each token by w = min(e¹, 2) = 2, so the policy loss and its gradient are exactly twice
     the exact path's (Adam's first step is scale-free: the weights barely differ)."""
     write_dist(plugin_path, "rlhf_demo_gen", {"stubgen": "rlhf_demo_gen"}, {"rlhf_demo_gen": STUB_GENERATOR})
-    import plugins
-    from algorithms.base import TrainContext
+    from rlhf_env import plugins
+    from rlhf_env.algorithms.base import TrainContext
     from rlhf_env.tasks.arithmetic import make_arithmetic_task
     from rlhf_env.tasks.base_models import load_base_model
 

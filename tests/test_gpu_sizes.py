@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import gpu_figures
-from benchmarks.suite import load_suite
+from rlhf_env.bench import gpu_figures
+from rlhf_env.bench.suite import load_suite
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import shipped_base_model
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from algorithms import grpo
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.core import kl_k3, masked_mean, masked_sum
-from algorithms.loop import evaluate_policy, train
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.maths import kl_k3, masked_mean, masked_sum
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import grpo
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 

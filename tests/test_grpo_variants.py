@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from algorithms import cispo, dapo, gspo
-from algorithms.base import AlgorithmSpec, RolloutBatch, TrainContext
-from algorithms.loop import evaluate_policy, train
+from rlhf_env.algorithms.base import AlgorithmSpec, RolloutBatch, TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import cispo, dapo, gspo
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 

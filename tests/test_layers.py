@@ -1,6 +1,9 @@
-"""Layers import downward only: plugins <- rlhf_env <- algorithms <- benchmarks (the CLI's commands too); no import cycles.
+"""Layers import downward only: plugins <- rlhf_env <- algorithms <- bench (the CLI's commands too); no import cycles.
 
-Every ``import`` counts, at module level or inside a function (``ast.walk`` visits them all).
+The repository's folders install as one namespace (pyproject.toml's package-dir): ``plugins/`` is
+``rlhf_env.plugins``, ``algorithms/`` is ``rlhf_env.algorithms``, ``benchmarks/`` is ``rlhf_env.bench``;
+the rest of ``rlhf_env`` is the env layer. Every ``import`` counts, at module level or inside a
+function (``ast.walk`` visits them all).
 """
 
 from __future__ import annotations
@@ -11,12 +14,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("plugins", "rlhf_env", "algorithms", "benchmarks")
+# folder -> the package it installs as, bottom layer first
+PACKAGES = {
+    "plugins": "rlhf_env.plugins",
+    "rlhf_env": "rlhf_env",
+    "algorithms": "rlhf_env.algorithms",
+    "benchmarks": "rlhf_env.bench",
+}
+LAYERS = ("plugins", "env", "algorithms", "bench")
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join([PACKAGES[folder], *parts])
+
+
+def layer(name: str) -> str | None:
+    """The layer of a dotted module name, None outside the project."""
+    for prefix, which in (
+        ("rlhf_env.plugins", "plugins"),
+        ("rlhf_env.algorithms", "algorithms"),
+        ("rlhf_env.bench", "bench"),
+    ):
+        if name == prefix or name.startswith(prefix + "."):
+            return which
+    return "env" if name == "rlhf_env" or name.startswith("rlhf_env.") else None
 
 
 def imports(path: Path, modules: set[str] = frozenset()) -> set[str]:
@@ -33,12 +56,12 @@ def imports(path: Path, modules: set[str] = frozenset()) -> set[str]:
     return names
 
 
-def imported_packages(path: Path) -> set[str]:
-    return {name.split(".")[0] for name in imports(path)}
+def imported_layers(path: Path, modules: set[str] = frozenset()) -> set[str]:
+    return {which for name in imports(path, modules) if (which := layer(name))}
 
 
 def project_modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+    return {module_name(p): p for folder in PACKAGES for p in sorted((ROOT / folder).rglob("*.py"))}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -72,27 +95,41 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize(
-    "package, forbidden",
-    [
-        ("plugins", {"rlhf_env", "algorithms", "benchmarks"}),
-        ("rlhf_env", {"algorithms", "benchmarks"}),
-        ("algorithms", {"benchmarks"}),
-    ],
-)
-def test_lower_layers_do_not_import_upper_ones(package, forbidden):
+@pytest.mark.parametrize("folder", ["plugins", "rlhf_env", "algorithms"])
+def test_lower_layers_do_not_import_upper_ones(folder):
+    modules = set(project_modules())
+    own = LAYERS.index(layer(PACKAGES[folder]))
     offenders = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
-        bad = imported_packages(path) & forbidden
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        bad = {which for which in imported_layers(path, modules) if LAYERS.index(which) > own}
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert not offenders
 
 
 def test_function_level_imports_count(tmp_path):
-    source = "import os\n\ndef f():\n    from algorithms.loop import train\n    import benchmarks.runner\n"
+    source = (
+        "import os\n\ndef f():\n    from rlhf_env.algorithms.run.loop import train\n    import rlhf_env.bench.runner\n"
+    )
     (tmp_path / "m.py").write_text(source)
-    assert imported_packages(tmp_path / "m.py") == {"os", "algorithms", "benchmarks"}
+    assert imported_layers(tmp_path / "m.py") == {"algorithms", "bench"}
+
+
+def test_the_plugins_layer_is_named_as_a_module_of_the_namespace(tmp_path):
+    (tmp_path / "m.py").write_text("from rlhf_env import plugins, tasks\n")
+    assert imported_layers(tmp_path / "m.py", {"rlhf_env.plugins", "rlhf_env.tasks"}) == {"plugins", "env"}
+
+
+def test_nothing_imports_the_folders_by_their_own_names():
+    """``import plugins`` or ``from algorithms...`` would only work from a checkout, never from a wheel."""
+    offenders = {}
+    for path in sorted(
+        [*ROOT.joinpath("tests").rglob("*.py"), *(p for f in PACKAGES for p in (ROOT / f).rglob("*.py"))]
+    ):
+        bad = {name for name in imports(path) if name.split(".")[0] in ("plugins", "algorithms", "benchmarks")}
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders
 
 
 def test_no_import_cycles():

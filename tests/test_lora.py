@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from algorithms import lora
-from rlhf_env import cli
+from rlhf_env.algorithms.scale import lora
 from rlhf_env.models import load_causal_lm
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 
@@ -88,7 +88,7 @@ def test_bad_lora_input_is_one_clear_line(model_dir, tmp_path, capsys):
 STILL_SOURCE = """
 from dataclasses import dataclass
 
-from algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env import hookimpl
 
 

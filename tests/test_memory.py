@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import plugins
-from algorithms import dpo, grpo, memory, ppo, sft
-from algorithms import metrics as M
-from algorithms.loop import train
+from rlhf_env import plugins
+from rlhf_env.algorithms.run import memory
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.loop import train
+from rlhf_env.algorithms.zoo import dpo, grpo, ppo, sft
 
 MIB = 2**20
 

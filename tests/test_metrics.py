@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from algorithms import core, grpo, ppo
-from algorithms import metrics as M
+from rlhf_env.algorithms import maths
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.zoo import grpo, ppo
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = (
@@ -45,11 +46,11 @@ def test_every_name_has_a_namespace_a_meaning_and_a_unit():
 
 
 def test_algorithms_and_benchmarks_spell_no_metric_name_outside_the_vocabulary():
-    """Metric names are string literals only in algorithms/metrics.py; everyone else uses its constants."""
+    """Metric names are string literals only in algorithms/run/metrics.py; everyone else uses its constants."""
     offenders = []
     for package in ("algorithms", "benchmarks"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path == ROOT / "algorithms" / "metrics.py":
+            if path == ROOT / "algorithms" / "run" / "metrics.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and METRIC_LITERAL.match(node.value):
@@ -73,9 +74,9 @@ EXAMPLE = [
 def test_clipped_means_clipping_changed_the_objective():
     ratio = torch.tensor([[r for (r, _), _ in EXAMPLE]])
     adv = torch.tensor([[a for (_, a), _ in EXAMPLE]])
-    assert core.clipped(ratio, adv, 0.2).tolist() == [[c for _, c in EXAMPLE]]
+    assert maths.clipped(ratio, adv, 0.2).tolist() == [[c for _, c in EXAMPLE]]
     # Equivalently: the min took the clipped term, and it differs from ρÂ.
-    surrogate, _ = core.clipped_surrogate(ratio.log(), torch.zeros_like(ratio), adv, 0.2)
+    surrogate, _ = maths.clipped_surrogate(ratio.log(), torch.zeros_like(ratio), adv, 0.2)
     assert (surrogate != ratio * adv).tolist() == [[c for _, c in EXAMPLE]]
 
 
@@ -126,21 +127,21 @@ def test_every_maths_citation_names_a_section_that_exists():
         if "DESIGN" + " §" in text:  # split, so this file does not match itself
             design.append(str(rel))
     assert set(cited) == sections(), {n: p for n, p in cited.items() if n not in sections()}  # all cited, all exist
-    # The retired design document is cited nowhere. rlhf_env/core.py is being rewritten in
+    # The retired design document is cited nowhere. rlhf_env/episodes.py is being rewritten in
     # another branch; its one citation moves to docs/maths.md §2 there.
     assert not design, design
 
 
 CITES = {
-    "algorithms/core.py": {1, 3, 4, 5, 25},
-    "algorithms/memory.py": {24},
-    "algorithms/ppo.py": {2, 4, 5, 6},
-    "algorithms/grpo.py": {3, 5, 7},
-    "algorithms/reinforce.py": {2, 8},
-    "algorithms/dpo.py": {9},
+    "algorithms/maths.py": {1, 3, 4, 5, 25},
+    "algorithms/run/memory.py": {24},
+    "algorithms/zoo/ppo.py": {2, 4, 5, 6},
+    "algorithms/zoo/grpo.py": {3, 5, 7},
+    "algorithms/zoo/reinforce.py": {2, 8},
+    "algorithms/zoo/dpo.py": {9},
     "rlhf_env/scoring.py": {10},
-    "algorithms/reward_model.py": {11},
-    "algorithms/plumbing.py": {12},
+    "algorithms/zoo/reward_model.py": {11},
+    "algorithms/run/plumbing.py": {12},
     "rlhf_env/env.py": {2},
 }
 

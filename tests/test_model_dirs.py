@@ -13,9 +13,10 @@ import transformers
 from tinyarch import build, tokenizer
 from tinyparts import count_e
 
-from rlhf_env import IncrementalLM, VectorTextGenEnv, cli
+from rlhf_env import IncrementalLM, VectorTextGenEnv, commands
 from rlhf_env.errors import UnsupportedModelError
 from rlhf_env.models import load_causal_lm, load_tokenizer, pad_token_id, save_pretrained
+from rlhf_env.plugins import cli
 from rlhf_env.policy import SamplingPolicy
 from rlhf_env.prompts import DEFAULT_PROMPTS
 
@@ -45,7 +46,7 @@ HF_BARS = ("Loading weights", "Writing model shards")
 
 
 def test_every_builtin_algorithm_is_run_here():
-    import plugins
+    from rlhf_env import plugins
 
     assert set(ALGORITHMS) == set(plugins.get_host().algorithms.names())
 
@@ -100,7 +101,7 @@ def test_base_model_and_rollout_use_the_model_dir(arch, tok_kind, arch_checkpoin
 
 def test_rollout_without_a_task_uses_the_model_it_is_given(arch_checkpoint, tmp_path, capsys):
     def run(model):
-        eps = cli.run_rollout(episodes=4, num_envs=2, max_new_tokens=6, seed=0, model=model).episodes
+        eps = commands.run_rollout(episodes=4, num_envs=2, max_new_tokens=6, seed=0, model=model).episodes
         return [(e.prompt, e.completion) for e in eps]
 
     other = save_pretrained(build("llama", "gpt2", seed=5), tokenizer("gpt2"), tmp_path / "other")
@@ -233,8 +234,8 @@ def test_bfloat16_on_cpu_gives_float32_logprobs_near_float32(arch_checkpoint, ca
 @pytest.mark.parametrize("arch,tok_kind", CHECKPOINTS)
 def test_training_recomputes_the_sampled_logprobs(arch, tok_kind, arch_checkpoint):
     """The first PPO/GRPO ratio is 1: the trainers' full forwards give the sampler's log-probs."""
-    from algorithms.base import TrainContext, collect_rollouts, policy_logprobs
-    from algorithms.ppo import logprobs_and_values
+    from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs
+    from rlhf_env.algorithms.zoo.ppo import logprobs_and_values
     from rlhf_env.tasks import get_task
 
     path = arch_checkpoint(arch, tok_kind)

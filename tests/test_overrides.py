@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 
-from algorithms import ppo
-from algorithms.base import AlgorithmSpec
-from rlhf_env import cli
+from rlhf_env.algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.zoo import ppo
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 
@@ -63,7 +63,7 @@ class Knobs:
 
 
 def test_text_is_parsed_into_tuples_optionals_and_choices():
-    from algorithms.overrides import typed_overrides
+    from rlhf_env.algorithms.run.overrides import typed_overrides
 
     text = {"widths": "[3, 4, 5]", "pair": "0.5,2", "clip": "none", "path": "None", "mode": "sum", "names": "a, b"}
     assert typed_overrides(Knobs, text, from_text=True) == {
@@ -81,7 +81,7 @@ def test_text_is_parsed_into_tuples_optionals_and_choices():
 
 
 def test_typed_values_are_checked_not_reinterpreted():
-    from algorithms.overrides import ConfigError
+    from rlhf_env.algorithms.run.overrides import ConfigError
 
     spec = AlgorithmSpec(Knobs, object)
     assert spec.make_config(widths=[7], pair=[1, 2], clip=1) == Knobs(widths=(7,), pair=(1.0, 2.0), clip=1.0)

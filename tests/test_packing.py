@@ -14,10 +14,10 @@ import torch
 from tinyarch import build
 from tinyparts import tiny_pair
 
-from algorithms import dpo
-from algorithms.base import TrainContext
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.zoo import dpo
 from rlhf_env.packing import branch_logprobs, pack_trees, packed_logprobs, shares_prompts
-from rlhf_env.scoring import next_token_logprobs, pack
+from rlhf_env.scoring import next_token_logprobs, pad_batch
 from rlhf_env.tasks.base import Task
 
 PAD = 0
@@ -51,7 +51,7 @@ def completion_rows(seed: int, prompts: int, rows: int, vocab: int):
         tail = torch.randint(1, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
         seqs.append(heads[r % prompts].tolist() + tail.tolist())
         starts.append(len(heads[r % prompts]))
-    ids, attn = pack(seqs, PAD)
+    ids, attn = pad_batch(seqs, PAD)
     mask = torch.zeros(rows, ids.shape[1] - 1)
     for r, (seq, start) in enumerate(zip(seqs, starts)):
         mask[r, start - 1 : len(seq) - 1] = 1

@@ -8,11 +8,11 @@ import re
 
 import pytest
 
-from algorithms import metrics as M
-from benchmarks import pipeline
-from benchmarks.report import write_report
-from benchmarks.runner import cell_dir, run_suite
-from benchmarks.suite import SuiteError, load_suite
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.bench import pipeline
+from rlhf_env.bench.report import write_report
+from rlhf_env.bench.runner import cell_dir, run_suite
+from rlhf_env.bench.suite import SuiteError, load_suite
 
 TASK = 'name = "arithmetic"\nknobs = { digits = 1, n_train = 80, n_eval = 20, sft_steps = 100 }\n'
 

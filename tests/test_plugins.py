@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import plugins
 import rlhf_env
-from rlhf_env import hookimpl
+from rlhf_env import hookimpl, plugins
 
 BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
 

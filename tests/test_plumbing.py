@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from algorithms.plumbing import Means, NonFiniteLossError, Optimizer, Stateful, draw_rows, minibatches
+from rlhf_env.algorithms.run.plumbing import Means, NonFiniteLossError, Optimizer, Stateful, draw_rows, minibatches
 
 
 def weights(*values: float) -> torch.nn.Parameter:

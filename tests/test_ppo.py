@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from algorithms import ppo
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.loop import evaluate_policy, train
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import ppo
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base_models import load_base_model
 

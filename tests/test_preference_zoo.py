@@ -11,11 +11,11 @@ import pytest
 import torch
 from tinyparts import count_e, tiny_pair
 
-import plugins
-from algorithms import dpo, kto, online_dpo
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.loop import evaluate_policy, train
-from rlhf_env import cli
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import dpo, kto, online_dpo
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
@@ -148,7 +148,9 @@ def test_list_shows_the_preference_algorithms(monkeypatch, capsys):
         assert cli.main(["list"]) == 0
     finally:
         plugins.reset_host()
-    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if "algorithms.builtins" in line}
+    listed = {
+        line.split()[0] for line in capsys.readouterr().out.splitlines() if "rlhf_env.algorithms.builtins" in line
+    }
     assert {"ipo", "simpo", "kto", "online_dpo"} <= listed
     host = plugins.get_host()
     for name, words in [("ipo", "1/(2τ)"), ("simpo", "reference-free"), ("kto", "unpaired"), ("online_dpo", "current")]:

@@ -21,7 +21,7 @@ def test_readme_python_examples_run(capsys):
 
 
 def test_readme_plugin_example_registers_a_reward():
-    from plugins import PluginHost
+    from rlhf_env.plugins import PluginHost
 
     block = re.search(r"```python\n(# my_plugin.py.*?)```", README, flags=re.S).group(1)
     module = types.ModuleType("my_plugin")
@@ -49,7 +49,7 @@ def test_readme_shows_the_committed_default_results():
 
 
 def test_readme_suite_example_is_a_valid_suite(tmp_path):
-    from benchmarks.suite import load_suite
+    from rlhf_env.bench.suite import load_suite
 
     block = next(b for b in re.findall(r"```toml\n(.*?)```", README, flags=re.S) if "[budget]" in b)
     (tmp_path / "mine.toml").write_text(block)

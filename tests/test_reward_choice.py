@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 CHARS = "0123456789+-*= "

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-import plugins
-from algorithms import reinforce_pp, rloo
-from algorithms.base import AlgorithmSpec
-from algorithms.core import leave_one_out_baseline
-from algorithms.loop import train
-from algorithms.reinforce import reinforce_loss
-from rlhf_env import cli
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.maths import leave_one_out_baseline
+from rlhf_env.algorithms.run.loop import train
+from rlhf_env.algorithms.zoo import reinforce_pp, rloo
+from rlhf_env.algorithms.zoo.reinforce import reinforce_loss
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 RLOO = AlgorithmSpec(rloo.Config, rloo.Trainer)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
-import plugins
-from algorithms.base import TrainContext
-from algorithms.loop import evaluate_policy
-from rlhf_env import build_char_tokenizer, build_tiny_model
+from rlhf_env import build_char_tokenizer, build_tiny_model, plugins
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy
 from rlhf_env.default import make_default_vector_env
 from rlhf_env.rollout import collect, env_attr, set_env_attr
 from rlhf_env.tasks import evaluate, get_task
@@ -101,7 +100,7 @@ def test_base_model_gold_is_one_number():
 
 def test_ppo_trains_through_a_wrapped_env():
     """Adaptive KL sets β through the wrapper; the updates are those of the bare env."""
-    from algorithms import ppo
+    from rlhf_env.algorithms.zoo import ppo
     from rlhf_env.tasks.arithmetic import make_arithmetic_task
     from rlhf_env.tasks.base_models import load_base_model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_env import cli
+from rlhf_env.plugins import cli
 from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def holder(tmp_path):
     """Start a process that owns a folder; yields (folder, process)."""
     folder = tmp_path / "busy"
     code = (
-        "import sys, time\nfrom algorithms.runfolder import claim_run_folder\n"
+        "import sys, time\nfrom rlhf_env.algorithms.run.runfolder import claim_run_folder\n"
         "with claim_run_folder(sys.argv[1]):\n    print('ready', flush=True)\n    time.sleep(120)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

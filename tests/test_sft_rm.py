@@ -11,12 +11,12 @@ import pytest
 import torch
 from tinyparts import count_e, tiny_pair
 
-from algorithms import reward_model, sft
-from algorithms.base import AlgorithmSpec, TrainContext
-from algorithms.loop import evaluate_policy, train
 from rlhf_env import RewardModel
+from rlhf_env.algorithms.base import AlgorithmSpec, TrainContext
+from rlhf_env.algorithms.run.loop import evaluate_policy, train
+from rlhf_env.algorithms.zoo import reward_model, sft
 from rlhf_env.models import load_causal_lm
-from rlhf_env.scoring import pack, sft_loss
+from rlhf_env.scoring import pad_batch, sft_loss
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
@@ -201,7 +201,7 @@ def test_a_run_checkpoint_exports_as_an_env_reward(tmp_path):
     model.load_state_dict(state["trainer"]["reward_model"])
     ids = reward_model.encode_scored(tok, ["ab", "ij"], ["e", "xyz"])
     with torch.no_grad():
-        want = model(*pack(ids, tok.pad_token_id))
+        want = model(*pad_batch(ids, tok.pad_token_id))
     assert want.abs().max() > 0
     assert torch.allclose(RewardModel(path, device="cpu").score_ids(ids), want, atol=1e-5)
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from tinyparts import TOY_ALGO_SOURCE
 
-import plugins
-from algorithms import reinforce
-from algorithms.base import AlgorithmSpec
-from algorithms.loop import TrainingError, train
-from algorithms.plumbing import check_finite
-from rlhf_env import cli
+from rlhf_env import plugins
+from rlhf_env.algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.run.loop import TrainingError, train
+from rlhf_env.algorithms.run.plumbing import check_finite
+from rlhf_env.algorithms.zoo import reinforce
+from rlhf_env.plugins import cli
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 
 VOLATILE = ("perf/tokens_per_s", "perf/step_time_s", "time/elapsed_s")
@@ -154,3 +154,45 @@ def base_gold(task, tmp_path):
         config={"lr": 1e-12},
     )
     return records[-1]["reward/gold"]
+
+
+# -- the loop's stages, each on its own -----------------------------------------------------------
+
+
+def test_schedule_evaluates_at_equal_fractions_of_the_budget_and_at_the_end():
+    from rlhf_env.algorithms.run.loop import Budget, Schedule
+
+    points = Schedule(Budget(tokens=100), eval_points=4, checkpoint_every=3)
+    assert [points.evaluates(s, b, d) for s, (b, d) in enumerate([(0, 0.2), (0.2, 0.3), (0.3, 0.55), (0.55, 1.0)])] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    every = Schedule(Budget(steps=5), eval_every=2)
+    assert [every.evaluates(s, s / 5, (s + 1) / 5) for s in range(5)] == [False, True, False, True, True]
+    assert [points.checkpoints(n, 0.5) for n in (1, 3, 6)] == [False, True, True] and points.checkpoints(1, 1.0)
+    assert not Schedule(Budget(steps=5), eval_every=0).evaluates(1, 0.2, 0.4)
+
+
+def test_read_folder_refuses_a_folder_that_holds_a_run_unless_resumed(tmp_path):
+    from rlhf_env.algorithms.run.loop import read_folder
+    from rlhf_env.algorithms.run.runfolder import RunFolderError
+
+    assert read_folder(tmp_path, False, 10, True).resuming is False  # empty: a new run
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        read_folder(tmp_path, False, 10, True)
+    assert read_folder(tmp_path, True, 10, True).history == [{"step": 0}]  # before the first checkpoint: starts again
+
+
+def test_sinks_write_each_record_to_jsonl_and_the_callback(tmp_path):
+    from rlhf_env.algorithms.run.loop import Folder, Sinks
+
+    seen = []
+    sinks = Sinks(Folder(tmp_path, [], False), True, 0, 0.0, "t", False, lambda r, f: seen.append((r["step"], f)))
+    sinks.write({"step": 0, "reward/score": 0.5}, 0.5)
+    sinks.write({"step": 1, "reward/score": float("nan")}, 1.2)  # a NaN goes to jsonl, not TensorBoard
+    sinks.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert seen == [(0, 0.5), (1, 1.0)] and (tmp_path / "tb").is_dir()

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms.base import AlgorithmSpec
+from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env import hookimpl
 from rlhf_env.scoring import sft_loss
 

@@ -12,7 +12,7 @@ from rlhf_env.tasks.base import BaseModelRecipe, PreferencePair, Task
 
 def get_task(name: str, **knobs: Any) -> Task:
     """Build the registered task ``name`` with its knobs (unknown names list the known ones)."""
-    import plugins
+    from rlhf_env import plugins
 
     return plugins.get_host().tasks.get(name)(**knobs)
 

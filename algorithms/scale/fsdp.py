@@ -80,8 +80,8 @@ def save_checkpoint(out: Path, policy, tokenizer, trainer, step: int, lead: bool
     """Every rank writes its shards to a staging folder; rank 0 then moves it in as ``checkpoint/``."""
     import torch.distributed.checkpoint as dcp
 
-    from algorithms import distributed
-    from algorithms.runfolder import write_checkpoint
+    from rlhf_env.algorithms.run.runfolder import write_checkpoint
+    from rlhf_env.algorithms.scale import distributed
 
     staging = out / ".checkpoint-sharded"
     if lead:

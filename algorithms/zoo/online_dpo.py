@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import metrics as M
-from algorithms.base import collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import masked_sum
-from algorithms.dpo import dpo_loss, pair_metrics
-from algorithms.plumbing import PolicyTrainer
+from rlhf_env.algorithms.base import collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.maths import masked_sum
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer
+from rlhf_env.algorithms.zoo.dpo import dpo_loss, pair_metrics
 from rlhf_env.errors import SettingError
 
 

@@ -113,7 +113,7 @@ def estimate(ctx, config, trainer=None, seq_len: int | None = None) -> Estimate 
     hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     p = next(ctx.policy.parameters())
-    # bf16 autocast on CUDA (algorithms.loop): activations in 2 bytes; log-probs in float32 always.
+    # bf16 autocast on CUDA (rlhf_env.algorithms.run.loop): activations in 2 bytes; log-probs in float32 always.
     act = 2 if ctx.device.type == "cuda" else p.element_size()
     if seq_len is None:
         prompts = list(ctx.task.train_prompts)

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.core import masked_sum
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.maths import masked_sum
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
@@ -261,7 +261,7 @@ class Trainer(Stateful):
 
     uses_reference = True  # False: no reference log-probs are computed (SimPO)
 
-    def __init__(self, ctx: TrainContext, config: PairConfig, eval_batch_size: int = 256):
+    def __init__(self, ctx: TrainContext, config: PairConfig, reference_batch_size: int = 256):
         self.ctx, self.config = ctx, config
         self.pairs = load_pairs(ctx, config)
         tok = ctx.tokenizer
@@ -280,14 +280,14 @@ class Trainer(Stateful):
             self.rows = tuple(t.to(ctx.device) for t in self.rows)
         self.ref_chosen = self.ref_rejected = torch.zeros(len(self.pairs), device=ctx.device)
         if self.uses_reference:  # log π_ref(y±|x), once per pair
-            self.ref_chosen, self.ref_rejected = self.reference_logprobs(eval_batch_size)
+            self.ref_chosen, self.ref_rejected = self.reference_logprobs(reference_batch_size)
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     @torch.no_grad()
-    def reference_logprobs(self, eval_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logprobs(self, reference_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         ref_c, ref_r = [], []
-        for s in range(0, len(self.pairs), eval_batch_size):
-            c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + eval_batch_size, len(self.pairs))))
+        for s in range(0, len(self.pairs), reference_batch_size):
+            c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + reference_batch_size, len(self.pairs))))
             ref_c.append(c)
             ref_r.append(r)
         return torch.cat(ref_c), torch.cat(ref_r)

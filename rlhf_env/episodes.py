@@ -10,7 +10,7 @@ scores every row that ended in one batch, and starts new prompts in the rows tha
 all with **one** reference forward. ``advance_chunk`` does the same for up to K tokens
 per row, still with one reference forward (the chunked rollout path). Both envs are thin
 wrappers around it; what they share around it, loading their parts (``load_parts``) and
-their public attributes (``EnvProperties``), is in ``rlhf_env.env_common`` (re-exported here).
+their public attributes (``EnvProperties``), is in ``rlhf_env.env_common``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.env_common import EnvProperties, load_parts  # re-exported: the envs' old import path
 from rlhf_env.errors import InvalidActionError, SettingError
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.models import check_vocab, pad_token_id
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores, call_reward, reward_name
 
-__all__ = ["ChunkOut", "EnvProperties", "EpisodeBatch", "StepOut", "load_parts"]
+__all__ = ["ChunkOut", "EpisodeBatch", "StepOut"]
 
 
 @dataclass

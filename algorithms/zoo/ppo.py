@@ -44,10 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from algorithms import distributed
-from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
-from algorithms.core import (
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.maths import (
     clipped,
     clipped_surrogate,
     gae,
@@ -55,11 +53,13 @@ from algorithms.core import (
     masked_mean,
     masked_sum,
     masked_whiten,
-    token_logprobs,
 )
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
+from rlhf_env.scoring import token_logprobs
 
 
 @dataclass

@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
-from rlhf_env.scoring import encode_completion, pack
+from rlhf_env.scoring import encode_completion, pad_batch
 from rlhf_env.tasks.base import PreferencePair
 
 
@@ -147,7 +147,7 @@ class Trainer(Stateful):
         return chosen, encode_scored(tok, prompts, [p.rejected for p in pairs])
 
     def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
-        return self.model(*pack(seqs, self.pad, self.ctx.device))
+        return self.model(*pad_batch(seqs, self.pad, self.ctx.device))
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:

@@ -23,17 +23,24 @@ surrogate and ``policy/clipfrac``).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from algorithms import core, distributed
-from algorithms import metrics as M
-from algorithms.base import RolloutBatch, TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import kl_k3, masked_mean
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms import maths
+from rlhf_env.algorithms.base import (
+    RolloutBatch,
+    TrainContext,
+    collect_rollouts,
+    policy_logprobs,
+    sampler_metrics,
+    sequence_kl,
+)
+from rlhf_env.algorithms.maths import kl_k3, masked_mean
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
 
@@ -126,15 +133,15 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     """Per-token surrogate with one advantage per completion (B,) broadcast over its tokens.
 
     Returns:
-        (surrogate (B, T), clipped (B, T) bool: clipping changed the objective, ``core.clipped``).
+        (surrogate (B, T), clipped (B, T) bool: clipping changed the objective, ``maths.clipped``).
     """
-    surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
-    return surrogate, core.clipped(ratio, advantages[:, None], clip_eps)
+    surrogate, ratio = maths.clipped_surrogate(logp, old_logp, advantages[:, None], clip_eps)
+    return surrogate, maths.clipped(ratio, advantages[:, None], clip_eps)
 
 
 def _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis=None) -> LossParts:
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    if tis is not None:  # truncated importance weights of a sampler that is not π_θold (core.truncated_is_weights)
+    if tis is not None:  # truncated importance weights of a sampler that is not π_θold (maths.truncated_is_weights)
         surrogate = surrogate * tis
     policy = -aggregate(surrogate, mask)
     kl = kl_coef * aggregate(kl_k3(logp, ref_logp), mask)
@@ -161,7 +168,7 @@ def grpo_loss(
         mask: (B, T) 1 on completion tokens; padding and prompt positions never count.
         tis: (B, T) truncated importance weights w_t multiplying the surrogate, or None.
     """
-    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, core.seq_mean, tis)
+    return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, maths.seq_mean, tis)
 
 
 def dr_grpo_loss(
@@ -181,7 +188,7 @@ def dr_grpo_loss(
     """
 
     def aggregate(x, m):
-        return core.seq_sum_norm(x, m, max_new_tokens)
+        return maths.seq_sum_norm(x, m, max_new_tokens)
 
     return _grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, kl_coef, aggregate, tis)
 
@@ -221,9 +228,9 @@ class Trainer(Stateful):
                 distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
-            # A (third-party) subclass whose loss takes no ``tis`` trains on the recomputed π_θold only.
-            tis = {"tis": batch.is_weights[rows]} if batch.is_weights is not None and self._takes_tis else {}
-            parts = self.loss(*args, **tis)
+            # The contract of ``loss``: it takes ``tis``, None or the (B, T) truncated importance weights of
+            # a sampler that is not π_θold; an override without it fails here, never drops the weights.
+            parts = self.loss(*args, tis=None if batch.is_weights is None else batch.is_weights[rows])
             grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
             means.add(
                 {
@@ -243,10 +250,6 @@ class Trainer(Stateful):
             M.PERF_TOKENS: batch.num_tokens,
             **sampler_metrics(batch),
         }
-
-    @property
-    def _takes_tis(self) -> bool:
-        return "tis" in inspect.signature(self.loss).parameters
 
 
 class DrTrainer(Trainer):

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import core, distributed
-from algorithms import metrics as M
-from algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import gae, masked_sum, masked_whiten, token_mean
-from algorithms.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms import maths
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.maths import gae, masked_sum, masked_whiten, token_mean
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
 
@@ -100,10 +101,10 @@ def reinforce_pp_loss(logp, old_logp, advantages, mask, clip_eps: float = 0.2, t
     Returns:
         (loss scalar, clipfrac scalar).
     """
-    surrogate, ratio = core.clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    surrogate, ratio = maths.clipped_surrogate(logp, old_logp, advantages, clip_eps)
     if tis is not None:
         surrogate = surrogate * tis
-    clipfrac = token_mean(core.clipped(ratio, advantages, clip_eps).to(mask.dtype), mask)
+    clipfrac = token_mean(maths.clipped(ratio, advantages, clip_eps).to(mask.dtype), mask)
     return -token_mean(surrogate, mask), clipfrac.detach()
 
 

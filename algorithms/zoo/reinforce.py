@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import metrics as M
-from algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import masked_sum
-from algorithms.plumbing import PolicyTrainer
+from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.maths import masked_sum
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer
 from rlhf_env.errors import SettingError
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from algorithms import distributed
+from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
 

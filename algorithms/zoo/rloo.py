@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms import metrics as M
-from algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
-from algorithms.core import leave_one_out_baseline, masked_sum
-from algorithms.grpo import group_std
-from algorithms.plumbing import PolicyTrainer
-from algorithms.reinforce import reinforce_loss
+from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.maths import leave_one_out_baseline, masked_sum
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer
+from rlhf_env.algorithms.zoo.grpo import group_std
+from rlhf_env.algorithms.zoo.reinforce import reinforce_loss
 from rlhf_env.errors import SettingError
 
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms import grpo
-from algorithms.core import kl_k3, token_mean
-from algorithms.grpo import LossParts
+from rlhf_env.algorithms.maths import kl_k3, token_mean
+from rlhf_env.algorithms.zoo import grpo
+from rlhf_env.algorithms.zoo.grpo import LossParts
 from rlhf_env.errors import SettingError
 
 

@@ -180,7 +180,7 @@ ROLLOUT_LOGPROB_DIFF = _metric(
 MEMORY_PEAK_MB = _metric(
     "memory/peak_mb",
     "peak tensor memory of the first two training steps: CUDA max allocated, or on CPU the live tensors at "
-    "the start plus the allocator's peak inside (`algorithms.memory`); in the second step's record",
+    "the start plus the allocator's peak inside (`rlhf_env.algorithms.run.memory`); in the second step's record",
     "MiB",
 )
 MEMORY_ESTIMATE_MB = _metric(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import grpo
-from algorithms.core import (
+from rlhf_env.algorithms.maths import (
     asymmetric_clipped_surrogate,
     check_asymmetric_clip,
     kl_k3,
@@ -27,7 +26,8 @@ from algorithms.core import (
     sequence_ratio,
     token_mean,
 )
-from algorithms.grpo import LossParts
+from rlhf_env.algorithms.zoo import grpo
+from rlhf_env.algorithms.zoo.grpo import LossParts
 
 
 @dataclass

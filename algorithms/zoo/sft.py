@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
 from rlhf_env.errors import SettingError
 from rlhf_env.scoring import sft_loss
 

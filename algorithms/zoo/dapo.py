@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import grpo
-from algorithms import metrics as M
-from algorithms.base import RolloutBatch, collect_rollouts
-from algorithms.core import asymmetric_clipped_surrogate, check_asymmetric_clip, kl_k3, token_mean
-from algorithms.grpo import LossParts
+from rlhf_env.algorithms.base import RolloutBatch, collect_rollouts
+from rlhf_env.algorithms.maths import asymmetric_clipped_surrogate, check_asymmetric_clip, kl_k3, token_mean
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.zoo import grpo
+from rlhf_env.algorithms.zoo.grpo import LossParts
 from rlhf_env.errors import SettingError
 
 

@@ -58,8 +58,8 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _registered(value: str, where: str) -> RewardChoice:
-    import plugins
-    from algorithms.overrides import ConfigError, signature_types, typed_values
+    from rlhf_env import plugins
+    from rlhf_env.algorithms.run.overrides import ConfigError, signature_types, typed_values
 
     name, _, options = value.partition(":")
     registry = plugins.get_host().rewards
@@ -105,7 +105,7 @@ def _from_folder(path: Path, task, device, where: str) -> RewardChoice:
                 raise RewardChoiceError(
                     f"{where}: {path} is a {run.get('algorithm') or 'unnamed'} run, not a reward_model run"
                 )
-            from algorithms.reward_model import load_reward_run
+            from rlhf_env.algorithms.zoo.reward_model import load_reward_run
 
             model, tok = load_reward_run(path / "checkpoint")
             rm, kind = RewardModel(model, tok, device=device), "reward_model run"

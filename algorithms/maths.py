@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from rlhf_env.errors import SettingError
-from rlhf_env.scoring import token_logprobs  # noqa: F401  (re-exported: log-probs from logits)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

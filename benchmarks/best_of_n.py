@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from algorithms import metrics as M
+from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.errors import SettingError
 
 
@@ -86,7 +86,7 @@ def evaluate_best_of_n(
 ) -> list[dict[str, float]]:
     """Sample ``n_max`` completions of each prompt from ``model``, score them with the gold and ``reward``
     (the proxy; None: the gold), and return ``best_of_n`` for n = 1, 2, 4, ..., ``n_max``."""
-    from algorithms.loop import proxy_scores
+    from rlhf_env.algorithms.run.loop import proxy_scores
     from rlhf_env.rollout import complete
 
     ns = powers_of_two(n_max)

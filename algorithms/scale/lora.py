@@ -144,7 +144,7 @@ def save(policy: torch.nn.Module, tokenizer, folder: Path) -> None:
 
 def run_settings(run: str | Path) -> dict:
     """The settings (``config.json``) of the LoRA run in ``run``; ``LoraError`` if it holds no such run."""
-    from algorithms.runfolder import CHECKPOINT, read_run_config
+    from rlhf_env.algorithms.run.runfolder import CHECKPOINT, read_run_config
 
     run = Path(run)
     settings = read_run_config(run) if run.is_dir() else None
@@ -181,7 +181,7 @@ def export(run: str | Path, out: str | Path, task=None) -> Path:
     interrupted export leaves nothing half-written. ``task``: the run's task (default: built from its
     name and knobs in config.json).
     """
-    from algorithms.runfolder import CHECKPOINT
+    from rlhf_env.algorithms.run.runfolder import CHECKPOINT
     from rlhf_env.models import save_pretrained
     from rlhf_env.tasks import get_task
     from rlhf_env.tasks.base_models import load_base_model

@@ -8,7 +8,7 @@ non-negative estimate of KL(π_θ ‖ π_ref) from *mismatched* pairs (x_i, y_j)
               λ_U σ(β (z₀ − r_θ(x, y)))   if y is undesirable
     L = mean over the batch of (λ_y − v(x, y))
 
-The examples come from the same data as DPO (``algorithms.dpo.load_pairs``: the task's
+The examples come from the same data as DPO (``rlhf_env.algorithms.zoo.dpo.load_pairs``: the task's
 simulated annotators or a user file), unpaired as the paper does with preference data:
 every chosen completion is a desirable example, every rejected one an undesirable example,
 and each step draws a random mix of them. Each example's mismatched completion is fixed
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from algorithms import metrics as M
-from algorithms.base import TrainContext
-from algorithms.core import masked_mean
-from algorithms.dpo import PairConfig, load_pairs, sequence_logprobs
-from algorithms.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.maths import masked_mean
+from rlhf_env.algorithms.run import metrics as M
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.zoo.dpo import PairConfig, load_pairs, sequence_logprobs
 from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.scoring import encode_completion, pack_completions
@@ -107,7 +107,7 @@ def kto_loss(
 
 
 class Trainer(Stateful):
-    def __init__(self, ctx: TrainContext, config: Config, eval_batch_size: int = 256):
+    def __init__(self, ctx: TrainContext, config: Config, reference_batch_size: int = 256):
         self.ctx, self.config = ctx, config
         pairs = load_pairs(ctx, config)
         # Unpaired: chosen completions are desirable, rejected ones undesirable.
@@ -127,8 +127,8 @@ class Trainer(Stateful):
         if limit is not None and longest > limit:
             raise SettingError(f"a KTO example is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
-        self.ref_logp = self.logprobs(ctx.ref, self.encoded, eval_batch_size)
-        self.ref_mismatched = self.logprobs(ctx.ref, self.mismatched, eval_batch_size)
+        self.ref_logp = self.logprobs(ctx.ref, self.encoded, reference_batch_size)
+        self.ref_mismatched = self.logprobs(ctx.ref, self.mismatched, reference_batch_size)
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     @torch.no_grad()

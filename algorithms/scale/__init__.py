@@ -1,0 +1,1 @@
+"""Training on more than one process or with fewer trainable weights: data parallel, FSDP, LoRA."""

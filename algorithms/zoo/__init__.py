@@ -1,0 +1,1 @@
+"""The algorithms of the zoo: one module per algorithm (or family of registered variants)."""
