@@ -385,11 +385,13 @@ def _write_cell_result(path: Path, result: dict[str, Any]) -> None:
     """``result.json`` into a cell folder, unless another process holds it (then it is not ours to write)."""
     from rlhf_env.algorithms.run.runfolder import RunLockedError, claim_run_folder
 
-    try:
-        with claim_run_folder(path):
-            _write_result(path, result)
-    except RunLockedError:
-        pass  # ``_cell_result`` reports the cell
+    for _ in range(20):  # a worker that just died may still show as the holder for a moment (2 s at most)
+        try:
+            with claim_run_folder(path):
+                return _write_result(path, result)
+        except RunLockedError:
+            time.sleep(0.1)
+    # still held: ``_cell_result`` reports the cell as skipped
 
 
 def _failed(cell: Cell, error: str) -> dict[str, Any]:

@@ -243,7 +243,7 @@ def test_ipo_learns_one_digit_addition(tmp_path, learning):
     stays about 0.1 nats, as IPO's bounded margin promises. The margin asked for is half the
     smallest gain."""
     base, gold = gold_gain(IPO, tmp_path, 300, {}, learning.seed)
-    learning.check(gold[-1], base + 0.05)
+    learning.check(gold[-1], base + 0.04)  # half the smallest gain over seeds and kernels (0.084)
 
 
 def test_simpo_learns_one_digit_addition(tmp_path, learning):
@@ -252,7 +252,7 @@ def test_simpo_learns_one_digit_addition(tmp_path, learning):
     after 300 steps 0.044-0.141); plain SimPO (sft_weight 0) falls to 0.15-0.33 in 300 steps.
     The margin asked for is half the smallest gain."""
     base, gold = gold_gain(SIMPO, tmp_path, 300, {}, learning.seed)
-    learning.check(gold[-1], base + 0.014)
+    learning.check(gold[-1], base + 0.02)  # half the smallest gain over seeds and kernels (0.044)
 
 
 def test_kto_learns_one_digit_addition(tmp_path, learning):
