@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", dest="workers", type=int, default=2, help="pytest-xdist workers (default 2)")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) and the raw rows (.jsonl) here")
     args = ap.parse_args(argv)
+    if not (ROOT / "tests" / "conftest.py").is_file():
+        ap.error(f"the learning tests live in a source checkout; {ROOT} has no tests/ (run it from a clone)")
     flags = cpu_flags()
     kernels = [k for k in args.kernels if kernel_runs(k, flags)]
     skipped = sorted(set(args.kernels) - set(kernels))
