@@ -90,7 +90,7 @@ def changes(folder: Path, settings: dict[str, Any]) -> dict[str, tuple[Any, Any]
 
 
 def _finished(folder: Path) -> bool:
-    """A finished result (an interrupted run whose settings changed fails itself: ``loop.ResumeError``)."""
+    """A finished result (an interrupted run whose settings changed fails itself: ``stages.ResumeError``)."""
     try:
         return json.loads((folder / "result.json").read_text()).get("status") == "ok"
     except (OSError, ValueError, AttributeError):

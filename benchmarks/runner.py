@@ -233,7 +233,7 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
     except Exception as exc:  # a failing cell must not stop the suite
         (path / "error.txt").write_text(traceback.format_exc())
         error = f"{type(exc).__name__}: {exc}"
-        changes = getattr(exc, "changes", None)  # a loop.ResumeError: the cell's settings are not its run's
+        changes = getattr(exc, "changes", None)  # a stages.ResumeError: the cell's settings are not its run's
         if isinstance(changes, dict):
             diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             error = f"ResumeError: the suite changed since this cell started ({diffs}); remove {path} to run it again"

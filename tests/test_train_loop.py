@@ -176,8 +176,8 @@ def test_schedule_evaluates_at_equal_fractions_of_the_budget_and_at_the_end():
 
 
 def test_read_folder_refuses_a_folder_that_holds_a_run_unless_resumed(tmp_path):
-    from rlhf_env.algorithms.run.loop import read_folder
     from rlhf_env.algorithms.run.runfolder import RunFolderError
+    from rlhf_env.algorithms.run.stages import read_folder
 
     assert read_folder(tmp_path, False, 10, True).resuming is False  # empty: a new run
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
@@ -187,7 +187,8 @@ def test_read_folder_refuses_a_folder_that_holds_a_run_unless_resumed(tmp_path):
 
 
 def test_sinks_write_each_record_to_jsonl_and_the_callback(tmp_path):
-    from rlhf_env.algorithms.run.loop import Folder, Sinks
+    from rlhf_env.algorithms.run.loop import Sinks
+    from rlhf_env.algorithms.run.stages import Folder
 
     seen = []
     sinks = Sinks(Folder(tmp_path, [], False), True, 0, 0.0, "t", False, lambda r, f: seen.append((r["step"], f)))
