@@ -95,3 +95,28 @@ def test_every_documented_flag_exists():
     assert seen >= 20, f"only {seen} rlhf invocations found in the docs: is the extractor reading them?"
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# Flags of other programs that the docs name in inline code on their own.
+_OTHER_PROGRAMS = {"--nproc-per-node", "--standalone", "--no-deps"}  # torchrun, pip
+
+
+def test_every_flag_named_on_its_own_exists_somewhere():
+    """An inline ``--flag`` outside an ``rlhf`` invocation is some command's, or a benchmark script's."""
+    top, commands = _parser_options()
+    scripts = {
+        f
+        for p in (ROOT / "benchmarks").glob("*.py")
+        for f in re.findall(r"[\"'](--[a-z][a-z0-9-]*)[\"']", p.read_text())
+    }
+    known = top.union(*commands.values(), scripts, _OTHER_PROGRAMS)
+    problems = []
+    for path in DOC_FILES:
+        for span in _INLINE.findall(_FENCE.sub("", path.read_text())):
+            if _INVOCATION.search(span):
+                continue  # test_every_documented_flag_exists reads it against its command
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span):
+                if flag not in known:
+                    problems.append(f"{path.relative_to(ROOT)}: `{span}`: {flag} is no rlhf command's flag")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
