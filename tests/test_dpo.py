@@ -196,9 +196,16 @@ def test_a_resumed_run_reproduces_an_uninterrupted_one(tmp_path):
     whole = train(SPEC, task, tmp_path / "whole", steps=4, **kw)
     train(SPEC, task, tmp_path / "split", steps=2, **kw)
     resumed = train(SPEC, task, tmp_path / "split", steps=4, resume=True, **kw)
-    assert [{k: v for k, v in r.items() if k not in volatile} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in volatile} for r in whole
+    # Training metrics to the bit. The evaluation's KL sums log-prob differences of a policy that is
+    # a loaded copy in one run and the trained tensors in the other: ATen's non-vectorised kernel
+    # rounds that sum 7e-7 apart (the weights are equal: every later training metric is).
+    evals = ("objective/kl_eval",)
+    assert [{k: v for k, v in r.items() if k not in volatile + evals} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in volatile + evals} for r in whole
     ]
+    assert [r.get(k) for r in resumed for k in evals] == pytest.approx(
+        [r.get(k) for r in whole for k in evals], abs=1e-5
+    )
 
 
 # -- learning ----------------------------------------------------------------------------------------
