@@ -45,12 +45,13 @@ from rlhf_env.errors import SettingError
 
 
 @dataclass
-class Config:
+class GroupConfig:
+    """The knobs of every group-relative trainer (GRPO and its variants); each adds its own clipping."""
+
     num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × group_size completions
     group_size: int = 8  # G completions per prompt
     lr: float = 3e-4
     kl_coef: float = 0.04  # β of the k3 KL penalty in the loss
-    clip_eps: float = 0.2  # ε of the clipped ratio
     num_iterations: int = 1  # inner epochs over each batch (1: on-policy, ρ = 1)
     num_minibatches: int = 4  # optimizer steps per epoch; must divide num_prompts × group_size
     max_grad_norm: float = 1.0
@@ -63,8 +64,6 @@ class Config:
             )
         if self.kl_coef < 0:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
-        if self.clip_eps <= 0:
-            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
         if self.num_prompts < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
             raise SettingError(f"num_prompts, num_iterations and num_minibatches must be >= 1: {self}")
         if (self.num_prompts * self.group_size) % self.num_minibatches:
@@ -74,6 +73,18 @@ class Config:
             )
         if self.lr <= 0 or self.max_grad_norm <= 0 or self.std_eps <= 0:
             raise SettingError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
+
+
+@dataclass
+class Config(GroupConfig):
+    """GRPO's config: the group knobs and the symmetric clip ε (GSPO, CISPO and DAPO have their own bounds)."""
+
+    clip_eps: float = 0.2  # ε of the clipped ratio
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.clip_eps <= 0:
+            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
 
 
 @dataclass
