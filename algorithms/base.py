@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from rlhf_env.algorithms.maths import truncated_is_weights
+from rlhf_env.algorithms.maths import group_std, masked_sum, truncated_is_weights
 from rlhf_env.algorithms.run.overrides import typed_overrides
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
@@ -123,6 +123,25 @@ def sampler_metrics(batch: RolloutBatch) -> dict[str, float]:
     return {M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}
 
 
+def rollout_metrics(batch: RolloutBatch, *, group_size: int | None = None, returns: bool = False) -> dict[str, float]:
+    """The metrics of a step's training rollouts, one definition for every online trainer.
+
+    ``reward/score``, ``reward/group_std`` (with ``group_size``: the batch is groups of that size),
+    ``objective/kl``, ``objective/return`` (with ``returns``: the env's rewards are KL-shaped, so the
+    return differs from the score), ``perf/tokens`` and ``sampler_metrics``.
+    """
+    from rlhf_env.algorithms.run import metrics as M
+
+    out = {M.REWARD_SCORE: batch.scores.mean().item()}
+    if group_size is not None:
+        out[M.REWARD_GROUP_STD] = group_std(batch.scores, group_size).mean().item()
+    out[M.OBJECTIVE_KL] = sequence_kl(batch).mean().item()
+    if returns:
+        out[M.OBJECTIVE_RETURN] = masked_sum(batch.rewards, batch.action_mask, 1).mean().item()
+    out[M.PERF_TOKENS] = batch.num_tokens
+    return {**out, **sampler_metrics(batch)}
+
+
 def is_weighted(logp: torch.Tensor, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """(b, T) ``w_t · log π_θ`` with the batch's truncated importance weights (``core.truncated_is_weights``),
     or ``logp`` itself for an exact generator: the score-function term of REINFORCE-style losses."""
@@ -147,6 +166,7 @@ __all__ = [
     "collect_rollouts",
     "is_weighted",
     "policy_logprobs",
+    "rollout_metrics",
     "sampler_metrics",
     "sequence_kl",
 ]

@@ -139,3 +139,22 @@ def test_default_state_round_trip_restores_every_named_attribute():
 def test_loading_a_state_without_a_key_names_what_is_missing():
     with pytest.raises(ValueError, match=r"test_plumbing trainer state lacks \['head'\]; it has \['optimizer'\]"):
         Toy(0).load_state_dict({"optimizer": Toy(0).optimizer.state_dict()})
+
+
+@pytest.mark.parametrize(
+    "lr, max_grad_norm, named",
+    [
+        (0.0, 1.0, ": lr must be > 0"),
+        (1e-3, -1.0, ": max_grad_norm must be > 0"),
+        (0.0, 0.0, ": lr and max_grad_norm must be > 0"),
+    ],
+)
+def test_optimizer_settings_are_checked_once_naming_the_bad_fields(lr, max_grad_norm, named):
+    from types import SimpleNamespace
+
+    from rlhf_env.algorithms.run.plumbing import check_optimizer_settings
+
+    check_optimizer_settings(SimpleNamespace(lr=1e-3, max_grad_norm=1.0), "X")  # valid: nothing raised
+    with pytest.raises(ValueError, match="^X lr and max_grad_norm must be > 0, got lr=") as info:
+        check_optimizer_settings(SimpleNamespace(lr=lr, max_grad_norm=max_grad_norm), "X")
+    assert str(info.value).endswith(named)

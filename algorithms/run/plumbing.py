@@ -29,6 +29,18 @@ def check_finite(**losses: torch.Tensor) -> None:
         raise NonFiniteLossError(f"non-finite loss: {bad}")
 
 
+def check_optimizer_settings(config, who: str = "") -> None:
+    """A Config's ``lr`` and ``max_grad_norm``, the two ``Optimizer`` fields every built-in trainer has:
+    a ``SettingError`` (``who`` first, e.g. the algorithm) naming the values and the ones that are not > 0."""
+    lr, max_grad_norm = config.lr, config.max_grad_norm
+    bad = [name for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm)) if not value > 0]
+    if bad:
+        raise SettingError(
+            f"{who + ' ' if who else ''}lr and max_grad_norm must be > 0, got lr={lr}, max_grad_norm={max_grad_norm}: "
+            f"{' and '.join(bad)} must be > 0"
+        )
+
+
 class Optimizer:
     """Adam on ``params`` with gradient clipping by global norm, behind one ``step(loss)`` (docs/maths.md §12).
 

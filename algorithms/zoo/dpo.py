@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
@@ -52,8 +52,7 @@ class PairConfig:
     name = "DPO"  # how errors name the algorithm (a class attribute, not a field)
 
     def __post_init__(self):
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"{self.name} lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        check_optimizer_settings(self, self.name)
         if self.batch_size < 1 or self.num_pairs < 1:
             raise SettingError(
                 f"{self.name} batch_size and num_pairs must be >= 1, got {self.batch_size}, {self.num_pairs}"

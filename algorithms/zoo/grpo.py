@@ -34,12 +34,11 @@ from rlhf_env.algorithms.base import (
     TrainContext,
     collect_rollouts,
     policy_logprobs,
-    sampler_metrics,
-    sequence_kl,
+    rollout_metrics,
 )
-from rlhf_env.algorithms.maths import kl_k3, masked_mean
+from rlhf_env.algorithms.maths import group_std, kl_k3, masked_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
@@ -71,8 +70,9 @@ class GroupConfig:
                 f"num_minibatches={self.num_minibatches} must divide num_prompts × group_size = "
                 f"{self.num_prompts * self.group_size}"
             )
-        if self.lr <= 0 or self.max_grad_norm <= 0 or self.std_eps <= 0:
-            raise SettingError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
+        check_optimizer_settings(self, "GRPO")
+        if not self.std_eps > 0:
+            raise SettingError(f"std_eps must be > 0, got {self.std_eps}")
 
 
 @dataclass
@@ -94,15 +94,6 @@ class DrConfig(Config):
 
 
 # -- advantages ------------------------------------------------------------------------------
-
-
-def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B/G,) sample standard deviation (Bessel-corrected, n−1) of each group's scores.
-
-    Args:
-        scores: (B,) with row i in group i // G (the env's layout).
-    """
-    return scores.view(-1, group_size).std(dim=1, unbiased=True)
 
 
 def group_advantages(
@@ -255,11 +246,7 @@ class Trainer(Stateful):
         return {
             **means.means(),
             **extra,
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, group_size=c.group_size),
         }
 
 

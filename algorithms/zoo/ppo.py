@@ -44,18 +44,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, rollout_metrics
 from rlhf_env.algorithms.maths import (
     clipped,
     clipped_surrogate,
     gae,
     kl_k3,
     masked_mean,
-    masked_sum,
     masked_whiten,
 )
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
@@ -91,14 +90,13 @@ class Config:
             f"num_minibatches must be in [1, num_envs={self.num_envs}], got {self.num_minibatches}",
         )
         need(self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check_optimizer_settings(self, "PPO")
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
         need(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         need(self.clip_eps > 0, f"clip_eps must be > 0, got {self.clip_eps}")
         need(self.clip_value is None or self.clip_value > 0, f"clip_value must be > 0 or None, got {self.clip_value}")
         need(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
-        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl}")
         need(self.kl_horizon > 0, f"kl_horizon must be > 0, got {self.kl_horizon}")
         need(not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs kl_coef > 0 (β is scaled multiplicatively)")
@@ -271,17 +269,9 @@ class Trainer(Stateful):
                 }
             )
 
-        kl = sequence_kl(batch).mean().item()
-        self.kl_ctl.update(kl, B)
-        return {
-            **means.means(),
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: kl,
-            M.OBJECTIVE_KL_COEF: beta,
-            M.OBJECTIVE_RETURN: masked_sum(batch.rewards, mask, 1).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
-        }
+        rollout = rollout_metrics(batch, returns=True)
+        self.kl_ctl.update(rollout[M.OBJECTIVE_KL], B)
+        return {**means.means(), **rollout, M.OBJECTIVE_KL_COEF: beta}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_env.algorithms import maths
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from rlhf_env.algorithms.maths import gae, masked_sum, masked_whiten, token_mean
+from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.maths import gae, masked_whiten, token_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
 
@@ -50,10 +50,7 @@ class Config:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
         if self.clip_eps <= 0:
             raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
-        if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise SettingError(
-                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
-            )
+        check_optimizer_settings(self, "REINFORCE++")
 
 
 @dataclass
@@ -134,11 +131,7 @@ class Trainer(Stateful):
             means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm})
         return {
             **means.means(),
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.OBJECTIVE_RETURN: masked_sum(batch.rewards, batch.action_mask, 1).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, returns=True),
         }
 
 

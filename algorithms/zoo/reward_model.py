@@ -30,7 +30,7 @@ from torch import nn
 
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
 from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pad_batch
@@ -48,8 +48,7 @@ class Config:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"reward model lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        check_optimizer_settings(self, "reward model")
         if self.batch_size < 1 or self.num_pairs < 1 or self.num_heldout_pairs < 1:
             raise SettingError(f"reward model batch_size, num_pairs and num_heldout_pairs must be >= 1: {self}")
         if self.heldout_every < 0:

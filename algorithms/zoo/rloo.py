@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import leave_one_out_baseline, masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import PolicyTrainer
-from rlhf_env.algorithms.zoo.grpo import group_std
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
 from rlhf_env.algorithms.zoo.reinforce import reinforce_loss
 from rlhf_env.errors import SettingError
 
@@ -38,10 +37,7 @@ class Config:
             raise SettingError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.kl_coef < 0:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
-        if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise SettingError(
-                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
-            )
+        check_optimizer_settings(self, "RLOO")
 
 
 class Trainer(PolicyTrainer):
@@ -58,10 +54,5 @@ class Trainer(PolicyTrainer):
         return {
             M.LOSS_POLICY: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.REWARD_GROUP_STD: group_std(batch.scores, c.k).mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.OBJECTIVE_RETURN: returns.mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, group_size=c.k, returns=True),
         }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
 from rlhf_env.errors import SettingError
 from rlhf_env.scoring import sft_loss
 
@@ -25,8 +25,9 @@ class Config:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        if self.batch_size < 1 or not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"invalid SFT config (need batch_size >= 1, lr > 0, max_grad_norm > 0): {self}")
+        check_optimizer_settings(self, "invalid SFT config:")
+        if self.batch_size < 1:
+            raise SettingError(f"invalid SFT config (need batch_size >= 1): {self}")
 
 
 class Trainer(Stateful):
