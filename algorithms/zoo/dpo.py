@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
@@ -310,11 +310,12 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         policy = self.ctx.policy
-        index = torch.tensor(draw_rows(len(self.pairs), self.config.batch_size, seed), device=self.ctx.device)
+        part = draw_part(len(self.pairs), self.config.batch_size, seed)
+        index = torch.tensor(part.rows.tolist(), device=self.ctx.device)
         policy_c, policy_r, length_c, length_r = self.pair_batch(policy, index)  # chosen and rejected in one forward
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]
         loss, chosen_r, rejected_r = self.pair_loss(policy_c, policy_r, ref_c, ref_r, length_c, length_r)
-        grad_norm = self.optimizer.step(loss, policy=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
         return {
             **pair_metrics(loss, grad_norm, chosen_r, rejected_r),
             **self.reward_metrics(chosen_r, rejected_r),

@@ -38,8 +38,7 @@ from rlhf_env.algorithms.base import (
 )
 from rlhf_env.algorithms.maths import group_std, kl_k3, masked_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 
 
@@ -225,15 +224,16 @@ class Trainer(Stateful):
         batch, advantages, extra = self.rollout(seed)
         B = len(batch.scores)
         means = Means()
-        for rows in minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
+        for part in weighted_minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
             if self.token_level:
-                distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
+                part = part.by_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
+            rows = part.rows
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
             # The contract of ``loss``: it takes ``tis``, None or the (B, T) truncated importance weights of
             # a sampler that is not π_θold; an override without it fails here, never drops the weights.
             parts = self.loss(*args, tis=None if batch.is_weights is None else batch.is_weights[rows])
-            grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
+            grad_norm = self.optimizer.step(parts.loss, weight=part.weight, policy=parts.policy, kl=parts.kl)
             means.add(
                 {
                     M.LOSS_TOTAL: parts.loss,
@@ -241,7 +241,8 @@ class Trainer(Stateful):
                     M.LOSS_KL: parts.kl,
                     M.POLICY_CLIPFRAC: parts.clipfrac,
                     M.OPTIM_GRAD_NORM: grad_norm,
-                }
+                },
+                weight=part.weight,
             )
         return {
             **means.means(),

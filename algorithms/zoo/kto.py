@@ -25,7 +25,7 @@ import torch
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.maths import masked_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_part
 from rlhf_env.algorithms.zoo.dpo import PairConfig, load_pairs, sequence_logprobs
 from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
@@ -142,7 +142,8 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
-        idx = draw_rows(len(self.examples), c.batch_size, seed)
+        part = draw_part(len(self.examples), c.batch_size, seed)
+        idx = part.rows.tolist()
         index = torch.tensor(idx, device=self.ctx.device)
         policy_mismatched = self.logprobs(policy, [self.mismatched[i] for i in idx], len(idx))
         z0 = kto_reference_point(policy_mismatched, self.ref_mismatched[index])
@@ -151,7 +152,7 @@ class Trainer(Stateful):
         desirable = self.desirable[index]
         weights = (c.desirable_weight, c.undesirable_weight)
         loss, rewards = kto_loss(logp, self.ref_logp[index], desirable, z0, c.beta, *weights)
-        grad_norm = self.optimizer.step(loss, policy=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
         d = desirable.float()
         return {
             M.LOSS_POLICY: loss.item(),

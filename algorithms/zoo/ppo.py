@@ -54,8 +54,7 @@ from rlhf_env.algorithms.maths import (
     masked_whiten,
 )
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
 from rlhf_env.scoring import token_logprobs
@@ -246,8 +245,9 @@ class Trainer(Stateful):
 
         B = mask.shape[0]
         means = Means()
-        for rows in minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
-            distributed.share_tokens(mask)  # data-parallel: the losses average over tokens
+        for part in weighted_minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
+            part = part.by_tokens(mask)  # data-parallel: the losses average over tokens
+            rows = part.rows
             m = mask[rows]
             ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
             logprobs, values = logprobs_and_values(policy, self.value_head, ids, attn, batch.vocab_size)
@@ -255,7 +255,7 @@ class Trainer(Stateful):
             pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps, tis)
             vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
             loss = pg_loss + c.vf_coef * vf_loss
-            grad_norm = self.optimizer.step(loss, policy=pg_loss, value=vf_loss)
+            grad_norm = self.optimizer.step(loss, weight=part.weight, policy=pg_loss, value=vf_loss)
             with torch.no_grad():  # KL(π_old ‖ π_θ) by k3 on π_old's samples (docs/maths.md §3)
                 approx_kl = masked_mean(kl_k3(old_logprobs[rows], logprobs), m)
             means.add(
@@ -266,7 +266,8 @@ class Trainer(Stateful):
                     M.POLICY_CLIPFRAC: clipfrac,
                     M.POLICY_APPROX_KL: approx_kl,
                     M.OPTIM_GRAD_NORM: grad_norm,
-                }
+                },
+                weight=part.weight,
             )
 
         rollout = rollout_metrics(batch, returns=True)

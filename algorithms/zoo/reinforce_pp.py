@@ -22,8 +22,7 @@ from rlhf_env.algorithms import maths
 from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import gae, masked_whiten, token_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 
 
@@ -122,13 +121,14 @@ class Trainer(Stateful):
             batch.rewards, batch.action_mask, self.baseline(batch.scores, c.group_size)
         )
         means = Means()
-        for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
-            distributed.share_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
+        for part in weighted_minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
+            part = part.by_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
+            rows = part.rows
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             tis = batch.is_weights[rows] if batch.is_weights is not None else None
             loss, clipfrac = reinforce_pp_loss(logp, batch.logprobs[rows], advantages[rows], mask, c.clip_eps, tis)
-            grad_norm = self.optimizer.step(loss, policy=loss)
-            means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm})
+            grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
+            means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm}, part.weight)
         return {
             **means.means(),
             **rollout_metrics(batch, returns=True),

@@ -30,7 +30,7 @@ from torch import nn
 
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pad_batch
@@ -173,11 +173,12 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c = self.config
-        idx = draw_rows(len(self.pairs), c.batch_size, seed)
+        part = draw_part(len(self.pairs), c.batch_size, seed)
+        idx = part.rows.tolist()
         scores = self._scores([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx])  # one forward
         r_chosen, r_rejected = scores[: len(idx)], scores[len(idx) :]
         loss = bt_loss(r_chosen, r_rejected)
-        grad_norm = self.optimizer.step(loss, reward_model=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, reward_model=loss)
         metrics = {
             M.LOSS_REWARD_MODEL: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError
 from rlhf_env.scoring import sft_loss
 
@@ -40,9 +40,10 @@ class Trainer(Stateful):
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
-        idx = draw_rows(len(self.data), self.config.batch_size, seed, replacement=True)
+        part = draw_part(len(self.data), self.config.batch_size, seed, replacement=True)
+        idx = part.rows.tolist()
         loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, [self.data[i] for i in idx])
-        grad_norm = self.optimizer.step(loss, sft=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, sft=loss)
         return {
             M.LOSS_SFT: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
