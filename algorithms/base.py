@@ -11,7 +11,7 @@ An algorithm module defines a ``Config`` dataclass, pure loss functions, and a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,6 +23,15 @@ from rlhf_env.packing import packed_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
+
+
+class BatchShape(NamedTuple):
+    """A Config's batch as it declares it (``Config.batch_shape()``), read by the memory estimate
+    (``rlhf_env.algorithms.run.memory``) and the data-parallel batch check instead of guessing from field names."""
+
+    update_rows: int  # rows of the largest forward with gradients (one minibatch; a pair counts 2 rows)
+    rollout_rows: int  # rows of one rollout (0: offline data, no rollout)
+    split: str  # the field whose value data-parallel ranks divide: a multiple of the world size
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,7 @@ def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = sli
 
 __all__ = [
     "AlgorithmSpec",
+    "BatchShape",
     "RolloutBatch",
     "TrainContext",
     "collect_rollouts",

@@ -258,14 +258,19 @@ def shard_size(num_envs: int, group_size: int) -> int:
 
 
 def check_batch(config, world_size: int) -> None:
-    """Before any work: the world size must divide the config's batch (prompts, envs or examples)."""
-    for name in ("num_prompts", "num_envs", "batch_size"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value % world_size:
-            raise SettingError(
-                f"world size {world_size} does not divide the batch ({name}={value}); "
-                f"use a {name} that is a multiple of {world_size}"
-            )
+    """Before any work: the world size must divide the config's batch, the field its ``batch_shape()``
+    names as the one the ranks split (prompts, envs or examples). A config that declares no
+    ``batch_shape`` is not checked here; its env's ``shard_size`` still refuses a batch that does not split."""
+    declared = getattr(config, "batch_shape", None)
+    if declared is None:
+        return
+    name = declared().split
+    value = getattr(config, name)
+    if value % world_size:
+        raise SettingError(
+            f"world size {world_size} does not divide the batch ({name}={value}); "
+            f"use a {name} that is a multiple of {world_size}"
+        )
 
 
 # -- rollouts: row seeds and gathering ---------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
@@ -50,6 +50,10 @@ class PairConfig:
     max_grad_norm: float = 1.0
 
     name = "DPO"  # how errors name the algorithm (a class attribute, not a field)
+
+    def batch_shape(self) -> BatchShape:
+        """batch_size pairs, chosen and rejected in one forward; no rollout; the ranks split the pairs."""
+        return BatchShape(2 * self.batch_size, 0, "batch_size")
 
     def __post_init__(self):
         check_optimizer_settings(self, self.name)

@@ -30,6 +30,7 @@ import torch
 
 from rlhf_env.algorithms import maths
 from rlhf_env.algorithms.base import (
+    BatchShape,
     RolloutBatch,
     TrainContext,
     collect_rollouts,
@@ -54,6 +55,11 @@ class GroupConfig:
     num_minibatches: int = 4  # optimizer steps per epoch; must divide num_prompts × group_size
     max_grad_norm: float = 1.0
     std_eps: float = 1e-4  # added to the group std before dividing (GRPO only); > 0 keeps equal-reward groups at 0
+
+    def batch_shape(self) -> BatchShape:
+        """A minibatch of num_prompts × group_size / num_minibatches rows; the ranks split the prompts."""
+        batch = self.num_prompts * self.group_size
+        return BatchShape(batch // self.num_minibatches, batch, "num_prompts")
 
     def __post_init__(self):
         if self.group_size < 2:

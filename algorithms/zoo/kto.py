@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.maths import masked_mean
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_part
@@ -50,6 +50,10 @@ class Config(PairConfig):
     undesirable_weight: float = 0.75  # λ_U: λ_D n_D / (λ_U n_U) = 4/3 (the paper keeps it in [1, 4/3])
 
     name = "KTO"
+
+    def batch_shape(self) -> BatchShape:
+        """batch_size unpaired examples, one row each; no rollout; the ranks split the examples."""
+        return BatchShape(self.batch_size, 0, "batch_size")
 
     def __post_init__(self):
         if not self.beta > 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import collect_rollouts, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
@@ -32,6 +32,10 @@ class Config:
     beta: float = 1.0  # β of the DPO loss (short completions want a large β)
     lr: float = 3e-4
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """Two samples a prompt, their pair in one forward; the ranks split the prompts."""
+        return BatchShape(2 * self.num_prompts, 2 * self.num_prompts, "num_prompts")
 
     def __post_init__(self):
         if self.num_prompts < 1:

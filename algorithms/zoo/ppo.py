@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, rollout_metrics
+from rlhf_env.algorithms.base import BatchShape, TrainContext, collect_rollouts, rollout_metrics
 from rlhf_env.algorithms.maths import (
     clipped,
     clipped_surrogate,
@@ -77,6 +77,10 @@ class Config:
     vf_coef: float = 0.5  # α, weight of the value loss
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """Minibatches of num_envs / num_minibatches rows; the ranks split the envs."""
+        return BatchShape(self.num_envs // self.num_minibatches, self.num_envs, "num_envs")
 
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
@@ -25,6 +25,10 @@ class Config:
     kl_coef: float = 0.05  # β of the KL-shaped env reward
     baseline: bool = True  # subtract the batch-mean return
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """One update on the num_envs rows of the rollout; the ranks split the envs."""
+        return BatchShape(self.num_envs, self.num_envs, "num_envs")
 
     def __post_init__(self):
         check_optimizer_settings(self, "invalid REINFORCE config:")

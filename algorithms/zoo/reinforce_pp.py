@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_env.algorithms import maths
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.base import BatchShape, TrainContext, collect_rollouts, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import gae, masked_whiten, token_mean
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
@@ -36,6 +36,11 @@ class Config:
     num_iterations: int = 1  # epochs over each batch
     num_minibatches: int = 2  # optimizer steps per epoch; must divide num_prompts × group_size
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """A minibatch of num_prompts × group_size / num_minibatches rows; the ranks split the prompts."""
+        batch = self.num_prompts * self.group_size
+        return BatchShape(batch // self.num_minibatches, batch, "num_prompts")
 
     def __post_init__(self):
         if self.num_prompts < 1 or self.group_size < 1 or self.num_iterations < 1 or self.num_minibatches < 1:

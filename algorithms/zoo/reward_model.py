@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError, UnsupportedModelError
@@ -46,6 +46,10 @@ class Config:
     heldout_every: int = 10  # measure held-out accuracy after every k-th step (0: never)
     annotator_tau: float = 0.25  # the simulated annotator's temperature τ
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """batch_size pairs, chosen and rejected scored in one forward; no rollout; the ranks split the pairs."""
+        return BatchShape(2 * self.batch_size, 0, "batch_size")
 
     def __post_init__(self):
         check_optimizer_settings(self, "reward model")

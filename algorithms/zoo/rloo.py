@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import leave_one_out_baseline, masked_sum
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
@@ -29,6 +29,10 @@ class Config:
     lr: float = 3e-4  # 1e-3 fell below the base on some seeds and kernels (docs/maths.md §14)
     kl_coef: float = 0.05  # β of the KL-shaped env reward
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """One update on the whole batch of num_prompts × k rows; the ranks split the prompts."""
+        return BatchShape(self.num_prompts * self.k, self.num_prompts * self.k, "num_prompts")
 
     def __post_init__(self):
         if self.k < 2:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError
@@ -23,6 +23,10 @@ class Config:
     lr: float = 5e-4  # 1e-3 made the loss jump on the first steps
     batch_size: int = 32  # (prompt, completion) pairs per step
     max_grad_norm: float = 1.0
+
+    def batch_shape(self) -> BatchShape:
+        """batch_size demonstrations, one row each; no rollout; the ranks split them."""
+        return BatchShape(self.batch_size, 0, "batch_size")
 
     def __post_init__(self):
         check_optimizer_settings(self, "invalid SFT config:")
