@@ -11,11 +11,11 @@ An algorithm module defines a ``Config`` dataclass, pure loss functions, and a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from rlhf_env.algorithms.maths import truncated_is_weights
+from rlhf_env.algorithms.maths import group_std, masked_sum, truncated_is_weights
 from rlhf_env.algorithms.run.overrides import typed_overrides
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
@@ -23,6 +23,15 @@ from rlhf_env.packing import packed_logprobs
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
+
+
+class BatchShape(NamedTuple):
+    """A Config's batch as it declares it (``Config.batch_shape()``), read by the memory estimate
+    (``rlhf_env.algorithms.run.memory``) and the data-parallel batch check instead of guessing from field names."""
+
+    update_rows: int  # rows of the largest forward with gradients (one minibatch; a pair counts 2 rows)
+    rollout_rows: int  # rows of one rollout (0: offline data, no rollout)
+    split: str  # the field whose value data-parallel ranks divide: a multiple of the world size
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,25 @@ def sampler_metrics(batch: RolloutBatch) -> dict[str, float]:
     return {M.ROLLOUT_LOGPROB_DIFF: batch.logprob_diff} if batch.logprob_diff is not None else {}
 
 
+def rollout_metrics(batch: RolloutBatch, *, group_size: int | None = None, returns: bool = False) -> dict[str, float]:
+    """The metrics of a step's training rollouts, one definition for every online trainer.
+
+    ``reward/score``, ``reward/group_std`` (with ``group_size``: the batch is groups of that size),
+    ``objective/kl``, ``objective/return`` (with ``returns``: the env's rewards are KL-shaped, so the
+    return differs from the score), ``perf/tokens`` and ``sampler_metrics``.
+    """
+    from rlhf_env.algorithms.run import metrics as M
+
+    out = {M.REWARD_SCORE: batch.scores.mean().item()}
+    if group_size is not None:
+        out[M.REWARD_GROUP_STD] = group_std(batch.scores, group_size).mean().item()
+    out[M.OBJECTIVE_KL] = sequence_kl(batch).mean().item()
+    if returns:
+        out[M.OBJECTIVE_RETURN] = masked_sum(batch.rewards, batch.action_mask, 1).mean().item()
+    out[M.PERF_TOKENS] = batch.num_tokens
+    return {**out, **sampler_metrics(batch)}
+
+
 def is_weighted(logp: torch.Tensor, batch: RolloutBatch, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
     """(b, T) ``w_t · log π_θ`` with the batch's truncated importance weights (``core.truncated_is_weights``),
     or ``logp`` itself for an exact generator: the score-function term of REINFORCE-style losses."""
@@ -142,11 +170,13 @@ def policy_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor = sli
 
 __all__ = [
     "AlgorithmSpec",
+    "BatchShape",
     "RolloutBatch",
     "TrainContext",
     "collect_rollouts",
     "is_weighted",
     "policy_logprobs",
+    "rollout_metrics",
     "sampler_metrics",
     "sequence_kl",
 ]

@@ -23,14 +23,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B/G,) sample standard deviation (Bessel-corrected, n−1) of each group's scores.
+
+    Args:
+        scores: (B,) with row i in group i // G (the env's layout).
+    """
+    return scores.view(-1, group_size).std(dim=1, unbiased=True)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(x − mean) / std over the masked-in entries (biased variance); padding stays 0 (docs/maths.md §1)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):

@@ -71,6 +71,47 @@ def test_a_config_the_table_does_not_know_gives_no_estimate():
     assert memory.estimate(tiny_ctx(), types.SimpleNamespace(lr=1e-3), seq_len=6) is None
 
 
+# (update rows, rollout rows, the field the ranks split) of every built-in's defaults: what the old
+# field-name table gave, now each Config's own ``batch_shape()``.
+BATCH_SHAPES = {
+    "cispo": (32, 128, "num_prompts"),
+    "dapo": (32, 128, "num_prompts"),
+    "dpo": (128, 0, "batch_size"),
+    "dr_grpo": (32, 128, "num_prompts"),
+    "grpo": (32, 128, "num_prompts"),
+    "gspo": (32, 128, "num_prompts"),
+    "ipo": (128, 0, "batch_size"),
+    "kto": (64, 0, "batch_size"),
+    "online_dpo": (64, 64, "num_prompts"),
+    "ppo": (16, 64, "num_envs"),
+    "reinforce": (64, 64, "num_envs"),
+    "reinforce_pp": (32, 64, "num_prompts"),
+    "reinforce_pp_baseline": (32, 64, "num_prompts"),
+    "reward_model": (128, 0, "batch_size"),
+    "rloo": (128, 128, "num_prompts"),
+    "sft": (32, 0, "batch_size"),
+    "simpo": (128, 0, "batch_size"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_SHAPES))
+def test_every_builtin_config_declares_its_batch_shape(name):
+    config = plugins.get_host().algorithms.get(name).Config()
+    assert tuple(config.batch_shape()) == BATCH_SHAPES[name]
+    assert memory.rows_of(config) == BATCH_SHAPES[name][:2]
+
+
+def test_batch_shapes_are_read_never_guessed_from_field_names():
+    """A third-party config with GRPO's field names but no ``batch_shape``: no estimate, no data-parallel check."""
+    from rlhf_env.algorithms.scale import distributed
+
+    lookalike = types.SimpleNamespace(num_prompts=3, group_size=2, num_minibatches=1, batch_size=5)
+    assert memory.rows_of(lookalike) is None
+    distributed.check_batch(lookalike, 2)  # nothing declared, nothing refused here
+    with pytest.raises(ValueError, match=r"world size 3 does not divide the batch \(num_prompts=16\)"):
+        distributed.check_batch(grpo.Config(), 3)
+
+
 def test_cpu_meter_counts_live_tensors_and_the_allocator_peak_inside_the_window():
     before = memory.live_tensor_bytes(torch.device("cpu"))
     keep = torch.zeros(2**18)  # 1 MiB alive when the window opens

@@ -98,3 +98,14 @@ def test_typed_values_are_checked_not_reinterpreted():
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             spec.make_config(**values)
+
+
+@pytest.mark.parametrize("algo", ["gspo", "cispo", "dapo"])
+def test_clip_eps_is_refused_where_the_loss_has_its_own_bounds(tmp_path, model_dir, capsys, algo):
+    """GSPO, CISPO and DAPO clip with clip_eps_low/clip_eps_high: GRPO's clip_eps is no field of theirs."""
+    argv = ["train", "--algo", algo, "--task", "arithmetic", "--model", str(model_dir), "--out", str(tmp_path / "r")]
+    assert cli.main([*argv, "--steps", "1", "--set", "clip_eps=0.3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf train: error: ") and err.count("\n") == 1
+    assert "unknown config keys ['clip_eps']" in err and "clip_eps_high" in err
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -139,3 +139,53 @@ def test_default_state_round_trip_restores_every_named_attribute():
 def test_loading_a_state_without_a_key_names_what_is_missing():
     with pytest.raises(ValueError, match=r"test_plumbing trainer state lacks \['head'\]; it has \['optimizer'\]"):
         Toy(0).load_state_dict({"optimizer": Toy(0).optimizer.state_dict()})
+
+
+@pytest.mark.parametrize(
+    "lr, max_grad_norm, named",
+    [
+        (0.0, 1.0, ": lr must be > 0"),
+        (1e-3, -1.0, ": max_grad_norm must be > 0"),
+        (0.0, 0.0, ": lr and max_grad_norm must be > 0"),
+    ],
+)
+def test_optimizer_settings_are_checked_once_naming_the_bad_fields(lr, max_grad_norm, named):
+    from types import SimpleNamespace
+
+    from rlhf_env.algorithms.run.plumbing import check_optimizer_settings
+
+    check_optimizer_settings(SimpleNamespace(lr=1e-3, max_grad_norm=1.0), "X")  # valid: nothing raised
+    with pytest.raises(ValueError, match="^X lr and max_grad_norm must be > 0, got lr=") as info:
+        check_optimizer_settings(SimpleNamespace(lr=lr, max_grad_norm=max_grad_norm), "X")
+    assert str(info.value).endswith(named)
+
+
+def test_a_minibatch_carries_its_data_parallel_weight_and_the_run_holds_none():
+    """Rank 1 of 2: its part of each minibatch and that part's weight travel together, nothing in the run's state."""
+    import dataclasses
+
+    from rlhf_env.algorithms.run.plumbing import draw_part, weighted_minibatches
+    from rlhf_env.algorithms.scale import distributed
+
+    dp = distributed.DataParallel(rank=1, world_size=2, local_rank=1, backend="gloo", device=torch.device("cpu"))
+    with distributed.active(dp):
+        (part,) = weighted_minibatches(5, 1, epochs=1, seed=3)
+        assert part.of.tolist() == torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()
+        assert part.rows.tolist() == part.of.tolist()[3:] and part.weight == 2 / 5  # tensor_split: 3 + 2 rows
+        mask = torch.zeros(5, 4)
+        mask[part.of[:3], :1] = 1  # rank 0's rows: one token each
+        mask[part.rows, :] = 1  # this rank's: four each
+        assert part.by_tokens(mask).weight == 8 / 11 and part.weight == 2 / 5  # a new Part; this one unchanged
+        drawn = draw_part(6, 4, seed=0)
+        assert len(drawn.rows) == 2 and drawn.weight == 0.5
+        assert {f.name for f in dataclasses.fields(dp)} == {
+            "rank",
+            "world_size",
+            "local_rank",
+            "backend",
+            "device",
+            "sharded",
+        }  # no per-minibatch share
+        assert dp.loss_scale(part.weight) == 2 / 5 and dp.loss_scale(None) == 1 / 2
+    (alone,) = weighted_minibatches(5, 1, epochs=1, seed=3)
+    assert alone.weight == 1.0 and torch.equal(alone.rows, alone.of) and alone.by_tokens(mask) is alone

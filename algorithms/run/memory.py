@@ -66,22 +66,14 @@ class Estimate:
 
 
 def rows_of(config) -> tuple[int, int] | None:
-    """(rows of the largest forward with gradients, rows of one rollout) from an algorithm's config;
-    None for a config this table does not know (a third-party algorithm): no estimate then."""
-    get = config.__dict__.get
-    if get("num_prompts") is not None and get("group_size") is not None:  # GRPO family, REINFORCE++
-        batch = config.num_prompts * config.group_size
-        return batch // max(get("num_minibatches") or 1, 1), batch
-    if get("num_prompts") is not None and get("k") is not None:  # RLOO: one update on the whole batch
-        return (config.num_prompts * config.k,) * 2
-    if get("num_prompts") is not None:  # online DPO: two samples a prompt, one forward
-        return (2 * config.num_prompts,) * 2
-    if get("num_envs") is not None:  # PPO (minibatches), REINFORCE (one update)
-        return config.num_envs // max(get("num_minibatches") or 1, 1), config.num_envs
-    if get("batch_size") is not None:  # offline: DPO family chosen + rejected in one forward; SFT, KTO one row each
-        pairs = get("num_pairs") is not None and "desirable_weight" not in config.__dict__
-        return (2 * config.batch_size if pairs else config.batch_size), 0
-    return None
+    """(rows of the largest forward with gradients, rows of one rollout) as the config declares them
+    (``batch_shape()``, a ``BatchShape``); None for a config that declares none (a third-party
+    algorithm may): no estimate then."""
+    declared = getattr(config, "batch_shape", None)
+    if declared is None:
+        return None
+    shape = declared()
+    return shape.update_rows, shape.rollout_rows
 
 
 def _unique_bytes(tensors) -> int:

@@ -1,15 +1,17 @@
 """The trainer's shared plumbing: one optimizer step, one minibatch order, one state format.
 
 Every trainer of the zoo updates weights through ``Optimizer.step``, walks a rollout batch
-with ``minibatches`` (offline trainers draw rows with ``draw_rows``), averages its metrics
+with ``weighted_minibatches`` (offline trainers draw rows with ``draw_part``), averages its metrics
 over updates with ``Means`` and checkpoints through ``Stateful``. These are the single call
 sites data-parallel training hooks into: a gradient all-reduce between backward and clip in
-``Optimizer.step``, a per-rank share of each minibatch in ``minibatches``/``draw_rows``, and
-rank-0 writes of ``Stateful.state_dict``.
+``Optimizer.step``, this rank's part of each minibatch as a ``distributed.Part`` that carries its
+weight (the trainer passes ``part.weight`` to ``Optimizer.step`` and ``Means.add``: no share
+travels through module state), and rank-0 writes of ``Stateful.state_dict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -27,6 +29,18 @@ def check_finite(**losses: torch.Tensor) -> None:
     bad = {name: float(v.detach()) for name, v in losses.items() if not torch.isfinite(v).all()}
     if bad:
         raise NonFiniteLossError(f"non-finite loss: {bad}")
+
+
+def check_optimizer_settings(config, who: str = "") -> None:
+    """A Config's ``lr`` and ``max_grad_norm``, the two ``Optimizer`` fields every built-in trainer has:
+    a ``SettingError`` (``who`` first, e.g. the algorithm) naming the values and the ones that are not > 0."""
+    lr, max_grad_norm = config.lr, config.max_grad_norm
+    bad = [name for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm)) if not value > 0]
+    if bad:
+        raise SettingError(
+            f"{who + ' ' if who else ''}lr and max_grad_norm must be > 0, got lr={lr}, max_grad_norm={max_grad_norm}: "
+            f"{' and '.join(bad)} must be > 0"
+        )
 
 
 class Optimizer:
@@ -53,11 +67,13 @@ class Optimizer:
     def param_groups(self) -> list[dict]:
         return self.torch.param_groups
 
-    def step(self, loss: torch.Tensor, **parts: torch.Tensor) -> float:
+    def step(self, loss: torch.Tensor, *, weight: float | None = None, **parts: torch.Tensor) -> float:
         """Check, zero-grad, backward, clip, step; returns the gradient norm before clipping.
 
         Args:
             loss: the scalar minimised.
+            weight: data-parallel: this rank's share of the minibatch (``Part.weight``, from
+                ``weighted_minibatches``/``draw_part``); None: every rank computed the whole batch (1/W).
             parts: named scalar parts of ``loss`` (``policy=…, value=…``): a non-finite one is
                 named in the error. Without parts, ``loss`` itself is checked.
         Raises:
@@ -73,7 +89,7 @@ class Optimizer:
         self.torch.zero_grad(set_to_none=True)
         dp = distributed.current()
         # Data-parallel: Σ_r share_r ∇loss_r over ranks is the gradient of the whole minibatch's loss.
-        (loss * dp.loss_scale if dp is not None else loss).backward()
+        (loss * dp.loss_scale(weight) if dp is not None else loss).backward()
         distributed.all_reduce_grads(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
@@ -91,32 +107,49 @@ class Optimizer:
             group["fused"], group["foreach"] = self.fused or None, None
 
 
-def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, device=None) -> Iterator[torch.Tensor]:
-    """Row indices of ``epochs`` passes over a batch of ``num_rows`` rows.
+def weighted_minibatches(
+    num_rows: int, num_minibatches: int, epochs: int, seed: int, device=None
+) -> Iterator[distributed.Part]:
+    """``epochs`` passes over a batch of ``num_rows`` rows, each minibatch as this rank's ``Part``.
 
     Each epoch is a fresh permutation from one generator seeded with ``seed``, cut into
     exactly ``num_minibatches`` parts whose sizes differ by at most one: every row once per
-    epoch, the same order for the same seed.
-
-    Yields:
-        (b,) int64 row indices on ``device``.
+    epoch, the same order for the same seed. A ``Part`` carries this rank's (b,) int64 row
+    indices (``rows``, on ``device``) and the weight its loss and metrics carry
+    (``Optimizer.step(weight=part.weight)``, ``Means.add(..., weight=part.weight)``; ``part.by_tokens(mask)``
+    for a loss averaged over tokens).
     """
     if not 1 <= num_minibatches <= num_rows:
         raise ValueError(f"num_minibatches must be in [1, {num_rows}] (the rows), got {num_minibatches}")
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for rows in torch.randperm(num_rows, generator=generator).tensor_split(num_minibatches):
-            yield distributed.rank_rows(rows).to(device)  # data-parallel: this rank's part
+            part = distributed.rank_part(rows)  # data-parallel: this rank's part
+            yield dataclasses.replace(part, rows=part.rows.to(device))
 
 
-def draw_rows(num_rows: int, size: int, seed: int, replacement: bool = False) -> list[int]:
-    """``size`` random row indices of ``num_rows`` (distinct, at most ``num_rows`` of them, unless ``replacement``)."""
+def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, device=None) -> Iterator[torch.Tensor]:
+    """``weighted_minibatches``' row indices alone: (b,) int64 on ``device`` (data-parallel: this rank's
+    rows, whose updates then weigh 1/W unless given the part's weight)."""
+    for part in weighted_minibatches(num_rows, num_minibatches, epochs, seed, device):
+        yield part.rows
+
+
+def draw_part(num_rows: int, size: int, seed: int, replacement: bool = False) -> distributed.Part:
+    """``size`` random row indices of ``num_rows`` (distinct, at most ``num_rows`` of them, unless
+    ``replacement``) as this rank's ``Part`` (its ``rows`` a (b,) int64 CPU tensor, its ``weight`` for
+    ``Optimizer.step``)."""
     generator = torch.Generator().manual_seed(seed)
     if replacement:
         rows = torch.randint(num_rows, (size,), generator=generator)
     else:
         rows = torch.randperm(num_rows, generator=generator)[: min(size, num_rows)]
-    return distributed.rank_rows(rows).tolist()  # data-parallel: this rank's part
+    return distributed.rank_part(rows)  # data-parallel: this rank's part
+
+
+def draw_rows(num_rows: int, size: int, seed: int, replacement: bool = False) -> list[int]:
+    """``draw_part``'s row indices alone, as a list."""
+    return draw_part(num_rows, size, seed, replacement).rows.tolist()
 
 
 class Means:
@@ -126,10 +159,11 @@ class Means:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+    def add(self, values: dict[str, torch.Tensor | float], weight: float | None = None) -> None:
+        """``weight``: data-parallel, this rank's share of the minibatch (``Part.weight``; None: 1/W)."""
         dp = distributed.current()
         # Data-parallel: the loop averages over ranks, so W·share_r·value_r sums to the minibatch's value.
-        weight = dp.weight * dp.world_size if dp is not None else 1.0
+        weight = dp.weight(weight) * dp.world_size if dp is not None else 1.0
         for name, value in values.items():
             value = (value.item() if isinstance(value, torch.Tensor) else float(value)) * weight
             self.sums[name] = self.sums.get(name, 0.0) + value

@@ -34,7 +34,6 @@ class RewardChoice:
     """A resolved reward: ``spec`` as runs record it, and the callable (None for gold)."""
 
     spec: str  # "gold", "name:key=value", or an absolute folder
-    kind: str  # "gold", "registered", "reward model", "reward_model run"
     fn: Any = None  # reward(prompts, completions) -> scores; None: the task's gold
 
     @property
@@ -45,7 +44,7 @@ class RewardChoice:
 def resolve_reward(value: str | None, task, *, device=None, where: str = "reward") -> RewardChoice:
     """``value`` (see the module doc) checked against ``task`` and loaded; ``RewardChoiceError`` if unusable."""
     if value is None or value == GOLD:
-        return RewardChoice(GOLD, GOLD)
+        return RewardChoice(GOLD)
     if not isinstance(value, str) or not value.strip():
         raise RewardChoiceError(f"{where}: expected gold, a registered reward or a reward model folder, got {value!r}")
     if _looks_like_path(value):
@@ -90,7 +89,7 @@ def _registered(value: str, where: str) -> RewardChoice:
         fn.rlhf_name = name  # errors it raises name it as the user chose it (``rewards.reward_name``)
     except (AttributeError, TypeError):  # a builtin or a slotted object: named by its function
         pass
-    return RewardChoice(spec, "registered", fn)
+    return RewardChoice(spec, fn)
 
 
 def _from_folder(path: Path, task, device, where: str) -> RewardChoice:
@@ -108,15 +107,15 @@ def _from_folder(path: Path, task, device, where: str) -> RewardChoice:
             from rlhf_env.algorithms.zoo.reward_model import load_reward_run
 
             model, tok = load_reward_run(path / "checkpoint")
-            rm, kind = RewardModel(model, tok, device=device), "reward_model run"
+            rm = RewardModel(model, tok, device=device)
         else:
-            rm, kind = RewardModel(path, device=device), "reward model"
+            rm = RewardModel(path, device=device)
     except RewardChoiceError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # ModelLoadError, VocabMismatchError, ...
         raise RewardChoiceError(f"{where}: not a reward model ({exc})") from None
     _check_encodes(rm.tokenizer, task, where)
-    return RewardChoice(str(path), kind, rm)
+    return RewardChoice(str(path), rm)
 
 
 def _run_config(path: Path) -> dict | None:

@@ -33,32 +33,54 @@ BACKENDS = ("gloo", "nccl")
 
 @dataclasses.dataclass
 class DataParallel:
-    """This process's place in a data-parallel run; ``share``: the part of the current minibatch's
-    rows this rank trains on (None: every rank computes the whole minibatch, each weighs 1/W)."""
+    """This process's place in a data-parallel run (set once by ``setup``; it holds no per-minibatch state:
+    a minibatch's weight travels with it, as a ``Part``)."""
 
     rank: int
     world_size: int
     local_rank: int
     backend: str
     device: torch.device
-    share: float | None = None
     sharded: bool = False  # FSDP: gradients are averaged over ranks by its reduce-scatter
-    rows: torch.Tensor | None = None  # the current minibatch's rows (global) ...
-    part: torch.Tensor | None = None  # ... and this rank's part of them
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
 
-    @property
-    def loss_scale(self) -> float:
-        """What the loss is multiplied by before backward: ``weight``, times W where FSDP averages."""
-        return self.weight * (self.world_size if self.sharded else 1)
+    def weight(self, weight: float | None) -> float:
+        """The factor this rank's loss is multiplied by before the gradients are summed over ranks:
+        a ``Part``'s ``weight``, or 1/W (None: every rank computed the whole minibatch)."""
+        return weight if weight is not None else 1.0 / self.world_size
 
-    @property
-    def weight(self) -> float:
-        """The factor this rank's loss is multiplied by before the gradients are summed over ranks."""
-        return self.share if self.share is not None else 1.0 / self.world_size
+    def loss_scale(self, weight: float | None) -> float:
+        """What the loss is multiplied by before backward: ``weight(weight)``, times W where FSDP averages."""
+        return self.weight(weight) * (self.world_size if self.sharded else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """This rank's part of a minibatch and the weight its loss carries (``Optimizer.step(weight=)``, ``Means.add``).
+
+    ``rows``: this rank's (b,) row indices; ``of``: the whole minibatch's rows; ``weight``: share_r, the part's
+    share of the minibatch's rows (1 in a single-process run), so that Σ_r share_r ∇loss_r is the minibatch's
+    gradient for a loss averaged over rows.
+    """
+
+    rows: torch.Tensor
+    of: torch.Tensor
+    weight: float
+
+    def by_tokens(self, mask: torch.Tensor) -> Part:
+        """The same part weighed by its share of the minibatch's tokens, for a loss averaged over tokens.
+
+        Args:
+            mask: (B, T) the whole batch's completion-token mask (the rows ``rows`` and ``of`` index).
+        """
+        if _current is None:
+            return self
+        total = float(mask[self.of.to(mask.device)].sum())
+        share = float(mask[self.rows.to(mask.device)].sum()) / total if total else len(self.rows) / len(self.of)
+        return dataclasses.replace(self, weight=share)
 
 
 _current: DataParallel | None = None
@@ -207,32 +229,18 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
 # -- who trains on which rows ------------------------------------------------------------------
 
 
-def rank_rows(rows: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a minibatch's (b,) row indices; sets the loss weight ``share``."""
+def rank_part(rows: torch.Tensor) -> Part:
+    """This rank's ``Part`` of a minibatch's (b,) row indices, weighed by its share of the rows."""
     dp = _current
     if dp is None:
-        return rows
+        return Part(rows, rows, 1.0)
     if len(rows) < dp.world_size:
         raise SettingError(
             f"a minibatch of {len(rows)} rows cannot be split over {dp.world_size} ranks; "
             "use fewer minibatches or a larger batch"
         )
     part = rows.tensor_split(dp.world_size)[dp.rank]
-    dp.share, dp.rows, dp.part = len(part) / len(rows), rows, part
-    return part
-
-
-def share_tokens(mask: torch.Tensor) -> None:
-    """For a loss averaged over the minibatch's tokens: weigh this rank's part by its share of the tokens.
-
-    Args:
-        mask: (B, T) the whole batch's completion-token mask (the rows ``minibatches`` indexes).
-    """
-    dp = _current
-    if dp is None or dp.rows is None:
-        return
-    total = float(mask[dp.rows.to(mask.device)].sum())
-    dp.share = float(mask[dp.part.to(mask.device)].sum()) / total if total else len(dp.part) / len(dp.rows)
+    return Part(part, rows, len(part) / len(rows))
 
 
 def shard_size(num_envs: int, group_size: int) -> int:
@@ -250,14 +258,19 @@ def shard_size(num_envs: int, group_size: int) -> int:
 
 
 def check_batch(config, world_size: int) -> None:
-    """Before any work: the world size must divide the config's batch (prompts, envs or examples)."""
-    for name in ("num_prompts", "num_envs", "batch_size"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value % world_size:
-            raise SettingError(
-                f"world size {world_size} does not divide the batch ({name}={value}); "
-                f"use a {name} that is a multiple of {world_size}"
-            )
+    """Before any work: the world size must divide the config's batch, the field its ``batch_shape()``
+    names as the one the ranks split (prompts, envs or examples). A config that declares no
+    ``batch_shape`` is not checked here; its env's ``shard_size`` still refuses a batch that does not split."""
+    declared = getattr(config, "batch_shape", None)
+    if declared is None:
+        return
+    name = declared().split
+    value = getattr(config, name)
+    if value % world_size:
+        raise SettingError(
+            f"world size {world_size} does not divide the batch ({name}={value}); "
+            f"use a {name} that is a multiple of {world_size}"
+        )
 
 
 # -- rollouts: row seeds and gathering ---------------------------------------------------------

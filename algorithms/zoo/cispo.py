@@ -32,7 +32,7 @@ from rlhf_env.errors import SettingError
 
 
 @dataclass
-class Config(grpo.Config):
+class Config(grpo.GroupConfig):
     lr: float = 1e-4  # a third of GRPO's: no clip stops a token's gradient (module docstring)
     kl_coef: float = 0.0  # MiniMax-M1 uses no KL penalty
     clip_eps_low: float = 1.0  # 1: no lower bound on the weight (ρ > 0), as MiniMax

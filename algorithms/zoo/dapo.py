@@ -30,7 +30,7 @@ from rlhf_env.errors import SettingError
 
 
 @dataclass
-class Config(grpo.Config):
+class Config(grpo.GroupConfig):
     kl_coef: float = 0.0  # DAPO drops the KL penalty
     clip_eps_low: float = 0.2  # ε_low
     clip_eps_high: float = 0.28  # ε_high (Yu et al. §3.1)

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
@@ -51,9 +51,12 @@ class PairConfig:
 
     name = "DPO"  # how errors name the algorithm (a class attribute, not a field)
 
+    def batch_shape(self) -> BatchShape:
+        """batch_size pairs, chosen and rejected in one forward; no rollout; the ranks split the pairs."""
+        return BatchShape(2 * self.batch_size, 0, "batch_size")
+
     def __post_init__(self):
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"{self.name} lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        check_optimizer_settings(self, self.name)
         if self.batch_size < 1 or self.num_pairs < 1:
             raise SettingError(
                 f"{self.name} batch_size and num_pairs must be >= 1, got {self.batch_size}, {self.num_pairs}"
@@ -311,11 +314,12 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         policy = self.ctx.policy
-        index = torch.tensor(draw_rows(len(self.pairs), self.config.batch_size, seed), device=self.ctx.device)
+        part = draw_part(len(self.pairs), self.config.batch_size, seed)
+        index = torch.tensor(part.rows.tolist(), device=self.ctx.device)
         policy_c, policy_r, length_c, length_r = self.pair_batch(policy, index)  # chosen and rejected in one forward
         ref_c, ref_r = self.ref_chosen[index], self.ref_rejected[index]
         loss, chosen_r, rejected_r = self.pair_loss(policy_c, policy_r, ref_c, ref_r, length_c, length_r)
-        grad_norm = self.optimizer.step(loss, policy=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
         return {
             **pair_metrics(loss, grad_norm, chosen_r, rejected_r),
             **self.reward_metrics(chosen_r, rejected_r),

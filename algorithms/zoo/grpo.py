@@ -30,31 +30,36 @@ import torch
 
 from rlhf_env.algorithms import maths
 from rlhf_env.algorithms.base import (
+    BatchShape,
     RolloutBatch,
     TrainContext,
     collect_rollouts,
     policy_logprobs,
-    sampler_metrics,
-    sequence_kl,
+    rollout_metrics,
 )
-from rlhf_env.algorithms.maths import kl_k3, masked_mean
+from rlhf_env.algorithms.maths import group_std, kl_k3, masked_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 
 
 @dataclass
-class Config:
+class GroupConfig:
+    """The knobs of every group-relative trainer (GRPO and its variants); each adds its own clipping."""
+
     num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × group_size completions
     group_size: int = 8  # G completions per prompt
     lr: float = 3e-4
     kl_coef: float = 0.04  # β of the k3 KL penalty in the loss
-    clip_eps: float = 0.2  # ε of the clipped ratio
     num_iterations: int = 1  # inner epochs over each batch (1: on-policy, ρ = 1)
     num_minibatches: int = 4  # optimizer steps per epoch; must divide num_prompts × group_size
     max_grad_norm: float = 1.0
     std_eps: float = 1e-4  # added to the group std before dividing (GRPO only); > 0 keeps equal-reward groups at 0
+
+    def batch_shape(self) -> BatchShape:
+        """A minibatch of num_prompts × group_size / num_minibatches rows; the ranks split the prompts."""
+        batch = self.num_prompts * self.group_size
+        return BatchShape(batch // self.num_minibatches, batch, "num_prompts")
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -63,8 +68,6 @@ class Config:
             )
         if self.kl_coef < 0:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
-        if self.clip_eps <= 0:
-            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
         if self.num_prompts < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
             raise SettingError(f"num_prompts, num_iterations and num_minibatches must be >= 1: {self}")
         if (self.num_prompts * self.group_size) % self.num_minibatches:
@@ -72,8 +75,21 @@ class Config:
                 f"num_minibatches={self.num_minibatches} must divide num_prompts × group_size = "
                 f"{self.num_prompts * self.group_size}"
             )
-        if self.lr <= 0 or self.max_grad_norm <= 0 or self.std_eps <= 0:
-            raise SettingError(f"lr, max_grad_norm and std_eps must be > 0: {self}")
+        check_optimizer_settings(self, "GRPO")
+        if not self.std_eps > 0:
+            raise SettingError(f"std_eps must be > 0, got {self.std_eps}")
+
+
+@dataclass
+class Config(GroupConfig):
+    """GRPO's config: the group knobs and the symmetric clip ε (GSPO, CISPO and DAPO have their own bounds)."""
+
+    clip_eps: float = 0.2  # ε of the clipped ratio
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.clip_eps <= 0:
+            raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
 
 
 @dataclass
@@ -83,15 +99,6 @@ class DrConfig(Config):
 
 
 # -- advantages ------------------------------------------------------------------------------
-
-
-def group_std(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B/G,) sample standard deviation (Bessel-corrected, n−1) of each group's scores.
-
-    Args:
-        scores: (B,) with row i in group i // G (the env's layout).
-    """
-    return scores.view(-1, group_size).std(dim=1, unbiased=True)
 
 
 def group_advantages(
@@ -223,15 +230,16 @@ class Trainer(Stateful):
         batch, advantages, extra = self.rollout(seed)
         B = len(batch.scores)
         means = Means()
-        for rows in minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
+        for part in weighted_minibatches(B, min(c.num_minibatches, B), c.num_iterations, seed, batch.input_ids.device):
             if self.token_level:
-                distributed.share_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
+                part = part.by_tokens(batch.action_mask)  # data-parallel: weigh this rank's tokens
+            rows = part.rows
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             args = (logp, batch.logprobs[rows], batch.ref_logprobs[rows], advantages[rows], mask)
             # The contract of ``loss``: it takes ``tis``, None or the (B, T) truncated importance weights of
             # a sampler that is not π_θold; an override without it fails here, never drops the weights.
             parts = self.loss(*args, tis=None if batch.is_weights is None else batch.is_weights[rows])
-            grad_norm = self.optimizer.step(parts.loss, policy=parts.policy, kl=parts.kl)
+            grad_norm = self.optimizer.step(parts.loss, weight=part.weight, policy=parts.policy, kl=parts.kl)
             means.add(
                 {
                     M.LOSS_TOTAL: parts.loss,
@@ -239,16 +247,13 @@ class Trainer(Stateful):
                     M.LOSS_KL: parts.kl,
                     M.POLICY_CLIPFRAC: parts.clipfrac,
                     M.OPTIM_GRAD_NORM: grad_norm,
-                }
+                },
+                weight=part.weight,
             )
         return {
             **means.means(),
             **extra,
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.REWARD_GROUP_STD: group_std(batch.scores, c.group_size).mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, group_size=c.group_size),
         }
 
 

@@ -31,7 +31,7 @@ from rlhf_env.algorithms.zoo.grpo import LossParts
 
 
 @dataclass
-class Config(grpo.Config):
+class Config(grpo.GroupConfig):
     kl_coef: float = 0.0  # GSPO uses no KL penalty
     clip_eps_low: float = 3e-4  # ε_low of the sequence ratio (Zheng et al. §5.1)
     clip_eps_high: float = 4e-4  # ε_high

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.maths import masked_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_part
 from rlhf_env.algorithms.zoo.dpo import PairConfig, load_pairs, sequence_logprobs
 from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
@@ -50,6 +50,10 @@ class Config(PairConfig):
     undesirable_weight: float = 0.75  # λ_U: λ_D n_D / (λ_U n_U) = 4/3 (the paper keeps it in [1, 4/3])
 
     name = "KTO"
+
+    def batch_shape(self) -> BatchShape:
+        """batch_size unpaired examples, one row each; no rollout; the ranks split the examples."""
+        return BatchShape(self.batch_size, 0, "batch_size")
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -142,7 +146,8 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c, policy = self.config, self.ctx.policy
-        idx = draw_rows(len(self.examples), c.batch_size, seed)
+        part = draw_part(len(self.examples), c.batch_size, seed)
+        idx = part.rows.tolist()
         index = torch.tensor(idx, device=self.ctx.device)
         policy_mismatched = self.logprobs(policy, [self.mismatched[i] for i in idx], len(idx))
         z0 = kto_reference_point(policy_mismatched, self.ref_mismatched[index])
@@ -151,7 +156,7 @@ class Trainer(Stateful):
         desirable = self.desirable[index]
         weights = (c.desirable_weight, c.undesirable_weight)
         loss, rewards = kto_loss(logp, self.ref_logp[index], desirable, z0, c.beta, *weights)
-        grad_norm = self.optimizer.step(loss, policy=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
         d = desirable.float()
         return {
             M.LOSS_POLICY: loss.item(),

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import PolicyTrainer
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
 from rlhf_env.algorithms.zoo.dpo import dpo_loss, pair_metrics
 from rlhf_env.errors import SettingError
 
@@ -33,13 +33,16 @@ class Config:
     lr: float = 3e-4
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """Two samples a prompt, their pair in one forward; the ranks split the prompts."""
+        return BatchShape(2 * self.num_prompts, 2 * self.num_prompts, "num_prompts")
+
     def __post_init__(self):
         if self.num_prompts < 1:
             raise SettingError(f"online DPO num_prompts must be >= 1, got {self.num_prompts}")
         if not self.beta > 0:
             raise SettingError(f"online DPO beta must be > 0, got {self.beta}")
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"online DPO lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        check_optimizer_settings(self, "online DPO")
 
 
 def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +69,9 @@ class Trainer(PolicyTrainer):
         batch = collect_rollouts(self.ctx, self.ctx.env(2 * c.num_prompts, group_size=2, beta=0.0), seed)
         chosen, rejected = rank_pairs(batch.scores)
         metrics = {
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.ONLINE_DPO_PAIR_FRACTION: len(chosen) / c.num_prompts,
-            M.PERF_TOKENS: batch.num_tokens,
             # The DPO loss does not use the sampler's log-probs: a mismatch is reported, nothing to correct.
-            **sampler_metrics(batch),
+            **rollout_metrics(batch),
+            M.ONLINE_DPO_PAIR_FRACTION: len(chosen) / c.num_prompts,
         }
         if len(chosen) == 0:  # every prompt tied: nothing to prefer
             return metrics

@@ -44,19 +44,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import BatchShape, TrainContext, collect_rollouts, rollout_metrics
 from rlhf_env.algorithms.maths import (
     clipped,
     clipped_surrogate,
     gae,
     kl_k3,
     masked_mean,
-    masked_sum,
     masked_whiten,
 )
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 from rlhf_env.rollout import set_env_attr
 from rlhf_env.scoring import token_logprobs
@@ -80,6 +78,10 @@ class Config:
     whiten_advantages: bool = True
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """Minibatches of num_envs / num_minibatches rows; the ranks split the envs."""
+        return BatchShape(self.num_envs // self.num_minibatches, self.num_envs, "num_envs")
+
     def __post_init__(self):
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -91,14 +93,13 @@ class Config:
             f"num_minibatches must be in [1, num_envs={self.num_envs}], got {self.num_minibatches}",
         )
         need(self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check_optimizer_settings(self, "PPO")
         need(self.kl_coef >= 0, f"kl_coef must be >= 0, got {self.kl_coef}")
         need(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
         need(0 <= self.gae_lambda <= 1, f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
         need(self.clip_eps > 0, f"clip_eps must be > 0, got {self.clip_eps}")
         need(self.clip_value is None or self.clip_value > 0, f"clip_value must be > 0 or None, got {self.clip_value}")
         need(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
-        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(self.target_kl > 0, f"target_kl must be > 0, got {self.target_kl}")
         need(self.kl_horizon > 0, f"kl_horizon must be > 0, got {self.kl_horizon}")
         need(not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs kl_coef > 0 (β is scaled multiplicatively)")
@@ -248,8 +249,9 @@ class Trainer(Stateful):
 
         B = mask.shape[0]
         means = Means()
-        for rows in minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
-            distributed.share_tokens(mask)  # data-parallel: the losses average over tokens
+        for part in weighted_minibatches(B, c.num_minibatches, c.ppo_epochs, seed, mask.device):
+            part = part.by_tokens(mask)  # data-parallel: the losses average over tokens
+            rows = part.rows
             m = mask[rows]
             ids, attn = batch.input_ids[rows], batch.attention_mask[rows]
             logprobs, values = logprobs_and_values(policy, self.value_head, ids, attn, batch.vocab_size)
@@ -257,7 +259,7 @@ class Trainer(Stateful):
             pg_loss, clipfrac = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m, c.clip_eps, tis)
             vf_loss = value_loss(values, old_values[rows], returns[rows], m, c.clip_value)
             loss = pg_loss + c.vf_coef * vf_loss
-            grad_norm = self.optimizer.step(loss, policy=pg_loss, value=vf_loss)
+            grad_norm = self.optimizer.step(loss, weight=part.weight, policy=pg_loss, value=vf_loss)
             with torch.no_grad():  # KL(π_old ‖ π_θ) by k3 on π_old's samples (docs/maths.md §3)
                 approx_kl = masked_mean(kl_k3(old_logprobs[rows], logprobs), m)
             means.add(
@@ -268,20 +270,13 @@ class Trainer(Stateful):
                     M.POLICY_CLIPFRAC: clipfrac,
                     M.POLICY_APPROX_KL: approx_kl,
                     M.OPTIM_GRAD_NORM: grad_norm,
-                }
+                },
+                weight=part.weight,
             )
 
-        kl = sequence_kl(batch).mean().item()
-        self.kl_ctl.update(kl, B)
-        return {
-            **means.means(),
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: kl,
-            M.OBJECTIVE_KL_COEF: beta,
-            M.OBJECTIVE_RETURN: masked_sum(batch.rewards, mask, 1).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
-        }
+        rollout = rollout_metrics(batch, returns=True)
+        self.kl_ctl.update(rollout[M.OBJECTIVE_KL], B)
+        return {**means.means(), **rollout, M.OBJECTIVE_KL_COEF: beta}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

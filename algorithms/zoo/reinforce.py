@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import PolicyTrainer
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
 from rlhf_env.errors import SettingError
 
 
@@ -26,9 +26,14 @@ class Config:
     baseline: bool = True  # subtract the batch-mean return
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """One update on the num_envs rows of the rollout; the ranks split the envs."""
+        return BatchShape(self.num_envs, self.num_envs, "num_envs")
+
     def __post_init__(self):
-        if self.num_envs < 1 or self.lr <= 0 or self.kl_coef < 0 or self.max_grad_norm <= 0:
-            raise SettingError(f"invalid REINFORCE config: {self}")
+        check_optimizer_settings(self, "invalid REINFORCE config:")
+        if self.num_envs < 1 or self.kl_coef < 0:
+            raise SettingError(f"invalid REINFORCE config (need num_envs >= 1, kl_coef >= 0): {self}")
 
 
 def reinforce_loss(
@@ -56,9 +61,5 @@ class Trainer(PolicyTrainer):
         return {
             M.LOSS_POLICY: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.OBJECTIVE_RETURN: returns.mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, returns=True),
         }

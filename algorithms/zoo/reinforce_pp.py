@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_env.algorithms import maths
-from rlhf_env.algorithms.base import TrainContext, collect_rollouts, policy_logprobs, sampler_metrics, sequence_kl
-from rlhf_env.algorithms.maths import gae, masked_sum, masked_whiten, token_mean
+from rlhf_env.algorithms.base import BatchShape, TrainContext, collect_rollouts, policy_logprobs, rollout_metrics
+from rlhf_env.algorithms.maths import gae, masked_whiten, token_mean
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, minibatches
-from rlhf_env.algorithms.scale import distributed
+from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
 
 
@@ -38,6 +37,11 @@ class Config:
     num_minibatches: int = 2  # optimizer steps per epoch; must divide num_prompts × group_size
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """A minibatch of num_prompts × group_size / num_minibatches rows; the ranks split the prompts."""
+        batch = self.num_prompts * self.group_size
+        return BatchShape(batch // self.num_minibatches, batch, "num_prompts")
+
     def __post_init__(self):
         if self.num_prompts < 1 or self.group_size < 1 or self.num_iterations < 1 or self.num_minibatches < 1:
             raise SettingError(f"num_prompts, group_size, num_iterations and num_minibatches must be >= 1: {self}")
@@ -50,10 +54,7 @@ class Config:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
         if self.clip_eps <= 0:
             raise SettingError(f"clip_eps must be > 0, got {self.clip_eps}")
-        if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise SettingError(
-                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
-            )
+        check_optimizer_settings(self, "REINFORCE++")
 
 
 @dataclass
@@ -125,20 +126,17 @@ class Trainer(Stateful):
             batch.rewards, batch.action_mask, self.baseline(batch.scores, c.group_size)
         )
         means = Means()
-        for rows in minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
-            distributed.share_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
+        for part in weighted_minibatches(B, c.num_minibatches, c.num_iterations, seed, batch.input_ids.device):
+            part = part.by_tokens(batch.action_mask)  # data-parallel: the loss averages over tokens
+            rows = part.rows
             logp, mask = policy_logprobs(policy, batch, rows), batch.action_mask[rows]
             tis = batch.is_weights[rows] if batch.is_weights is not None else None
             loss, clipfrac = reinforce_pp_loss(logp, batch.logprobs[rows], advantages[rows], mask, c.clip_eps, tis)
-            grad_norm = self.optimizer.step(loss, policy=loss)
-            means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm})
+            grad_norm = self.optimizer.step(loss, weight=part.weight, policy=loss)
+            means.add({M.LOSS_POLICY: loss, M.POLICY_CLIPFRAC: clipfrac, M.OPTIM_GRAD_NORM: grad_norm}, part.weight)
         return {
             **means.means(),
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.OBJECTIVE_RETURN: masked_sum(batch.rewards, batch.action_mask, 1).mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, returns=True),
         }
 
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError, UnsupportedModelError
 from rlhf_env.models import pad_token_id, save_pretrained
 from rlhf_env.scoring import encode_completion, pad_batch
@@ -47,9 +47,12 @@ class Config:
     annotator_tau: float = 0.25  # the simulated annotator's temperature τ
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """batch_size pairs, chosen and rejected scored in one forward; no rollout; the ranks split the pairs."""
+        return BatchShape(2 * self.batch_size, 0, "batch_size")
+
     def __post_init__(self):
-        if not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"reward model lr and max_grad_norm must be > 0, got {self.lr}, {self.max_grad_norm}")
+        check_optimizer_settings(self, "reward model")
         if self.batch_size < 1 or self.num_pairs < 1 or self.num_heldout_pairs < 1:
             raise SettingError(f"reward model batch_size, num_pairs and num_heldout_pairs must be >= 1: {self}")
         if self.heldout_every < 0:
@@ -174,11 +177,12 @@ class Trainer(Stateful):
 
     def step(self, step: int, seed: int) -> dict[str, float]:
         c = self.config
-        idx = draw_rows(len(self.pairs), c.batch_size, seed)
+        part = draw_part(len(self.pairs), c.batch_size, seed)
+        idx = part.rows.tolist()
         scores = self._scores([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx])  # one forward
         r_chosen, r_rejected = scores[: len(idx)], scores[len(idx) :]
         loss = bt_loss(r_chosen, r_rejected)
-        grad_norm = self.optimizer.step(loss, reward_model=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, reward_model=loss)
         metrics = {
             M.LOSS_REWARD_MODEL: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_env.algorithms.base import collect_rollouts, is_weighted, policy_logprobs, sampler_metrics, sequence_kl
+from rlhf_env.algorithms.base import BatchShape, collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import leave_one_out_baseline, masked_sum
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import PolicyTrainer
-from rlhf_env.algorithms.zoo.grpo import group_std
+from rlhf_env.algorithms.run.plumbing import PolicyTrainer, check_optimizer_settings
 from rlhf_env.algorithms.zoo.reinforce import reinforce_loss
 from rlhf_env.errors import SettingError
 
@@ -31,6 +30,10 @@ class Config:
     kl_coef: float = 0.05  # β of the KL-shaped env reward
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """One update on the whole batch of num_prompts × k rows; the ranks split the prompts."""
+        return BatchShape(self.num_prompts * self.k, self.num_prompts * self.k, "num_prompts")
+
     def __post_init__(self):
         if self.k < 2:
             raise SettingError(f"RLOO needs k >= 2 (the baseline is the mean of the other k−1), got k={self.k}")
@@ -38,10 +41,7 @@ class Config:
             raise SettingError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.kl_coef < 0:
             raise SettingError(f"kl_coef (β) must be >= 0, got {self.kl_coef}")
-        if not (self.lr > 0 and self.max_grad_norm > 0):
-            raise SettingError(
-                f"lr and max_grad_norm must be > 0, got lr={self.lr}, max_grad_norm={self.max_grad_norm}"
-            )
+        check_optimizer_settings(self, "RLOO")
 
 
 class Trainer(PolicyTrainer):
@@ -58,10 +58,5 @@ class Trainer(PolicyTrainer):
         return {
             M.LOSS_POLICY: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
-            M.REWARD_SCORE: batch.scores.mean().item(),
-            M.REWARD_GROUP_STD: group_std(batch.scores, c.k).mean().item(),
-            M.OBJECTIVE_KL: sequence_kl(batch).mean().item(),
-            M.OBJECTIVE_RETURN: returns.mean().item(),
-            M.PERF_TOKENS: batch.num_tokens,
-            **sampler_metrics(batch),
+            **rollout_metrics(batch, group_size=c.k, returns=True),
         }

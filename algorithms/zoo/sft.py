@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_rows
+from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimizer_settings, draw_part
 from rlhf_env.errors import SettingError
 from rlhf_env.scoring import sft_loss
 
@@ -24,9 +24,14 @@ class Config:
     batch_size: int = 32  # (prompt, completion) pairs per step
     max_grad_norm: float = 1.0
 
+    def batch_shape(self) -> BatchShape:
+        """batch_size demonstrations, one row each; no rollout; the ranks split them."""
+        return BatchShape(self.batch_size, 0, "batch_size")
+
     def __post_init__(self):
-        if self.batch_size < 1 or not self.lr > 0 or not self.max_grad_norm > 0:
-            raise SettingError(f"invalid SFT config (need batch_size >= 1, lr > 0, max_grad_norm > 0): {self}")
+        check_optimizer_settings(self, "invalid SFT config:")
+        if self.batch_size < 1:
+            raise SettingError(f"invalid SFT config (need batch_size >= 1): {self}")
 
 
 class Trainer(Stateful):
@@ -39,9 +44,10 @@ class Trainer(Stateful):
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     def step(self, step: int, seed: int) -> dict[str, float]:
-        idx = draw_rows(len(self.data), self.config.batch_size, seed, replacement=True)
+        part = draw_part(len(self.data), self.config.batch_size, seed, replacement=True)
+        idx = part.rows.tolist()
         loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, [self.data[i] for i in idx])
-        grad_norm = self.optimizer.step(loss, sft=loss)
+        grad_norm = self.optimizer.step(loss, weight=part.weight, sft=loss)
         return {
             M.LOSS_SFT: loss.item(),
             M.OPTIM_GRAD_NORM: grad_norm,
