@@ -113,7 +113,8 @@ class RayExecutor:
             return
         import ray
 
-        from rlhf_env.bench.runner import _crashed, _summary
+        from rlhf_env.bench.display import summary
+        from rlhf_env.bench.runner import _crashed
 
         self._connect()
         task = ray.remote(_run_job).options(num_cpus=threads, num_gpus=self.num_gpus, max_retries=0)
@@ -129,7 +130,7 @@ class RayExecutor:
                     result = ray.get(ref)
                 except Exception as exc:  # the worker died (or the task could not run): this cell fails alone
                     result = _crashed(key, fn, args, out, exc)
-                display.finish(key, _summary(result))
+                display.finish(key, summary(result))
 
 
 def _run_job(fn, args, threads: int, paths: list[str]):

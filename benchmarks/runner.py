@@ -28,7 +28,6 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -37,10 +36,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import fingerprint, pipeline
+from rlhf_env.bench.display import Display, summary
 from rlhf_env.bench.suite import Cell, Suite, TaskEntry
 
 _progress_queue = None  # set in each worker by _init_worker
@@ -245,65 +243,6 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
 # -- the parent -----------------------------------------------------------------------------
 
 
-class _Display:
-    """One line: cells done of total, and each running cell with how far it is."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.bar = tqdm(
-            total=total,
-            desc=desc,
-            unit="cell",
-            disable=not enabled,
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total} cells [{elapsed}<{remaining}] {postfix}",
-        )
-        self.done, self.running = 0, {}
-        # A terminal redraws twice a second; a log file gets a line every 30 s.
-        self.interval = 0.5 if sys.stderr.isatty() else 30.0
-        self.last = 0.0
-
-    def start(self, key: str) -> None:
-        self.running[key] = (0.0, None)
-        self._refresh()
-
-    def update(self, key: str, fraction: float, gold) -> None:
-        if key in self.running:
-            self.running[key] = (fraction, gold if gold is not None else self.running[key][1])
-            if time.monotonic() - self.last >= self.interval:
-                self._refresh()
-
-    def finish(self, key: str, line: str) -> None:
-        self.running.pop(key, None)
-        self.done += 1
-        self.bar.write(line)
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self.bar.n = self.done + sum(f for f, _ in self.running.values())
-        parts = [
-            f"{k} {100 * f:.0f}%" + (f" gold {g:.2f}" if g is not None else "") for k, (f, g) in self.running.items()
-        ]
-        self.bar.set_postfix_str(" | ".join(parts) or "", refresh=False)
-        self.bar.refresh()
-        self.last = time.monotonic()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _summary(result: dict[str, Any]) -> str:
-    if "stage" in result:  # a pipeline stage: reward model, best-of-n
-        return pipeline.summary(result)
-    key = f"{result['task']}/{result['algorithm']}" + (f"/seed{result['seed']}" if "seed" in result else "")
-    if result["status"] != "ok":
-        return f"  FAILED {key}: {result['error']}"
-    gold, wall = result[M.REWARD_GOLD], result[M.TIME_WALL_S]
-    if result["algorithm"] == "base":
-        return f"  base   {key}: gold {gold:+.3f} ({result[M.MODEL_PARAMS]:,} params, {wall:.0f} s)"
-    kl, tokens, rate = result[M.OBJECTIVE_KL_EVAL], result[M.PERF_TOKENS_TOTAL], result[M.PERF_MEAN_TOKENS_PER_S]
-    return f"  done   {key}: gold {gold:+.3f}  KL {kl:.2f}  {tokens:,.0f} tokens  {rate:,.0f} tok/s  {wall:.0f} s"
-
-
 def run_suite(
     suite: Suite, out: str | os.PathLike, *, workers: int | None = None, progress: bool = True, executor=None
 ) -> list[dict]:
@@ -345,7 +284,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
     if len(todo) < len(cells):
         print(f"{suite.name}: {len(cells) - len(todo)} of {len(cells)} cells already finished in {out}, skipping them")
     rm_jobs, bon_jobs = pipeline.feedback_jobs(suite, out)
-    display = _Display(len(base_jobs) + len(rm_jobs) + len(bon_jobs) + len(todo), f"bench {suite.name}", progress)
+    display = Display(len(base_jobs) + len(rm_jobs) + len(bon_jobs) + len(todo), f"bench {suite.name}", progress)
     threads = suite.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
     execute = executor or (_run_inline if workers == 0 else _run_pool)
     try:
@@ -426,14 +365,14 @@ def _crashed(key: str, fn, args, out: Path, exc: BaseException) -> dict[str, Any
 class _DirectQueue:
     """In-process stand-in for the workers' progress queue: updates the display at once."""
 
-    def __init__(self, display: _Display):
+    def __init__(self, display: Display):
         self.display = display
 
     def put(self, item) -> None:
         self.display.update(*item)
 
 
-def _run_inline(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:
+def _run_inline(jobs, display: Display, workers: int, threads: int, out: Path) -> None:
     import torch
 
     saved = torch.get_num_threads()
@@ -441,12 +380,12 @@ def _run_inline(jobs, display: _Display, workers: int, threads: int, out: Path) 
     try:
         for key, fn, args in jobs:
             display.start(key)
-            display.finish(key, _summary(fn(*args)))
+            display.finish(key, summary(fn(*args)))
     finally:
         _init_worker(None, saved)
 
 
-def _run_pool(jobs, display: _Display, workers: int, threads: int, out: Path) -> None:
+def _run_pool(jobs, display: Display, workers: int, threads: int, out: Path) -> None:
     if not jobs:
         return
     ctx = mp.get_context("spawn")  # no forked torch/OpenMP state
@@ -474,13 +413,13 @@ def _run_pool(jobs, display: _Display, workers: int, threads: int, out: Path) ->
                     exc = fut.exception()
                     # A dead worker breaks the pool: the jobs it ran fail, the rest go on in a new pool.
                     broken |= isinstance(exc, BrokenProcessPool)
-                    display.finish(key, _summary(fut.result() if exc is None else _crashed(key, fn, args, out, exc)))
+                    display.finish(key, summary(fut.result() if exc is None else _crashed(key, fn, args, out, exc)))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         _drain(q, display)
 
 
-def _drain(q, display: _Display) -> None:
+def _drain(q, display: Display) -> None:
     while True:
         try:
             key, fraction, gold = q.get_nowait()
