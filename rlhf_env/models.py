@@ -8,6 +8,7 @@ directory that cannot give what is asked raises ``ModelLoadError`` naming the pr
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,16 @@ def resolve_device(device=None) -> torch.device:
 
 
 def _local_dir(path: str | Path) -> Path:
+    """A local model folder; a ``.gguf`` file gives its converted folder (``rlhf_env.gguf``)."""
+    from rlhf_env import gguf
+
+    if gguf.is_gguf(path):
+        return gguf.cached_dir(path)
     p = Path(path).expanduser()
     if not p.is_dir():
         raise MissingFileError(
             f"model path {str(path)!r} is not a local directory (nothing is downloaded; "
-            "pass a directory saved with save_pretrained)"
+            "pass a directory saved with save_pretrained, or a .gguf file)"
         )
     return p
 
@@ -198,6 +204,21 @@ def load_pretrained(path: str | Path, device=None, dtype=None, trust_remote_code
     tokenizer = load_tokenizer(path, trust_remote_code)
     check_vocab(tokenizer, model)
     return model, tokenizer
+
+
+def checkpoint_parameters(path: str | Path) -> int:
+    """Parameters stored in a local checkpoint's safetensors files, read from their headers (no loading)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(_local_dir(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    total += math.prod(handle.get_slice(key).get_shape())
+        except Exception as exc:  # SafetensorError, or an OSError for an unreadable file
+            raise ModelLoadError(f"{f}: damaged or incomplete safetensors file ({exc})") from None
+    return total
 
 
 def model_vocab_size(model) -> int:

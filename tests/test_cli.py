@@ -192,6 +192,7 @@ def test_every_command_is_a_plugin_registered_by_its_own_layer(fresh_host, capsy
         ("list", "rlhf_env.builtins"),
         ("rollout", "rlhf_env.builtins"),
         ("base-model", "rlhf_env.builtins"),
+        ("convert", "rlhf_env.builtins"),
         ("train", "rlhf_env.algorithms.builtins"),
         ("export-lora", "rlhf_env.algorithms.builtins"),
         ("bench", "rlhf_env.bench.builtins"),

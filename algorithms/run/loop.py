@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_env.algorithms.base import TrainContext
-from rlhf_env.algorithms.run import memory
+from rlhf_env.algorithms.run import memory, presets
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import NonFiniteLossError
 from rlhf_env.algorithms.run.runfolder import (
@@ -43,7 +44,7 @@ from rlhf_env.algorithms.run.stages import (
 )
 from rlhf_env.algorithms.scale import distributed, lora
 from rlhf_env.algorithms.scale import fsdp as sharding
-from rlhf_env.errors import SettingError, UserError
+from rlhf_env.errors import RunWarning, SettingError, UserError
 from rlhf_env.models import save_pretrained
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
 from rlhf_env.tasks.base import Task
@@ -196,6 +197,7 @@ def run_steps(
     """Step until the budget is spent: each step's record (perf, evaluation, memory) goes to ``sinks``."""
     tokens_total, elapsed, done = spent_at_start(models, schedule, start, records)
     step, saved_step = start, (start if folder.resuming else None)  # said when a later checkpoint write fails
+    warned = False
     while done < 1.0:
         if meter is not None and step == start:
             meter.start()
@@ -210,6 +212,7 @@ def run_steps(
             metrics.update(_memory_metrics(meter, models.ctx, models.cfg, models.trainer))
         if schedule.evaluates(step, before, done) and lead:  # evaluation needs no other rank
             metrics.update(evaluate_policy(models.ctx, eval_prompts))
+            warned = _warn_far_from_reference(metrics, step, warned)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         records.append(record)
         sinks.write(record, done)
@@ -218,6 +221,14 @@ def run_steps(
             _save_checkpoint(folder.out, models.ctx, models.trainer, step, saved_step)
             saved_step = step
     return records
+
+
+def _warn_far_from_reference(metrics: dict, step: int, warned: bool) -> bool:
+    """Warn once when the evaluated KL from the reference passes ``presets.KL_WARNING_NATS``."""
+    message = None if warned else presets.kl_warning(float(metrics.get(M.OBJECTIVE_KL_EVAL, 0.0)), step)
+    if message is not None:
+        warnings.warn(RunWarning(message), stacklevel=2)
+    return warned or message is not None
 
 
 def train(
@@ -279,6 +290,8 @@ def train(
     ``run_settings`` (``config.json``), then ``run_steps`` with a ``Schedule`` and ``Sinks``.
     """
     budget = Budget(steps, max_tokens, max_seconds)
+    lora_run = lora_settings is not None
+    config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resume, quiet=not progress)
     launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp)
     lead = launch.lead
     with distributed.active(launch.dp), claim_run_folder(out) if lead else distributed.follow(out) as out:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ from rlhf_env.tasks.base import PreferencePair
 @dataclass
 class PairConfig:
     """What every offline pair variant shares: the pair data, the optimizer, the batch."""
+
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 5e-7}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 5e-6}
 
     lr: float = 3e-4
     batch_size: int = 64  # pairs per step

@@ -24,7 +24,7 @@ surrogate and ``policy/clipfrac``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -46,6 +46,10 @@ from rlhf_env.errors import SettingError
 @dataclass
 class GroupConfig:
     """The knobs of every group-relative trainer (GRPO and its variants); each adds its own clipping."""
+
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
 
     num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × group_size completions
     group_size: int = 8  # G completions per prompt

@@ -15,6 +15,7 @@ scores every sampled token under the reference anyway. The formulas: docs/maths.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,9 @@ from rlhf_env.errors import SettingError
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
     num_prompts: int = 32  # prompts per step; each is completed twice by the current policy
     beta: float = 1.0  # β of the DPO loss (short completions want a large β)
     lr: float = 3e-4

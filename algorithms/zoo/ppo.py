@@ -40,6 +40,7 @@ the run's last token, so it is exact on such runs (tested in ``tests/test_ppo.py
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +63,9 @@ from rlhf_env.scoring import token_logprobs
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
     num_envs: int = 64  # episodes per rollout
     num_minibatches: int = 4  # minibatches per epoch (rows, so at most num_envs)
     ppo_epochs: int = 4  # passes over each rollout

@@ -8,6 +8,7 @@ The formulas: docs/maths.md §2 (the return) and §8 (the estimator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,9 @@ from rlhf_env.errors import SettingError
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
     num_envs: int = 64  # episodes per iteration (m)
     lr: float = 1e-3
     kl_coef: float = 0.05  # β of the KL-shaped env reward

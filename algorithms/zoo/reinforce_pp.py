@@ -15,6 +15,7 @@ minibatch's tokens. The formulas: docs/maths.md §15.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,9 @@ from rlhf_env.errors import SettingError
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
     num_prompts: int = 64  # prompts per iteration; the batch is num_prompts × group_size completions
     group_size: int = 1  # completions per prompt
     lr: float = 3e-4

@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ from rlhf_env.tasks.base import PreferencePair
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-5}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-4}
     lr: float = 3e-4
     batch_size: int = 64  # pairs per step
     num_pairs: int = 2048  # training pairs from the annotators on the train prompts

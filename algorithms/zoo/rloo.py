@@ -13,6 +13,7 @@ docs/maths.md §14 (and §13 for the baseline).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhf_env.algorithms.base import BatchShape, collect_rollouts, is_weighted, policy_logprobs, rollout_metrics
 from rlhf_env.algorithms.maths import leave_one_out_baseline, masked_sum
@@ -24,6 +25,9 @@ from rlhf_env.errors import SettingError
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-6}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-5}
     num_prompts: int = 16  # prompts per iteration; the batch is num_prompts × k completions
     k: int = 8  # completions per prompt (the leave-one-out group)
     lr: float = 3e-4  # 1e-3 fell below the base on some seeds and kernels (docs/maths.md §14)

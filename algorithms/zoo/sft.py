@@ -10,6 +10,7 @@ prompt tokens masked; docs/maths.md §10), on random minibatches of the task's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhf_env.algorithms.base import BatchShape, TrainContext
 from rlhf_env.algorithms.run import metrics as M
@@ -20,6 +21,9 @@ from rlhf_env.scoring import sft_loss
 
 @dataclass
 class Config:
+    # On a checkpoint the user gives (--model): algorithms/run/presets.py
+    PRETRAINED: ClassVar[dict] = {"lr": 1e-5}
+    PRETRAINED_LORA: ClassVar[dict] = {"lr": 1e-4}
     lr: float = 5e-4  # 1e-3 made the loss jump on the first steps
     batch_size: int = 32  # (prompt, completion) pairs per step
     max_grad_norm: float = 1.0

@@ -26,21 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_env.cache import cache_root
 from rlhf_env.models import load_pretrained
 from rlhf_env.scoring import sft_loss
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
-
-CACHE_ENV = "RLHF_ENV_CACHE"
-
-
-def cache_root() -> Path:
-    """``$RLHF_ENV_CACHE``, else ``$XDG_CACHE_HOME/rlhf_env``, else ``~/.cache/rlhf_env``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rlhf_env"
-
 
 SHIPPED = Path(__file__).with_name("shipped")
 
