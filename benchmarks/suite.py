@@ -315,14 +315,23 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: di
     task_hparams = {a: {**hparams.get(a, {}), **h} for a, h in own.items()}
     tb = _budget(t["budget"], f"{tw}.budget") if "budget" in t else budget
     model = _string(t, "model", tw)
-    if model is not None and not Path(model).expanduser().is_dir():
-        raise SuiteError(f"{tw}: model {model!r} is not a local folder")
+    if model is not None and not _model_exists(model):
+        raise SuiteError(f"{tw}: model {model!r} is not a local folder, a .gguf file or package:NAME")
     label = _string(t, "label", tw, t["name"])
     reward = _reward(t, tw, top["reward"])
     pipeline = _pipeline(t.get("pipeline", {}), tw, top["pipeline"])
     _check_sweep(pipeline, reward, tw)
     entry = TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model, reward)
     return _expand(entry, pipeline, host)
+
+
+def _model_exists(model: str) -> bool:
+    from rlhf_env import gguf
+
+    if gguf.is_package_ref(model):
+        return gguf.packaged(model[len(gguf.PACKAGE_PREFIX) :]) is not None
+    path = Path(model).expanduser()
+    return path.is_file() if gguf.is_gguf(model) else path.is_dir()
 
 
 def load_suite(suite: str | Path, host=None) -> Suite:

