@@ -217,3 +217,25 @@ def test_train_records_the_chat_template_and_a_resume_that_changes_it_is_refused
     assert len(err) == 1 and "holds a run with other settings: chat_template 'none' -> 'auto'" in err[0], err
     assert cli.main([*argv[:-2], "--resume", "--steps", "2"]) == 0  # no flag: the run's own mode
     assert json.loads((out / "config.json").read_text())["chat_template"] == "none"
+
+
+def test_a_suites_chat_template_key_reaches_each_task_entry_and_its_settings(tmp_path):
+    from rlhf_env.bench.fingerprint import cell_settings
+    from rlhf_env.bench.suite import SuiteError, load_suite
+
+    body = 'seeds = [0]\nalgorithms = ["sft"]\nchat_template = "none"\n[budget]\ntokens = 10\n'
+    body += '[[tasks]]\nname = "arithmetic"\n[[tasks]]\nname = "sentiment"\nchat_template = "auto"\n'
+    suite = load_suite(write(tmp_path / "s.toml", body))
+    assert [t.chat_template for t in suite.tasks] == ["none", "auto"]  # the top level, then a task's own
+    settings = [cell_settings(suite, c) for c in suite.cells()]
+    # Recorded only when not the default, so settings.json of folders made before the key still match.
+    assert settings[0]["chat_template"] == "none" and "chat_template" not in settings[1]
+    with pytest.raises(SuiteError, match=r"tasks\[0\]: chat_template must be one of \['auto', 'none'\], got 'chatml'"):
+        load_suite(
+            write(tmp_path / "s.toml", body.replace('"arithmetic"\n', '"arithmetic"\nchat_template = "chatml"\n'))
+        )
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
