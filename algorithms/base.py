@@ -20,6 +20,7 @@ from rlhf_env.algorithms.run.overrides import typed_overrides
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
 from rlhf_env.packing import packed_logprobs
+from rlhf_env.prompt_format import PromptFormat
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
 from rlhf_env.tasks.base import Task
 from rlhf_env.vector_env import VectorTextGenEnv
@@ -56,7 +57,8 @@ class TrainContext:
     ``policy`` is trained; ``ref`` is the frozen reference (the starting policy). Both stay
     in eval mode (no dropout), so log-probs at sampling time and at training time agree.
     ``reward`` is the optimised (proxy) reward of training envs; None: the task's gold.
-    Evaluation envs always score with the gold.
+    Evaluation envs always score with the gold. ``chat_template`` (``"auto"``/``"none"``) is how
+    every env of the run and every offline encoding (``prompt_format``) turns prompts into ids.
     """
 
     task: Task
@@ -67,7 +69,18 @@ class TrainContext:
     seed: int = 0
     generator: str = DEFAULT_GENERATOR  # the registered generation backend rollouts sample with
     reward: Any = None  # reward(prompts, completions) -> scores, or a RewardModel; None: gold
+    chat_template: str = "auto"  # rlhf_env.prompt_format mode of the run's envs and offline data
     _envs: dict = field(default_factory=dict, repr=False)
+    _format: Any = field(default=None, repr=False)
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The envs' ``PromptFormat`` (same tokenizer, mode and reference): offline data encoded with it
+        (``scoring.encode_completion(..., prompt_format=)``) has exactly the ids the env would hold."""
+        if self._format is None:
+            config = getattr(self.ref, "generation_config", None)
+            self._format = PromptFormat(self.tokenizer, self.chat_template, config)
+        return self._format
 
     def env(self, num_envs: int, group_size: int = 1, beta: float = 0.0, split: str = "train") -> VectorTextGenEnv:
         """A vector env on the task's ``split`` prompts and ``ref`` (cached): train envs score with
@@ -87,6 +100,7 @@ class TrainContext:
                 beta=beta,
                 max_new_tokens=self.task.max_new_tokens,
                 device=self.device,
+                chat_template=self.chat_template,
             )
         return self._envs[key]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.commands import DTYPES, positive_int, torch_dtype
+from rlhf_env.commands import DTYPES, chat_template_argument, positive_int, torch_dtype
 from rlhf_env.errors import SettingError
 from rlhf_env.plugins.cli import Command
 
@@ -51,10 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else saved.get("seed", 0)
     model = args.model if args.model is not None else saved.get("model")
     reward = args.reward if args.reward is not None else saved.get("reward")
+    chat_template = args.chat_template or saved.get("chat_template", "auto")
     run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
     run.update(
         eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo, reward=reward
     )
+    run["chat_template"] = chat_template
     run.update(
         backend=args.backend, lora_settings=_lora_settings(args, saved), fsdp=args.fsdp or saved.get("fsdp", False)
     )
@@ -94,6 +96,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         help="what online algorithms optimise: gold (the task's, default), a registered reward "
         "(NAME or NAME:KEY=VALUE,...), a reward model folder or a reward_model run folder; gold is always evaluated",
     )
+    chat_template_argument(p, default=None)
     p.add_argument("--steps", type=positive_int, default=None, help="default: 50, or the resumed run's")
     p.add_argument("--seed", type=int, default=None, help="default: 0, or the resumed run's")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")

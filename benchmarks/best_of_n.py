@@ -82,7 +82,16 @@ def _log_comb(a: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_best_of_n(
-    task, model, tokenizer, reward, prompts: list[str], n_max: int, *, seed: int = 0, chunk: int = 1024
+    task,
+    model,
+    tokenizer,
+    reward,
+    prompts: list[str],
+    n_max: int,
+    *,
+    seed: int = 0,
+    chunk: int = 1024,
+    chat_template: str = "auto",
 ) -> list[dict[str, float]]:
     """Sample ``n_max`` completions of each prompt from ``model``, score them with the gold and ``reward``
     (the proxy; None: the gold), and return ``best_of_n`` for n = 1, 2, 4, ..., ``n_max``."""
@@ -93,7 +102,8 @@ def evaluate_best_of_n(
     rows = [p for p in prompts for _ in range(n_max)]  # prompt-major: row i*n_max + j is sample j of prompt i
     completions: list[str] = []
     for s in range(0, len(rows), chunk):
-        completions += complete(model, tokenizer, rows[s : s + chunk], task.max_new_tokens, seed=seed + s)
+        part = rows[s : s + chunk]
+        completions += complete(model, tokenizer, part, task.max_new_tokens, seed=seed + s, chat_template=chat_template)
     gold = torch.tensor(task.gold_reward(rows, completions), dtype=torch.float32)
     if reward is None:
         proxy = gold

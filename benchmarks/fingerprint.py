@@ -30,7 +30,9 @@ class StaleResultsError(SuiteError):
 
 
 def _task(suite: Suite, t: TaskEntry) -> dict[str, Any]:
-    return {"task": t.name, "knobs": t.knobs, "model": t.model, "device": suite.device}
+    # chat_template only when not the default, so folders recorded before the key still match.
+    template = {"chat_template": t.chat_template} if t.chat_template != "auto" else {}
+    return {"task": t.name, "knobs": t.knobs, "model": t.model, "device": suite.device, **template}
 
 
 def rm_settings(suite: Suite, t: TaskEntry) -> dict[str, Any]:

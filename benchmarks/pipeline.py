@@ -140,7 +140,8 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
             annotator_tau=p["tau"],
         )
         torch.manual_seed(seed)
-        trainer = reward_model.Trainer(TrainContext(t, ref, ref, tok, device, seed), config)
+        ctx = TrainContext(t, ref, ref, tok, device, seed, chat_template=task.chat_template)
+        trainer = reward_model.Trainer(ctx, config)
         t1 = time.perf_counter()
         last: dict[str, float] = {}
         for step in range(p["rm_steps"]):
@@ -209,7 +210,8 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
         ref, tok = load_base_model(t, task.model, device=device, progress=False)
         choice = resolve_reward(proxy_reward(task, seed, Path(out)), t, device=device)
         prompts = t.eval_prompts[: task.pipeline["best_of_n_prompts"]]
-        curve = evaluate_best_of_n(t, ref, tok, choice.fn, prompts, task.pipeline["best_of_n"], seed=seed)
+        n_max, template = task.pipeline["best_of_n"], task.chat_template
+        curve = evaluate_best_of_n(t, ref, tok, choice.fn, prompts, n_max, seed=seed, chat_template=template)
         top = curve[-1]
         figures = {k: v for k, v in top.items() if k != "n" and not (k == M.REWARD_PROXY and choice.is_gold)}
         result = {**base, "status": "ok", **figures, "n": top["n"], "curve": curve}  # no proxy column on gold

@@ -138,7 +138,8 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
                 _progress_queue.put((key, 0.95 * step / steps, None))  # the evaluation is the last 5 %
 
         ref, tok = load_base_model(t, task.model, device=device, progress=False, callback=report)
-        metrics = evaluate_policy(TrainContext(t, copy.deepcopy(ref), ref, tok, device), eval_prompts)
+        ctx = TrainContext(t, copy.deepcopy(ref), ref, tok, device, chat_template=task.chat_template)
+        metrics = evaluate_policy(ctx, eval_prompts)
         result = {
             "status": "ok",
             "task": task.label,
@@ -210,6 +211,7 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
             algo_name=cell.algorithm,
             callback=report,
             measure_memory=True,
+            chat_template=cell.task.chat_template,
         )
         last = records[-1]
         # The first window's memory figures (a resumed cell measures again).

@@ -16,6 +16,8 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     name = "sentiment"            # a registered task; knobs = {...}, budget and hparams override
     reward = "learned"            # gold (default), learned (the RLHF pipeline), or any `rlhf train --reward`
     pipeline = { pairs = [256, 1024], tau = 0.25 }  # lists sweep: one task entry per combination
+    chat_template = "none"        # auto (default: the tokenizer's chat template when it has one) or none;
+                                  # top-level or per task
 
 ``reward = "learned"`` runs the RLHF pipeline (``rlhf_env.bench.pipeline``): per task and seed,
 ``pairs`` annotator-labelled pairs (temperature ``tau``) of the base model train one reward
@@ -60,8 +62,9 @@ TOP_KEYS = {
     "checkpoint_every",
     "reward",
     "pipeline",
+    "chat_template",
 }
-TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline"}
+TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline", "chat_template"}
 GOLD, LEARNED = "gold", "learned"
 # The pipeline's keys, defaults and types; SWEEPS take a list of values to sweep.
 PIPELINE_DEFAULTS: dict[str, Any] = {
@@ -95,6 +98,7 @@ class TaskEntry:
     pipeline: dict[str, Any] = field(default_factory=dict)  # PIPELINE_DEFAULTS' keys, one value each
     sweep: dict[str, Any] = field(default_factory=dict)  # the swept values of this entry ({"N": 256})
     rm_key: str = ""  # entries that share a reward model share this (task, N, tau)
+    chat_template: str = "auto"  # rlhf_env.prompt_format mode of every env and offline encoding of the entry
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,15 @@ def _reward(raw: dict, where: str, default: str) -> str:
     return value
 
 
+def _chat_template(raw: dict, where: str, default: str) -> str:
+    from rlhf_env.prompt_format import CHAT_TEMPLATE_MODES
+
+    value = raw.get("chat_template", default)
+    if value not in CHAT_TEMPLATE_MODES:
+        raise SuiteError(f"{where}: chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {value!r}")
+    return value
+
+
 def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: dict) -> list[TaskEntry]:
     """``tasks[i]``: a registered task, knobs its factory takes (typed), its own budget, hparams, reward and
     pipeline; one entry per combination of swept pipeline values."""
@@ -322,6 +335,7 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: di
     pipeline = _pipeline(t.get("pipeline", {}), tw, top["pipeline"])
     _check_sweep(pipeline, reward, tw)
     entry = TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model, reward)
+    entry = replace(entry, chat_template=_chat_template(t, tw, top["chat_template"]))
     return _expand(entry, pipeline, host)
 
 
@@ -376,6 +390,7 @@ def load_suite(suite: str | Path, host=None) -> Suite:
     top = {
         "reward": _reward(raw, where, GOLD),
         "pipeline": _pipeline(raw.get("pipeline", {}), where, PIPELINE_DEFAULTS),
+        "chat_template": _chat_template(raw, where, "auto"),
     }
     tasks = [e for i, t in enumerate(raw["tasks"]) for e in _task(t, where, i, hparams, budget, host, top)]
     labels = [t.label for t in tasks]

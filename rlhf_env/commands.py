@@ -111,7 +111,15 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     """Print every finished episode, then a summary line."""
     a = args
     result = run_rollout(
-        a.episodes, a.num_envs, a.max_new_tokens, a.beta, a.seed, a.task, a.model, torch_dtype(a.dtype)
+        a.episodes,
+        a.num_envs,
+        a.max_new_tokens,
+        a.beta,
+        a.seed,
+        a.task,
+        a.model,
+        torch_dtype(a.dtype),
+        chat_template=a.chat_template,
     )
     for i, ep in enumerate(result.episodes):
         print(format_episode(i, ep))
@@ -164,6 +172,21 @@ def _rollout_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=None, help="a registered task (default: the embedded default env)")
     p.add_argument("--model", default=None, help="local HF checkpoint: the task's base model, or the default env's")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    chat_template_argument(p)
+
+
+def chat_template_argument(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """``--chat-template auto|none`` (``rlhf rollout``; ``rlhf train`` with ``default=None``: the resumed run's)."""
+    from rlhf_env.prompt_format import CHAT_TEMPLATE_MODES
+
+    p.add_argument(
+        "--chat-template",
+        choices=CHAT_TEMPLATE_MODES,
+        default=default,
+        help="auto: prompts become a user turn of the tokenizer's chat template when it has one (default"
+        + ("" if default else ", or the resumed run's")
+        + "); none: raw prompt text",
+    )
 
 
 def _base_model_arguments(p: argparse.ArgumentParser) -> None:

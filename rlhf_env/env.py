@@ -2,7 +2,8 @@
 
 State = prompt ∘ partial completion, action = one token (with the acting policy's
 log-prob of it), reward per token ``-β (log π_θ - log π_ref)`` plus the reward score on
-the last token. ``terminated`` on EOS, ``truncated`` at ``max_new_tokens``.
+the last token. ``terminated`` on a stop id (EOS, the chat template's end of turn, ...),
+``truncated`` at ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
         reward_tokenizer: tokenizer of a reward model whose tokenizer differs.
         device, dtype: where π_ref and r_φ run (default CUDA if available; bf16 optional).
         render_mode: ``"ansi"`` or None.
+        chat_template: ``"auto"`` (default): a prompt becomes a user turn of the tokenizer's chat
+            template with the generation prompt, when the tokenizer has one; ``"none"``: raw text.
+            The reward sees the raw prompt and the assistant text either way.
+        stop_token_ids: more ids that end an episode (``stop_token_ids`` lists them all).
 
     Observation: ``{"input_ids": (L,) int64, "length": int, "prompt_length": int}``.
     Action: ``{"token": int, "logprob": float}``; a bare ``int`` when β = 0.
@@ -108,6 +113,8 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
         dtype: torch.dtype | None = None,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        chat_template: str = "auto",
+        stop_token_ids=(),
     ):
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise SettingError(f"render_mode must be one of {self.metadata['render_modes']} or None")
@@ -129,6 +136,8 @@ class TextGenEnv(EnvProperties, gymnasium.Env):
             max_prompt_tokens=max_prompt_tokens,
             batch_size=1,
             device=parts[3],
+            chat_template=chat_template,
+            stop_token_ids=stop_token_ids,
         )
         self.observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.action_space = spaces.action_space(self.core.vocab_size)

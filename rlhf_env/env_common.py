@@ -86,7 +86,26 @@ class EnvProperties:
 
     @property
     def eos_token_id(self) -> int | None:
+        """The tokenizer's EOS (one of ``stop_token_ids``)."""
         return self.core.eos_token_id
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends an episode (``terminated``): the EOS, each id of the reference's
+        ``generation_config.eos_token_id``, the chat template's end of turn and the env's
+        ``stop_token_ids=``. Samplers stop on these (``rlhf_env.rollout.collect`` passes them)."""
+        return self.core.stop_token_ids
+
+    @property
+    def prompt_format(self):
+        """The env's ``rlhf_env.prompt_format.PromptFormat``: how prompts become ids (chat template or
+        raw text) and what ends a completion; offline data encoded with it matches the env's ids."""
+        return self.core.format
+
+    @property
+    def chat_template(self) -> str:
+        """``"auto"`` or ``"none"``, as given; ``prompt_format.uses_template`` says whether it applies."""
+        return self.core.format.mode
 
     @property
     def vocab_size(self) -> int:

@@ -22,6 +22,7 @@ import torch
 from rlhf_env.errors import InvalidActionError, SettingError
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.models import check_vocab, pad_token_id
+from rlhf_env.prompt_format import PromptFormat
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores, call_reward, reward_name
 
@@ -36,8 +37,8 @@ class StepOut:
     ref_logprob: torch.Tensor | None  # float32, log π_ref(y_t|s_t); None without a reference
     kl: torch.Tensor | None  # float32, log π_θ − log π_ref; None without log-prob or reference
     score: torch.Tensor  # float32, r_φ(x, y) where ``ended``, else 0
-    terminated: torch.Tensor  # bool, the token was EOS
-    truncated: torch.Tensor  # bool, max_new_tokens reached without EOS
+    terminated: torch.Tensor  # bool, the token was a stop id (EOS, end of turn, ...)
+    truncated: torch.Tensor  # bool, max_new_tokens reached without a stop id
     acted: torch.Tensor  # bool, rows whose action was applied
 
     @property
@@ -56,8 +57,8 @@ class ChunkOut:
     reward: torch.Tensor  # float32, KL-shaped token reward (+ score on the last applied token)
     ref_logprob: torch.Tensor | None  # float32
     kl: torch.Tensor | None  # float32
-    terminated: torch.Tensor  # bool, the token was EOS
-    truncated: torch.Tensor  # bool, the token reached max_new_tokens without EOS
+    terminated: torch.Tensor  # bool, the token was a stop id
+    truncated: torch.Tensor  # bool, the token reached max_new_tokens without a stop id
     applied: torch.Tensor  # bool, tokens that were applied
     score: torch.Tensor  # (B,) float32, r_φ(x, y) of rows that ended, else 0
     ended: torch.Tensor  # (B,) bool, rows whose episode ended in this chunk
@@ -75,8 +76,13 @@ class EpisodeBatch:
         prompts: the prompt source (a non-empty sequence of strings).
         beta: KL coefficient β ≥ 0.
         max_new_tokens: episode length limit (``truncated`` when reached).
-        max_prompt_tokens: prompt length limit; default the longest prompt of ``prompts``.
+        max_prompt_tokens: prompt length limit, in tokens as encoded (chat template included);
+            default the longest prompt of ``prompts``.
         device: where the reference model runs.
+        chat_template: ``"auto"`` (the tokenizer's template when it has one) or ``"none"``
+            (``rlhf_env.prompt_format.PromptFormat``).
+        stop_token_ids: ids that end an episode besides the EOS, every id of the reference's
+            ``generation_config.eos_token_id`` and the template's end of turn.
     """
 
     def __init__(
@@ -91,6 +97,8 @@ class EpisodeBatch:
         max_prompt_tokens: int | None,
         batch_size: int,
         device: torch.device,
+        chat_template: str = "auto",
+        stop_token_ids=(),
     ):
         if not beta >= 0:
             raise SettingError(f"beta (the KL coefficient) must be >= 0, got {beta}")
@@ -106,6 +114,10 @@ class EpisodeBatch:
         self.vocab_size = len(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = pad_token_id(tokenizer)
+        generation_config = getattr(ref_model, "generation_config", None)
+        self.format = PromptFormat(tokenizer, chat_template, generation_config, stop_token_ids)
+        self.stop_token_ids = self.format.stop_ids
+        self._stop = torch.tensor(self.stop_token_ids, dtype=torch.long)  # (S,), what ``terminated`` tests
 
         self.ref_model = ref_model
         if ref_model is not None:
@@ -120,7 +132,9 @@ class EpisodeBatch:
         longest = max(len(self._encode(p, limit=None)) for p in self.prompts.prompts)
         self.max_prompt_tokens = int(max_prompt_tokens or longest)
         if longest > self.max_prompt_tokens:
-            raise SettingError(f"a prompt has {longest} tokens, more than max_prompt_tokens={self.max_prompt_tokens}")
+            raise SettingError(
+                f"a prompt has {longest} tokens{self._as_encoded()}, more than max_prompt_tokens={self.max_prompt_tokens}"
+            )
         self.max_len = self.max_prompt_tokens + self.max_new_tokens
         limit = getattr(getattr(self.ref_model, "config", None), "max_position_embeddings", None)
         if limit is not None and self.max_len > limit:
@@ -144,19 +158,25 @@ class EpisodeBatch:
         if ids is None:
             if not isinstance(prompt, str):
                 raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = self.format.encode_prompt(prompt)
             if not ids:
                 raise SettingError(f"prompt {prompt!r} is empty after tokenization")
             self._prompt_ids[prompt] = ids
         if limit is not None and len(ids) > limit:
-            raise SettingError(f"prompt {prompt!r} has {len(ids)} tokens, more than max_prompt_tokens={limit}")
+            raise SettingError(
+                f"prompt {prompt!r} has {len(ids)} tokens{self._as_encoded()}, more than max_prompt_tokens={limit}"
+            )
         return ids
+
+    def _as_encoded(self) -> str:
+        return " in its chat template" if self.format.uses_template else ""
 
     def completion_ids(self, row: int) -> list[int]:
         return self.ids[row, self.prompt_length[row] : self.length[row]].tolist()
 
     def completion_text(self, row: int) -> str:
-        return self.tokenizer.decode(self.completion_ids(row), skip_special_tokens=True)
+        """The row's assistant text: its completion without the stop id, special tokens skipped."""
+        return self.format.completion_text(self.completion_ids(row))
 
     # -- one step for the whole batch ------------------------------------------------------
     def advance(
@@ -196,7 +216,7 @@ class EpisodeBatch:
                     reward -= self.beta * kl
             self.ids[rows, self.length[rows]] = tok
             self.length[rows] += 1
-            terminated[rows] = tok == self.eos_token_id
+            terminated[rows] = torch.isin(tok, self._stop)
             full = (self.length - self.prompt_length) >= self.max_new_tokens
             truncated[rows] = full[rows] & ~terminated[rows]
             ended = (terminated | truncated).nonzero().flatten().tolist()
@@ -217,7 +237,7 @@ class EpisodeBatch:
     ) -> ChunkOut:
         """Apply up to K tokens per ``acting`` row at once; the same results as K ``advance`` calls.
 
-        A row's tokens are applied in order until its count, an EOS (which ends the episode:
+        A row's tokens are applied in order until its count, a stop id (which ends the episode:
         the tokens after it are ignored) or ``max_new_tokens`` (truncation). The reference
         scores the applied tokens in one forward through its KV cache (``IncrementalLM.score``),
         the rows that ended are scored in one batch, then ``restarts`` begin.
@@ -233,8 +253,7 @@ class EpisodeBatch:
         tokens = tokens.to(torch.long).cpu()
         j = torch.arange(K)
         offered = torch.where(acting, counts.to(torch.long).clamp(max=K), 0)
-        is_eos = j[None, :] < offered[:, None]
-        is_eos &= tokens == self.eos_token_id if self.eos_token_id is not None else False
+        is_eos = (j[None, :] < offered[:, None]) & torch.isin(tokens, self._stop)
         first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), K)
         room = self.max_new_tokens - (self.length - self.prompt_length)
         count = torch.minimum(torch.minimum(first_eos + 1, offered), room).clamp(min=0)

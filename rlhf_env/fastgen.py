@@ -4,7 +4,7 @@
 left-aligned histories, then one forward per new token into a preallocated cache
 (``WrittenLayer``: written in place, no concatenation; attention sees the written columns
 only), with the rows' own positions. The Python work per token is a fixed number of tensor calls,
-whatever the batch; decoding stops when every row has sampled EOS.
+whatever the batch; decoding stops when every row has sampled a stop id (EOS, end of turn, ...).
 
 On CUDA, ``cuda_graph=True`` replays the decode step's forward as a CUDA graph captured once
 per call (full-attention sdpa models; others decode eagerly): a ``StaticLayer`` cache whose
@@ -23,6 +23,7 @@ last bit, so it sets ``exact_logprobs = False``: the trainer then recomputes the
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,15 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from rlhf_env.errors import SettingError
 from rlhf_env.kvcache import cache_kwarg, layer_windows
+from rlhf_env.prompt_format import generation_stop_ids
+
+
+def stop_ids_of(model, stop_token_ids: Sequence[int] | None) -> tuple[int, ...]:
+    """The ids a sampler stops on: ``stop_token_ids`` (the env's, ``EnvProperties.stop_token_ids``) when
+    given, else every id of the model's ``generation_config.eos_token_id`` (an int or a list)."""
+    if stop_token_ids is not None:
+        return tuple(int(i) for i in stop_token_ids)
+    return generation_stop_ids(getattr(model, "generation_config", None))
 
 
 class WrittenLayer(StaticLayer):
@@ -140,13 +150,14 @@ def sample_completions(
     temperature: float = 1.0,
     greedy: bool = False,
     cuda_graph: bool = False,
+    stop_token_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample up to ``max_tokens`` tokens after each row's ``ids[i, :lengths[i]]``.
 
     Returns ``(tokens (B, K), logprobs (B, K), counts (B,))`` on ``ids``' device, K <= max_tokens:
     the log-probs are those of softmax(logits / temperature) over the first ``vocab_size``
     ids, the distribution each token was drawn from; ``counts`` is up to and including the
-    first EOS (the env ignores what follows). ``cuda_graph``: replay the decode forward as a
+    first stop id: ``eos_token_id`` or one of ``stop_token_ids`` (the env ignores what follows). ``cuda_graph``: replay the decode forward as a
     CUDA graph (CUDA, full-attention sdpa only; ignored elsewhere). Same tokens and log-probs.
     """
     device = next(model.parameters()).device
@@ -177,13 +188,15 @@ def sample_completions(
     logprobs = torch.zeros(B, K, dtype=torch.float32, device=device)
     counts = torch.full((B,), K, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = [i for i in (eos_token_id, *stop_token_ids) if i is not None]
+    stop = torch.tensor(sorted(set(stops)), dtype=torch.long, device=device)  # (S,)
     graphed = None
     for t in range(K):
         lp = torch.log_softmax(logits[:, -1, :vocab_size].float() / temperature, dim=-1)
         tok = lp.argmax(-1) if greedy else torch.multinomial(lp.exp(), 1, generator=generator).squeeze(1)
         tokens[:, t], logprobs[:, t] = tok, lp.gather(1, tok[:, None]).squeeze(1)
-        if eos_token_id is not None:
-            ends = ~done & (tok == eos_token_id)
+        if len(stop):  # eager, outside any CUDA graph: the graph replays the forward only
+            ends = ~done & torch.isin(tok, stop)
             counts = torch.where(ends, t + 1, counts)
             done |= ends
             if bool(done.all()):  # every later token would be ignored
@@ -223,7 +236,9 @@ def as_chunk_action(tokens: torch.Tensor, logprobs: torch.Tensor, counts: torch.
 class HFGenerateSampler:
     """The ``hf_generate`` generator: Hugging Face ``generate`` (sampling from the full softmax).
 
-    ``generate(obs, max_tokens)`` samples whole completions for the chunked rollout path;
+    ``generate(obs, max_tokens)`` samples whole completions for the chunked rollout path, each
+    until its first of ``stop_token_ids`` (the env's; default every id of the model's
+    ``generation_config.eos_token_id``);
     ``act`` (the token path, e.g. through Gymnasium wrappers) calls it for one token at a
     time, which is correct but re-encodes every history: slow, a fallback only.
     """
@@ -240,15 +255,14 @@ class HFGenerateSampler:
         seed: int,
         temperature: float = 1.0,
         greedy: bool = False,
+        stop_token_ids: Sequence[int] | None = None,
     ):
         if temperature <= 0:
             raise SettingError(f"temperature must be > 0, got {temperature}")
         self.model, self.batch_size, self.pad_token_id, self.vocab_size = model, batch_size, pad_token_id, vocab_size
         self.temperature, self.greedy, self.seed = temperature, greedy, seed
         self.calls = 0
-        self.eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(self.eos_token_id, list):
-            self.eos_token_id = self.eos_token_id[0]
+        self.stop_token_ids = stop_ids_of(model, stop_token_ids)  # the env's, else the generation config's
 
     @torch.inference_mode()
     def generate(self, obs: dict[str, Any], max_tokens: int) -> dict[str, np.ndarray]:
@@ -264,7 +278,7 @@ class HFGenerateSampler:
             max_new_tokens=max_tokens,
             min_new_tokens=0,
             pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=list(self.stop_token_ids) or None,
             return_dict_in_generate=True,
             output_logits=True,
         )
@@ -280,8 +294,8 @@ class HFGenerateSampler:
         logits = torch.stack(out.logits, dim=1)[..., : self.vocab_size].float() / self.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None]).squeeze(2)
         counts = torch.full((len(tokens),), tokens.shape[1], dtype=torch.long, device=tokens.device)
-        if self.eos_token_id is not None:
-            is_eos = tokens == self.eos_token_id
+        if self.stop_token_ids:
+            is_eos = torch.isin(tokens, torch.tensor(self.stop_token_ids, device=tokens.device))
             counts = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1) + 1, counts)
         return as_chunk_action(tokens, logprobs, counts)
 

@@ -17,6 +17,8 @@ sampling (``rlhf_env.algorithms.maths.truncated_is_weights``).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -47,8 +49,14 @@ class Generator(Protocol):
         seed: int,
         temperature: float = 1.0,
         greedy: bool = False,
+        stop_token_ids: Sequence[int] | None = None,
     ) -> Sampler:
-        """A sampler for ``batch_size`` env rows from the causal LM ``model``, seeded with ``seed``."""
+        """A sampler for ``batch_size`` env rows from the causal LM ``model``, seeded with ``seed``.
+
+        ``stop_token_ids`` (optional to accept): the env's ids that end an episode (EOS, the chat
+        template's end of turn, ...), where a whole-completion ``generate`` should stop.
+        ``make_sampler`` passes it only to generators whose signature takes it.
+        """
 
 
 def exact_logprobs(name: str) -> bool:
@@ -59,8 +67,26 @@ def exact_logprobs(name: str) -> bool:
     return bool(getattr(plugins.get_host().generators.get(name), "exact_logprobs", False))
 
 
-def make_sampler(name: str, model, batch_size: int, **kwargs: Any) -> Sampler:
-    """The registered generator ``name`` (unknown names list the registered ones) built for one rollout."""
+def _takes(factory, name: str) -> bool:
+    """Whether ``factory`` accepts keyword ``name`` (declared, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: do not risk an unexpected keyword
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def make_sampler(
+    name: str, model, batch_size: int, *, stop_token_ids: Sequence[int] | None = None, **kwargs: Any
+) -> Sampler:
+    """The registered generator ``name`` (unknown names list the registered ones) built for one rollout.
+
+    ``stop_token_ids`` (the env's) reach generators that take them; one that does not stops as
+    it likes, and the env still ends episodes on its own stop ids.
+    """
     from rlhf_env import plugins
 
-    return plugins.get_host().generators.get(name)(model, batch_size, **kwargs)
+    factory = plugins.get_host().generators.get(name)
+    if stop_token_ids is not None and _takes(factory, "stop_token_ids"):
+        kwargs["stop_token_ids"] = tuple(stop_token_ids)
+    return factory(model, batch_size, **kwargs)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rlhf_env.errors import SettingError
-from rlhf_env.fastgen import as_chunk_action, obs_history, sample_completions
+from rlhf_env.fastgen import as_chunk_action, obs_history, sample_completions, stop_ids_of
 from rlhf_env.kvcache import IncrementalLM
 
 
@@ -57,6 +57,9 @@ class SamplingPolicy:
         greedy: take the most likely token (its log-prob reported) instead of sampling.
         cuda_graph: in ``generate`` on CUDA, replay the decode forward as a CUDA graph
             (``rlhf_env.fastgen``); the same samples and log-probs, fewer kernel launches.
+        stop_token_ids: the ids that end a completion in ``generate``; default the ``env``'s
+            (``stop_token_ids``: EOS, end of turn, ...), else every id of the model's
+            ``generation_config.eos_token_id``.
 
     The built-in ``kv_cache`` generator (``rlhf_env.generation.Generator``): ``act`` for
     the token path, ``generate`` (``rlhf_env.fastgen.sample_completions``) for whole
@@ -78,6 +81,7 @@ class SamplingPolicy:
         *,
         env=None,
         tokenizer=None,
+        stop_token_ids=None,
     ):
         if temperature <= 0:
             raise SettingError(f"temperature must be > 0, got {temperature}")
@@ -85,9 +89,9 @@ class SamplingPolicy:
         self.cuda_graph = cuda_graph
         self.lm = IncrementalLM(model, batch_size, pad_token_id, vocab_size)
         self.model, self.pad_token_id, self.vocab_size = model, pad_token_id, vocab_size
-        self.eos_token_id = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(self.eos_token_id, list):
-            self.eos_token_id = self.eos_token_id[0]
+        if stop_token_ids is None and env is not None:
+            stop_token_ids = getattr(getattr(env, "unwrapped", env), "stop_token_ids", None)
+        self.stop_token_ids = stop_ids_of(model, stop_token_ids)
         self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
 
@@ -133,7 +137,8 @@ class SamplingPolicy:
             lengths,
             max_tokens,
             pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=None,
+            stop_token_ids=self.stop_token_ids,
             vocab_size=self.vocab_size,
             generator=self.generator,
             temperature=self.temperature,

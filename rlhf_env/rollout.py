@@ -197,6 +197,14 @@ def to_batch(episodes: list[Episode], pad_token_id: int, vocab_size: int | None,
     return RolloutBatch([ep.prompt for ep in episodes], [ep.completion for ep in episodes], *tensors, vocab_size)
 
 
+def stop_ids(env) -> tuple[int, ...] | None:
+    """The env's ``stop_token_ids`` through wrappers (None for an env without them)."""
+    try:
+        return tuple(env_attr(env, "stop_token_ids"))
+    except AttributeError:
+        return None
+
+
 def collect(
     env,
     model,
@@ -212,7 +220,10 @@ def collect(
     ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
     """
     B, pad, vocab = env.num_envs, env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
-    sampler = make_sampler(generator, model, B, pad_token_id=pad, vocab_size=vocab, seed=seed, greedy=greedy)
+    stops = stop_ids(env)  # the sampler stops where the env ends an episode
+    sampler = make_sampler(
+        generator, model, B, pad_token_id=pad, vocab_size=vocab, seed=seed, greedy=greedy, stop_token_ids=stops
+    )
     stream = EpisodeStream(env, sampler, seed, {"prompts": prompts} if prompts is not None else None)
     return to_batch(first_episodes(stream, B), pad, vocab, device)
 
@@ -257,11 +268,15 @@ def complete(
     seed: int = 0,
     greedy: bool = False,
     generator: str = DEFAULT_GENERATOR,
+    chat_template: str = "auto",
 ) -> list[str]:
     """``model``'s completions of ``prompts`` (sampled at temperature 1, or greedy), in their order.
 
-    The rollout path in an env without reference or reward (β = 0), one row per prompt.
+    The rollout path in an env without reference or reward (β = 0), one row per prompt; prompts
+    go through the chat template as ``chat_template`` says, and every id of the model's
+    ``generation_config.eos_token_id`` ends a completion, as in an env with it as reference.
     """
+    from rlhf_env.prompt_format import generation_stop_ids
     from rlhf_env.vector_env import VectorTextGenEnv
 
     device = next(model.parameters()).device
@@ -274,5 +289,7 @@ def complete(
         beta=0.0,
         max_new_tokens=max_new_tokens,
         device=device,
+        chat_template=chat_template,
+        stop_token_ids=generation_stop_ids(getattr(model, "generation_config", None)),
     )
     return collect(env, model, seed, list(prompts), generator=generator, greedy=greedy).completions

@@ -29,12 +29,14 @@ def run_rollout(
     model: str | None = None,
     dtype=None,
     generator: str = DEFAULT_GENERATOR,
+    chat_template: str = "auto",
 ) -> RolloutResult:
     """Roll a vector env with the reference as policy until ``episodes`` end (``rlhf rollout``).
 
     The env is ``task``'s (its base model, or ``model``), else the embedded default's prompts
     and reward with ``model`` (default: the embedded tiny model). ``dtype``: the weights'
-    torch dtype (log-probs are float32 whatever it is).
+    torch dtype (log-probs are float32 whatever it is). ``chat_template``: ``"auto"`` (the
+    tokenizer's template when it has one) or ``"none"`` (raw prompt text).
     """
     limit = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     if task is None:
@@ -46,15 +48,21 @@ def run_rollout(
             ref, tokenizer = load_pretrained(model, device="cpu")
             parts = {"tokenizer": tokenizer, "ref_model": ref}
         limit = {"max_new_tokens": 24, **limit}
-        env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
+        env = make_default_vector_env(
+            num_envs=num_envs, beta=beta, dtype=dtype, chat_template=chat_template, **parts, **limit
+        )
     else:
         from rlhf_env.tasks import get_task, make_task_env
 
-        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, **limit)
+        kwargs = dict(num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, chat_template=chat_template, **limit)
+        env = make_task_env(get_task(task), model, **kwargs)
     # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
     policy = copy.deepcopy(env_attr(env, "ref_model"))
     pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
-    sampler = make_sampler(generator, policy, num_envs, pad_token_id=pad, vocab_size=vocab, seed=seed)
+    stops = env_attr(env, "stop_token_ids")
+    sampler = make_sampler(
+        generator, policy, num_envs, pad_token_id=pad, vocab_size=vocab, seed=seed, stop_token_ids=stops
+    )
     stream = EpisodeStream(env, sampler, seed)
     finished: list[Episode] = []
     start = time.perf_counter()

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
+from rlhf_env.prompt_format import PromptFormat
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
@@ -59,13 +59,18 @@ def pad_batch(sequences: list[list[int]], pad_token_id: int, device=None) -> tup
     return ids.to(device), mask.to(device)
 
 
-def encode_completion(tokenizer, prompt: str, completion: str, eos: bool = True) -> tuple[list[int], int]:
-    """``(ids, prompt_length)``: ``tokenizer(prompt)`` then the completion's ids (and EOS)."""
-    if eos and tokenizer.eos_token_id is None:
-        raise SettingError("the tokenizer has no EOS token, so a completion cannot be ended")
-    p = tokenizer(prompt)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return p + c + ([tokenizer.eos_token_id] if eos else []), len(p)
+def encode_completion(
+    tokenizer, prompt: str, completion: str, eos: bool = True, prompt_format: PromptFormat | None = None
+) -> tuple[list[int], int]:
+    """``(ids, prompt_length)``: the prompt's ids, the completion's ids, and (``eos``) what ends it.
+
+    Without ``prompt_format``: ``tokenizer(prompt)`` and the EOS, raw text. With one (the env's
+    ``prompt_format``, ``TrainContext.prompt_format``): its ``encode_completion``, so under a chat
+    template the ids are the template's prompt, the completion and the end-of-turn token,
+    exactly what the env holds after a policy sampled that completion.
+    """
+    fmt = prompt_format or PromptFormat(tokenizer, "none")
+    return fmt.encode_completion(prompt, completion, end=eos)
 
 
 def pack_completions(encoded: Sequence[tuple[list[int], int]], pad_token_id: int, device=None):
@@ -84,13 +89,16 @@ def pack_completions(encoded: Sequence[tuple[list[int], int]], pad_token_id: int
     return ids, attn, completion_mask
 
 
-def sft_loss(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+def sft_loss(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], prompt_format: PromptFormat | None = None
+) -> torch.Tensor:
     """Mean NLL of ``completion + EOS`` given ``prompt``, over the batch's completion tokens (docs/maths.md §10).
 
     Prompt tokens and padding are masked out; the mean is per token, not per example.
+    ``prompt_format``: encode as ``encode_completion`` does with it (chat template, end of turn).
     """
     device = next(model.parameters()).device
-    encoded = [encode_completion(tokenizer, p, c) for p, c in pairs]
+    encoded = [encode_completion(tokenizer, p, c, prompt_format=prompt_format) for p, c in pairs]
     ids, attn, target = pack_completions(encoded, pad_token_id(tokenizer), device)
     logp = next_token_logprobs(model, ids, attn, len(tokenizer))  # (B, T-1), entry t predicts token t+1
     return -(logp * target).sum() / target.sum()

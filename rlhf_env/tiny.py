@@ -123,3 +123,19 @@ def build_tiny_model(
 def save_tiny(model, tokenizer, path: str | Path) -> Path:
     """Save a model/tokenizer pair as a local Hugging Face checkpoint (safetensors)."""
     return save_pretrained(model, tokenizer, path)
+
+
+# ChatML, as SmolLM2 and Qwen ship it (without a default system turn): a user turn, then the
+# assistant's header when ``add_generation_prompt``; each turn ends with ``<|im_end|>``.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def add_chatml_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """``tokenizer`` given ``CHATML_TEMPLATE`` and its ``<|im_start|>``/``<|im_end|>`` special tokens
+    (appended to the vocabulary; the EOS stays what it was, so ``<|im_end|>`` is a second stop id)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

@@ -60,6 +60,8 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         dtype: torch.dtype | None = None,
         render_mode: str | None = None,
         trust_remote_code: bool = False,
+        chat_template: str = "auto",
+        stop_token_ids=(),
     ):
         if num_envs < 1 or group_size < 1 or num_envs % group_size:
             raise SettingError(f"num_envs={num_envs} must be a positive multiple of group_size={group_size}")
@@ -85,6 +87,8 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
             max_prompt_tokens=max_prompt_tokens,
             batch_size=num_envs,
             device=parts[3],
+            chat_template=chat_template,
+            stop_token_ids=stop_token_ids,
         )
         self.single_observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.single_action_space = spaces.action_space(self.core.vocab_size)

@@ -46,6 +46,7 @@ from rlhf_env.algorithms.scale import distributed, lora
 from rlhf_env.algorithms.scale import fsdp as sharding
 from rlhf_env.errors import RunWarning, SettingError, UserError
 from rlhf_env.models import save_pretrained
+from rlhf_env.prompt_format import check_chat_template_mode
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
 from rlhf_env.tasks.base import Task
 
@@ -265,6 +266,7 @@ def train(
     lora_settings: lora.LoraSettings | None = None,
     fsdp: bool = False,
     measure_memory: bool = False,
+    chat_template: str = "auto",
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -290,13 +292,16 @@ def train(
     ``fsdp``: shard the policy over the ranks (``rlhf_env.algorithms.scale.fsdp``; sharded checkpoints).
     ``measure_memory``: the record of the second step (the first, in a one-step run) carries
     ``memory/peak_mb``, the peak tensor memory of the first two steps, and ``memory/estimate_mb``
-    (``rlhf_env.algorithms.run.memory``).
+    (``rlhf_env.algorithms.run.memory``). ``chat_template``: ``"auto"`` (the tokenizer's chat template
+    when it has one) or ``"none"`` (raw prompt text), for every env and offline encoding of the
+    run (``TrainContext.chat_template``); saved in ``config.json``, so a resume keeps it.
 
     The stages, each a function of this module: ``check_launch`` (settings, before any work),
     ``read_folder`` and ``resumed_config`` (the run folder), ``build_models``, ``restore``,
     ``run_settings`` (``config.json``), then ``run_steps`` with a ``Schedule`` and ``Sinks``.
     """
     budget = Budget(steps, max_tokens, max_seconds)
+    check_chat_template_mode(chat_template)
     lora_run = lora_settings is not None
     config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resume, quiet=not progress)
     launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp)
@@ -305,7 +310,7 @@ def train(
         folder = read_folder(out, resume, checkpoint_every, lead)
         model = None if model_path is None else _recorded_model(model_path)
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
-        now["reward"] = launch.reward.spec
+        now["reward"], now["chat_template"] = launch.reward.spec, chat_template
         overrides, changes, saved = resumed_config(folder, spec, now, launch, override, lora_settings, fsdp)
         cfg = spec.Config(**overrides)
         if launch.dp is not None:
@@ -321,6 +326,7 @@ def train(
             seed=seed,
             lora_settings=lora_settings,
             fsdp=fsdp,
+            chat_template=chat_template,
         )
         start, records = restore(models, folder)
         settings = run_settings(now, saved, algo_name, budget, cfg, changes, start, lora_settings, fsdp)

@@ -109,7 +109,8 @@ def estimate(ctx, config, trainer=None, seq_len: int | None = None) -> Estimate 
     act = 2 if ctx.device.type == "cuda" else p.element_size()
     if seq_len is None:
         prompts = list(ctx.task.train_prompts)
-        seq_len = max(len(ids) for ids in ctx.tokenizer(prompts)["input_ids"]) + ctx.task.max_new_tokens
+        # As the env encodes them (chat template included).
+        seq_len = max(len(ids) for ids in ctx.prompt_format.encode_prompts(prompts)) + ctx.task.max_new_tokens
     T = seq_len
     params = [t for m in _modules(ctx) for t in (*m.parameters(), *m.buffers())]
     trained = list(getattr(getattr(trainer, "optimizer", None), "params", None) or [])

@@ -54,13 +54,13 @@ def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], override
     ``now``: the algorithm, task, task knobs, model and seed this call asks for.
     """
     changes: dict[str, tuple[Any, Any]] = {}
-    for key in ("algorithm", "task", "model", "seed", "reward"):
+    for key in ("algorithm", "task", "model", "seed", "reward", "chat_template"):
         # A run from before a key was saved: nothing to compare (it optimised the gold).
-        old = saved.get(key, "gold" if key == "reward" else now[key])
+        old = saved.get(key, "gold" if key == "reward" else now.get(key))
         if key == "algorithm" and not (old and now[key]):
             continue  # an API call without a name
-        if old != now[key]:
-            changes[key] = (old, now[key])
+        if old != now.get(key):
+            changes[key] = (old, now.get(key))
     if "algorithm" in changes:  # the saved config is another algorithm's: nothing more to compare
         return {}, changes
     if saved.get("task") == now["task"]:
@@ -165,7 +165,18 @@ class Models:
 
 
 def build_models(
-    spec, task: Task, cfg, launch: Launch, folder: Folder, *, model_path, dtype, seed: int, lora_settings, fsdp: bool
+    spec,
+    task: Task,
+    cfg,
+    launch: Launch,
+    folder: Folder,
+    *,
+    model_path,
+    dtype,
+    seed: int,
+    lora_settings,
+    fsdp: bool,
+    chat_template: str = "auto",
 ) -> Models:
     """Load the reference, make the policy (a copy, LoRA adapters, FSDP shards or the checkpoint) and the trainer."""
     device, ckpt, resuming = launch.device, folder.checkpoint, folder.resuming
@@ -182,7 +193,7 @@ def build_models(
         sharding.shard(policy, launch.dp)
     else:
         policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
-    ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=launch.reward.fn)
+    ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=launch.reward.fn, chat_template=chat_template)
     torch.manual_seed(seed)  # again: a trainer's own init (a value head) is the same with or without LoRA
     t0 = time.perf_counter()
     trainer = spec.Trainer(ctx, cfg)

@@ -261,7 +261,14 @@ def load_pairs(ctx: TrainContext, config: Config) -> list[PreferencePair]:
         from rlhf_env.tasks.data import load_preferences
 
         return load_preferences(config.preference_file)
-    return ctx.task.preference_pairs(ctx.ref, ctx.tokenizer, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed)
+    return ctx.task.preference_pairs(
+        ctx.ref,
+        ctx.tokenizer,
+        config.num_pairs,
+        tau=config.annotator_tau,
+        seed=ctx.seed,
+        chat_template=ctx.chat_template,
+    )
 
 
 class Trainer(Stateful):
@@ -272,9 +279,9 @@ class Trainer(Stateful):
     def __init__(self, ctx: TrainContext, config: PairConfig, reference_batch_size: int = 256):
         self.ctx, self.config = ctx, config
         self.pairs = load_pairs(ctx, config)
-        tok = ctx.tokenizer
-        self.chosen = [encode_completion(tok, p.prompt, p.chosen) for p in self.pairs]
-        self.rejected = [encode_completion(tok, p.prompt, p.rejected) for p in self.pairs]
+        tok, fmt = ctx.tokenizer, ctx.prompt_format  # the env's ids for the same (prompt, completion)
+        self.chosen = [encode_completion(tok, p.prompt, p.chosen, prompt_format=fmt) for p in self.pairs]
+        self.rejected = [encode_completion(tok, p.prompt, p.rejected, prompt_format=fmt) for p in self.pairs]
         limit = getattr(ctx.policy.config, "max_position_embeddings", None)
         longest = max(len(ids) for ids, _ in self.chosen + self.rejected)
         if limit is not None and longest > limit:

@@ -123,9 +123,12 @@ class Trainer(Stateful):
         partner = [0] * n
         for k, i in enumerate(order):
             partner[i] = order[(k + 1) % n]
-        tok = ctx.tokenizer
-        self.encoded = [encode_completion(tok, x, y) for x, y in self.examples]
-        self.mismatched = [encode_completion(tok, x, self.examples[j][1]) for (x, _), j in zip(self.examples, partner)]
+        tok, fmt = ctx.tokenizer, ctx.prompt_format
+        self.encoded = [encode_completion(tok, x, y, prompt_format=fmt) for x, y in self.examples]
+        self.mismatched = [
+            encode_completion(tok, x, self.examples[j][1], prompt_format=fmt)
+            for (x, _), j in zip(self.examples, partner)
+        ]
         limit = getattr(ctx.policy.config, "max_position_embeddings", None)
         longest = max(len(ids) for ids, _ in self.encoded + self.mismatched)
         if limit is not None and longest > limit:

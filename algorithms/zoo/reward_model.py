@@ -116,9 +116,11 @@ class ScalarRewardModel(nn.Module):
         return model.eval()
 
 
-def encode_scored(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[list[int]]:
-    """prompt ∘ completion ids, as the env hands them to a reward model (no EOS)."""
-    return [encode_completion(tokenizer, p, c, eos=False)[0] for p, c in zip(prompts, completions)]
+def encode_scored(tokenizer, prompts: Sequence[str], completions: Sequence[str], prompt_format=None) -> list[list[int]]:
+    """prompt ∘ completion ids, as the env hands them to a reward model (no EOS; ``prompt_format``: the
+    env's, so a chat template's prompt ids too)."""
+    fmt = prompt_format
+    return [encode_completion(tokenizer, p, c, eos=False, prompt_format=fmt)[0] for p, c in zip(prompts, completions)]
 
 
 def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]:
@@ -126,7 +128,9 @@ def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]
     from rlhf_env.tasks.annotators import sample_preference_pairs
 
     task = dataclasses.replace(ctx.task, train_prompts=ctx.task.eval_prompts)
-    return sample_preference_pairs(task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1)
+    return sample_preference_pairs(
+        task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1, chat_template=ctx.chat_template
+    )
 
 
 class Trainer(Stateful):
@@ -136,7 +140,9 @@ class Trainer(Stateful):
         self.ctx, self.config, self.eval_batch_size = ctx, config, eval_batch_size
         tok = ctx.tokenizer
         self.pad = pad_token_id(tok)
-        self.pairs = ctx.task.preference_pairs(ctx.ref, tok, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed)
+        self.pairs = ctx.task.preference_pairs(
+            ctx.ref, tok, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed, chat_template=ctx.chat_template
+        )
         self.heldout = heldout_pairs(ctx, config.num_heldout_pairs, config.annotator_tau)
         self.chosen, self.rejected = self._encode(self.pairs)
         self.heldout_chosen, self.heldout_rejected = self._encode(self.heldout)
@@ -150,8 +156,9 @@ class Trainer(Stateful):
 
     def _encode(self, pairs: list[PreferencePair]) -> tuple[list[list[int]], list[list[int]]]:
         tok, prompts = self.ctx.tokenizer, [p.prompt for p in pairs]
-        chosen = encode_scored(tok, prompts, [p.chosen for p in pairs])
-        return chosen, encode_scored(tok, prompts, [p.rejected for p in pairs])
+        fmt = self.ctx.prompt_format
+        chosen = encode_scored(tok, prompts, [p.chosen for p in pairs], fmt)
+        return chosen, encode_scored(tok, prompts, [p.rejected for p in pairs], fmt)
 
     def _scores(self, seqs: list[list[int]]) -> torch.Tensor:
         return self.model(*pad_batch(seqs, self.pad, self.ctx.device))
@@ -159,7 +166,7 @@ class Trainer(Stateful):
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """(N,) r_φ(x, y) on the CPU."""
-        seqs = encode_scored(self.ctx.tokenizer, prompts, completions)
+        seqs = encode_scored(self.ctx.tokenizer, prompts, completions, self.ctx.prompt_format)
         b = self.eval_batch_size
         return torch.cat([self._scores(seqs[s : s + b]) for s in range(0, len(seqs), b)]).cpu()
 

@@ -50,7 +50,8 @@ class Trainer(Stateful):
     def step(self, step: int, seed: int) -> dict[str, float]:
         part = draw_part(len(self.data), self.config.batch_size, seed, replacement=True)
         idx = part.rows.tolist()
-        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, [self.data[i] for i in idx])
+        batch = [self.data[i] for i in idx]
+        loss = sft_loss(self.ctx.policy, self.ctx.tokenizer, batch, prompt_format=self.ctx.prompt_format)
         grad_norm = self.optimizer.step(loss, weight=part.weight, sft=loss)
         return {
             M.LOSS_SFT: loss.item(),

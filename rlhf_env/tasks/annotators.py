@@ -42,7 +42,15 @@ def label_pairs(
 
 
 def sample_preference_pairs(
-    task, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0, max_rounds: int = 8
+    task,
+    model,
+    tokenizer,
+    n: int,
+    *,
+    tau: float = 0.25,
+    seed: int = 0,
+    max_rounds: int = 8,
+    chat_template: str = "auto",
 ) -> list[PreferencePair]:
     """``n`` labelled pairs of two distinct samples of ``model`` on the task's train prompts.
 
@@ -57,8 +65,9 @@ def sample_preference_pairs(
             break
         k = math.ceil(need * 1.5)
         prompts = [task.train_prompts[i] for i in rng.integers(len(task.train_prompts), size=k)]
-        a = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_)
-        b = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1)
+        sample = dict(chat_template=chat_template)  # as the env of the run encodes prompts
+        a = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_, **sample)
+        b = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1, **sample)
         keep = [i for i in range(k) if a[i] != b[i]]
         pairs += label_pairs(
             [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], task.gold_reward, tau, rng

@@ -77,11 +77,14 @@ class Task:
             if not getattr(self, what):
                 raise SettingError(f"task {self.name!r} has no {what}")
 
-    def preference_pairs(self, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0) -> list[PreferencePair]:
-        """``n`` pairs of two samples of ``model`` labelled by a simulated Bradley-Terry annotator."""
+    def preference_pairs(
+        self, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0, chat_template: str = "auto"
+    ) -> list[PreferencePair]:
+        """``n`` pairs of two samples of ``model`` labelled by a simulated Bradley-Terry annotator
+        (sampled with prompts encoded as ``chat_template`` says, ``rlhf_env.prompt_format``)."""
         from rlhf_env.tasks.annotators import sample_preference_pairs
 
-        return sample_preference_pairs(self, model, tokenizer, n, tau=tau, seed=seed)
+        return sample_preference_pairs(self, model, tokenizer, n, tau=tau, seed=seed, chat_template=chat_template)
 
     def cache_key(self) -> str:
         """A short hash of everything that determines the base model."""
