@@ -156,7 +156,13 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 
 
 def run_cell(
-    cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int
+    cell: Cell,
+    out: str,
+    device_name: str,
+    eval_points: int,
+    eval_prompts: int,
+    checkpoint_every: int,
+    generator: str | None = None,
 ) -> dict[str, Any]:
     """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``.
 
@@ -168,12 +174,14 @@ def run_cell(
     path = cell_dir(Path(out), cell)
     try:
         with claim_run_folder(path):
-            return _train_cell(cell, path, out, device_name, eval_points, eval_prompts, checkpoint_every)
+            return _train_cell(cell, path, out, device_name, eval_points, eval_prompts, checkpoint_every, generator)
     except RunLockedError as exc:
         return _failed(cell, f"skipped: {exc}")
 
 
-def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_prompts, checkpoint_every) -> dict:
+def _train_cell(
+    cell, path: Path, out: str, device_name, eval_points, eval_prompts, checkpoint_every, generator
+) -> dict:
     t0 = time.perf_counter()
     base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
     try:
@@ -210,6 +218,7 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
             algo_name=cell.algorithm,
             callback=report,
             measure_memory=True,
+            generator=generator,
         )
         last = records[-1]
         # The first window's memory figures (a resumed cell measures again).
@@ -290,7 +299,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
     try:
         # Base models first (in parallel across tasks): every cell of a task starts from it.
         execute(base_jobs, display, workers, threads, out)
-        args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every)
+        args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every, suite.generator)
         jobs = []
         for c in todo:
             base = read_result(base_dir(out, c.task)) or {"error": "not built"}

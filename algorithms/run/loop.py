@@ -247,6 +247,7 @@ def train(
     lora_settings: lora.LoraSettings | None = None,
     fsdp: bool = False,
     measure_memory: bool = False,
+    generator: str | None = None,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -270,6 +271,8 @@ def train(
     (``rlhf_env.algorithms.scale.distributed``): same update as one rank, rank 0 alone writes.
     ``lora_settings``: train LoRA adapters (``rlhf_env.algorithms.scale.lora``) instead of every weight.
     ``fsdp``: shard the policy over the ranks (``rlhf_env.algorithms.scale.fsdp``; sharded checkpoints).
+    ``generator``: the registered generator rollouts sample with (``rlhf_env.generation``; None:
+    ``kv_cache``), part of the run's settings; data-parallel ranks sample with it too.
     ``measure_memory``: the record of the second step (the first, in a one-step run) carries
     ``memory/peak_mb``, the peak tensor memory of the first two steps, and ``memory/estimate_mb``
     (``rlhf_env.algorithms.run.memory``).
@@ -279,13 +282,13 @@ def train(
     ``run_settings`` (``config.json``), then ``run_steps`` with a ``Schedule`` and ``Sinks``.
     """
     budget = Budget(steps, max_tokens, max_seconds)
-    launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp)
+    launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp, generator)
     lead = launch.lead
     with distributed.active(launch.dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
         folder = read_folder(out, resume, checkpoint_every, lead)
         model = str(Path(model_path).expanduser().resolve()) if model_path is not None else None
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
-        now["reward"] = launch.reward.spec
+        now.update(reward=launch.reward.spec, generator=launch.generator)
         overrides, changes, saved = resumed_config(folder, spec, now, launch, override, lora_settings, fsdp)
         cfg = spec.Config(**overrides)
         if launch.dp is not None:
