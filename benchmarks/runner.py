@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rlhf_env import progress as waits
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import fingerprint, pipeline
 from rlhf_env.bench.display import Display, summary
@@ -73,9 +74,13 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
 # -- inside a worker ------------------------------------------------------------------------
 
 
-def _init_worker(progress_queue, threads: int | None) -> None:
+def _init_worker(progress_queue, threads: int | None, inline: bool = False) -> None:
+    """A worker's set-up: the parent's progress queue, torch threads; a worker process (not ``inline``) never
+    shows its own progress (pair generation, SFT, ...): the parent's display is the one line the user sees."""
     global _progress_queue
     _progress_queue = progress_queue
+    if not inline:
+        waits.silence()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         import torch
@@ -385,13 +390,14 @@ def _run_inline(jobs, display: Display, workers: int, threads: int, out: Path) -
     import torch
 
     saved = torch.get_num_threads()
-    _init_worker(_DirectQueue(display), threads)
+    _init_worker(_DirectQueue(display), threads, inline=True)
     try:
-        for key, fn, args in jobs:
-            display.start(key)
-            display.finish(key, summary(fn(*args)))
+        with waits.shown(False):  # the display is the one progress line
+            for key, fn, args in jobs:
+                display.start(key)
+                display.finish(key, summary(fn(*args)))
     finally:
-        _init_worker(None, saved)
+        _init_worker(None, saved, inline=True)
 
 
 def _run_pool(jobs, display: Display, workers: int, threads: int, out: Path) -> None:

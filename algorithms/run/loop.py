@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_env import progress as waits
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import memory
 from rlhf_env.algorithms.run import metrics as M
@@ -63,7 +64,10 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
     (as ``rlhf_env.rollout.evaluate``), and ``reward/proxy`` of the same samples when ``ctx.reward`` is set."""
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
-    batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
+    T = ctx.task.max_new_tokens
+    with waits.Progress(T, f"evaluation ({len(prompts)} prompts)", "tokens") as bar:
+        with bar.forwards(ctx.policy, bar.set):  # a policy forward a token
+            batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
     out = {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
     if ctx.reward is not None:
         out[M.REWARD_PROXY] = float(proxy_scores(ctx.reward, batch.prompts, batch.completions).mean())
@@ -284,7 +288,9 @@ def train(
     budget = Budget(steps, max_tokens, max_seconds)
     launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp, generator)
     lead = launch.lead
-    with distributed.active(launch.dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
+    # The waits before the first step (pairs, reference log-probs, a base-model build) and evaluations
+    # show their progress on rank 0 when ``progress`` (``rlhf_env.progress``).
+    with waits.shown(progress and lead), distributed.active(launch.dp), _folder(out, lead) as out:
         folder = read_folder(out, resume, checkpoint_every, lead)
         model = str(Path(model_path).expanduser().resolve()) if model_path is not None else None
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
@@ -332,6 +338,11 @@ def train(
             if meter is not None and meter.running:  # an exception inside the window: close the profiler
                 meter.stop()
             sinks.close()
+
+
+def _folder(out, lead: bool):
+    """The run folder: claimed by rank 0, read by the others."""
+    return claim_run_folder(out) if lead else distributed.follow(out)
 
 
 def _memory_metrics(meter: memory.PeakMeter, ctx: TrainContext, cfg, trainer) -> dict[str, float]:

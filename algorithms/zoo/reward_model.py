@@ -122,7 +122,7 @@ def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]
     from rlhf_env.tasks.annotators import sample_preference_pairs
 
     task = dataclasses.replace(ctx.task, train_prompts=ctx.task.eval_prompts)
-    return sample_preference_pairs(task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1)
+    return sample_preference_pairs(task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1, desc="held-out pairs")
 
 
 class Trainer(Stateful):
