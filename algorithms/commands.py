@@ -52,11 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else saved.get("model")
     reward = args.reward if args.reward is not None else saved.get("reward")
     chat_template = args.chat_template or saved.get("chat_template", "auto")
+    generator = args.generator if args.generator is not None else saved.get("generator")
     run = dict(steps=steps, seed=seed, model_path=model, config=config, resume=args.resume, override=args.override)
     run.update(
         eval_every=args.eval_every, device=args.device, dtype=torch_dtype(args.dtype), algo_name=algo, reward=reward
     )
     run["chat_template"] = chat_template
+    run.update(generator=generator)  # None: kv_cache
     run.update(
         backend=args.backend, lora_settings=_lora_settings(args, saved), fsdp=args.fsdp or saved.get("fsdp", False)
     )
@@ -97,6 +99,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "(NAME or NAME:KEY=VALUE,...), a reward model folder or a reward_model run folder; gold is always evaluated",
     )
     chat_template_argument(p, default=None)
+    p.add_argument(
+        "--generator",
+        default=None,
+        metavar="NAME",
+        help="the registered generation backend rollouts sample with (see rlhf list; default: kv_cache, "
+        "or the resumed run's); one without exact log-probs is corrected (rollout/logprob_diff)",
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="default: 50, or the resumed run's")
     p.add_argument("--seed", type=int, default=None, help="default: 0, or the resumed run's")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, with its settings")

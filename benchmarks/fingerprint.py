@@ -19,6 +19,7 @@ from typing import Any
 from rlhf_env.algorithms.run.runfolder import lock_holder
 from rlhf_env.bench.pipeline import BON_ALGORITHM, RM_ALGORITHM, bon_dir, rm_dir
 from rlhf_env.bench.suite import LEARNED, Cell, Suite, SuiteError, TaskEntry
+from rlhf_env.generation import DEFAULT_GENERATOR
 
 SETTINGS = "settings.json"
 RM_KEYS = ("pairs", "tau", "rm_steps", "rm_lr", "rm_batch_size", "heldout_pairs")
@@ -48,7 +49,9 @@ def cell_settings(suite: Suite, cell: Cell) -> dict[str, Any]:
     t = cell.task
     head = {**_task(suite, t), "algorithm": cell.algorithm, "seed": cell.seed, "budget": t.budget}
     evals = {"eval_points": suite.eval_points, "eval_prompts": suite.eval_prompts}
-    return {**head, "hparams": cell.config, **_reward(suite, t), **evals}
+    # Only a generator other than the default is recorded: results from before the key stay reusable.
+    generator = {"generator": suite.generator} if suite.generator != DEFAULT_GENERATOR else {}
+    return {**head, "hparams": cell.config, **_reward(suite, t), **evals, **generator}
 
 
 def entries(

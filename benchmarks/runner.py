@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rlhf_env import progress as waits
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import fingerprint, pipeline
 from rlhf_env.bench.display import Display, summary
@@ -73,9 +74,13 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
 # -- inside a worker ------------------------------------------------------------------------
 
 
-def _init_worker(progress_queue, threads: int | None) -> None:
+def _init_worker(progress_queue, threads: int | None, inline: bool = False) -> None:
+    """A worker's set-up: the parent's progress queue, torch threads; a worker process (not ``inline``) never
+    shows its own progress (pair generation, SFT, ...): the parent's display is the one line the user sees."""
     global _progress_queue
     _progress_queue = progress_queue
+    if not inline:
+        waits.silence()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if threads:
         import torch
@@ -157,7 +162,13 @@ def prepare_task(task: TaskEntry, out: str, device_name: str, eval_prompts: int)
 
 
 def run_cell(
-    cell: Cell, out: str, device_name: str, eval_points: int, eval_prompts: int, checkpoint_every: int
+    cell: Cell,
+    out: str,
+    device_name: str,
+    eval_points: int,
+    eval_prompts: int,
+    checkpoint_every: int,
+    generator: str | None = None,
 ) -> dict[str, Any]:
     """Train one cell; never raises: a failure comes back as ``{"status": "failed", "error": ...}``.
 
@@ -169,12 +180,14 @@ def run_cell(
     path = cell_dir(Path(out), cell)
     try:
         with claim_run_folder(path):
-            return _train_cell(cell, path, out, device_name, eval_points, eval_prompts, checkpoint_every)
+            return _train_cell(cell, path, out, device_name, eval_points, eval_prompts, checkpoint_every, generator)
     except RunLockedError as exc:
         return _failed(cell, f"skipped: {exc}")
 
 
-def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_prompts, checkpoint_every) -> dict:
+def _train_cell(
+    cell, path: Path, out: str, device_name, eval_points, eval_prompts, checkpoint_every, generator
+) -> dict:
     t0 = time.perf_counter()
     base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
     try:
@@ -212,6 +225,7 @@ def _train_cell(cell, path: Path, out: str, device_name, eval_points, eval_promp
             callback=report,
             measure_memory=True,
             chat_template=cell.task.chat_template,
+            generator=generator,
         )
         last = records[-1]
         # The first window's memory figures (a resumed cell measures again).
@@ -292,7 +306,7 @@ def _run_suite(suite: Suite, out: Path, workers: int | None, progress: bool, exe
     try:
         # Base models first (in parallel across tasks): every cell of a task starts from it.
         execute(base_jobs, display, workers, threads, out)
-        args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every)
+        args = (str(out), suite.device, suite.eval_points, suite.eval_prompts, suite.checkpoint_every, suite.generator)
         jobs = []
         for c in todo:
             base = read_result(base_dir(out, c.task)) or {"error": "not built"}
@@ -378,13 +392,14 @@ def _run_inline(jobs, display: Display, workers: int, threads: int, out: Path) -
     import torch
 
     saved = torch.get_num_threads()
-    _init_worker(_DirectQueue(display), threads)
+    _init_worker(_DirectQueue(display), threads, inline=True)
     try:
-        for key, fn, args in jobs:
-            display.start(key)
-            display.finish(key, summary(fn(*args)))
+        with waits.shown(False):  # the display is the one progress line
+            for key, fn, args in jobs:
+                display.start(key)
+                display.finish(key, summary(fn(*args)))
     finally:
-        _init_worker(None, saved)
+        _init_worker(None, saved, inline=True)
 
 
 def _run_pool(jobs, display: Display, workers: int, threads: int, out: Path) -> None:

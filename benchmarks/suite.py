@@ -8,6 +8,7 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     seeds = [0, 1]
     algorithms = "all"            # or ["ppo", "grpo"]; "exclude" drops names from "all"
     workers = 2                   # cells run at once, each in its own process (0: in this process)
+    generator = "kv_cache"        # the registered generator every cell's rollouts sample with
     [budget]
     tokens = 40000                # training tokens per run, or seconds = 60 (wall-clock)
     [hparams.ppo]                 # per-algorithm config overrides (algorithm Config fields)
@@ -37,6 +38,7 @@ from typing import Any
 
 from rlhf_env.algorithms.run.overrides import ConfigError, signature_types, typed_overrides, typed_values
 from rlhf_env.errors import UserError
+from rlhf_env.generation import DEFAULT_GENERATOR
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,6 +65,7 @@ TOP_KEYS = {
     "reward",
     "pipeline",
     "chat_template",
+    "generator",
 }
 TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline", "chat_template"}
 GOLD, LEARNED = "gold", "learned"
@@ -133,6 +136,7 @@ class Suite:
     eval_points: int = 5
     eval_prompts: int = 64
     checkpoint_every: int = 20
+    generator: str = DEFAULT_GENERATOR  # the registered generator of every cell's rollouts (``rlhf train --generator``)
 
     def algorithm_names(self, host=None) -> list[str]:
         """The suite's algorithms; ``all`` is every registered algorithm that trains a policy."""
@@ -407,5 +411,8 @@ def load_suite(suite: str | Path, host=None) -> Suite:
             raise SuiteError(f"{where}: {k} must be an integer >= {0 if k == 'workers' else 1}, got {v!r}")
     if opts.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise SuiteError(f"{where}: device must be auto, cpu or cuda, got {opts['device']!r}")
+    if "generator" in raw:
+        _known(host.generators, raw["generator"], f"{where}: generator", "generator")
+        opts["generator"] = raw["generator"]
     name, description = _string(raw, "name", where, path.stem), _string(raw, "description", where, "")
     return Suite(name, path, tasks, algorithms, seeds, exclude, description, **opts)

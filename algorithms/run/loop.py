@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_env import progress as waits
 from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import memory, presets
 from rlhf_env.algorithms.run import metrics as M
@@ -65,7 +66,10 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
     (as ``rlhf_env.rollout.evaluate``), and ``reward/proxy`` of the same samples when ``ctx.reward`` is set."""
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
-    batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
+    T = ctx.task.max_new_tokens
+    with waits.Progress(T, f"evaluation ({len(prompts)} prompts)", "tokens") as bar:
+        with bar.forwards(ctx.policy, bar.set):  # a policy forward a token
+            batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
     out = {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
     if ctx.reward is not None:
         out[M.REWARD_PROXY] = float(proxy_scores(ctx.reward, batch.prompts, batch.completions).mean())
@@ -267,6 +271,7 @@ def train(
     fsdp: bool = False,
     measure_memory: bool = False,
     chat_template: str = "auto",
+    generator: str | None = None,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -290,6 +295,8 @@ def train(
     (``rlhf_env.algorithms.scale.distributed``): same update as one rank, rank 0 alone writes.
     ``lora_settings``: train LoRA adapters (``rlhf_env.algorithms.scale.lora``) instead of every weight.
     ``fsdp``: shard the policy over the ranks (``rlhf_env.algorithms.scale.fsdp``; sharded checkpoints).
+    ``generator``: the registered generator rollouts sample with (``rlhf_env.generation``; None:
+    ``kv_cache``), part of the run's settings; data-parallel ranks sample with it too.
     ``measure_memory``: the record of the second step (the first, in a one-step run) carries
     ``memory/peak_mb``, the peak tensor memory of the first two steps, and ``memory/estimate_mb``
     (``rlhf_env.algorithms.run.memory``). ``chat_template``: ``"auto"`` (the tokenizer's chat template
@@ -304,13 +311,15 @@ def train(
     check_chat_template_mode(chat_template)
     lora_run = lora_settings is not None
     config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resume, quiet=not progress)
-    launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp)
+    launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp, generator)
     lead = launch.lead
-    with distributed.active(launch.dp), claim_run_folder(out) if lead else distributed.follow(out) as out:
+    # The waits before the first step (pairs, reference log-probs, a base-model build) and evaluations
+    # show their progress on rank 0 when ``progress`` (``rlhf_env.progress``).
+    with waits.shown(progress and lead), distributed.active(launch.dp), _folder(out, lead) as out:
         folder = read_folder(out, resume, checkpoint_every, lead)
         model = None if model_path is None else _recorded_model(model_path)
         now = {"algorithm": algo_name, "task": task.name, "task_config": task.config, "model": model, "seed": seed}
-        now["reward"], now["chat_template"] = launch.reward.spec, chat_template
+        now.update(reward=launch.reward.spec, generator=launch.generator, chat_template=chat_template)
         overrides, changes, saved = resumed_config(folder, spec, now, launch, override, lora_settings, fsdp)
         cfg = spec.Config(**overrides)
         if launch.dp is not None:
@@ -355,6 +364,11 @@ def train(
             if meter is not None and meter.running:  # an exception inside the window: close the profiler
                 meter.stop()
             sinks.close()
+
+
+def _folder(out, lead: bool):
+    """The run folder: claimed by rank 0, read by the others."""
+    return claim_run_folder(out) if lead else distributed.follow(out)
 
 
 def _memory_metrics(meter: memory.PeakMeter, ctx: TrainContext, cfg, trainer) -> dict[str, float]:

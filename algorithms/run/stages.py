@@ -30,9 +30,13 @@ from rlhf_env.algorithms.run.runfolder import (
 from rlhf_env.algorithms.scale import distributed, lora
 from rlhf_env.algorithms.scale import fsdp as sharding
 from rlhf_env.errors import SettingError, UserError
+from rlhf_env.generation import DEFAULT_GENERATOR
 from rlhf_env.models import load_causal_lm, resolve_device
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
+
+# The value a run saved before a key was recorded had (it optimised the gold, sampled with kv_cache).
+UNSAVED_DEFAULTS = {"reward": "gold", "generator": DEFAULT_GENERATOR}
 
 
 class ResumeError(UserError, ValueError):
@@ -54,9 +58,9 @@ def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], override
     ``now``: the algorithm, task, task knobs, model and seed this call asks for.
     """
     changes: dict[str, tuple[Any, Any]] = {}
-    for key in ("algorithm", "task", "model", "seed", "reward", "chat_template"):
-        # A run from before a key was saved: nothing to compare (it optimised the gold).
-        old = saved.get(key, "gold" if key == "reward" else now.get(key))
+    for key in ("algorithm", "task", "model", "seed", "reward", "chat_template", "generator"):
+        # A run from before a key was saved: its value then (UNSAVED_DEFAULTS), else nothing to compare.
+        old = saved.get(key, UNSAVED_DEFAULTS.get(key, now[key]))
         if key == "algorithm" and not (old and now[key]):
             continue  # an API call without a name
         if old != now.get(key):
@@ -77,17 +81,24 @@ def _resume_settings(out: Path, saved: dict, spec, now: dict[str, Any], override
 
 @dataclass
 class Launch:
-    """What a run checked before touching its folder: the overrides, device, ranks and reward."""
+    """What a run checked before touching its folder: the overrides, device, ranks, reward and generator."""
 
     overrides: dict[str, Any]
     device: torch.device
     dp: Any  # distributed.DataParallel or None
     lead: bool  # this process writes the run folder
     reward: Any  # reward_choice.RewardChoice
+    generator: str = DEFAULT_GENERATOR  # a registered generator's name
 
 
-def check_launch(spec, task: Task, config, resume: bool, device, backend, reward, lora_settings, fsdp: bool) -> Launch:
+def check_launch(
+    spec, task: Task, config, resume: bool, device, backend, reward, lora_settings, fsdp: bool, generator=None
+) -> Launch:
     """Every setting that can fail without the run folder fails here, before any work."""
+    from rlhf_env import plugins
+
+    generator = generator or DEFAULT_GENERATOR
+    plugins.get_host().generators.get(generator)  # unknown names list the registered ones
     overrides = typed_overrides(spec.Config, config or {})  # bad keys and types
     first = spec.Config(**overrides) if not resume else None  # an impossible config
     device = resolve_device(device)  # a device this machine lacks
@@ -96,7 +107,7 @@ def check_launch(spec, task: Task, config, resume: bool, device, backend, reward
     choice = resolve_reward(reward, task, device=device)  # a reward that cannot be used
     if fsdp and (dp is None or dp.world_size < 2 or lora_settings is not None):
         raise SettingError("--fsdp needs torchrun with 2 or more processes, and full fine-tuning (not --lora-rank)")
-    return Launch(overrides, device, dp, lead, choice)
+    return Launch(overrides, device, dp, lead, choice, generator)
 
 
 @dataclass
@@ -193,7 +204,17 @@ def build_models(
         sharding.shard(policy, launch.dp)
     else:
         policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
-    ctx = TrainContext(task, policy, ref, tokenizer, device, seed, reward=launch.reward.fn, chat_template=chat_template)
+    ctx = TrainContext(
+        task,
+        policy,
+        ref,
+        tokenizer,
+        device,
+        seed,
+        generator=launch.generator,
+        reward=launch.reward.fn,
+        chat_template=chat_template,
+    )
     torch.manual_seed(seed)  # again: a trainer's own init (a value head) is the same with or without LoRA
     t0 = time.perf_counter()
     trainer = spec.Trainer(ctx, cfg)

@@ -11,7 +11,9 @@ that averages over rows is the gradient of the whole minibatch's loss. Rank 0 al
 Seeds follow rows, not ranks: the prompts of a step are drawn once from the step's seed,
 and row i samples its tokens from its own generator, seeded with (step seed, i). So
 global row i is the same completion whichever rank draws it, and a run on 2 ranks makes
-the update a run on 1 rank makes (up to float rounding of different batch shapes).
+the update a run on 1 rank makes (up to float rounding of different batch shapes). That holds
+for the default ``kv_cache`` generator; a run's other generator (``--generator``) samples each
+rank's rows with one seed per rank, so its batch depends on the world size.
 """
 
 from __future__ import annotations
@@ -299,9 +301,21 @@ def collect_shard(ctx, env, seed: int, prompts: list[str] | None = None):
     mine = list(prompts)[first : first + local_groups]
     pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
     rows = range(first * G, (first + local_groups) * G)
-    sampler = RowSeededSampler(ctx.policy, env.num_envs, [row_seed(seed, r) for r in rows], pad, vocab)
+    sampler = rank_sampler(ctx.generator, ctx.policy, env.num_envs, [row_seed(seed, r) for r in rows], pad, vocab)
     stream = EpisodeStream(env, sampler, seed, {"prompts": mine})
     return gather_batch(to_batch(first_episodes(stream, env.num_envs), pad, vocab, ctx.device), pad)
+
+
+def rank_sampler(generator: str, model, batch_size: int, seeds: list[int], pad_token_id: int, vocab_size):
+    """This rank's sampler from the registered ``generator``: ``kv_cache`` as ``RowSeededSampler`` (a row's
+    tokens depend on its seed only, so any world size makes the same batch); any other generator is
+    built through the seam with the rank's first row seed, so its rows depend on the world size."""
+    from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
+
+    if generator == DEFAULT_GENERATOR:
+        return RowSeededSampler(model, batch_size, seeds, pad_token_id, vocab_size)
+    seed = seeds[0] % (2**31 - 1)  # generators may seed torch, which takes 32-bit-sized seeds
+    return make_sampler(generator, model, batch_size, pad_token_id=pad_token_id, vocab_size=vocab_size, seed=seed)
 
 
 def gather_batch(batch, pad_token_id: int):

@@ -35,6 +35,7 @@ from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, check_optimize
 from rlhf_env.errors import MissingFileError, SettingError
 from rlhf_env.models import pad_token_id
 from rlhf_env.packing import branch_logprobs, shares_prompts
+from rlhf_env.progress import Progress
 from rlhf_env.scoring import encode_completion, next_token_logprobs, pack_completions
 from rlhf_env.tasks.base import PreferencePair
 
@@ -300,11 +301,15 @@ class Trainer(Stateful):
 
     @torch.no_grad()
     def reference_logprobs(self, reference_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) log π_ref(y+|x) and (N,) log π_ref(y−|x) of every pair, ``reference_batch_size`` pairs a forward."""
         ref_c, ref_r = [], []
-        for s in range(0, len(self.pairs), reference_batch_size):
-            c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + reference_batch_size, len(self.pairs))))
-            ref_c.append(c)
-            ref_r.append(r)
+        n = len(self.pairs)
+        with Progress(n, "reference log-probs", "pairs") as bar:
+            for s in range(0, n, reference_batch_size):
+                c, r, _, _ = self.pair_batch(self.ctx.ref, torch.arange(s, min(s + reference_batch_size, n)))
+                ref_c.append(c)
+                ref_r.append(r)
+                bar.set(s + len(c))
         return torch.cat(ref_c), torch.cat(ref_r)
 
     def pair_batch(self, model, index: torch.Tensor):

@@ -29,6 +29,7 @@ from rlhf_env.algorithms.run.plumbing import Optimizer, Stateful, draw_part
 from rlhf_env.algorithms.zoo.dpo import PairConfig, load_pairs, sequence_logprobs
 from rlhf_env.errors import SettingError
 from rlhf_env.models import pad_token_id
+from rlhf_env.progress import Progress
 from rlhf_env.scoring import encode_completion, pack_completions
 
 
@@ -134,17 +135,20 @@ class Trainer(Stateful):
         if limit is not None and longest > limit:
             raise SettingError(f"a KTO example is {longest} tokens long; the model reads at most {limit}")
         self.pad, self.vocab_size = pad_token_id(tok), len(tok)
-        self.ref_logp = self.logprobs(ctx.ref, self.encoded, reference_batch_size)
-        self.ref_mismatched = self.logprobs(ctx.ref, self.mismatched, reference_batch_size)
+        with Progress(2 * n, "reference log-probs", "examples") as bar:  # the examples, then their mismatches
+            self.ref_logp = self.logprobs(ctx.ref, self.encoded, reference_batch_size, bar)
+            self.ref_mismatched = self.logprobs(ctx.ref, self.mismatched, reference_batch_size, bar)
         self.optimizer = Optimizer(ctx.policy.parameters(), config.lr, config.max_grad_norm)
 
     @torch.no_grad()
-    def logprobs(self, model, rows, batch_size: int) -> torch.Tensor:
-        """(n,) sequence log-probs of encoded rows, without gradient."""
+    def logprobs(self, model, rows, batch_size: int, bar: Progress | None = None) -> torch.Tensor:
+        """(n,) sequence log-probs of encoded rows, without gradient; ``bar`` advances a unit a row."""
         parts = []
         for s in range(0, len(rows), batch_size):
             ids, attn, mask = pack_completions(rows[s : s + batch_size], self.pad, self.ctx.device)
             parts.append(sequence_logprobs(model, ids, attn, mask, self.vocab_size))
+            if bar is not None:
+                bar.update(len(parts[-1]))
         return torch.cat(parts)
 
     def step(self, step: int, seed: int) -> dict[str, float]:

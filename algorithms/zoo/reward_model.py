@@ -129,7 +129,14 @@ def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]
 
     task = dataclasses.replace(ctx.task, train_prompts=ctx.task.eval_prompts)
     return sample_preference_pairs(
-        task, ctx.ref, ctx.tokenizer, n, tau=tau, seed=ctx.seed + 1, chat_template=ctx.chat_template
+        task,
+        ctx.ref,
+        ctx.tokenizer,
+        n,
+        tau=tau,
+        seed=ctx.seed + 1,
+        chat_template=ctx.chat_template,
+        desc="held-out pairs",
     )
 
 

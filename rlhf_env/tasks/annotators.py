@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhf_env.errors import SettingError, TrainingStoppedError
+from rlhf_env.progress import Progress
 from rlhf_env.rollout import complete
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
@@ -51,29 +52,61 @@ def sample_preference_pairs(
     seed: int = 0,
     max_rounds: int = 8,
     chat_template: str = "auto",
+    desc: str = "preference pairs",
 ) -> list[PreferencePair]:
     """``n`` labelled pairs of two distinct samples of ``model`` on the task's train prompts.
 
     Pairs whose two samples are identical carry no preference and are drawn again, up
-    to ``max_rounds`` times; fewer than ``n`` pairs after that is an error.
+    to ``max_rounds`` times; fewer than ``n`` pairs after that is an error. The wait is
+    shown on stderr (``rlhf_env.progress``, named ``desc``).
     """
     rng = np.random.default_rng(seed)
     pairs: list[PreferencePair] = []
-    for round_ in range(max_rounds):
-        need = n - len(pairs)
-        if need <= 0:
-            break
-        k = math.ceil(need * 1.5)
-        prompts = [task.train_prompts[i] for i in rng.integers(len(task.train_prompts), size=k)]
-        sample = dict(chat_template=chat_template)  # as the env of the run encodes prompts
-        a = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_, **sample)
-        b = complete(model, tokenizer, prompts, task.max_new_tokens, seed=seed * 1000 + 2 * round_ + 1, **sample)
-        keep = [i for i in range(k) if a[i] != b[i]]
-        pairs += label_pairs(
-            [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], task.gold_reward, tau, rng
-        )[:need]
+    with Progress(n, desc, "pairs") as bar:
+        for round_ in range(max_rounds):
+            need = n - len(pairs)
+            if need <= 0:
+                break
+            k = math.ceil(need * 1.5)
+            prompts = [task.train_prompts[i] for i in rng.integers(len(task.train_prompts), size=k)]
+            a, b = [
+                _sampled(
+                    bar,
+                    len(pairs),
+                    need,
+                    half,
+                    model,
+                    tokenizer,
+                    prompts,
+                    task.max_new_tokens,
+                    seed,
+                    round_,
+                    chat_template,
+                )
+                for half in (0, 1)
+            ]
+            keep = [i for i in range(k) if a[i] != b[i]]
+            pairs += label_pairs(
+                [prompts[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep], task.gold_reward, tau, rng
+            )[:need]
+            bar.set(len(pairs))
     if len(pairs) < n:
         raise TrainingStoppedError(
             f"only {len(pairs)} of {n} pairs had two different samples; the model is too deterministic"
         )
     return pairs
+
+
+def _sampled(
+    bar, have: int, need: int, half: int, model, tokenizer, prompts, max_new_tokens: int, seed, round_, chat_template
+):
+    """Sample ``half`` (0: a, 1: b) of a round's completions; ``bar`` moves with the model's forwards,
+    one a token after the prompt's, over this half of the round's ``need`` pairs."""
+
+    def moved(forwards: int) -> None:
+        bar.set(have + need * (half + min(1.0, forwards / (max_new_tokens + 1))) / 2)
+
+    with bar.forwards(model, moved):
+        # prompts encoded as the env of the run encodes them
+        seed = seed * 1000 + 2 * round_ + half
+        return complete(model, tokenizer, prompts, max_new_tokens, seed=seed, chat_template=chat_template)

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rlhf_env.cache import cache_root
 from rlhf_env.models import load_pretrained
+from rlhf_env.progress import Progress
 from rlhf_env.scoring import sft_loss
 from rlhf_env.tasks.base import Task
 from rlhf_env.tiny import DEFAULT_CHARS, build_char_tokenizer, build_tiny_model, save_tiny
@@ -51,7 +51,8 @@ def train_sft(
 ):
     """AdamW on ``sft_loss`` over random minibatches, linear warm-up then linear decay.
 
-    ``callback(step, steps)``, if given, is called after every step (progress displays).
+    ``callback(step, steps)``, if given, is called after every step (progress displays);
+    ``progress``: show the steps on stderr (``rlhf_env.progress``: a bar on a terminal, else a few lines).
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -60,9 +61,9 @@ def train_sft(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1)))
     )
     model.train()
-    bar = tqdm(range(steps), desc="SFT base model", disable=not progress, leave=False)
+    bar = Progress(steps, "SFT base model", "steps", enabled=progress)
     loss = torch.tensor(float("nan"))
-    for i in bar:
+    for i in range(steps):
         idx = torch.randint(len(pairs), (batch_size,), generator=gen).tolist()
         loss = sft_loss(model, tokenizer, [pairs[i] for i in idx])
         opt.zero_grad(set_to_none=True)
@@ -70,9 +71,10 @@ def train_sft(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at tqdm's own pace
+        bar.set(i + 1, loss=f"{loss.item():.3f}")
         if callback is not None:
             callback(i + 1, steps)
+    bar.close()
     return model.eval(), loss.item()
 
 
