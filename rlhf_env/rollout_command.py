@@ -48,9 +48,17 @@ def run_rollout(
         limit = {"max_new_tokens": 24, **limit}
         env = make_default_vector_env(num_envs=num_envs, beta=beta, dtype=dtype, **parts, **limit)
     else:
-        from rlhf_env.tasks import get_task, make_task_env
+        from rlhf_env.tasks import make_task_env, task_from_spec
 
-        env = make_task_env(get_task(task), model, num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, **limit)
+        env = make_task_env(
+            task_from_spec(task, max_new_tokens=max_new_tokens),
+            model,
+            num_envs=num_envs,
+            beta=beta,
+            device="cpu",
+            dtype=dtype,
+            **limit,
+        )
     # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
     policy = copy.deepcopy(env_attr(env, "ref_model"))
     pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
