@@ -31,18 +31,20 @@ def code_ref_spec(value: str) -> str:
 
 
 def load_callable(value: str, where: str = "reward"):
-    """The callable ``value`` names; a missing file, module or attribute, or a non-callable, is a clear error."""
+    """The callable ``value`` names; a missing file, module or attribute, or a non-callable, is a clear error.
+
+    ``where`` starts every message (``reward 'my_rewards:correct'``).
+    """
     module_name, attr = _split(value)
     module = _import_file(module_name, where) if module_name.endswith(".py") else _import_module(module_name, where)
     if not hasattr(module, attr):
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise SettingError(
-            f"{where} {value!r}: module {module_name} has no attribute {attr!r}; "
-            f"its functions: {', '.join(public) or 'none'}"
+            f"{where}: module {module_name} has no attribute {attr!r}; its functions: {', '.join(public) or 'none'}"
         )
     fn = getattr(module, attr)
     if not callable(fn):
-        raise SettingError(f"{where} {value!r}: {module_name}.{attr} is a {type(fn).__name__}, not a function")
+        raise SettingError(f"{where}: {module_name}.{attr} is not callable (a {type(fn).__name__}); name a function")
     return fn
 
 
@@ -63,7 +65,7 @@ def _import_module(name: str, where: str):
     except ModuleNotFoundError as exc:
         if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
             raise SettingError(
-                f"{where} {name!r}: no module named {exc.name!r} (looked in the current folder and sys.path; "
+                f"{where}: no module named {exc.name!r} (looked in the current folder and sys.path; "
                 "a file is named path/to/file.py:FUNCTION)"
             ) from None
         raise SettingError(f"{where}: importing {name} failed: {exc}") from exc

@@ -127,7 +127,7 @@ def _verifier(verifier: str):
     from rlhf_env.user_code import load_callable
 
     if _is_users_code(verifier):
-        return load_callable(verifier, "verifier")
+        return load_callable(verifier, f"verifier {verifier!r}")
     registry = plugins.get_host().rewards
     if verifier not in registry:
         raise SettingError(
