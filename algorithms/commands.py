@@ -14,13 +14,10 @@ from rlhf_env.plugins.cli import Command
 
 # -- rlhf train ---------------------------------------------------------------------------
 def _saved_task(name: str, knobs: dict[str, Any]):
-    """Task ``name`` built with the knobs a run saved (those its factory still takes)."""
-    from rlhf_env import plugins
-    from rlhf_env.algorithms.run.overrides import signature_types
-    from rlhf_env.tasks import get_task
+    """Task ``name`` built with the knobs a run saved (those it still takes, the universal ones too)."""
+    from rlhf_env.tasks import task_from_spec
 
-    takes = signature_types(plugins.get_host().tasks.get(name))
-    return get_task(name, **{k: v for k, v in knobs.items() if takes is None or k in takes})
+    return task_from_spec(name, knobs)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,17 +32,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rlhf_env.algorithms.run.loop import train
     from rlhf_env.algorithms.run.overrides import split_assignments, typed_overrides
     from rlhf_env.algorithms.run.runfolder import read_run_config
-    from rlhf_env.tasks import get_task
+    from rlhf_env.tasks import parse_task_spec, task_from_spec
 
     saved = (read_run_config(Path(args.out)) if args.resume and Path(args.out).is_dir() else None) or {}
-    algo, task_name = args.algo or saved.get("algorithm"), args.task or saved.get("task")
-    if not algo or not task_name:
+    algo, task_spec = args.algo or saved.get("algorithm"), args.task or saved.get("task")
+    if not algo or not task_spec:
         raise SettingError("--algo and --task are required to start a run (--resume takes them from the run in --out)")
     spec = plugins.get_host().algorithms.get(algo)  # unknown names list the registered ones
-    if task_name == saved.get("task"):
-        task = _saved_task(task_name, saved.get("task_config") or {})
-    else:
-        task = get_task(task_name)
+    # Resuming the same task: its saved knobs, those given again overriding them (a change is then refused).
+    same = parse_task_spec(task_spec)[0] == saved.get("task")
+    task = task_from_spec(task_spec, saved.get("task_config") if same else None, args.max_new_tokens)
     config = typed_overrides(spec.Config, split_assignments(args.set), from_text=True, where="--set")
     steps = args.steps or (saved.get("budget") or {}).get("steps") or 50
     seed = args.seed if args.seed is not None else saved.get("seed", 0)
@@ -89,7 +85,14 @@ def _lora_settings(args: argparse.Namespace, saved: dict[str, Any]):
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", default=None, help="a registered algorithm (required unless --resume)")
-    p.add_argument("--task", default=None, help="a registered task (required unless --resume)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="a registered task, NAME or NAME:KEY=VALUE,... with its knobs (required unless --resume)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=None, help="completion length limit (default: the task's)"
+    )
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, tb/, checkpoint/")
     p.add_argument("--model", default=None, help="local HF causal LM replacing the task's base model")
     p.add_argument(

@@ -39,6 +39,7 @@ from typing import Any
 from rlhf_env.algorithms.run.overrides import ConfigError, signature_types, typed_overrides, typed_values
 from rlhf_env.errors import UserError
 from rlhf_env.generation import DEFAULT_GENERATOR
+from rlhf_env.tasks import UNIVERSAL_KNOBS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -324,8 +325,8 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: di
         raise SuiteError(f"{tw}: knobs must be a table, got {knobs!r}")
     types = signature_types(host.tasks.get(t["name"]))
     if types is not None:  # a factory taking **kwargs checks its knobs itself
-        try:
-            knobs = typed_values(types, knobs, where=f"{tw}.knobs", what="knobs")
+        try:  # with the knobs every task takes (max_new_tokens)
+            knobs = typed_values({**UNIVERSAL_KNOBS, **types}, knobs, where=f"{tw}.knobs", what="knobs")
         except ConfigError as exc:
             raise SuiteError(str(exc)) from None
     own = _hparams(t.get("hparams", {}), where, host, f"tasks[{i}].hparams.{{}}")

@@ -6,7 +6,7 @@ from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
 from rlhf_env.plugins import hookimpl
 from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
-from rlhf_env.tasks import arithmetic, sentiment
+from rlhf_env.tasks import arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment, verifiers
 
 
 @hookimpl
@@ -17,6 +17,11 @@ def rlhf_register_rewards(register):
     register("arithmetic_exact", lambda: arithmetic.exact_match)
     register("arithmetic_partial", lambda: arithmetic.partial_credit)
     register("vader", lambda: sentiment.vader_reward)
+    # Verifiers of a final answer: they read each prompt's ``answer`` field (rlhf_env.tasks.fields).
+    register("final_number", verifiers.final_number)
+    register("boxed", verifiers.boxed)
+    register("math_verify", verifiers.math_verify)
+    register("exact_answer", verifiers.exact_answer)
 
 
 @hookimpl
@@ -24,6 +29,9 @@ def rlhf_register_tasks(register):
     """Task factories: ``factory(**knobs) -> Task``."""
     register("arithmetic", arithmetic.make_arithmetic_task)
     register("sentiment", sentiment.make_sentiment_task)
+    register("arithmetic_chat", arithmetic_chat.make_arithmetic_chat_task)
+    register("prompt_file", prompt_file.make_prompt_file_task)
+    register("reasoning_gym", reasoning_gym.make_reasoning_gym_task)
 
 
 @hookimpl

@@ -130,10 +130,10 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 # -- rlhf base-model ---------------------------------------------------------------------
 def cmd_base_model(args: argparse.Namespace) -> int:
     """Build or load a task's base model; print its size, build time and eval figures."""
-    from rlhf_env.tasks import evaluate, get_task
+    from rlhf_env.tasks import evaluate, task_from_spec
     from rlhf_env.tasks.base_models import build_base_model, load_base_model
 
-    task = get_task(args.task)
+    task = task_from_spec(args.task, max_new_tokens=args.max_new_tokens)
     path = args.model or build_base_model(task, force=args.force)
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -169,7 +169,9 @@ def _rollout_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: 24, or the task's")
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", default=None, help="a registered task (default: the embedded default env)")
+    p.add_argument(
+        "--task", default=None, help="a registered task, NAME or NAME:KEY=VALUE,... (default: the embedded default env)"
+    )
     p.add_argument("--model", default=None, help="local HF checkpoint: the task's base model, or the default env's")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
     chat_template_argument(p)
@@ -190,7 +192,10 @@ def chat_template_argument(p: argparse.ArgumentParser, default: str | None = "au
 
 
 def _base_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="a registered task, NAME or NAME:KEY=VALUE,... with its knobs")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=None, help="completion length limit (default: the task's)"
+    )
     p.add_argument("--model", default=None, help="evaluate this local HF checkpoint instead")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--eval-prompts", type=positive_int, default=64, help="evaluate on the first N eval prompts")

@@ -52,10 +52,10 @@ def run_rollout(
             num_envs=num_envs, beta=beta, dtype=dtype, chat_template=chat_template, **parts, **limit
         )
     else:
-        from rlhf_env.tasks import get_task, make_task_env
+        from rlhf_env.tasks import make_task_env, task_from_spec
 
         kwargs = dict(num_envs=num_envs, beta=beta, device="cpu", dtype=dtype, chat_template=chat_template, **limit)
-        env = make_task_env(get_task(task), model, **kwargs)
+        env = make_task_env(task_from_spec(task, max_new_tokens=max_new_tokens), model, **kwargs)
     # In RLHF the policy starts as a copy of the reference, so the KL starts at zero.
     policy = copy.deepcopy(env_attr(env, "ref_model"))
     pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")

@@ -103,7 +103,7 @@ REGISTERED = (
     "registered: cispo, dapo, dpo, dr_grpo, grpo, gspo, ipo, kto, online_dpo, ppo, reinforce, reinforce_pp, "
     "reinforce_pp_baseline, reward_model, rloo, sft, simpo"
 )
-KNOBS = "known: ['digits', 'model_size', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
+KNOBS = "known: ['digits', 'max_new_tokens', 'model_size', 'n_eval', 'n_train', 'operators', 'seed', 'sft_steps']"
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,12 @@ KNOBS = "known: ['digits', 'model_size', 'n_eval', 'n_train', 'operators', 'seed
         ("", "[hparams.ppo]\nlr = nan", "", "[hparams.ppo] lr: expected a finite number, got float nan"),
         ("", '[hparams.reinforce]\nbaseline = "no"', "", "[hparams.reinforce] baseline: expected true or false"),
         ("", "[hparams.ppo]\nlearning_rate = 0.1", "", "[hparams.ppo]: unknown config keys ['learning_rate']"),
-        ("", "", 'name = "arithmetik"', "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, sentiment"),
+        (
+            "",
+            "",
+            'name = "arithmetik"',
+            "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment",
+        ),
         ("", "", 'name = "arithmetic"\nknobs = { digit = 1 }', f"tasks[0].knobs: unknown knobs ['digit']; {KNOBS}"),
         ("", "", 'name = "arithmetic"\nknobs = { digits = "2" }', "tasks[0].knobs digits: expected an integer"),
         ("", "", 'name = "arithmetic"\nhparams = { ppo = { num_envs = 8.5 } }', "tasks[0].hparams.ppo num_envs: "),

@@ -15,7 +15,17 @@ import pytest
 from rlhf_env import commands, plugins, rollout
 from rlhf_env.plugins import cli
 
-BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
+BUILTIN_REWARDS = (
+    "letter_fraction",
+    "completion_length",
+    "arithmetic_exact",
+    "arithmetic_partial",
+    "vader",
+    "final_number",
+    "boxed",
+    "math_verify",
+    "exact_answer",
+)
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
 
 

@@ -7,7 +7,17 @@ import pytest
 import rlhf_env
 from rlhf_env import hookimpl, plugins
 
-BUILTIN_REWARDS = ("letter_fraction", "completion_length", "arithmetic_exact", "arithmetic_partial", "vader")
+BUILTIN_REWARDS = (
+    "letter_fraction",
+    "completion_length",
+    "arithmetic_exact",
+    "arithmetic_partial",
+    "vader",
+    "final_number",
+    "boxed",
+    "math_verify",
+    "exact_answer",
+)
 
 
 def named(entries) -> set[tuple[str, str]]:
@@ -189,7 +199,7 @@ def test_unknown_name_lists_registered_names(host):
         host.rewards.get("no_such_reward")
     message = str(excinfo.value)
     assert "no_such_reward" in message
-    assert "completion_length, letter_fraction" in message  # sorted, all of them
+    assert "completion_length, exact_answer, final_number, letter_fraction" in message  # sorted, all of them
     assert isinstance(excinfo.value, KeyError)
     with pytest.raises(plugins.UnknownNameError, match="registered: none"):
         plugins.Registry("algorithm").get("ppo_that_does_not_exist")

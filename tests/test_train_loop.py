@@ -82,7 +82,10 @@ def test_cli_names_the_known_algorithms_and_tasks(tmp_path, capsys):
     assert cli.main(["train", "--algo", "nope", "--task", "arithmetic", "--out", str(tmp_path)]) == 1
     assert "unknown algorithm 'nope'; registered: " in capsys.readouterr().err
     assert cli.main(["train", "--algo", "reinforce", "--task", "nope", "--out", str(tmp_path)]) == 1
-    assert "unknown task 'nope'; registered: arithmetic, sentiment" in capsys.readouterr().err
+    assert (
+        "unknown task 'nope'; registered: arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment"
+        in capsys.readouterr().err
+    )
 
 
 def test_an_algorithm_from_a_plugin_trains_through_rlhf_train(plugin_path, write_dist, tmp_path, monkeypatch, capsys):

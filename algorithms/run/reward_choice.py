@@ -6,7 +6,14 @@
 * a registered reward, with options: ``letter_fraction`` or ``letter_fraction:letter=a,...``
   (option values typed as the factory's parameters);
 * a local reward-model folder: a Hugging Face sequence classifier with one label and its tokenizer;
-* a ``reward_model`` run folder (``rlhf train --algo reward_model``): its checkpoint's r_φ.
+* a ``reward_model`` run folder (``rlhf train --algo reward_model``): its checkpoint's r_φ;
+* your own function: ``MODULE:FUNCTION`` (a dotted module importable from the current folder)
+  or ``path/to/file.py:FUNCTION``, called as ``FUNCTION(prompts, completions[, fields...])``.
+
+``A:B`` is a registered reward with options when ``A`` is a registered reward (its options always
+hold ``=``); otherwise, when ``B`` is a Python identifier, it is your code. A reward that names
+fields beyond ``(prompts, completions)`` (``answer``) gets the task's per-prompt fields
+(``rlhf_env.tasks.fields``), checked here against the task.
 
 The chosen reward is the *proxy*: online algorithms optimise it (``reward/score``), and the
 loop scores its evaluation samples with it (``reward/proxy``) next to the gold (``reward/gold``),
@@ -47,9 +54,44 @@ def resolve_reward(value: str | None, task, *, device=None, where: str = "reward
         return RewardChoice(GOLD)
     if not isinstance(value, str) or not value.strip():
         raise RewardChoiceError(f"{where}: expected gold, a registered reward or a reward model folder, got {value!r}")
+    if _is_users_code(value):
+        return _users_code(value, task, f"{where} {value!r}")
     if _looks_like_path(value):
         return _from_folder(Path(value).expanduser().resolve(), task, device, f"{where} {value!r}")
-    return _registered(value, f"{where} {value!r}")
+    choice = _registered(value, f"{where} {value!r}")
+    return RewardChoice(choice.spec, _bound(choice.fn, task, f"{where} {value!r}"))
+
+
+def _is_users_code(value: str) -> bool:
+    from rlhf_env import plugins
+    from rlhf_env.user_code import is_code_ref
+
+    return is_code_ref(value) and value.partition(":")[0] not in plugins.get_host().rewards
+
+
+def _bound(fn, task, where: str):
+    """``fn`` with the task's fields bound when it reads some; a field the task lacks is refused here."""
+    from rlhf_env.tasks.fields import bind_fields
+
+    try:
+        return bind_fields(fn, getattr(task, "fields", None), task.name, where=where)
+    except UserError as exc:
+        raise RewardChoiceError(str(exc)) from None
+
+
+def _users_code(value: str, task, where: str) -> RewardChoice:
+    """The user's function, imported because they named it, bound to the task's fields and tried once."""
+    from rlhf_env.tasks.fields import probe
+    from rlhf_env.user_code import code_ref_spec, load_callable
+
+    try:
+        fn = _bound(load_callable(value, where), task, where)
+        probe(fn, task.train_prompts, where)
+    except RewardChoiceError:
+        raise
+    except UserError as exc:
+        raise RewardChoiceError(str(exc)) from None
+    return RewardChoice(code_ref_spec(value), fn)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -183,13 +183,13 @@ def export(run: str | Path, out: str | Path, task=None) -> Path:
     """
     from rlhf_env.algorithms.run.runfolder import CHECKPOINT
     from rlhf_env.models import save_pretrained
-    from rlhf_env.tasks import get_task
+    from rlhf_env.tasks import task_from_spec
     from rlhf_env.tasks.base_models import load_base_model
 
     run, out = Path(run), Path(out)
     settings = run_settings(run)
     check_destination(run, out)
-    task = task or get_task(settings["task"], **(settings.get("task_config") or {}))
+    task = task or task_from_spec(settings["task"], settings.get("task_config") or {})
     base, tokenizer = load_base_model(task, settings.get("model"), device="cpu")
     merged = wrapper_of(attach(base, LoraSettings.from_dict(settings["lora"]), run / CHECKPOINT)).merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,12 @@ class Task:
             task whose corpus is already the wanted behaviour (arithmetic's correct sums).
         max_new_tokens: completion length limit for rollouts on this task.
         recipe: how to build the base model.
-        config: the knobs that made this task (part of the base model's cache key).
+        config: the knobs that made this task (part of the base model's cache key, but for ``unkeyed``).
+        unkeyed: knobs of ``config`` that do not change the base model (the universal
+            ``max_new_tokens`` of ``get_task``), left out of ``cache_key``.
+        fields: per-prompt fields of the task's data (``prompt -> {column: value}``: a prompt
+            file's ``answer``, a generated problem's entry), which rewards can read
+            (``rlhf_env.tasks.fields``); None for a task without them.
     """
 
     name: str
@@ -71,9 +76,12 @@ class Task:
     recipe: BaseModelRecipe = field(default_factory=BaseModelRecipe)
     config: dict[str, Any] = field(default_factory=dict)
     demonstrations: list[tuple[str, str]] | None = None
+    unkeyed: tuple[str, ...] = ()
+    fields: dict[str, dict[str, Any]] | None = None
+    needs_sft_data: bool = True  # False: a task for given models (a prompt file without completions)
 
     def __post_init__(self):
-        for what in ("train_prompts", "eval_prompts", "sft_data"):
+        for what in ("train_prompts", "eval_prompts") + (("sft_data",) if self.needs_sft_data else ()):
             if not getattr(self, what):
                 raise SettingError(f"task {self.name!r} has no {what}")
 
@@ -88,7 +96,8 @@ class Task:
 
     def cache_key(self) -> str:
         """A short hash of everything that determines the base model."""
-        blob = json.dumps({"task": self.name, "config": self.config, "recipe": asdict(self.recipe)}, sort_keys=True)
+        config = {k: v for k, v in self.config.items() if k not in self.unkeyed}
+        blob = json.dumps({"task": self.name, "config": config, "recipe": asdict(self.recipe)}, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from rlhf_env.cache import cache_root
+from rlhf_env.errors import SettingError
 from rlhf_env.models import load_pretrained
 from rlhf_env.progress import Progress
 from rlhf_env.scoring import sft_loss
@@ -87,6 +88,11 @@ def build_base_model(
     the SFT runs (default: the CPU), e.g. the GPU a suite's cells will use; the weights are
     saved in float32 either way.
     """
+    if not task.sft_data:  # a task for given models: nothing to build one from
+        source = f" ({task.config['path']} has no completion or answer column)" if "path" in task.config else ""
+        raise SettingError(
+            f"task {task.name!r} has no SFT data to build a base model from{source}; pass a model with --model"
+        )
     target = base_model_dir(task)
     if not force:
         if (target / "model.safetensors").exists():

@@ -47,6 +47,21 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     return _load_columns(path, ("prompt",))["prompt"]
 
 
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every row of a data file as a dict of all its columns; ``prompt`` is checked (non-empty strings).
+
+    The other columns keep their types (JSON/Parquet numbers stay numbers; CSV cells are text).
+    """
+    cols = _load_columns(path, ("prompt",), every_column=True)
+    names = list(cols)
+    return [dict(zip(names, values)) for values in zip(*(cols[n] for n in names))]
+
+
+def where_row(path: str | os.PathLike, row: int) -> str:
+    """Where 0-based data row ``row`` of ``path`` is, as a user finds it (``line N``, ``record N``)."""
+    return _where(Path(path).expanduser(), row)
+
+
 def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     """Read ``prompt``, ``chosen`` and ``rejected`` columns into preference pairs, in file order."""
     cols = _load_columns(path, ("prompt", "chosen", "rejected"))
@@ -78,8 +93,9 @@ def distinct_pairs(pairs: list[PreferencePair], path: Path) -> list[PreferencePa
     return [p for i, p in enumerate(pairs) if i not in tied]
 
 
-def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str, list[str]]:
-    """Load ``path`` with ``datasets`` and return the ``required`` columns as checked lists of str."""
+def _load_columns(path: str | os.PathLike, required: Sequence[str], every_column: bool = False) -> dict[str, list]:
+    """Load ``path`` with ``datasets`` and return the ``required`` columns as checked lists of str
+    (``every_column``: the other columns too, unchecked)."""
     path = Path(path).expanduser()
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -106,7 +122,7 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
                 split="train",
                 cache_dir=cache_dir,
                 keep_in_memory=True,
-                **_builder_kwargs(builder, required),
+                **_builder_kwargs(builder, _csv_header(path) if every_column and builder == "csv" else required),
             )
         except (DatasetsError, pyarrow.ArrowException, ValueError) as exc:  # pandas' errors are ValueErrors
             raise _parse_error(path, builder, exc, required) from exc
@@ -122,7 +138,8 @@ def _load_columns(path: str | os.PathLike, required: Sequence[str]) -> dict[str,
             found = _first_non_string_json_field(path, required)
             if found is not None:
                 raise _bad_field(path, *found)
-        return {c: _checked_column(path, c, ds.features[c], list(ds[c])) for c in required}
+        out = {c: _checked_column(path, c, ds.features[c], list(ds[c])) for c in required}
+        return {c: out[c] if c in out else list(ds[c]) for c in ds.column_names} if every_column else out
 
 
 def _is_string(feature: Any) -> bool:
@@ -151,6 +168,14 @@ def _is_json_list(path: Path) -> bool:
         return path.read_text(encoding="utf-8").lstrip().startswith("[")
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def _csv_header(path: Path) -> list[str]:
+    """A CSV file's column names (its first row), so every column can be read as text."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _builder_kwargs(builder: str, required: Sequence[str]) -> dict[str, Any]:
