@@ -67,6 +67,7 @@ class TrainContext:
     seed: int = 0
     generator: str = DEFAULT_GENERATOR  # the registered generation backend rollouts sample with
     reward: Any = None  # reward(prompts, completions) -> scores, or a RewardModel; None: gold
+    compute_dtype: torch.dtype | None = None  # mixed precision's autocast dtype (run.precision); None: none
     _envs: dict = field(default_factory=dict, repr=False)
 
     def env(self, num_envs: int, group_size: int = 1, beta: float = 0.0, split: str = "train") -> VectorTextGenEnv:

@@ -41,10 +41,17 @@ def next_token_logprobs(
         attention_mask: (B, T) 0/1.
         vocab_size: see ``token_logprobs``.
     Returns:
-        (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+        (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]). Logits larger
+        than one chunk are never materialised whole (``rlhf_env.lmhead``).
     """
+    from rlhf_env.lmhead import chunked_head
+
     # No KV cache: a training forward would otherwise build one and throw it away.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    forward = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    head = chunked_head(model, input_ids.numel())
+    if head is not None:  # large vocabularies: the head and log-softmax a chunk of tokens at a time
+        return head.logprobs(head.hidden(**forward)[:, :-1], input_ids[:, 1:], vocab_size)
+    logits = model(**forward).logits
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 
