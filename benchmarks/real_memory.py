@@ -32,7 +32,8 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rlhf_env.algorithms.run import memory
+    from rlhf_env import lmhead
+    from rlhf_env.algorithms.run import loop, memory
     from rlhf_env.algorithms.run import metrics as M
     from rlhf_env.algorithms.run.loop import train
     from rlhf_env.algorithms.run.overrides import split_assignments, typed_overrides
@@ -52,6 +53,9 @@ def run_one(args: argparse.Namespace) -> dict:
         return est
 
     memory.estimate = recording_estimate
+    loop._save_checkpoint = lambda *a, **k: None  # memory only (and a GGUF-dequantised config cannot be saved)
+    if args.no_chunks:  # the plain path for every size: the figures before chunked log-probs
+        lmhead.LOGPROB_CHUNK_BYTES = 2**62
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         records = train(
@@ -75,6 +79,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "config": {k: v for k, v in config.items()},
         "peak_mb": round(rec[M.MEMORY_PEAK_MB], 1),
         "estimate_mb": round(rec.get(M.MEMORY_ESTIMATE_MB, float("nan")), 1),
+        "no_chunks": bool(args.no_chunks),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "step0_kl_loss": records[0].get(M.LOSS_KL),
         "step0_grad_norm": records[0].get(M.OPTIM_GRAD_NORM),
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="ALGO:KEY=VALUE", help="a config override")
     p.add_argument("--out", default=None, help="markdown file the table is appended to")
+    p.add_argument("--no-chunks", action="store_true", help="log-probs from whole logits (the figures before chunking)")
     p.add_argument("--algo", default=None, help=argparse.SUPPRESS)  # a child: one algorithm
     args = p.parse_args(argv)
     if args.algo:
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "rlhf_env.bench.real_memory", "--algo", algo, "--model", args.model]
         cmd += [f"--{k}={getattr(args, k)}" for k in ("steps", "device", "threads") if getattr(args, k) is not None]
         cmd += [f"--dtype={args.dtype}"] if args.dtype else []
+        cmd += ["--no-chunks"] if args.no_chunks else []
         cmd += [f"--set={s}" for s in sets]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -134,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         row["steps"] = args.steps
         print(json.dumps(row), flush=True)
         rows.append(row)
-    text = table(args.model, args.dtype or "as saved", rows)
+    text = table(
+        args.model, (args.dtype or "as saved") + (", whole logits" if args.no_chunks else ", chunked log-probs"), rows
+    )
     print(text)
     if args.out:
         path = Path(args.out)

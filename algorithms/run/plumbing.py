@@ -91,7 +91,7 @@ class Optimizer:
             NonFiniteLossError: a part or the gradient norm is NaN/inf; the weights and the
                 optimizer state are left as they were. Under float16 autocast the loss is scaled
                 and an infinite gradient norm is an overflow: the step is skipped, the scale
-                halved, and the (infinite) norm returned.
+                halved, and the (non-finite) norm returned.
         """
         named = parts or {"loss": loss}
         if distributed.current() is None:
