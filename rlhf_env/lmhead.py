@@ -29,6 +29,23 @@ from torch.utils.checkpoint import checkpoint
 
 LOGPROB_CHUNK_BYTES = 64 * 2**20  # float32 logits of one chunk; tests lower it to force chunks
 
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """log softmax(logits[..., :vocab_size])[labels], in float32.
+
+    Args:
+        logits: (..., V) unnormalised scores.
+        labels: (...) int64 token ids.
+        vocab_size: the tokenizer's size when the model pads its vocabulary beyond it
+            (the softmax then runs over the ids the tokenizer can produce, as the sampler's
+            does); None: all V.
+    Returns:
+        (...) float32 log-probs.
+    """
+    logp = torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
 _heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> OutputHead | None (the probe's verdict)
 
 
@@ -81,7 +98,6 @@ class OutputHead:
         Returns:
             (...) float32 log-probs; with gradients, each chunk's logits are recomputed in backward.
         """
-        from rlhf_env.scoring import token_logprobs
 
         def chunk(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return token_logprobs(self.logits(h), y, vocab_size)
