@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_env import lmhead
 from rlhf_env.algorithms.run.memory import PeakMeter
+from rlhf_env.algorithms.zoo.ppo import logprobs_and_values
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.packing import packed_logprobs
 from rlhf_env.scoring import next_token_logprobs
@@ -127,3 +128,18 @@ def test_chunks_lower_the_peak_of_a_training_forward_and_backward(monkeypatch):
     # 16 positions (0.25 MiB) a copy, plus the head's (4096, 16) weight gradient being built.
     assert peaks[1] < peaks[0] - 6, peaks
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_ppo_logprobs_and_values_in_chunks_equal_one_forward(monkeypatch):
+    model = build("llama", "llama")
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    ids, attn, _ = batch(len(loaded_tokenizer("llama", "llama")))
+    out = []
+    for chunk in (None, CHUNK):
+        force_chunks(monkeypatch, model, chunk)
+        model.zero_grad()
+        logp, values = logprobs_and_values(model, value_head, ids, attn)
+        (logp.sum() + values.sum()).backward()
+        out.append((logp, values, model.model.embed_tokens.weight.grad.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, atol=1e-5 * (1 + float(a.abs().max())), rtol=1e-4)
