@@ -70,6 +70,7 @@ class TrainContext:
     generator: str = DEFAULT_GENERATOR  # the registered generation backend rollouts sample with
     reward: Any = None  # reward(prompts, completions) -> scores, or a RewardModel; None: gold
     chat_template: str = "auto"  # rlhf_env.prompt_format mode of the run's envs and offline data
+    compute_dtype: torch.dtype | None = None  # mixed precision's autocast dtype (run.precision); None: none
     _envs: dict = field(default_factory=dict, repr=False)
     _format: Any = field(default=None, repr=False)
 

@@ -115,7 +115,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="store_true", help="with --resume: change the run's settings (recorded in it)")
     p.add_argument("--eval-every", type=positive_int, default=10)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="bfloat16/float16: mixed precision (float32 weights and Adam state, autocast compute, the reference "
+        "stored low); default: weights as saved. Log-probs stay float32",
+    )
     p.add_argument(
         "--backend",
         choices=("gloo", "nccl"),

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_env.errors import UnsupportedModelError
+from rlhf_env.lmhead import chunked_head
 
 MASK_KERNELS = ("sdpa", "eager")  # attention kernels that take an explicit 4-D mask
 
@@ -185,19 +186,26 @@ class IncrementalLM:
         visible = (offsets[None, :] < lengths[:, None]).long()
         past = self.mask.shape[1] - width  # the caller has already appended ``visible`` and its positions
         last = (lengths - 1).clamp(min=0)
+        forward = {
+            "input_ids": chunk.masked_fill(visible == 0, self.pad_token_id),
+            "attention_mask": self._attention_mask(past, width, positions),
+            "position_ids": positions[:, None] + offsets[None, :],
+            "use_cache": True,
+            self._cache_kwarg: cache,
+        }
+        # Large vocabularies: a scored chunk's log-probs from its hidden states, a chunk of tokens at a time
+        # (the trunk must take the cache under the same name, or it would be dropped into **kwargs).
+        head = chunked_head(self.model, rows * width) if targets is not None else None
+        if head is not None and self._cache_kwarg in inspect.signature(head.decoder.forward).parameters:
+            hidden = head.hidden(**forward)
+            logits = head.logits(hidden[torch.arange(rows, device=self.device), last])[:, : self.vocab_size]
+            return torch.log_softmax(logits.float(), dim=-1), head.logprobs(hidden, targets, self.vocab_size)
         keep = {}
         if targets is None and width > 1 and self._keeps_logits:
             # Only the columns that hold some row's last token: a prompt's other logits are never read.
             columns = torch.unique(last)
             keep, last = {"logits_to_keep": columns}, torch.searchsorted(columns, last)
-        out = self.model(
-            input_ids=chunk.masked_fill(visible == 0, self.pad_token_id),
-            attention_mask=self._attention_mask(past, width, positions),
-            position_ids=positions[:, None] + offsets[None, :],
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-            **keep,
-        )
+        out = self.model(**forward, **keep)
         logits = out.logits[torch.arange(rows, device=self.device), last, : self.vocab_size]
         next_lp = torch.log_softmax(logits.float(), dim=-1)
         if targets is None:

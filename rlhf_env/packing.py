@@ -46,9 +46,12 @@ def branch_logprobs(
         trees: (B, W) int64 tree of each column (contiguous, -1 on padding); None: one tree a row.
     Returns:
         (B, W) float32: at a branch column, log p(token | its prompt, its branch before it); 0 elsewhere.
+        Logits larger than one chunk are computed at the branch columns' predictors only, a
+        chunk at a time (``rlhf_env.lmhead``).
     """
     from rlhf_env.fastgen import attention_masks
     from rlhf_env.kvcache import layer_windows
+    from rlhf_env.lmhead import chunked_head
 
     B, W = input_ids.shape
     cols = torch.arange(W, device=input_ids.device)[None, :].expand(B, -1)
@@ -72,9 +75,17 @@ def branch_logprobs(
     related = related | ((query_seg < 0) & (cols[:, None, :] == 0))
     kernel = model.config._attn_implementation
     mask = attention_masks(layer_windows(model), real, positions, positions, kernel, model.dtype, related)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    forward = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
     # Column c predicts column c + 1, except a branch's first token when the column before is
     # not its prompt's last: those few are predicted by that prompt's last column.
+    after_other = starts & (cols != tree_start + P)
+    head = chunked_head(model, B * W)
+    if head is not None:  # large vocabularies: the head at the branch tokens' predictors only, in chunks
+        rows, at = torch.nonzero(branch, as_tuple=True)
+        predictor = torch.where(after_other, tree_start + P - 1, cols - 1)[rows, at]
+        lp = head.logprobs(head.hidden(**forward)[rows, predictor], input_ids[rows, at], vocab_size)
+        return torch.zeros(B, W, dtype=torch.float32, device=input_ids.device).index_put((rows, at), lp)
+    logits = model(**forward).logits
     logp = torch.cat(
         [
             torch.zeros_like(logits[:, :1, 0], dtype=torch.float32),
@@ -82,7 +93,7 @@ def branch_logprobs(
         ],
         1,
     )
-    rows, at = torch.nonzero(starts & (cols != tree_start + P), as_tuple=True)
+    rows, at = torch.nonzero(after_other, as_tuple=True)
     if len(rows):
         last = tree_start[rows, at] + P[rows, at] - 1
         logp = logp.index_put((rows, at), token_logprobs(logits[rows, last], input_ids[rows, at], vocab_size))

@@ -11,24 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf_env.lmhead import chunked_head, token_logprobs
 from rlhf_env.models import pad_token_id
 from rlhf_env.prompt_format import PromptFormat
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
-    """log softmax(logits[..., :vocab_size])[labels], in float32.
-
-    Args:
-        logits: (..., V) unnormalised scores.
-        labels: (...) int64 token ids.
-        vocab_size: the tokenizer's size when the model pads its vocabulary beyond it
-            (the softmax then runs over the ids the tokenizer can produce, as the sampler's
-            does); None: all V.
-    Returns:
-        (...) float32 log-probs.
-    """
-    logp = torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def next_token_logprobs(
@@ -41,10 +26,15 @@ def next_token_logprobs(
         attention_mask: (B, T) 0/1.
         vocab_size: see ``token_logprobs``.
     Returns:
-        (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
+        (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]). Logits larger
+        than one chunk are never materialised whole (``rlhf_env.lmhead``).
     """
     # No KV cache: a training forward would otherwise build one and throw it away.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    forward = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    head = chunked_head(model, input_ids.numel())
+    if head is not None:  # large vocabularies: the head and log-softmax a chunk of tokens at a time
+        return head.logprobs(head.hidden(**forward)[:, :-1], input_ids[:, 1:], vocab_size)
+    logits = model(**forward).logits
     return token_logprobs(logits[:, :-1], input_ids[:, 1:], vocab_size)
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlhf_env import progress as waits
 from rlhf_env.algorithms.base import TrainContext
-from rlhf_env.algorithms.run import memory, presets
+from rlhf_env.algorithms.run import memory, precision, presets
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import NonFiniteLossError
 from rlhf_env.algorithms.run.runfolder import (
@@ -67,8 +67,13 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
     prompts = ctx.task.eval_prompts[:n]
     env = ctx.env(len(prompts), split="eval")
     T = ctx.task.max_new_tokens
+    # Mixed precision: sampled as the training rollouts are (a plain run evaluates without autocast).
+    low = getattr(ctx, "compute_dtype", None)
     with waits.Progress(T, f"evaluation ({len(prompts)} prompts)", "tokens") as bar:
-        with bar.forwards(ctx.policy, bar.set):  # a policy forward a token
+        with (
+            bar.forwards(ctx.policy, bar.set),
+            torch.autocast(ctx.device.type, dtype=low or torch.bfloat16, enabled=low is not None),
+        ):  # a policy forward a token
             batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
     out = {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
     if ctx.reward is not None:
@@ -162,11 +167,12 @@ def seeded_step(trainer, seed: int, step: int) -> dict[str, float]:
 
 
 def timed_step(models: Models, step: int, seed: int, fsdp: bool, out: Path) -> tuple[dict[str, float], float]:
-    """``(metrics averaged over the ranks, seconds)`` of one step; bf16 autocast on CUDA, log-probs float32 either way."""
+    """``(metrics averaged over the ranks, seconds)`` of one step; under autocast in the run's mixed-precision
+    dtype, else bf16 on CUDA (``precision.autocast``); log-probs float32 either way."""
     t0 = time.perf_counter()
     device = models.ctx.device
     try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device, models.ctx.compute_dtype):
             metrics = distributed.mean_metrics(dict(seeded_step(models.trainer, seed, step)))
         if fsdp:
             sharding.gather(models.ctx.policy)  # rollouts and evaluation run without collectives
@@ -282,7 +288,9 @@ def train(
     checkpoints are not counted). Evaluation runs every ``eval_every`` steps, or, with
     ``eval_points=k``, each time another 1/k of the budget is spent, and at the end.
     ``callback(record, fraction_of_budget_spent)`` is called after every step. ``dtype``: the
-    weights' dtype (default: as saved); log-probs are float32 whatever it is. ``reward``: what
+    weights' dtype (default: as saved); bfloat16 or float16 is mixed precision (``precision``:
+    float32 policy weights and Adam state, low-dtype compute, the reference stored low); log-probs
+    are float32 whatever it is. ``reward``: what
     the run optimises (``rlhf_env.algorithms.run.reward_choice``: gold, a registered name, a reward model or
     ``reward_model`` run folder); the gold is evaluated either way.
 

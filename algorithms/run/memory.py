@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_env.algorithms.run import precision
+
 MIB = 2**20
 
 
@@ -105,8 +107,8 @@ def estimate(ctx, config, trainer=None, seq_len: int | None = None) -> Estimate 
     hidden, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     p = next(ctx.policy.parameters())
-    # bf16 autocast on CUDA (rlhf_env.algorithms.run.loop): activations in 2 bytes; log-probs in float32 always.
-    act = 2 if ctx.device.type == "cuda" else p.element_size()
+    # Autocast (mixed precision, or bf16 on CUDA: run.precision): activations in 2 bytes; log-probs float32 always.
+    act = precision.activation_bytes(ctx.device, getattr(ctx, "compute_dtype", None), p.element_size())
     if seq_len is None:
         prompts = list(ctx.task.train_prompts)
         # As the env encodes them (chat template included).
@@ -123,16 +125,31 @@ def estimate(ctx, config, trainer=None, seq_len: int | None = None) -> Estimate 
         "gradients": n_trained_bytes,
         "adam_moments": 2 * n_trained_bytes,
         # Saved activations of every block, then the float32 logits, their log-softmax and its gradient.
-        "activations/update": update_rows * T * (layers * layer_activation_floats(hidden, inner) * act + 3 * vocab * 4),
+        "activations/update": update_rows * T * layers * layer_activation_floats(hidden, inner) * act
+        + logit_bytes(update_rows * T, vocab, 3, hidden),
     }
     if rollout_rows:
         # One no-grad forward over the whole rollout batch (the reference's pass through its KV
         # cache, or PPO's π_old and values): its K and V (or hidden states), the widest layer's
         # working set, and the float32 logits and log-softmax.
-        parts["activations/rollout"] = (
-            rollout_rows * T * (nograd_forward_floats(hidden, inner, layers) * act + 2 * vocab * 4)
-        )
+        parts["activations/rollout"] = rollout_rows * T * nograd_forward_floats(
+            hidden, inner, layers
+        ) * act + logit_bytes(rollout_rows * T, vocab, 2, hidden, grad=False)
     return Estimate(parts)
+
+
+def logit_bytes(tokens: int, vocab: int, copies: int, hidden: int, grad: bool = True) -> int:
+    """Bytes of ``copies`` float32 (tokens, V) logit-sized tensors (logits, log-softmax, gradient) of one pass.
+
+    Past one chunk (``rlhf_env.lmhead``) only a chunk's worth is alive at once, plus the lm-head
+    weight gradient (V, H) that each chunk's backward builds before it is accumulated.
+    """
+    from rlhf_env.lmhead import LOGPROB_CHUNK_BYTES
+
+    if tokens * vocab * 4 <= LOGPROB_CHUNK_BYTES:
+        return copies * tokens * vocab * 4
+    chunk = max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))
+    return copies * chunk * vocab * 4 + (vocab * hidden * 4 if grad else 0)
 
 
 # -- the measurement ---------------------------------------------------------------------------

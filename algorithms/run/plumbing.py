@@ -62,6 +62,17 @@ class Optimizer:
             for p in self.params
         )
         self.torch = torch.optim.Adam(self.params, lr=lr, fused=self.fused or None)
+        self.scaler: torch.amp.GradScaler | None = None  # float16 autocast's loss scaling, made on first need
+
+    def _loss_scaler(self) -> torch.amp.GradScaler | None:
+        """A ``GradScaler`` when the step runs under float16 autocast (mixed precision, ``run.precision``),
+        whose small gradients would underflow unscaled; None otherwise (bf16 has float32's range)."""
+        device = self.params[0].device.type if self.params else "cpu"
+        if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+            return None
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(device)
+        return self.scaler
 
     @property
     def param_groups(self) -> list[dict]:
@@ -78,7 +89,9 @@ class Optimizer:
                 named in the error. Without parts, ``loss`` itself is checked.
         Raises:
             NonFiniteLossError: a part or the gradient norm is NaN/inf; the weights and the
-                optimizer state are left as they were.
+                optimizer state are left as they were. Under float16 autocast the loss is scaled
+                and an infinite gradient norm is an overflow: the step is skipped, the scale
+                halved, and the (non-finite) norm returned.
         """
         named = parts or {"loss": loss}
         if distributed.current() is None:
@@ -89,10 +102,18 @@ class Optimizer:
         self.torch.zero_grad(set_to_none=True)
         dp = distributed.current()
         # Data-parallel: Σ_r share_r ∇loss_r over ranks is the gradient of the whole minibatch's loss.
-        (loss * dp.loss_scale(weight) if dp is not None else loss).backward()
+        scaler = self._loss_scaler()
+        total = loss * dp.loss_scale(weight) if dp is not None else loss
+        (scaler.scale(total) if scaler is not None else total).backward()
         distributed.all_reduce_grads(self.params)
+        if scaler is not None:
+            scaler.unscale_(self.torch)  # clip the true gradient
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        if scaler is not None:  # an overflow skips the step and halves the scale (GradScaler's rule)
+            scaler.step(self.torch)
+            scaler.update()
+            return float(norm)
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"non-finite gradient norm {float(norm)} (the losses were finite)")
         self.torch.step()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run import precision
 from rlhf_env.algorithms.run.overrides import typed_overrides
 from rlhf_env.algorithms.run.reward_choice import resolve_reward
 from rlhf_env.algorithms.run.runfolder import (
@@ -191,7 +192,11 @@ def build_models(
 ) -> Models:
     """Load the reference, make the policy (a copy, LoRA adapters, FSDP shards or the checkpoint) and the trainer."""
     device, ckpt, resuming = launch.device, folder.checkpoint, folder.resuming
-    ref, tokenizer = load_base_model(task, model_path, device=device, dtype=dtype)
+    # Mixed precision: float32 masters for what is trained; the frozen reference (and a LoRA base) in the low dtype.
+    mixed, trained_dtype = precision.is_mixed(dtype), precision.weights_dtype(dtype)
+    ref, tokenizer = load_base_model(
+        task, model_path, device=device, dtype=dtype if lora_settings is not None else trained_dtype
+    )
     # New adapters (and anything else drawn while the models are built) come from the run's seed,
     # not from whatever this process drew before: the same in every run and on every rank.
     torch.manual_seed(seed)
@@ -199,11 +204,16 @@ def build_models(
     if lora_settings is not None:  # adapters on the base; the reference is the base with them off
         policy = lora.attach(ref, lora_settings, ckpt if resuming else None).eval()
         ref = lora.reference(policy)
+        if mixed:
+            precision.float32_trainable(policy)
     elif fsdp:  # sharded; a resumed run loads its shards in ``restore``
         policy = copy.deepcopy(ref).eval()
         sharding.shard(policy, launch.dp)
     else:
-        policy = load_causal_lm(ckpt, device=device, dtype=dtype) if resuming else copy.deepcopy(ref).eval()
+        policy = load_causal_lm(ckpt, device=device, dtype=trained_dtype) if resuming else copy.deepcopy(ref).eval()
+    if mixed and lora_settings is None:
+        ref = ref.to(dtype)  # a copy of its own by now: the policy was copied from it or loaded
+    compute = dtype if mixed else None
     ctx = TrainContext(
         task,
         policy,
@@ -214,6 +224,7 @@ def build_models(
         generator=launch.generator,
         reward=launch.reward.fn,
         chat_template=chat_template,
+        compute_dtype=compute,
     )
     torch.manual_seed(seed)  # again: a trainer's own init (a value head) is the same with or without LoRA
     t0 = time.perf_counter()

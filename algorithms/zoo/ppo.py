@@ -57,6 +57,7 @@ from rlhf_env.algorithms.maths import (
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.plumbing import Means, Optimizer, Stateful, check_optimizer_settings, weighted_minibatches
 from rlhf_env.errors import SettingError
+from rlhf_env.lmhead import chunked_head
 from rlhf_env.rollout import set_env_attr
 from rlhf_env.scoring import token_logprobs
 
@@ -212,8 +213,14 @@ def logprobs_and_values(
 ):
     """One forward: (B, L-1) log π of ``input_ids[:, 1:]`` (over the first ``vocab_size`` ids) and (B, L-1)
     V(s_t) from the last hidden state."""
-    out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], vocab_size)
+    forward = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+    head = chunked_head(policy, input_ids.numel())
+    if head is not None:  # large vocabularies: the head and log-softmax a chunk of tokens at a time
+        out = head.decoder(**forward)
+        logprobs = head.logprobs(out.last_hidden_state[:, :-1], input_ids[:, 1:], vocab_size)
+    else:
+        out = policy(**forward)
+        logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], vocab_size)
     values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
     return logprobs, values
 
