@@ -11,21 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_plugins import BUILTIN_REWARDS  # one list of the built-in rewards
 
 from rlhf_env import commands, plugins, rollout
 from rlhf_env.plugins import cli
 
-BUILTIN_REWARDS = (
-    "letter_fraction",
-    "completion_length",
-    "arithmetic_exact",
-    "arithmetic_partial",
-    "vader",
-    "final_number",
-    "boxed",
-    "math_verify",
-    "exact_answer",
-)
 EPISODE_LINE = re.compile(r"^episode +\d+ .* score=(\S+) +kl=(\S+) +return=(\S+)$")
 
 
