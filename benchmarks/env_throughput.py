@@ -15,19 +15,29 @@ Both sides do the same work on the same models, batch and lengths (benchmarks/RE
   completion (mask-derived position ids) for per-token KL, and ONE reward-model forward.
   Tokens counted = completion tokens up to and including the first EOS.
 
+``--model DIR`` (a local Hugging Face causal-LM folder, a ``.gguf`` file or ``package:NAME``,
+as ``rlhf_env.models.local_model_dir`` resolves) measures that model instead of the tiny
+configs: reference and policy are the checkpoint, the reward model its trunk under a seeded
+random one-label head (a ``*ForSequenceClassification`` of the same config). Prompts go
+through the tokenizer's chat template when it has one (the env's ``chat_template="auto"``);
+the baseline encodes the same ids (``env.prompt_format``) and stops on ``env.stop_token_ids``.
+
+``--clock cpu`` times by this process's CPU time (with ``--threads 1``, the time the work ran
+whatever else a shared machine is running), as ``peer_speed.py`` does.
+
 Sampling is from the full softmax on both sides (``top_k=0``: generate would otherwise
 apply its default top-k of 50). The baseline's batched log-probs and scores are checked
 against unpadded per-row ones first. Env and baseline runs are interleaved. Prints a
 table, then one JSON line (the last line of stdout).
 
     python benchmarks/env_throughput.py [--batch 64] [--max-new-tokens 32] [--device cpu]
-        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--threads N] [--out FILE]
+        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--model DIR] [--threads N]
+        [--clock wall|cpu] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -36,13 +46,12 @@ import time
 
 import torch
 import transformers
-from transformers import GPT2ForSequenceClassification
 
-from rlhf_env import RewardModel, VectorTextGenEnv, build_tiny_model
+from rlhf_env import RewardModel, VectorTextGenEnv
+from rlhf_env.bench.throughput_models import build_models, load_models
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.prompts import DEFAULT_PROMPTS
 from rlhf_env.rollout import EpisodeStream, first_episodes
-from rlhf_env.tiny import build_bpe_tokenizer
 
 BETA = 0.05
 CONFIGS = {  # name -> build_tiny_model keyword arguments (``bpe_vocab``: a byte-level BPE tokenizer of that size)
@@ -52,37 +61,8 @@ CONFIGS = {  # name -> build_tiny_model keyword arguments (``bpe_vocab``: a byte
     # GPT-2 small's shape (~92M parameters with this vocabulary): for GPUs, not in the CPU default.
     "gpt2s-12L-768d-bpe8k": dict(n_layer=12, n_head=12, n_embd=768, bpe_vocab=8192),
 }
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU time
 CPU_CONFIGS = ["tiny-2L-64d", "small-4L-256d", "base-6L-512d-bpe4k"]
-
-
-def offline_corpus(max_chars: int = 3_000_000) -> list[str]:
-    """Text to train a BPE tokenizer on without a network: the Python standard library's
-    sources (the same files on every machine with this Python), in sorted order."""
-    root, texts, total = os.path.dirname(os.__file__), [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py") and total < max_chars:
-            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-            total += len(texts[-1])
-    return texts + list(DEFAULT_PROMPTS)
-
-
-def build_models(shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Reference LM, policy (a deep copy of it, as at the start of RLHF), reward model, tokenizer."""
-    shape = dict(shape)
-    tokenizer = None
-    if "bpe_vocab" in shape:
-        tokenizer = build_bpe_tokenizer(offline_corpus(), vocab_size=shape.pop("bpe_vocab"), pad="<pad>")
-    ref, tokenizer = build_tiny_model(tokenizer, seed=seed, **shape)
-    ref = ref.to(device=device, dtype=dtype)
-    policy = copy.deepcopy(ref)
-    rm_config = copy.deepcopy(ref.config)
-    rm_config.num_labels = 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        rm = GPT2ForSequenceClassification(rm_config).eval()
-    reward = RewardModel(rm, tokenizer, device=device, dtype=dtype)
-    return ref, policy, reward, tokenizer
 
 
 def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype, cuda_graph: bool = False):
@@ -106,6 +86,7 @@ def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, devi
         pad_token_id=env.pad_token_id,
         vocab_size=env.vocab_size,
         seed=0,
+        stop_token_ids=env.stop_token_ids,
         **options,
     )  # the registered generation backend
     return env, agent
@@ -119,17 +100,30 @@ def env_rollout(env, agent, n: int, seed: int) -> int:
     return stream.tokens
 
 
-def left_padded_batch(tokenizer, prompts: list[str], device):
-    """Tokenise ``prompts`` left-padded (as batched ``generate`` needs); returns (ids, mask)."""
-    tok = copy.copy(tokenizer)
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+def left_padded_batch(env, prompts: list[str], device):
+    """``prompts`` encoded as the env encodes them (its chat template, if any), left-padded (as
+    batched ``generate`` needs); returns (ids, mask), both (B, P)."""
+    rows = env.prompt_format.encode_prompts(prompts)
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), env.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, P - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def first_stop(completion: torch.Tensor, stops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(is_stop, completion_mask)`` of (B, T) ``completion``: where a stop id is, and the real
+    tokens (up to and including the first stop id)."""
+    is_stop = torch.isin(completion, stops).long()
+    done_before = (is_stop.cumsum(dim=1) - is_stop) > 0
+    return is_stop, (~done_before).long()
 
 
 @torch.inference_mode()
-def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attention_mask, n: int, eos: int, pad: int):
-    """HF generate, then one reference and one reward forward.
+def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attention_mask, n: int, stops, pad: int):
+    """HF generate, then one reference and one reward forward; ``stops``: the env's stop ids.
 
     Returns ``(generated tokens, parts)``; ``parts`` holds the sequences, completion mask,
     reference log-probs, per-token rewards and scores, for ``check_baseline``.
@@ -142,16 +136,14 @@ def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attentio
         max_new_tokens=n,
         use_cache=True,
         pad_token_id=pad,
-        eos_token_id=eos,
+        eos_token_id=list(stops),
         return_dict_in_generate=True,
         output_logits=True,
     )
     P = input_ids.shape[1]
     completion = out.sequences[:, P:]  # (B, T), T <= n; pad after a row's EOS
-    # Real completion tokens: up to and including the first EOS.
-    is_eos = (completion == eos).long()
-    done_before = (is_eos.cumsum(dim=1) - is_eos) > 0
-    completion_mask = (~done_before).long()  # (B, T)
+    # Real completion tokens: up to and including the first stop id.
+    is_stop, completion_mask = first_stop(completion, torch.tensor(stops, device=completion.device))  # (B, T)
 
     logits = torch.stack(out.logits, dim=1).float()  # (B, T, V), raw (unwarped) policy logits
     policy_lp = torch.log_softmax(logits, dim=-1).gather(2, completion[..., None]).squeeze(2)
@@ -164,9 +156,9 @@ def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attentio
     kl = (policy_lp - ref_lp) * completion_mask  # (B, T) per-token KL, 0 on padding
     token_reward = -BETA * kl
 
-    # Reward model over prompt ∘ completion, EOS excluded (as the env scores it): it reads
-    # the last non-pad token, which left padding keeps at the right end of each row.
-    keep = completion_mask * (completion != eos).long()
+    # Reward model over prompt ∘ completion, the stop id excluded (as the env scores it): it
+    # reads the last non-pad token, which left padding keeps at the right end of each row.
+    keep = completion_mask * (1 - is_stop)
     rm_mask = torch.cat([attention_mask, keep], dim=1)
     rm_ids = out.sequences.masked_fill(rm_mask == 0, reward.pad_token_id)
     rm_pos = (rm_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -179,7 +171,7 @@ def baseline_rollout(policy_model, ref, reward: RewardModel, input_ids, attentio
 
 
 @torch.inference_mode()
-def check_baseline(ref, reward: RewardModel, input_ids, attention_mask, parts: dict, eos: int) -> tuple[float, float]:
+def check_baseline(ref, reward: RewardModel, input_ids, attention_mask, parts: dict, stops) -> tuple[float, float]:
     """Max |difference| of the baseline's batched, left-padded reference log-probs and
     scores from the same quantities computed row by row without padding."""
     P, err_lp, err_score = input_ids.shape[1], 0.0, 0.0
@@ -191,13 +183,15 @@ def check_baseline(ref, reward: RewardModel, input_ids, attention_mask, parts: d
         lp = torch.log_softmax(ref(full).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
         lp = lp.gather(1, comp[:, None]).squeeze(1)
         err_lp = max(err_lp, float((lp - parts["ref_lp"][b][keep]).abs().max()))
-        scored = full[0, : full.shape[1] - int(len(comp) > 0 and comp[-1] == eos)]
+        scored = full[0, : full.shape[1] - int(len(comp) > 0 and int(comp[-1]) in stops)]
         score = reward.score_ids([scored.tolist()])[0]
         err_score = max(err_score, abs(float(score) - float(parts["scores"][b])))
     return err_lp, err_score
 
 
-def timed(fns: dict, warmup: int, repeats: int, device: torch.device) -> dict[str, list[tuple[int, float]]]:
+def timed(
+    fns: dict, warmup: int, repeats: int, device: torch.device, clock=time.perf_counter
+) -> dict[str, list[tuple[int, float]]]:
     """(tokens, seconds) of each ``fn() -> tokens`` in ``fns``, ``repeats`` times after ``warmup`` runs.
 
     The sides are interleaved (env, baseline, env, ...) so that a busy machine slows both
@@ -211,25 +205,27 @@ def timed(fns: dict, warmup: int, repeats: int, device: torch.device) -> dict[st
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            runs[name].append((tokens, time.perf_counter() - t0))
+            runs[name].append((tokens, clock() - t0))
     return runs
 
 
-def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
-    """Measure env and baseline tokens/s for one model shape."""
-    ref, policy_model, reward, tokenizer = build_models(shape, device, dtype)
+def bench_config(name: str, shape: dict | str, args, device, dtype) -> dict:
+    """Measure env and baseline tokens/s for one model shape (a ``CONFIGS`` entry) or checkpoint path."""
+    models = load_models if isinstance(shape, str) else build_models
+    ref, policy_model, reward, tokenizer = models(shape, device, dtype)
     env, agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, args.max_new_tokens, device, dtype)
     _, info = env.reset(seed=args.seed)
-    input_ids, attention_mask = left_padded_batch(tokenizer, list(info["prompt"]), device)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    input_ids, attention_mask = left_padded_batch(env, list(info["prompt"]), device)
+    pad, stops = env.pad_token_id, tuple(env.stop_token_ids)
     n = args.max_new_tokens
 
-    baseline_args = (policy_model, ref, reward, input_ids, attention_mask, n, eos, pad)
-    err_lp, err_score = check_baseline(ref, reward, input_ids, attention_mask, baseline_rollout(*baseline_args)[1], eos)
+    baseline_args = (policy_model, ref, reward, input_ids, attention_mask, n, stops, pad)
+    parts = baseline_rollout(*baseline_args)[1]
+    err_lp, err_score = check_baseline(ref, reward, input_ids, attention_mask, parts, stops)
 
     sides = {
         "env": lambda: env_rollout(env, agent, n, args.seed),
@@ -239,7 +235,7 @@ def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
         g_env, g_agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, n, device, dtype, True)
         sides["env_graph"] = lambda: env_rollout(g_env, g_agent, n, args.seed)
     torch.manual_seed(args.seed)
-    runs = timed(sides, args.warmup, args.repeats, device)
+    runs = timed(sides, args.warmup, args.repeats, device, CLOCKS[args.clock])
     env_rates, base_rates = ([t / s for t, s in runs[k]] for k in ("env", "baseline"))
     env_rate, base_rate = statistics.median(env_rates), statistics.median(base_rates)
     params = sum(p.numel() for p in ref.parameters())
@@ -254,6 +250,9 @@ def bench_config(name: str, shape: dict, args, device, dtype) -> dict:
         "env_tokens_per_rollout": statistics.median(t for t, _ in runs["env"]),
         "baseline_tokens_per_rollout": statistics.median(t for t, _ in runs["baseline"]),
         "baseline_check_max_abs_err": {"ref_logprob": err_lp, "score": err_score},
+        "chat_template": env.prompt_format.uses_template,
+        "stop_token_ids": list(stops),
+        "prompt_tokens_max": int(input_ids.shape[1]),
     }
     if "env_graph" in runs:
         graph_rate = statistics.median(t / s for t, s in runs["env_graph"])
@@ -301,9 +300,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores available)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=CPU_CONFIGS)
+    p.add_argument(
+        "--model", help="a local HF causal-LM folder, .gguf file or package:NAME, measured instead of --configs"
+    )
     p.add_argument("--cuda-graph", action="store_true", help="also time the env with CUDA-graph decoding (CUDA)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall clock, or this process's CPU time")
     p.add_argument("--out", help="also write the JSON summary to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times CPU work; use it with --device cpu")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -313,11 +319,14 @@ def main(argv=None) -> dict:
     transformers.logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0, load0 = time.perf_counter(), _loadavg()
-    rows = [bench_config(name, CONFIGS[name], args, device, dtype) for name in args.configs]
+    if args.model:
+        rows = [bench_config(os.path.basename(os.path.normpath(args.model)), args.model, args, device, dtype)]
+    else:
+        rows = [bench_config(name, CONFIGS[name], args, device, dtype) for name in args.configs]
     print_table(rows, args, device)
     load = (load0, _loadavg())
     print(
-        f"medians of {args.repeats} interleaved runs after {args.warmup} warm-up; torch threads "
+        f"medians of {args.repeats} interleaved runs after {args.warmup} warm-up; {args.clock} clock; torch threads "
         f"{torch.get_num_threads()}; total {time.perf_counter() - t0:.1f}s; 1-min load average "
         f"{load[0]} at start, {load[1]} at end (other work on the machine makes CPU timings noisy)"
     )
@@ -329,12 +338,15 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "beta": BETA,
         "repeats": args.repeats,
+        "clock": args.clock,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "load_average_start_end": load,
         "configs": rows,
     }
+    if args.model:
+        summary["model"] = args.model
     if device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
     line = json.dumps(summary)

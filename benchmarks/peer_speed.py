@@ -25,8 +25,20 @@ a minibatch that share a prompt as one such tree, rows packed without padding
 (``rlhf_env.packing``); TRL pads one row per completion. The log-probs are the same up to
 float rounding (``tests/test_packing.py``).
 
+``--model DIR`` (a local Hugging Face causal-LM folder, a ``.gguf`` file or ``package:NAME``)
+trains that checkpoint instead of the task's base model, on the task's prompts and gold. When
+its tokenizer has a chat template, our side renders prompts through it (``chat_template="auto"``)
+and TRL gets the same rendered text as its prompts (standard format: the same prompt ids; TRL's
+DPO then ends each completion with the EOS, as ours ends it with the end of turn, one id for
+ChatML). With ``--model``, TRL's DPO precomputes its reference log-probs before training
+(``precompute_ref_log_probs``), as ours does, and the pairs are just the timed steps' ones.
+``--num-prompts``, ``--group-size``, ``--dpo-batch`` and ``--max-new-tokens`` set the batch
+shape on both sides (default: the configs' and the task's). Completion tokens trained per
+iteration are reported for both sides (``*_tokens_per_iteration``; sampled lengths differ).
+
     python benchmarks/peer_speed.py [--tasks arithmetic sentiment] [--algorithms grpo dpo]
-        [--iterations 3] [--warmup 1] [--threads 1] [--clock wall|cpu] [--out FILE]
+        [--iterations 3] [--warmup 1] [--threads 1] [--clock wall|cpu] [--model DIR]
+        [--num-prompts P] [--group-size G] [--dpo-batch N] [--max-new-tokens T] [--out FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ import transformers
 
 from rlhf_env import plugins
 from rlhf_env.algorithms.base import TrainContext
+from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.run.loop import seeded_step
 from rlhf_env.bench.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
 from rlhf_env.tasks import get_task
@@ -57,24 +70,30 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set by --clock
 
 
-def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> list[float]:
-    """Seconds of each of our trainer's iterations after ``warmup`` ones."""
+def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds and training tokens (``perf/tokens``) of each of our trainer's iterations after ``warmup`` ones."""
     ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), SEED)
     trainer = plugins.get_host().algorithms.get(algorithm).Trainer(ctx, cfg)
-    times = []
+    times, tokens = [], []
     for step in range(warmup + iterations):
         t0 = clock()
-        seeded_step(trainer, SEED, step)  # the training loop's step, seeds included
+        record = seeded_step(trainer, SEED, step)  # the training loop's step, seeds included
         times.append(clock() - t0)
-    return times[warmup:]
+        tokens.append(float(record.get(M.PERF_TOKENS, float("nan"))))
+    return times[warmup:], tokens[warmup:]
 
 
-def time_trl(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> list[float]:
-    """Seconds of each TRL iteration (``steps_per_iteration`` optimizer steps) after ``warmup`` ones."""
+def time_trl(
+    task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int, real: bool = False
+) -> tuple[list[float], list[float]]:
+    """Seconds of each TRL iteration (``steps_per_iteration`` optimizer steps) after ``warmup`` ones, and
+    (GRPO) its completion tokens (TRL's logged ``completions/mean_length`` × the generation batch).
+    ``real``: a checkpoint (``--model``): prompts rendered as our env renders them, DPO reference precomputed."""
     from transformers import TrainerCallback
 
     per = cfg.num_minibatches * cfg.num_iterations if algorithm == "grpo" else 1
     stamps: list[float] = []
+    lengths: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -84,30 +103,66 @@ def time_trl(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) 
         def on_step_end(self, args, state, control, **kw):
             stamps.append(clock())
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
     torch.manual_seed(SEED)
     model = mask_positions(copy.deepcopy(ref)).train()
     steps = warmup + iterations
     with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             device = torch.device("cpu")
+            render = _renderer(task, ref, tok) if real else None
             if algorithm == "grpo":
-                trainer = grpo_trainer(task, model, tok, cfg, steps, SEED, Path(out), device)
+                trainer = grpo_trainer(task, model, tok, cfg, steps, SEED, Path(out), device, render)
+                trainer.args.logging_steps = per  # one log (mean completion length) per iteration
             else:
-                trainer = dpo_trainer(task, model, ref, tok, cfg, steps, SEED, Path(out), device)
+                trainer = dpo_trainer(task, model, ref, tok, cfg, steps, SEED, Path(out), device, render, real)
             trainer.add_callback(Clock())
             trainer.train()
     ends = stamps[::per]  # iteration boundaries
-    return [b - a for a, b in zip(ends, ends[1:])][warmup:]
+    tokens = [n * cfg.num_prompts * cfg.group_size for n in lengths] if algorithm == "grpo" else []
+    return [b - a for a, b in zip(ends, ends[1:])][warmup:], tokens[warmup:]
+
+
+def _renderer(task, ref, tok):
+    """Prompt text -> the text of the ids our env gives the policy (its chat template, if any), or None."""
+    from rlhf_env.prompt_format import PromptFormat
+
+    fmt = PromptFormat(tok, "auto", getattr(ref, "generation_config", None))
+    if not fmt.uses_template:
+        return None
+    return lambda text: tok.decode(fmt.encode_prompt(text))
+
+
+def shape_overrides(algorithm: str, args) -> dict:
+    """The config fields that ``--num-prompts``, ``--group-size`` and ``--dpo-batch`` set (only those given)."""
+    if algorithm == "grpo":
+        given = {"num_prompts": args.num_prompts, "group_size": args.group_size}
+    else:
+        given = {"batch_size": args.dpo_batch}
+        if args.model:  # only the timed steps' pairs: each is two samples of the real model at set-up
+            given["num_pairs"] = (args.dpo_batch or 64) * (args.warmup + args.iterations)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def bench(task_name: str, algorithm: str, args) -> dict:
-    task = get_task(task_name)
-    ref, tok = load_base_model(task, device="cpu", progress=False)
-    cfg = plugins.get_host().algorithms.get(algorithm).make_config()
+    knobs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    task = get_task(task_name, **knobs)
+    if args.model:
+        from rlhf_env.models import load_pretrained, local_model_dir
+
+        ref, tok = load_pretrained(local_model_dir(args.model), "cpu", torch.float32)
+    else:
+        ref, tok = load_base_model(task, device="cpu", progress=False)
+    cfg = plugins.get_host().algorithms.get(algorithm).make_config(**shape_overrides(algorithm, args))
+    n, w = args.iterations, args.warmup
     # Ours before and after TRL's run, so a change in the machine's load in between biases neither side.
-    ours = time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
-    trl = time_trl(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
-    ours += time_ours(task, ref, tok, algorithm, cfg, args.iterations, args.warmup)
+    ours, ours_tokens = time_ours(task, ref, tok, algorithm, cfg, n, w)
+    trl, trl_tokens = time_trl(task, ref, tok, algorithm, cfg, n, w, real=bool(args.model))
+    more, more_tokens = time_ours(task, ref, tok, algorithm, cfg, n, w)
+    ours, ours_tokens = ours + more, ours_tokens + more_tokens
     ours_rate, trl_rate = 1 / statistics.median(ours), 1 / statistics.median(trl)
     shape = (
         {"completions_per_iteration": cfg.num_prompts * cfg.group_size, "group_size": cfg.group_size}
@@ -125,6 +180,8 @@ def bench(task_name: str, algorithm: str, args) -> dict:
         "ratio": round(ours_rate / trl_rate, 3),
         "ours_runs_s": [round(t, 3) for t in ours],
         "trl_runs_s": [round(t, 3) for t in trl],
+        "ours_tokens_per_iteration": ours_tokens,
+        "trl_tokens_per_iteration": [round(t, 1) for t in trl_tokens],
     }
 
 
@@ -136,6 +193,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall clock, or this process's CPU time")
+    p.add_argument("--model", help="a local HF causal-LM folder, .gguf file or package:NAME, trained instead")
+    p.add_argument("--num-prompts", type=int, help="GRPO prompts per iteration (default: the config's)")
+    p.add_argument("--group-size", type=int, help="GRPO completions per prompt (default: the config's)")
+    p.add_argument("--dpo-batch", type=int, help="DPO pairs per step (default: the config's)")
+    p.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the task's)")
     p.add_argument("--out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
@@ -169,6 +231,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,
+        "model": args.model,
         "results": rows,
     }
     if args.out:

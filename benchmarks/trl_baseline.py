@@ -99,14 +99,18 @@ def _common_args(out_dir: Path, seed: int, device, lr: float, max_steps: int, ma
     )  # our trainers keep models in eval mode: no dropout
 
 
-def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device, render=None):
+    """TRL's GRPOTrainer set up as our ``grpo`` with ``cfg``. ``render`` (prompt text -> text), when
+    given, is applied to every prompt first (e.g. our chat-template rendering, so that TRL sees the
+    same prompt ids as our env); the gold reward still gets the raw prompts."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     batch = cfg.num_prompts * cfg.group_size
+    raw = {(render(p) if render else p): p for p in task.train_prompts}
 
     def gold(prompts, completions, **_):
-        return task.gold_reward(list(prompts), list(completions))
+        return task.gold_reward([raw.get(p, p) for p in prompts], list(completions))
 
     args = GRPOConfig(
         **_common_args(
@@ -125,18 +129,23 @@ def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Pa
         max_completion_length=task.max_new_tokens,
         mask_truncated_completions=False,
     )
-    data = Dataset.from_dict({"prompt": list(task.train_prompts)})
+    data = Dataset.from_dict({"prompt": list(raw)})
     return GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=data, processing_class=tokenizer)
 
 
-def dpo_trainer(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device):
+def dpo_trainer(
+    task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device, render=None, precompute_ref=False
+):
+    """TRL's DPOTrainer on the pairs our ``dpo`` draws. ``render``: as ``grpo_trainer``'s;
+    ``precompute_ref``: TRL's ``precompute_ref_log_probs`` (reference log-probs once before training,
+    as ours; TRL's default computes them every step)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     pairs = task.preference_pairs(ref, tokenizer, cfg.num_pairs, tau=cfg.annotator_tau, seed=seed)
     data = Dataset.from_dict(
         {
-            "prompt": [p.prompt for p in pairs],
+            "prompt": [render(p.prompt) if render else p.prompt for p in pairs],
             "chosen": [p.chosen for p in pairs],
             "rejected": [p.rejected for p in pairs],
         }
@@ -146,6 +155,7 @@ def dpo_trainer(task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir
         per_device_train_batch_size=cfg.batch_size,
         beta=cfg.beta,
         loss_type="sigmoid",
+        **({"precompute_ref_log_probs": True} if precompute_ref else {}),
     )
     return DPOTrainer(
         model=model,
