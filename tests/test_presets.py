@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_env.algorithms.run import presets
-from rlhf_env.algorithms.run.loop import _warn_far_from_reference
 from rlhf_env.algorithms.zoo import dpo, grpo, ppo, sft
 from rlhf_env.errors import RunWarning
 from rlhf_env.plugins import cli
@@ -52,9 +51,9 @@ def test_the_far_from_reference_warning_fires_once_past_the_bound():
     assert presets.kl_warning(presets.KL_WARNING_NATS, 3) is None
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        warned = _warn_far_from_reference({"objective/kl_eval": 3.0}, 0, False)
-        warned = _warn_far_from_reference({"objective/kl_eval": 12.1}, 3, warned)
-        warned = _warn_far_from_reference({"objective/kl_eval": 20.0}, 4, warned)
+        warned = presets.warn_far_from_reference(3.0, 0, False)
+        warned = presets.warn_far_from_reference(12.1, 3, warned)
+        warned = presets.warn_far_from_reference(20.0, 4, warned)
     assert warned and len(seen) == 1 and issubclass(seen[0].category, RunWarning)
     assert "12.1 nats from its reference at step 4" in str(seen[0].message)
 

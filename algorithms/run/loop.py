@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from rlhf_env.algorithms.run.stages import (
 )
 from rlhf_env.algorithms.scale import distributed, lora
 from rlhf_env.algorithms.scale import fsdp as sharding
-from rlhf_env.errors import RunWarning, SettingError, UserError
+from rlhf_env.errors import SettingError, UserError
 from rlhf_env.models import save_pretrained
 from rlhf_env.prompt_format import check_chat_template_mode
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
@@ -223,7 +222,7 @@ def run_steps(
             metrics.update(_memory_metrics(meter, models.ctx, models.cfg, models.trainer))
         if schedule.evaluates(step, before, done) and lead:  # evaluation needs no other rank
             metrics.update(evaluate_policy(models.ctx, eval_prompts))
-            warned = _warn_far_from_reference(metrics, step, warned)
+            warned = presets.warn_far_from_reference(metrics.get(M.OBJECTIVE_KL_EVAL, 0.0), step, warned)
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         records.append(record)
         sinks.write(record, done)
@@ -239,14 +238,6 @@ def _recorded_model(model_path) -> str:
     from rlhf_env import gguf
 
     return model_path if gguf.is_package_ref(model_path) else str(Path(model_path).expanduser().resolve())
-
-
-def _warn_far_from_reference(metrics: dict, step: int, warned: bool) -> bool:
-    """Warn once when the evaluated KL from the reference passes ``presets.KL_WARNING_NATS``."""
-    message = None if warned else presets.kl_warning(float(metrics.get(M.OBJECTIVE_KL_EVAL, 0.0)), step)
-    if message is not None:
-        warnings.warn(RunWarning(message), stacklevel=2)
-    return warned or message is not None
 
 
 def train(

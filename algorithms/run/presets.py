@@ -14,6 +14,7 @@ given explicitly (``--set``, a suite's config) always wins, a resumed run keeps 
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import fields
 from typing import Any
 
@@ -70,3 +71,13 @@ def kl_warning(kl_eval: float, step: int) -> str | None:
         f"the policy is {kl_eval:.1f} nats from its reference at step {step + 1} (objective/kl_eval > "
         f"{KL_WARNING_NATS:g}): the learning rate is likely too high for this model (--set lr=...)"
     )
+
+
+def warn_far_from_reference(kl_eval: float, step: int, warned: bool) -> bool:
+    """Warn (``RunWarning``) once, the first time ``kl_warning`` has something to say; returns ``warned``."""
+    from rlhf_env.errors import RunWarning
+
+    message = None if warned else kl_warning(float(kl_eval), step)
+    if message is not None:
+        warnings.warn(RunWarning(message), stacklevel=2)
+    return warned or message is not None
