@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from rlhf_env.errors import SettingError
-from rlhf_env.kvcache import cache_kwarg, layer_windows
+from rlhf_env.kvcache import cache_kwarg, layer_windows, shared_rows
 from rlhf_env.prompt_format import generation_stop_ids
 
 
@@ -136,6 +136,23 @@ def _graphed_decode(model, forward: dict, cache, tok: torch.Tensor, pos: torch.T
     return step
 
 
+def _prefill(model, left, mask, pos, visible, forward: dict, shared: bool) -> torch.Tensor:
+    """(B, 1, V) logits after each row's history, filling ``forward``'s cache; with ``shared``, rows that
+    hold the same history (a group's copies of one prompt) are forwarded once and their cache rows copied."""
+    rows = shared_rows(left, visible) if shared else None
+    if rows is None:
+        return model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
+    first, inverse = rows
+    sub = {k: m[first] for k, m in mask.items()} if isinstance(mask, dict) else mask[first]
+    logits = model(
+        input_ids=left[first], attention_mask=sub, position_ids=pos[first], logits_to_keep=1, **forward
+    ).logits
+    for layer in forward[cache_kwarg(model)].layers:  # (U, H, M, D) buffers -> (B, H, M, D)
+        layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
+        layer.batch_size = len(inverse)
+    return logits[inverse]
+
+
 @torch.inference_mode()
 def sample_completions(
     model,
@@ -183,7 +200,7 @@ def sample_completions(
         cache = Cache(layers=[WrittenLayer(max_cache_len=M) for _ in range(n_layers)])
         mask = attention_masks(windows, vis[:, :P], col_pos[:, :P], pos, kernel, model.dtype)
     forward = dict(use_cache=True, **{cache_kwarg(model): cache})
-    logits = model(input_ids=left, attention_mask=mask, position_ids=pos, logits_to_keep=1, **forward).logits
+    logits = _prefill(model, left, mask, pos, visible, forward, shared=not use_graph)
     tokens = torch.full((B, K), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(B, K, dtype=torch.float32, device=device)
     counts = torch.full((B,), K, dtype=torch.long, device=device)

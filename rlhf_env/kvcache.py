@@ -73,6 +73,27 @@ def layer_windows(model) -> dict[str, int | None]:
     return out
 
 
+def shared_rows(ids: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rows holding the same history (a GRPO group's copies of one prompt), so each is prefilled once.
+
+    Args:
+        ids: (B, P) int64 token ids.
+        real: (B, P) bool, the columns that hold a row's tokens (the rest is padding, wherever it sits).
+
+    Returns:
+        ``(first (U,), inverse (B,))``: one row of each distinct history and, per row, the index
+        of its history in ``first`` (row ``first[inverse[i]]`` holds row i's tokens in the same
+        columns); None when all B histories differ, so callers keep their plain path.
+    """
+    key = torch.where(real, ids, -1)  # padding compares equal whatever id it holds
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == len(ids):
+        return None
+    rows = torch.arange(len(ids), device=ids.device)
+    first = torch.full((len(distinct),), len(ids), dtype=torch.long, device=ids.device)
+    return first.scatter_reduce_(0, inverse, rows, "amin"), inverse
+
+
 class IncrementalLM:
     """Batched, KV-cached next-token log-probabilities.
 
@@ -127,7 +148,7 @@ class IncrementalLM:
             self.cache, self.next_logprobs = DynamicCache(), None
             self.mask, self.column_pos = self.mask[:, :0], self.column_pos[:, :0]
             self.positions = torch.zeros_like(self.positions)
-            self._append(chunk, lengths)
+            self._append_shared(chunk, lengths)
         else:
             going_on = torch.where(restart, 0, lengths)
             if bool(going_on.any()):
@@ -227,6 +248,25 @@ class IncrementalLM:
         self.next_logprobs = new if self.next_logprobs is None else torch.where(fed[:, None], new, self.next_logprobs)
         self.positions += lengths
         return scored
+
+    def _append_shared(self, chunk: torch.Tensor, lengths: torch.Tensor) -> None:
+        """``_append`` on an empty cache, each distinct history forwarded once and its cache rows copied
+        to the rows that share it (same keys and values, a group's prompt prefilled once, not G times)."""
+        real = torch.arange(chunk.shape[1], device=self.device)[None, :] < lengths[:, None]
+        shared = shared_rows(chunk, real)
+        if shared is None:
+            return self._append(chunk, lengths)
+        first, inverse = shared
+        self.mask, self.column_pos, self.positions = self.mask[first], self.column_pos[first], self.positions[first]
+        self._append(chunk[first], lengths[first])
+        self.mask, self.column_pos, self.positions = (
+            self.mask[inverse],
+            self.column_pos[inverse],
+            self.positions[inverse],
+        )
+        self.next_logprobs = self.next_logprobs[inverse]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
 
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor) -> torch.Tensor:

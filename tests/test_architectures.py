@@ -173,12 +173,15 @@ def test_a_wrong_position_mask_or_window_moves_logprobs_far_beyond_the_tolerance
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_chunked_rollouts_equal_full_forwards(arch, arch_checkpoint):
     """The chunked path: ``generate`` (static cache) and ``step_chunk`` (the reference scoring
-    3 tokens per forward), across chunks, restarts and sliding windows."""
+    3 tokens per forward), across chunks, restarts, sliding windows and groups (whose shared
+    prompt both the sampler and the reference prefill once)."""
     path = arch_checkpoint(arch, "qwen")  # a model vocabulary larger than the tokenizer's
     ref, tok = load_causal_lm(path, device="cpu"), load_tokenizer(path)
     policy = build(arch, "qwen", seed=1)
     V = len(tok)
-    env = VectorTextGenEnv(tok, ref, count_e, PROMPTS, num_envs=4, beta=BETA, max_new_tokens=7, device="cpu")
+    env = VectorTextGenEnv(
+        tok, ref, count_e, PROMPTS, num_envs=4, group_size=2, beta=BETA, max_new_tokens=7, device="cpu"
+    )
     agent = SamplingPolicy(policy, 4, env.core.pad_token_id, seed=0, vocab_size=V)
     stream = EpisodeStream(env, agent, seed=0, chunk=3)
     assert stream.chunk == 3

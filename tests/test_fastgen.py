@@ -218,3 +218,48 @@ def test_on_policy_trainers_correct_an_inexact_sampler(plugin_path, write_dist, 
     # Adam's step g/(|g| + ε) is the same for 2g but where |g| is near ε: well under a step of lr.
     for a, b in zip(exact_policy.parameters(), stub_policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_shared_rows_finds_each_distinct_history_once():
+    from rlhf_env.kvcache import shared_rows
+
+    # rows 0, 2 and 3 hold [5, 6] in their first two columns (what the padding column holds does
+    # not count); row 1 holds [5, 6, 7]
+    ids = torch.tensor([[5, 6, 0], [5, 6, 7], [5, 6, 9], [5, 6, 7]])
+    real = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    first, inverse = shared_rows(ids, real)
+    assert sorted(first.tolist()) == [0, 1]
+    assert first[inverse].tolist() == [0, 1, 0, 0]
+    # left-padded rows: the same tokens in other columns are another history
+    left = torch.tensor([[0, 5, 6], [5, 6, 0]])
+    assert shared_rows(left, torch.tensor([[0, 1, 1], [1, 1, 0]], dtype=torch.bool)) is None
+
+
+def test_a_group_prefills_its_prompt_once_and_samples_as_unshared(monkeypatch):
+    """GRPO's copies of a prompt: one prefill row per distinct prompt, in the sampler and the
+    reference, and the same tokens and (up to rounding) log-probs as prefilling every copy."""
+    import rlhf_env.fastgen as fastgen
+    import rlhf_env.kvcache as kvcache
+
+    prompts = [p for p in ("the cat", "a dog") for _ in range(4)]
+
+    def run():
+        env = make_default_vector_env(num_envs=8, max_new_tokens=6, beta=0.1)
+        policy, gen = copy.deepcopy(env.ref_model), torch.Generator().manual_seed(0)
+        for p in policy.parameters():  # a policy apart from the reference, the same in both runs
+            p.data.add_(0.05 * torch.randn(p.shape, generator=gen))
+        rows = []
+        for model in (policy, env.ref_model):
+            model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+        return collect(env, policy, seed=3, prompts=prompts), rows
+
+    shared, shared_rows = run()
+    wide = [s[0] for s in shared_rows if s[1] > 1]  # forwards of more than one token per row
+    assert wide[:2] == [2, 2]  # the two prefills (reference, sampler): 2 distinct prompts each
+    monkeypatch.setattr(fastgen, "shared_rows", lambda ids, real: None)
+    monkeypatch.setattr(kvcache, "shared_rows", lambda ids, real: None)
+    plain, plain_rows = run()
+    assert [s[0] for s in plain_rows if s[1] > 1] == [8, 8] + wide[2:]  # the completions' scoring: all 8
+    assert torch.equal(shared.input_ids, plain.input_ids)
+    for got, want in ((shared.logprobs, plain.logprobs), (shared.ref_logprobs, plain.ref_logprobs)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -86,3 +86,19 @@ def test_train_on_a_pretrained_checkpoint_records_the_pretrained_lr(tmp_path, mo
     # resuming keeps the recorded value: no preset over it, no mismatch
     assert cli.main([*args, "--out", str(tmp_path / "a"), "--resume", "--steps", "2"]) == 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["lr"] == pytest.approx(1e-5)
+
+
+def test_a_fresh_run_started_as_resumable_gets_the_presets_too(tmp_path, monkeypatch):
+    """Bench cells train with resume=True (continue if the folder holds a run): a fresh folder is a new run."""
+    from rlhf_env import plugins
+    from rlhf_env.algorithms.run.loop import train
+    from rlhf_env.tasks import get_task
+    from rlhf_env.tiny import build_char_tokenizer, build_tiny_model, save_tiny
+
+    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path / "cache"))
+    model, tok = build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=3)
+    path = str(save_tiny(model, tok, tmp_path / "ckpt"))
+    monkeypatch.setattr(presets, "PRETRAINED_MIN_PARAMETERS", model.num_parameters())
+    spec, task = plugins.get_host().algorithms.get("sft"), get_task("arithmetic")
+    train(spec, task, tmp_path / "cell", steps=1, model_path=path, resume=True, progress=False, algo_name="sft")
+    assert json.loads((tmp_path / "cell" / "config.json").read_text())["config"]["lr"] == pytest.approx(1e-5)

@@ -309,7 +309,9 @@ def train(
     budget = Budget(steps, max_tokens, max_seconds)
     check_chat_template_mode(chat_template)
     lora_run = lora_settings is not None
-    config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resume, quiet=not progress)
+    # A bench cell asks for resume=True on a fresh folder too: presets apply unless there is a run to continue.
+    resuming = resume and (Path(out) / CHECKPOINT / "trainer_state.pt").exists()
+    config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resuming, quiet=not progress)
     launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp, generator)
     lead = launch.lead
     # The waits before the first step (pairs, reference log-probs, a base-model build) and evaluations
