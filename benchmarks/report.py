@@ -33,6 +33,7 @@ from rlhf_env.bench.suite import Suite
 # The figures of a cell's result.json, named as in metrics.jsonl.
 FIGURES = [
     M.REWARD_GOLD,
+    M.REWARD_GOLD_SE,
     M.REWARD_PROXY,
     M.OBJECTIVE_KL_EVAL,
     M.PERF_TOKENS_TOTAL,
@@ -113,7 +114,7 @@ def write_csv(path: Path, bases: dict[str, dict], rows: list[dict], rms: dict[st
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for task, b in bases.items():
-            figures = {k: b.get(k) for k in (M.REWARD_GOLD, M.OBJECTIVE_KL_EVAL, M.TIME_WALL_S)}
+            figures = {k: b.get(k) for k in (M.REWARD_GOLD, M.REWARD_GOLD_SE, M.OBJECTIVE_KL_EVAL, M.TIME_WALL_S)}
             row = {"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "error": b.get("error")}
             w.writerow({**row, **figures, M.PERF_TOKENS_TOTAL: 0})
         for r in rows + [r for t in rms for r in rms[t]]:
@@ -173,6 +174,7 @@ def write_markdown(
                 name = f"best-of-{e['ok'][0]['n']} *(baseline)*"
             lines.append(f"| {name} | {seeds} | {figures} |")
         lines.append("")
+        lines += gain_lines(entries, base)
     lines += memory_section(summaries)
     lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
@@ -187,6 +189,37 @@ def write_markdown(
             )
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def gain(entry: dict[str, Any], base: dict[str, Any]) -> tuple[float, float] | None:
+    """(mean gold over seeds − the base's, its standard error), or None without the figures.
+
+    SE = √(SE_m² + SE_b²): the base's from its per-prompt gold (``reward/gold_se``); the method's
+    √(s²/k) over its k seeds, s² at least the mean per-cell evaluation variance (a floor for k = 3,
+    whose sample variance alone is noisy)."""
+    golds, ses = entry[M.REWARD_GOLD], entry.get(M.REWARD_GOLD_SE) or []
+    if not golds or M.REWARD_GOLD_SE not in base or pipeline.BON_ALGORITHM == entry["algorithm"]:
+        return None
+    k = len(golds)
+    s2 = max(stdev(golds) ** 2 if k > 1 else 0.0, mean(se**2 for se in ses) if ses else 0.0)
+    return mean(golds) - base[M.REWARD_GOLD], math.sqrt(s2 / k + base[M.REWARD_GOLD_SE] ** 2)
+
+
+def gain_lines(entries: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """One line: each method's gold gain over the base ± its standard error, marked where above 2 SE."""
+    parts = []
+    for e in entries:
+        g = gain(e, base)
+        if g is not None:
+            mark = " ✓" if g[0] > 2 * g[1] else ""
+            parts.append(f"{e['algorithm']} {g[0]:+.3f} ± {g[1]:.3f}{mark}")
+    if not parts:
+        return []
+    return [
+        "Gold gain over the base model ± standard error (base: per-prompt; methods: over seeds, at least "
+        "the evaluation's own); ✓: above 2 standard errors. " + "; ".join(parts) + ".",
+        "",
+    ]
 
 
 def memory_section(summaries: list[dict[str, Any]]) -> list[str]:

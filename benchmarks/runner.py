@@ -231,7 +231,8 @@ def _train_cell(
         # The first window's memory figures (a resumed cell measures again).
         memory = next((r for r in records if M.MEMORY_PEAK_MB in r), {})
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
-        names = (M.REWARD_GOLD, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL, M.TIME_ELAPSED_S)
+        names = (M.REWARD_GOLD, M.REWARD_GOLD_SE, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL)
+        names += (M.TIME_ELAPSED_S,)
         result = {
             **base,
             "status": "ok",

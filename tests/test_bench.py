@@ -429,3 +429,19 @@ def test_mask_positions_scores_left_padded_rows_like_unpadded_ones():
     twin = copy.deepcopy(fixed)  # copies (TRL's reference model) keep the fix
     for m in (fixed, twin):
         assert torch.allclose(m(padded, attention_mask=mask).logits[0, 3:], want, atol=1e-5)
+
+
+def test_the_gain_over_the_base_and_its_standard_error_by_hand():
+    from rlhf_env.bench.report import gain, gain_lines
+
+    base = {M.REWARD_GOLD: 0.25, M.REWARD_GOLD_SE: 0.068}
+    # three seeds whose spread (var 0.0025) is below their evaluations' own (0.07² = 0.0049): the floor holds
+    e = {"algorithm": "grpo", M.REWARD_GOLD: [0.5, 0.6, 0.55], M.REWARD_GOLD_SE: [0.07] * 3}
+    g, se = gain(e, base)
+    assert g == pytest.approx(0.30) and se == pytest.approx(math.sqrt(0.0049 / 3 + 0.068**2))
+    wide = {"algorithm": "rloo", M.REWARD_GOLD: [0.1, 0.5, 0.3], M.REWARD_GOLD_SE: [0.01] * 3}  # var 0.04
+    g2, se2 = gain(wide, base)
+    assert g2 == pytest.approx(0.05) and se2 == pytest.approx(math.sqrt(0.04 / 3 + 0.068**2))
+    line = gain_lines([e, wide], base)[0]
+    assert "grpo +0.300 ± 0.079 ✓;" in line and line.endswith("rloo +0.050 ± 0.134.")  # 0.05 < 2 × 0.134: no mark
+    assert gain(e, {M.REWARD_GOLD: 0.25}) is None  # an older base result without its standard error

@@ -74,7 +74,13 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
             torch.autocast(ctx.device.type, dtype=low or torch.bfloat16, enabled=low is not None),
         ):  # a policy forward a token
             batch = collect(env, ctx.policy, seed, list(prompts), device=ctx.device, generator=ctx.generator)
-    out = {M.REWARD_GOLD: float(batch.scores.mean()), M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean())}
+    gold = batch.scores
+    se = float(gold.double().std() / math.sqrt(len(gold))) if len(gold) > 1 else 0.0  # the base's, in the report
+    out = {
+        M.REWARD_GOLD: float(gold.mean()),
+        M.REWARD_GOLD_SE: se,
+        M.OBJECTIVE_KL_EVAL: float(sequence_kl(batch).mean()),
+    }
     if ctx.reward is not None:
         out[M.REWARD_PROXY] = float(proxy_scores(ctx.reward, batch.prompts, batch.completions).mean())
     return out

@@ -42,6 +42,11 @@ REWARD_GOLD = _metric(
     "mean gold reward of policy samples (T = 1) on held-out prompts (loop evaluations, `result.json`)",
     "task reward",
 )
+REWARD_GOLD_SE = _metric(
+    "reward/gold_se",
+    "standard error of `reward/gold` over its held-out prompts (std / √n of the per-prompt gold)",
+    "task reward",
+)
 REWARD_SCORE = _metric("reward/score", "mean end-of-episode score of the step's training rollouts", "task reward")
 REWARD_GROUP_STD = _metric(
     "reward/group_std", "mean over groups of the sample std of the G scores (GRPO)", "task reward"
