@@ -31,7 +31,7 @@ against unpadded per-row ones first. Env and baseline runs are interleaved. Prin
 table, then one JSON line (the last line of stdout).
 
     python benchmarks/env_throughput.py [--batch 64] [--max-new-tokens 32] [--device cpu]
-        [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--model DIR] [--threads N]
+        [--group-size 1] [--dtype float32|bfloat16] [--repeats 5] [--warmup 2] [--configs ...] [--model DIR] [--threads N]
         [--clock wall|cpu] [--out FILE]
 """
 
@@ -65,14 +65,27 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this proc
 CPU_CONFIGS = ["tiny-2L-64d", "small-4L-256d", "base-6L-512d-bpe4k"]
 
 
-def make_env_side(ref, policy_model, reward, tokenizer, batch: int, n: int, device, dtype, cuda_graph: bool = False):
-    """A ``VectorTextGenEnv`` and its ``SamplingPolicy`` agent, ready for ``env_rollout``."""
+def make_env_side(
+    ref,
+    policy_model,
+    reward,
+    tokenizer,
+    batch: int,
+    n: int,
+    device,
+    dtype,
+    cuda_graph: bool = False,
+    group_size: int = 1,
+):
+    """A ``VectorTextGenEnv`` and its ``SamplingPolicy`` agent, ready for ``env_rollout`` (``group_size``
+    rows per prompt, as GRPO and RLOO sample; the baseline generates for the same prompt list)."""
     env = VectorTextGenEnv(
         tokenizer,
         ref,
         reward,
         DEFAULT_PROMPTS,
         num_envs=batch,
+        group_size=group_size,
         beta=BETA,
         max_new_tokens=n,
         device=device,
@@ -217,7 +230,10 @@ def bench_config(name: str, shape: dict | str, args, device, dtype) -> dict:
     """Measure env and baseline tokens/s for one model shape (a ``CONFIGS`` entry) or checkpoint path."""
     models = load_models if isinstance(shape, str) else build_models
     ref, policy_model, reward, tokenizer = models(shape, device, dtype)
-    env, agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, args.max_new_tokens, device, dtype)
+    sizes = dict(group_size=args.group_size)
+    env, agent = make_env_side(
+        ref, policy_model, reward, tokenizer, args.batch, args.max_new_tokens, device, dtype, **sizes
+    )
     _, info = env.reset(seed=args.seed)
     input_ids, attention_mask = left_padded_batch(env, list(info["prompt"]), device)
     pad, stops = env.pad_token_id, tuple(env.stop_token_ids)
@@ -232,7 +248,9 @@ def bench_config(name: str, shape: dict | str, args, device, dtype) -> dict:
         "baseline": lambda: baseline_rollout(*baseline_args)[0],
     }
     if args.cuda_graph:  # the same env, its sampler's decode forward replayed as a CUDA graph
-        g_env, g_agent = make_env_side(ref, policy_model, reward, tokenizer, args.batch, n, device, dtype, True)
+        g_env, g_agent = make_env_side(
+            ref, policy_model, reward, tokenizer, args.batch, n, device, dtype, True, **sizes
+        )
         sides["env_graph"] = lambda: env_rollout(g_env, g_agent, n, args.seed)
     torch.manual_seed(args.seed)
     runs = timed(sides, args.warmup, args.repeats, device, CLOCKS[args.clock])
@@ -262,12 +280,12 @@ def bench_config(name: str, shape: dict | str, args, device, dtype) -> dict:
 
 def print_table(rows: list[dict], args, device) -> None:
     """A readable fixed-width table of the results."""
-    head = f"{'model':<15} {'params':>9} {'device':<6} {'dtype':<8} {'B':>4} {'N':>4} {'env tok/s':>11} {'HF tok/s':>11} {'env/HF':>7}"
+    head = f"{'model':<15} {'params':>9} {'device':<6} {'dtype':<8} {'B':>4} {'G':>3} {'N':>4} {'env tok/s':>11} {'HF tok/s':>11} {'env/HF':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['model']:<15} {r['params']:>9,} {device.type:<6} {args.dtype:<8} {args.batch:>4} "
+            f"{r['model']:<15} {r['params']:>9,} {device.type:<6} {args.dtype:<8} {args.batch:>4} {args.group_size:>3} "
             f"{args.max_new_tokens:>4} {r['env_tokens_per_s']:>11,.0f} {r['baseline_tokens_per_s']:>11,.0f} {r['ratio']:>7.2f}"
         )
     for r in rows:
@@ -293,6 +311,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--group-size", type=int, default=1, help="rows per prompt (GRPO's G; the baseline generates each copy)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=5)
@@ -333,6 +354,7 @@ def main(argv=None) -> dict:
     summary = {
         "benchmark": "env_throughput",
         "batch": args.batch,
+        "group_size": args.group_size,
         "max_new_tokens": args.max_new_tokens,
         "device": str(device),
         "dtype": args.dtype,

@@ -79,6 +79,8 @@ def test_env_throughput_main_measures_a_model_folder(chatml_dir, capsys):
     saved = load_pretrained(chatml_dir)[0]
     assert row["params"] == sum(p.numel() for p in saved.parameters())
     assert 2 <= row["env_tokens_per_rollout"] <= 8 and 2 <= row["baseline_tokens_per_rollout"] <= 8
+    grouped = et.main([*argv, "--group-size", "2", "--threads", "1"])  # both rows hold one prompt
+    assert grouped["group_size"] == 2 and "B   G" in capsys.readouterr().out
 
 
 def test_env_throughput_refuses_the_cpu_clock_on_another_device(capsys):
