@@ -72,7 +72,8 @@ class OutputHead:
     """A causal LM split into its trunk and its output head (see the module docstring)."""
 
     def __init__(self, model):
-        self.model = model
+        # No reference to ``model`` itself: ``_heads`` is keyed weakly by it, and a value holding its key
+        # would keep every model alive (a bench worker grew by a policy and a reference per cell).
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.transform = _logit_transform(model)

@@ -143,3 +143,17 @@ def test_ppo_logprobs_and_values_in_chunks_equal_one_forward(monkeypatch):
         out.append((logp, values, model.model.embed_tokens.weight.grad.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, atol=1e-5 * (1 + float(a.detach().abs().max())), rtol=1e-4)
+
+
+def test_a_model_whose_head_was_probed_is_still_freed():
+    """The probe's verdict is kept per model (weakly keyed): it must not keep the model alive, or every
+    run in one process (a bench worker's cells) would hold on to its policy and reference."""
+    import gc
+    import weakref
+
+    model = tiny_gpt2()
+    accepted = lmhead.output_head(model) is not None  # probed and accepted: the verdict is stored
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert accepted and alive() is None
