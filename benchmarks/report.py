@@ -27,7 +27,7 @@ import numpy as np
 
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import overoptimisation, pipeline
-from rlhf_env.bench.runner import base_dir, cell_dir, read_result, run_dir
+from rlhf_env.bench.cells import base_dir, cell_dir, read_result, run_dir
 from rlhf_env.bench.suite import Suite
 
 # The figures of a cell's result.json, named as in metrics.jsonl.

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.bench.runner import _write_result, cell_dir, read_result, run_dir, suite_device
+from rlhf_env.bench.cells import _write_result, cell_dir, read_result, run_dir, suite_device
 from rlhf_env.bench.suite import Cell, Suite
 from rlhf_env.errors import MissingExtraError, TrainingStoppedError
 
