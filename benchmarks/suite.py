@@ -8,7 +8,7 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     seeds = [0, 1]
     algorithms = "all"            # or ["ppo", "grpo"]; "exclude" drops names from "all"
     workers = 2                   # cells run at once, each in its own process (0: in this process)
-    generator = "kv_cache"        # the registered generator every cell's rollouts sample with
+    generator = "kv_cache"        # the registered generator of every cell's rollouts and the pipeline's pairs
     [budget]
     tokens = 40000                # training tokens per run, or seconds = 60 (wall-clock)
     [hparams.ppo]                 # per-algorithm config overrides (algorithm Config fields)
@@ -121,7 +121,9 @@ class Suite:
     eval_points: int = 5
     eval_prompts: int = 64
     checkpoint_every: int = 20
-    generator: str = DEFAULT_GENERATOR  # the registered generator of every cell's rollouts (``rlhf train --generator``)
+    generator: str = (
+        DEFAULT_GENERATOR  # of every cell's rollouts and the pipeline's samples (``rlhf train --generator``)
+    )
 
     def algorithm_names(self, host=None) -> list[str]:
         """The suite's algorithms; ``all`` is every registered algorithm that trains a policy."""
