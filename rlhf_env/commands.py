@@ -130,6 +130,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 # -- rlhf base-model ---------------------------------------------------------------------
 def cmd_base_model(args: argparse.Namespace) -> int:
     """Build or load a task's base model; print its size, build time and eval figures."""
+    from rlhf_env.prompt_format import PromptFormat
     from rlhf_env.tasks import evaluate, task_from_spec
     from rlhf_env.tasks.base_models import build_base_model, load_base_model
 
@@ -138,11 +139,15 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
     model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
-    n = args.eval_prompts  # "base-model gold": the first n eval prompts, as the bench's base row
-    sampled, greedy = evaluate(task, model, tokenizer, n=n), evaluate(task, model, tokenizer, n=n, greedy=True)
+    # "base-model gold": the first n eval prompts, as the bench's base row; prompts encoded as a run's
+    n, mode = args.eval_prompts, args.chat_template
+    sampled = evaluate(task, model, tokenizer, n=n, chat_template=mode)
+    greedy = evaluate(task, model, tokenizer, n=n, greedy=True, chat_template=mode)
     report = {
         "task": task.name,
         "path": str(path),
+        "chat_template": args.chat_template,
+        "uses_chat_template": PromptFormat(tokenizer, mode, getattr(model, "generation_config", None)).uses_template,
         "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": built.get("build_seconds"),
         "eval_prompts": sampled["n"],
@@ -178,7 +183,8 @@ def _rollout_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def chat_template_argument(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """``--chat-template auto|none`` (``rlhf rollout``; ``rlhf train`` with ``default=None``: the resumed run's)."""
+    """``--chat-template auto|none`` (``rlhf rollout``, ``rlhf base-model``; ``rlhf train`` with ``default=None``:
+    the resumed run's)."""
     from rlhf_env.prompt_format import CHAT_TEMPLATE_MODES
 
     p.add_argument(
@@ -200,6 +206,7 @@ def _base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--eval-prompts", type=positive_int, default=64, help="evaluate on the first N eval prompts")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    chat_template_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
