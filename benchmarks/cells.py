@@ -178,9 +178,11 @@ def _train_cell(
 ) -> dict:
     t0 = time.perf_counter()
     base = {"task": cell.task.label, "algorithm": cell.algorithm, "seed": cell.seed, "budget": cell.task.budget}
+    base.update({"lora": cell.task.lora} if cell.task.lora else {})  # adapters trained, not every weight
     try:
         from rlhf_env import plugins
         from rlhf_env.algorithms.run.loop import train
+        from rlhf_env.algorithms.scale.lora import LoraSettings
         from rlhf_env.tasks import get_task
 
         device = suite_device(device_name)
@@ -214,6 +216,8 @@ def _train_cell(
             measure_memory=True,
             chat_template=cell.task.chat_template,
             generator=generator,
+            # as rlhf train --lora-*: adapters on the base, and (a pretrained --model) the PRETRAINED_LORA presets
+            lora_settings=LoraSettings.from_dict(cell.task.lora) if cell.task.lora else None,
         )
         last = records[-1]
         # The first window's memory figures (a resumed cell measures again).

@@ -55,7 +55,8 @@ def cell_settings(suite: Suite, cell: Cell) -> dict[str, Any]:
     t = cell.task
     head = {**_task(suite, t), "algorithm": cell.algorithm, "seed": cell.seed, "budget": t.budget}
     evals = {"eval_points": suite.eval_points, "eval_prompts": suite.eval_prompts}
-    return {**head, "hparams": cell.config, **_reward(suite, t), **evals, **_generator(suite)}
+    lora = {"lora": t.lora} if t.lora else {}  # only when set: folders recorded before the key still match
+    return {**head, "hparams": cell.config, **_reward(suite, t), **evals, **_generator(suite), **lora}
 
 
 def entries(

@@ -19,6 +19,8 @@ when the suite runs, so a third-party algorithm joins without editing the suite.
     pipeline = { pairs = [256, 1024], tau = 0.25 }  # lists sweep: one task entry per combination
     chat_template = "none"        # auto (default: the tokenizer's chat template when it has one) or none;
                                   # top-level or per task
+    lora = { rank = 16, alpha = 32 }  # LoRA adapters for the cells (rlhf train --lora-*: rank, alpha, dropout,
+                                  # target_modules); top-level or per task (replacing it; false: every weight)
 
 ``reward = "learned"`` runs the RLHF pipeline (``rlhf_env.bench.pipeline``): per task and seed,
 ``pairs`` annotator-labelled pairs (temperature ``tau``) of the base model train one reward
@@ -70,8 +72,9 @@ TOP_KEYS = {
     "pipeline",
     "chat_template",
     "generator",
+    "lora",
 }
-TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline", "chat_template"}
+TASK_KEYS = {"name", "label", "knobs", "budget", "hparams", "model", "reward", "pipeline", "chat_template", "lora"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class TaskEntry:
     sweep: dict[str, Any] = field(default_factory=dict)  # the swept values of this entry ({"N": 256})
     rm_key: str = ""  # entries that share a reward model share this (task, N, tau)
     chat_template: str = "auto"  # rlhf_env.prompt_format mode of every env and offline encoding of the entry
+    lora: dict[str, Any] | None = None  # LoraSettings.as_dict() of its cells' adapters; None: full fine-tuning
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,9 @@ def _task(t: Any, where: str, i: int, hparams: dict, budget: dict, host, top: di
     pipeline = keys.pipeline(t.get("pipeline", {}), tw, top["pipeline"])
     keys.check_sweep(pipeline, reward, tw)
     entry = TaskEntry(label, t["name"], knobs, tb, {**hparams, **task_hparams}, model, reward)
-    entry = replace(entry, chat_template=keys.chat_template(t, tw, top["chat_template"]))
+    entry = replace(
+        entry, chat_template=keys.chat_template(t, tw, top["chat_template"]), lora=keys.lora(t, tw, top["lora"])
+    )
     return _expand(entry, pipeline, host)
 
 
@@ -259,6 +265,7 @@ def load_suite(suite: str | Path, host=None) -> Suite:
         "reward": keys.reward(raw, where, GOLD),
         "pipeline": keys.pipeline(raw.get("pipeline", {}), where, PIPELINE_DEFAULTS),
         "chat_template": keys.chat_template(raw, where, "auto"),
+        "lora": keys.lora(raw, where, None),
     }
     tasks = [e for i, t in enumerate(raw["tasks"]) for e in _task(t, where, i, hparams, budget, host, top)]
     labels = [t.label for t in tasks]

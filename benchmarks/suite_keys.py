@@ -156,3 +156,52 @@ def model_exists(model: str) -> bool:
         return gguf.packaged(model[len(gguf.PACKAGE_PREFIX) :]) is not None
     path = Path(model).expanduser()
     return path.is_file() if gguf.is_gguf(model) else path.is_dir()
+
+
+# The keys of a ``lora`` table: rlhf train's --lora-rank, --lora-alpha, --lora-dropout, --lora-target-modules.
+LORA_KEYS = ("rank", "alpha", "dropout", "target_modules")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def lora(raw: dict, where: str, default: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ``lora`` table (``{ rank = 16, alpha = 32 }``) as ``LoraSettings.as_dict()``; ``false``: full fine-tuning.
+
+    A task's table replaces the top-level one whole. PEFT must be installed (the ``lora`` extra).
+    """
+    if "lora" not in raw:
+        return default
+    value = raw["lora"]
+    if value is False:
+        return None
+    if not isinstance(value, dict):
+        raise SuiteError(f"{where}: lora must be a table like {{ rank = 16, alpha = 32 }}, or false, got {value!r}")
+    bad = sorted(set(value) - set(LORA_KEYS))
+    if bad:
+        raise SuiteError(f"{where}: unknown lora keys {bad}; known: {list(LORA_KEYS)}")
+    rank, alpha, dropout = value.get("rank"), value.get("alpha"), value.get("dropout", 0.0)
+    targets = value.get("target_modules")
+    if rank is None:
+        raise SuiteError(f"{where}: lora needs a rank (lora = {{ rank = 16 }})")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise SuiteError(f"{where}: lora.rank must be an integer >= 1, got {rank!r}")
+    if alpha is not None and not (_number(alpha) and alpha > 0):
+        raise SuiteError(f"{where}: lora.alpha must be a number > 0 (default 2 × rank), got {alpha!r}")
+    if not (_number(dropout) and 0 <= dropout < 1):
+        raise SuiteError(f"{where}: lora.dropout must be a number in [0, 1), got {dropout!r}")
+    names = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    if targets is not None and not names:
+        raise SuiteError(
+            f'{where}: lora.target_modules must be a non-empty list of module names, like ["c_attn"], got {targets!r}'
+        )
+    from rlhf_env.algorithms.scale.lora import LoraSettings
+    from rlhf_env.errors import MissingExtraError
+
+    alpha = None if alpha is None else float(alpha)
+    try:
+        settings = LoraSettings(rank, alpha, float(dropout), tuple(targets) if targets else None)
+    except MissingExtraError:
+        raise SuiteError(f"{where}: lora needs PEFT, which is not installed: pip install 'rlhf_env[lora]'") from None
+    return settings.as_dict()
