@@ -18,6 +18,7 @@ import torch
 
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.errors import SettingError
+from rlhf_env.generation import DEFAULT_GENERATOR
 
 
 def best_of_n_kl(n: int) -> float:
@@ -92,8 +93,9 @@ def evaluate_best_of_n(
     seed: int = 0,
     chunk: int = 1024,
     chat_template: str = "auto",
+    generator: str = DEFAULT_GENERATOR,
 ) -> list[dict[str, float]]:
-    """Sample ``n_max`` completions of each prompt from ``model``, score them with the gold and ``reward``
+    """Sample ``n_max`` completions of each prompt from ``model`` (by the registered ``generator``), score them with the gold and ``reward``
     (the proxy; None: the gold), and return ``best_of_n`` for n = 1, 2, 4, ..., ``n_max``."""
     from rlhf_env.algorithms.run.loop import proxy_scores
     from rlhf_env.rollout import complete
@@ -103,7 +105,9 @@ def evaluate_best_of_n(
     completions: list[str] = []
     for s in range(0, len(rows), chunk):
         part = rows[s : s + chunk]
-        completions += complete(model, tokenizer, part, task.max_new_tokens, seed=seed + s, chat_template=chat_template)
+        completions += complete(
+            model, tokenizer, part, task.max_new_tokens, seed=seed + s, chat_template=chat_template, generator=generator
+        )
     gold = torch.tensor(task.gold_reward(rows, completions), dtype=torch.float32)
     if reward is None:
         proxy = gold

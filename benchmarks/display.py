@@ -68,4 +68,5 @@ def summary(result: dict[str, Any]) -> str:
     if result["algorithm"] == "base":
         return f"  base   {key}: gold {gold:+.3f} ({result[M.MODEL_PARAMS]:,} params, {wall:.0f} s)"
     kl, tokens, rate = result[M.OBJECTIVE_KL_EVAL], result[M.PERF_TOKENS_TOTAL], result[M.PERF_MEAN_TOKENS_PER_S]
-    return f"  done   {key}: gold {gold:+.3f}  KL {kl:.2f}  {tokens:,.0f} tokens  {rate:,.0f} tok/s  {wall:.0f} s"
+    lora = f"  LoRA r{result['lora']['rank']}" if result.get("lora") else ""
+    return f"  done   {key}: gold {gold:+.3f}  KL {kl:.2f}  {tokens:,.0f} tokens  {rate:,.0f} tok/s  {wall:.0f} s{lora}"

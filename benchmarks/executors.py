@@ -82,7 +82,7 @@ class RayExecutor:
 
     @classmethod
     def for_suite(cls, suite, address: str | None = None, connect_timeout: float | None = None) -> RayExecutor:
-        from rlhf_env.bench.runner import suite_device
+        from rlhf_env.bench.cells import suite_device
 
         gpus = 1.0 / max(suite.workers, 1) if suite_device(suite.device).type == "cuda" else 0.0
         return cls(address, gpus, CONNECT_TIMEOUT_S if connect_timeout is None else connect_timeout)
@@ -137,7 +137,7 @@ def _run_job(fn, args, threads: int, paths: list[str]):
     """Inside a Ray worker: the runner's job with the suite's torch threads and the driver's import
     path (plugins installed beside the driver are found, as spawned pool workers find them)."""
     sys.path.extend(p for p in paths if p not in sys.path)
-    from rlhf_env.bench.runner import _init_worker
+    from rlhf_env.bench.cells import _init_worker
 
     _init_worker(None, threads)
     return fn(*args)

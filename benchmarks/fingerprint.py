@@ -36,8 +36,14 @@ def _task(suite: Suite, t: TaskEntry) -> dict[str, Any]:
     return {"task": t.name, "knobs": t.knobs, "model": t.model, "device": suite.device, **template}
 
 
+def _generator(suite: Suite) -> dict[str, Any]:
+    """The suite's generator, only when not the default: results from before the key stay reusable."""
+    return {"generator": suite.generator} if suite.generator != DEFAULT_GENERATOR else {}
+
+
 def rm_settings(suite: Suite, t: TaskEntry) -> dict[str, Any]:
-    return {**_task(suite, t), "pipeline": {k: t.pipeline[k] for k in RM_KEYS}}
+    """A reward model's: its task, the pipeline keys that size it, and the generator its pairs are sampled by."""
+    return {**_task(suite, t), "pipeline": {k: t.pipeline[k] for k in RM_KEYS}, **_generator(suite)}
 
 
 def _reward(suite: Suite, t: TaskEntry) -> dict[str, Any]:
@@ -49,9 +55,8 @@ def cell_settings(suite: Suite, cell: Cell) -> dict[str, Any]:
     t = cell.task
     head = {**_task(suite, t), "algorithm": cell.algorithm, "seed": cell.seed, "budget": t.budget}
     evals = {"eval_points": suite.eval_points, "eval_prompts": suite.eval_prompts}
-    # Only a generator other than the default is recorded: results from before the key stay reusable.
-    generator = {"generator": suite.generator} if suite.generator != DEFAULT_GENERATOR else {}
-    return {**head, "hparams": cell.config, **_reward(suite, t), **evals, **generator}
+    lora = {"lora": t.lora} if t.lora else {}  # only when set: folders recorded before the key still match
+    return {**head, "hparams": cell.config, **_reward(suite, t), **evals, **_generator(suite), **lora}
 
 
 def entries(
@@ -69,6 +74,7 @@ def entries(
                 )
             if t.pipeline.get("best_of_n"):
                 bon = {**_task(suite, t), **_reward(suite, t), "seed": seed, **{k: t.pipeline[k] for k in BON_KEYS}}
+                bon.update(_generator(suite))
                 yield f"{t.label}/{BON_ALGORITHM}/seed{seed}", bon_dir(out, t, seed), bon
     for c in cells:
         yield c.id, cell_dir(out, c), cell_settings(suite, c)

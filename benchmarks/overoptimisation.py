@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import pipeline
-from rlhf_env.bench.runner import read_result, run_dir
+from rlhf_env.bench.cells import read_result, run_dir
 from rlhf_env.bench.suite import GOLD, LEARNED, Suite, TaskEntry
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench.suite import GOLD, LEARNED, Cell, Suite, SuiteError, TaskEntry
 from rlhf_env.errors import TrainingStoppedError
+from rlhf_env.generation import DEFAULT_GENERATOR
 
 RM_ALGORITHM, BON_ALGORITHM = "reward_model", "best_of_n"
 
@@ -62,11 +63,10 @@ def feedback_jobs(suite: Suite, out: Path) -> tuple[list, list]:
                 seen.add(rm_dir(out, t, seed))
                 if (read_result(rm_dir(out, t, seed)) or {}).get("status") != "ok":
                     key = f"{t.rm_key}/{RM_ALGORITHM}/seed{seed}"
-                    rm_jobs.append((key, train_reward_model, (t, seed, str(out), suite.device)))
+                    rm_jobs.append((key, train_reward_model, (t, seed, str(out), suite.device, suite.generator)))
             if t.pipeline.get("best_of_n") and (read_result(bon_dir(out, t, seed)) or {}).get("status") != "ok":
-                bon_jobs.append(
-                    (f"{t.label}/{BON_ALGORITHM}/seed{seed}", run_best_of_n, (t, seed, str(out), suite.device))
-                )
+                args = (t, seed, str(out), suite.device, suite.generator)
+                bon_jobs.append((f"{t.label}/{BON_ALGORITHM}/seed{seed}", run_best_of_n, args))
     return rm_jobs, bon_jobs
 
 
@@ -112,12 +112,15 @@ def _failed(path: Path, base: dict[str, Any], t0: float, exc: BaseException) -> 
     return _write(path, {**base, "status": "failed", "error": error, M.TIME_WALL_S: time.perf_counter() - t0})
 
 
-def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -> dict[str, Any]:
-    """Label ``pairs`` base-model pairs and fit r_φ on them; never raises (a failure is the result)."""
+def train_reward_model(
+    task: TaskEntry, seed: int, out: str, device_name: str, generator: str = DEFAULT_GENERATOR
+) -> dict[str, Any]:
+    """Label ``pairs`` base-model pairs (sampled by the suite's ``generator``) and fit r_φ on them;
+    never raises (a failure is the result)."""
     path = rm_dir(Path(out), task, seed)
     p = task.pipeline
     base = {"stage": RM_ALGORITHM, "task": task.rm_key, "algorithm": RM_ALGORITHM, "seed": seed}
-    base.update(pairs=p["pairs"], tau=p["tau"], rm_steps=p["rm_steps"])
+    base.update(pairs=p["pairs"], tau=p["tau"], rm_steps=p["rm_steps"], generator=generator)
     t0 = time.perf_counter()
     try:
         import torch
@@ -140,7 +143,7 @@ def train_reward_model(task: TaskEntry, seed: int, out: str, device_name: str) -
             annotator_tau=p["tau"],
         )
         torch.manual_seed(seed)
-        ctx = TrainContext(t, ref, ref, tok, device, seed, chat_template=task.chat_template)
+        ctx = TrainContext(t, ref, ref, tok, device, seed, generator=generator, chat_template=task.chat_template)
         trainer = reward_model.Trainer(ctx, config)
         t1 = time.perf_counter()
         last: dict[str, float] = {}
@@ -194,10 +197,14 @@ def cell_inputs(cell: Cell, out: Path) -> tuple[dict[str, Any], str]:
     return config, reward
 
 
-def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dict[str, Any]:
-    """Best-of-n of the base model against the task's optimised reward, n = 1, 2, ..., ``best_of_n``."""
+def run_best_of_n(
+    task: TaskEntry, seed: int, out: str, device_name: str, generator: str = DEFAULT_GENERATOR
+) -> dict[str, Any]:
+    """Best-of-n of the base model (sampled by ``generator``) against the task's optimised reward,
+    n = 1, 2, ..., ``best_of_n``."""
     path = bon_dir(Path(out), task, seed)
     base = {"stage": BON_ALGORITHM, "task": task.label, "algorithm": BON_ALGORITHM, "seed": seed}
+    base["generator"] = generator
     t0 = time.perf_counter()
     try:
         from rlhf_env.algorithms.run.reward_choice import resolve_reward
@@ -211,7 +218,9 @@ def run_best_of_n(task: TaskEntry, seed: int, out: str, device_name: str) -> dic
         choice = resolve_reward(proxy_reward(task, seed, Path(out)), t, device=device)
         prompts = t.eval_prompts[: task.pipeline["best_of_n_prompts"]]
         n_max, template = task.pipeline["best_of_n"], task.chat_template
-        curve = evaluate_best_of_n(t, ref, tok, choice.fn, prompts, n_max, seed=seed, chat_template=template)
+        curve = evaluate_best_of_n(
+            t, ref, tok, choice.fn, prompts, n_max, seed=seed, chat_template=template, generator=generator
+        )
         top = curve[-1]
         figures = {k: v for k, v in top.items() if k != "n" and not (k == M.REWARD_PROXY and choice.is_gold)}
         result = {**base, "status": "ok", **figures, "n": top["n"], "curve": curve}  # no proxy column on gold

@@ -27,7 +27,7 @@ import numpy as np
 
 from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.bench import overoptimisation, pipeline
-from rlhf_env.bench.runner import base_dir, cell_dir, read_result, run_dir
+from rlhf_env.bench.cells import base_dir, cell_dir, read_result, run_dir
 from rlhf_env.bench.suite import Suite
 
 # The figures of a cell's result.json, named as in metrics.jsonl.
@@ -46,7 +46,7 @@ FIGURES = [
     M.TIME_STEPS,
 ]
 EXTRA_CSV = [M.OBJECTIVE_KL_BEST_OF_N, M.RM_HELDOUT_ACCURACY, M.RM_HELDOUT_GOLD_ACCURACY]
-CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, *EXTRA_CSV, "device", "error"]
+CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, *EXTRA_CSV, "lora", "device", "error"]
 # results.md columns after the seeds: (metric, decimals).
 TABLE_COLUMNS = [
     (M.REWARD_GOLD, 3),
@@ -118,7 +118,17 @@ def write_csv(path: Path, bases: dict[str, dict], rows: list[dict], rms: dict[st
             row = {"task": task, "algorithm": "base", "seed": "", "status": b.get("status"), "error": b.get("error")}
             w.writerow({**row, **figures, M.PERF_TOKENS_TOTAL: 0})
         for r in rows + [r for t in rms for r in rms[t]]:
-            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+            w.writerow({**{k: r.get(k, "") for k in CSV_FIELDS}, "lora": lora_text(r.get("lora"))})
+
+
+def lora_text(settings: dict | None) -> str:
+    """A cell's LoRA settings (``LoraSettings.as_dict()``) in words; "" for full fine-tuning."""
+    if not settings:
+        return ""
+    alpha = settings["alpha"] if settings.get("alpha") is not None else 2 * settings["rank"]
+    targets = settings.get("target_modules")
+    where = ", ".join(targets) if targets else "every linear layer but the output head"
+    return f"rank {settings['rank']}, α {alpha:g}, dropout {settings.get('dropout', 0.0):g}, on {where}"
 
 
 def write_markdown(
@@ -159,6 +169,14 @@ def write_markdown(
             f"## {summary_task} (budget: {budget} per run)",
             "",
             *overoptimisation.setting_lines(task, rms.get(task.rm_key, []), _fmt),
+            *(
+                [
+                    f"*LoRA*: each trained cell trains adapters ({lora_text(task.lora)}); the base weights stay frozen.",
+                    "",
+                ]
+                if task.lora
+                else []
+            ),
             "| algorithm | seeds | gold reward | proxy reward | KL to ref | tokens/s | wall s | peak MB |",
             "|---|---|---|---|---|---|---|---|",
         ]

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.bench.runner import _write_result, cell_dir, read_result, run_dir, suite_device
+from rlhf_env.bench.cells import _write_result, cell_dir, read_result, run_dir, suite_device
 from rlhf_env.bench.suite import Cell, Suite
 from rlhf_env.errors import MissingExtraError, TrainingStoppedError
+from rlhf_env.generation import DEFAULT_GENERATOR
 
 ALGOS = ("grpo", "dpo")
 
@@ -134,15 +135,26 @@ def grpo_trainer(task, model, tokenizer, cfg, steps: int, seed: int, out_dir: Pa
 
 
 def dpo_trainer(
-    task, model, ref, tokenizer, cfg, steps: int, seed: int, out_dir: Path, device, render=None, precompute_ref=False
+    task,
+    model,
+    ref,
+    tokenizer,
+    cfg,
+    steps: int,
+    seed: int,
+    out_dir: Path,
+    device,
+    render=None,
+    precompute_ref=False,
+    generator: str = DEFAULT_GENERATOR,
 ):
-    """TRL's DPOTrainer on the pairs our ``dpo`` draws. ``render``: as ``grpo_trainer``'s;
-    ``precompute_ref``: TRL's ``precompute_ref_log_probs`` (reference log-probs once before training,
-    as ours; TRL's default computes them every step)."""
+    """TRL's DPOTrainer on the pairs our ``dpo`` draws (sampled by the same ``generator``). ``render``: as
+    ``grpo_trainer``'s; ``precompute_ref``: TRL's ``precompute_ref_log_probs`` (reference log-probs once
+    before training, as ours; TRL's default computes them every step)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    pairs = task.preference_pairs(ref, tokenizer, cfg.num_pairs, tau=cfg.annotator_tau, seed=seed)
+    pairs = task.preference_pairs(ref, tokenizer, cfg.num_pairs, tau=cfg.annotator_tau, seed=seed, generator=generator)
     data = Dataset.from_dict(
         {
             "prompt": [render(p.prompt) if render else p.prompt for p in pairs],
@@ -194,7 +206,9 @@ def run_trl_cell(cell: Cell, out: Path, suite: Suite) -> dict[str, Any]:
             if cell.algorithm == "grpo":
                 trainer = grpo_trainer(task, model, tok, cfg, steps, cell.seed, path, device)
             else:
-                trainer = dpo_trainer(task, model, ref, tok, cfg, steps, cell.seed, path, device)
+                trainer = dpo_trainer(
+                    task, model, ref, tok, cfg, steps, cell.seed, path, device, generator=suite.generator
+                )
             trainer.train()
         train_s = time.perf_counter() - t0
         policy = trainer.model.eval()

@@ -38,23 +38,29 @@ def positive_int(text: str) -> int:
 
 
 KINDS = ("algorithms", "tasks", "rewards", "generators", "commands")
+DATASETS = "reasoning_gym"  # ``rlhf list reasoning_gym``: the names ``--task reasoning_gym:NAME`` takes
 
 
 # -- rlhf list ---------------------------------------------------------------------------
-def format_listing(desc: dict[str, Any]) -> str:
-    """Plain-text tables, one per kind, of a ``PluginHost.describe()`` structure."""
+def format_listing(desc: dict[str, Any], kinds: tuple[str, ...] = KINDS, notes: dict | None = None) -> str:
+    """Plain-text tables, one per kind, of a ``PluginHost.describe()`` structure.
+
+    ``notes``: ``{(kind, name): text}`` shown beside entries without a description of their own
+    (the ``reasoning_gym`` task: how many datasets it takes and how to list them, or to install them).
+    """
+    notes = notes or {}
     lines: list[str] = []
-    for kind in KINDS:
+    for kind in kinds:
         entries = desc.get(kind, [])
         lines.append(f"{kind} ({len(entries)})")
         if not entries:
             lines.append("  (none)")
         width = max([len(e["name"]) for e in entries] + [4])
         for e in entries:
-            about = f"  {e['description']}" if e.get("description") else ""
-            lines.append(f"  {e['name']:<{width}}  plugin: {e['plugin']}{about}")
+            about = e.get("description") or notes.get((kind, e["name"]), "")
+            lines.append(f"  {e['name']:<{width}}  plugin: {e['plugin']}" + (f"  {about}" if about else ""))
         lines.append("")
-    failed = desc.get("failed", [])
+    failed = desc.get("failed", []) if kinds == KINDS else []
     if failed:
         lines.append(f"failed plugins ({len(failed)})")
         for f in failed:
@@ -62,15 +68,37 @@ def format_listing(desc: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def datasets_note() -> str:
+    """The ``reasoning_gym`` task's line in ``rlhf list``: its datasets' count, or how to install them."""
+    from rlhf_env.tasks.reasoning_gym import INSTALL, installed_datasets
+
+    names = installed_datasets()
+    if names is None:
+        return f"reasoning-gym's datasets as --task {DATASETS}:NAME; not installed: {INSTALL}"
+    return f"{len(names)} reasoning-gym datasets as --task {DATASETS}:NAME (rlhf list {DATASETS} names them)"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the registries (text table or ``--json``)."""
+    """Print the registries (text table or ``--json``), one kind of them, or reasoning-gym's datasets."""
     from rlhf_env import plugins  # imported here so ``rlhf --help`` stays cheap
 
+    if args.section == DATASETS:
+        from rlhf_env.tasks.reasoning_gym import dataset_names
+
+        names = dataset_names()  # not installed: one line saying how to install it
+        if args.json:
+            print(json.dumps(names, indent=2))
+        else:
+            print(f"{DATASETS} datasets ({len(names)}; --task {DATASETS}:NAME,KNOB=VALUE,...)")
+            print("".join(f"  {n}\n" for n in names), end="")
+        return 0
     desc = plugins.get_host().describe()
+    kinds = (args.section,) if args.section else KINDS
     if args.json:
-        print(json.dumps(desc, indent=2))
-    else:
-        print(format_listing(desc), end="")
+        print(json.dumps({k: desc[k] for k in kinds} if args.section else desc, indent=2))
+        return 0
+    has_datasets = "tasks" in kinds and any(e["name"] == DATASETS for e in desc["tasks"])
+    print(format_listing(desc, kinds, {("tasks", DATASETS): datasets_note()} if has_datasets else None), end="")
     return 0
 
 
@@ -130,6 +158,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 # -- rlhf base-model ---------------------------------------------------------------------
 def cmd_base_model(args: argparse.Namespace) -> int:
     """Build or load a task's base model; print its size, build time and eval figures."""
+    from rlhf_env.prompt_format import PromptFormat
     from rlhf_env.tasks import evaluate, task_from_spec
     from rlhf_env.tasks.base_models import build_base_model, load_base_model
 
@@ -138,11 +167,15 @@ def cmd_base_model(args: argparse.Namespace) -> int:
     info_file = Path(path) / "build_info.json"
     built = json.loads(info_file.read_text()) if info_file.exists() else {}
     model, tokenizer = load_base_model(task, path, dtype=torch_dtype(args.dtype))
-    n = args.eval_prompts  # "base-model gold": the first n eval prompts, as the bench's base row
-    sampled, greedy = evaluate(task, model, tokenizer, n=n), evaluate(task, model, tokenizer, n=n, greedy=True)
+    # "base-model gold": the first n eval prompts, as the bench's base row; prompts encoded as a run's
+    n, mode = args.eval_prompts, args.chat_template
+    sampled = evaluate(task, model, tokenizer, n=n, chat_template=mode)
+    greedy = evaluate(task, model, tokenizer, n=n, greedy=True, chat_template=mode)
     report = {
         "task": task.name,
         "path": str(path),
+        "chat_template": args.chat_template,
+        "uses_chat_template": PromptFormat(tokenizer, mode, getattr(model, "generation_config", None)).uses_template,
         "parameters": sum(p.numel() for p in model.parameters()),
         "build_seconds": built.get("build_seconds"),
         "eval_prompts": sampled["n"],
@@ -160,6 +193,12 @@ def cmd_base_model(args: argparse.Namespace) -> int:
 
 # -- registration ------------------------------------------------------------------------
 def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "section",
+        nargs="?",
+        choices=(*KINDS, DATASETS),
+        help=f"only this kind; {DATASETS}: the reasoning-gym datasets --task {DATASETS}:NAME takes",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -178,7 +217,8 @@ def _rollout_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def chat_template_argument(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    """``--chat-template auto|none`` (``rlhf rollout``; ``rlhf train`` with ``default=None``: the resumed run's)."""
+    """``--chat-template auto|none`` (``rlhf rollout``, ``rlhf base-model``; ``rlhf train`` with ``default=None``:
+    the resumed run's)."""
     from rlhf_env.prompt_format import CHAT_TEMPLATE_MODES
 
     p.add_argument(
@@ -200,6 +240,7 @@ def _base_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.add_argument("--eval-prompts", type=positive_int, default=64, help="evaluate on the first N eval prompts")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (log-probs stay float32)")
+    chat_template_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -219,6 +219,30 @@ def test_train_records_the_chat_template_and_a_resume_that_changes_it_is_refused
     assert json.loads((out / "config.json").read_text())["chat_template"] == "none"
 
 
+def test_base_model_evaluates_with_the_chat_template_it_is_given_and_reports_it(chatml, tmp_path, capsys):
+    from rlhf_env.plugins import cli
+    from rlhf_env.tasks import evaluate, get_task
+    from rlhf_env.tiny import save_tiny
+
+    model, tok = chatml
+    ckpt = save_tiny(model, tok, tmp_path / "model")
+    argv = ["base-model", "--task", "arithmetic", "--model", str(ckpt), "--eval-prompts", "6"]
+    argv += ["--max-new-tokens", "4", "--json"]
+    reports = {}
+    for mode in ("auto", "none"):
+        assert cli.main([*argv, "--chat-template", mode]) == 0
+        reports[mode] = json.loads(capsys.readouterr().out)
+    assert cli.main(argv) == 0  # the default is auto, as for rollout and train
+    assert json.loads(capsys.readouterr().out) == reports["auto"]
+    task = get_task("arithmetic", max_new_tokens=4)
+    for mode, report in reports.items():
+        assert (report["chat_template"], report["uses_chat_template"]) == (mode, mode == "auto")
+        direct = evaluate(task, model, tok, n=6, chat_template=mode)  # the run's eval env in this mode
+        assert report["examples"] == [list(e) for e in direct["examples"]]
+        assert report["gold_mean_sampled"] == round(direct["gold_mean"], 4)
+    assert reports["auto"]["examples"] != reports["none"]["examples"]  # other prompt ids, other samples
+
+
 def test_a_suites_chat_template_key_reaches_each_task_entry_and_its_settings(tmp_path):
     from rlhf_env.bench.fingerprint import cell_settings
     from rlhf_env.bench.suite import SuiteError, load_suite

@@ -57,6 +57,49 @@ def test_list_text_names_each_reward_and_its_plugin(fresh_host, capsys):
     assert "failed" not in out
 
 
+def reasoning_gym_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.strip().startswith("reasoning_gym "))
+
+
+def test_list_counts_the_reasoning_gym_datasets_and_names_them_on_request(fresh_host, capsys):
+    from reasoning_gym.factory import DATASETS
+
+    assert cli.main(["list"]) == 0
+    line = reasoning_gym_line(capsys.readouterr().out)
+    assert f"{len(DATASETS)} reasoning-gym datasets as --task reasoning_gym:NAME" in line
+    assert "(rlhf list reasoning_gym names them)" in line
+    assert cli.main(["list", "reasoning_gym"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"reasoning_gym datasets ({len(DATASETS)};")
+    assert [n.strip() for n in lines[1:]] == sorted(DATASETS) and "basic_arithmetic" in DATASETS
+    assert cli.main(["list", "reasoning_gym", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == sorted(DATASETS)
+
+
+def test_list_says_how_to_install_reasoning_gym_when_it_is_missing(fresh_host, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import reasoning_gym raises ImportError
+    assert cli.main(["list"]) == 0
+    line = reasoning_gym_line(capsys.readouterr().out)
+    assert line.endswith(
+        "reasoning-gym's datasets as --task reasoning_gym:NAME; not installed: pip install 'rlhf_env[reasoning]'"
+    )
+    assert cli.main(["list", "reasoning_gym"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "rlhf list: error: the reasoning_gym task needs the reasoning-gym package: pip install 'rlhf_env[reasoning]'"
+    )
+
+
+def test_list_one_section(fresh_host, capsys):
+    assert cli.main(["list", "generators"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "generators (3)" and "kv_cache" in out
+    assert "algorithms (" not in out and "tasks (" not in out
+    assert cli.main(["list", "tasks", "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert list(desc) == ["tasks"] and ("reasoning_gym", "rlhf_env.builtins") in named(desc["tasks"])
+
+
 def test_list_shows_entry_point_plugins_and_failures(demo_dist, write_dist, capsys):
     write_dist(demo_dist, "rlhf_broken_cli", {"broken_cli": "rlhf_broken_cli"}, {"rlhf_broken_cli": "import nope_x\n"})
     with pytest.warns(plugins.PluginLoadWarning, match="broken_cli"):

@@ -83,6 +83,9 @@ def test_train_on_a_pretrained_checkpoint_records_the_pretrained_lr(tmp_path, mo
     assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["lr"] == pytest.approx(1e-5)
     assert cli.main([*args, "--out", str(tmp_path / "b"), "--set", "lr=3e-4"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["config"]["lr"] == pytest.approx(3e-4)
+    # --resume on a folder with nothing to resume (a bench cell's first start) is a new run: the presets apply
+    assert cli.main([*args, "--out", str(tmp_path / "c"), "--resume"]) == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["config"]["lr"] == pytest.approx(1e-5)
     # resuming keeps the recorded value: no preset over it, no mismatch
     assert cli.main([*args, "--out", str(tmp_path / "a"), "--resume", "--steps", "2"]) == 0
     assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["lr"] == pytest.approx(1e-5)

@@ -153,7 +153,7 @@ def test_train_without_progress_and_the_bench_are_silent(at_once, tmp_path, mode
 
 
 def test_a_bench_worker_process_never_shows_its_own_progress(monkeypatch):
-    from rlhf_env.bench import runner
+    from rlhf_env.bench import cells as runner
 
     monkeypatch.setattr(progress, "_shown", [True])
     runner._init_worker(None, None, inline=True)  # the parent running cells itself keeps its setting

@@ -29,6 +29,7 @@ from rlhf_env.algorithms.run.plumbing import NonFiniteLossError
 from rlhf_env.algorithms.run.runfolder import (
     CHECKPOINT,
     claim_run_folder,
+    holds_checkpoint,
     write_checkpoint,
     write_text_atomic,
 )
@@ -182,10 +183,8 @@ def timed_step(models: Models, step: int, seed: int, fsdp: bool, out: Path) -> t
         if fsdp:
             sharding.gather(models.ctx.policy)  # rollouts and evaluation run without collectives
     except NonFiniteLossError as exc:
-        where = out / CHECKPOINT
-        raise TrainingError(
-            f"step {step}: {exc}; training stopped, the last good checkpoint is kept in {where}"
-        ) from exc
+        kept = f"training stopped, the last good checkpoint is kept in {out / CHECKPOINT}"
+        raise TrainingError(f"step {step}: {exc}; {kept}") from exc
     return metrics, time.perf_counter() - t0
 
 
@@ -314,9 +313,7 @@ def train(
     """
     budget = Budget(steps, max_tokens, max_seconds)
     check_chat_template_mode(chat_template)
-    lora_run = lora_settings is not None
-    # A bench cell asks for resume=True on a fresh folder too: presets apply unless there is a run to continue.
-    resuming = resume and (Path(out) / CHECKPOINT / "trainer_state.pt").exists()
+    resuming, lora_run = resume and holds_checkpoint(out), lora_settings is not None  # a bench cell starts with resume
     config = presets.apply(spec, config, model_path=model_path, lora=lora_run, resume=resuming, quiet=not progress)
     launch = check_launch(spec, task, config, resume, device, backend, reward, lora_settings, fsdp, generator)
     lead = launch.lead

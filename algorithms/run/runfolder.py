@@ -197,6 +197,12 @@ def _write_checkpoint(out: Path, save: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def holds_checkpoint(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds a checkpoint to resume from (counting one ``recover_checkpoint`` would put back)."""
+    out = Path(out)
+    return any((p / "trainer_state.pt").exists() for p in [out / CHECKPOINT, *out.glob(".old-*")])
+
+
 def recover_checkpoint(out: Path) -> None:
     """Put back a checkpoint a crash left in ``.old-<pid>``; remove leftovers of interrupted writes.
 

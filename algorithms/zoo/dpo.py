@@ -257,7 +257,8 @@ def pair_logprobs(model, ids: torch.Tensor, segments: torch.Tensor, vocab_size: 
 
 
 def load_pairs(ctx: TrainContext, config: Config) -> list[PreferencePair]:
-    """The user's file when given, else ``num_pairs`` simulated-annotator pairs of the reference model."""
+    """The user's file when given, else ``num_pairs`` simulated-annotator pairs of the reference model,
+    sampled by the run's generator (``ctx.generator``)."""
     if config.preference_file is not None:
         from rlhf_env.tasks.data import load_preferences
 
@@ -269,6 +270,7 @@ def load_pairs(ctx: TrainContext, config: Config) -> list[PreferencePair]:
         tau=config.annotator_tau,
         seed=ctx.seed,
         chat_template=ctx.chat_template,
+        generator=ctx.generator,  # the run's generation backend samples the pairs too
     )
 
 

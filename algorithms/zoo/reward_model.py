@@ -124,7 +124,7 @@ def encode_scored(tokenizer, prompts: Sequence[str], completions: Sequence[str],
 
 
 def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]:
-    """``n`` annotator pairs on the task's eval prompts (seed ``ctx.seed + 1``)."""
+    """``n`` annotator pairs on the task's eval prompts (seed ``ctx.seed + 1``), sampled by ``ctx.generator``."""
     from rlhf_env.tasks.annotators import sample_preference_pairs
 
     task = dataclasses.replace(ctx.task, train_prompts=ctx.task.eval_prompts)
@@ -137,6 +137,7 @@ def heldout_pairs(ctx: TrainContext, n: int, tau: float) -> list[PreferencePair]
         seed=ctx.seed + 1,
         chat_template=ctx.chat_template,
         desc="held-out pairs",
+        generator=ctx.generator,
     )
 
 
@@ -148,7 +149,13 @@ class Trainer(Stateful):
         tok = ctx.tokenizer
         self.pad = pad_token_id(tok)
         self.pairs = ctx.task.preference_pairs(
-            ctx.ref, tok, config.num_pairs, tau=config.annotator_tau, seed=ctx.seed, chat_template=ctx.chat_template
+            ctx.ref,
+            tok,
+            config.num_pairs,
+            tau=config.annotator_tau,
+            seed=ctx.seed,
+            chat_template=ctx.chat_template,
+            generator=ctx.generator,
         )
         self.heldout = heldout_pairs(ctx, config.num_heldout_pairs, config.annotator_tau)
         self.chosen, self.rejected = self._encode(self.pairs)

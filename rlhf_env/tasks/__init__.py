@@ -124,9 +124,19 @@ def task_from_spec(text: str, saved_knobs: dict[str, Any] | None = None, max_new
 
 
 def evaluate(
-    task: Task, model, tokenizer, *, n: int | None = None, greedy: bool = False, seed: int | None = None
+    task: Task,
+    model,
+    tokenizer,
+    *,
+    n: int | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    chat_template: str = "auto",
 ) -> dict:
     """Mean gold reward of ``model``'s completions of the first ``n`` eval prompts, through the rollout path.
+
+    Prompts are encoded as ``chat_template`` says (``rlhf_env.prompt_format``: ``"auto"``, the tokenizer's
+    chat template when it has one, or ``"none"``), as a run's eval env with the same mode encodes them.
 
     The defaults are "base-model gold" (``rlhf_env.rollout``): sampled at temperature 1, the first
     ``EVAL_PROMPTS`` eval prompts, ``EVAL_SEED``; the number the bench's base row and
@@ -149,6 +159,7 @@ def evaluate(
         beta=0.0,
         max_new_tokens=task.max_new_tokens,
         device=device,
+        chat_template=chat_template,
     )
     seed = EVAL_SEED if seed is None else seed
     return evaluate_rollout(env, model, prompts, seed=seed, device=device, greedy=greedy)

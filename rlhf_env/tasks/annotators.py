@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhf_env.errors import SettingError, TrainingStoppedError
+from rlhf_env.generation import DEFAULT_GENERATOR
 from rlhf_env.progress import Progress
 from rlhf_env.rollout import complete
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
@@ -53,10 +54,12 @@ def sample_preference_pairs(
     max_rounds: int = 8,
     chat_template: str = "auto",
     desc: str = "preference pairs",
+    generator: str = DEFAULT_GENERATOR,
 ) -> list[PreferencePair]:
     """``n`` labelled pairs of two distinct samples of ``model`` on the task's train prompts.
 
-    Pairs whose two samples are identical carry no preference and are drawn again, up
+    The samples come from the registered ``generator`` (``rlhf_env.generation``: the run's
+    ``--generator``, a suite's ``generator``), at temperature 1. Pairs whose two samples are identical carry no preference and are drawn again, up
     to ``max_rounds`` times; fewer than ``n`` pairs after that is an error. The wait is
     shown on stderr (``rlhf_env.progress``, named ``desc``).
     """
@@ -82,6 +85,7 @@ def sample_preference_pairs(
                     seed,
                     round_,
                     chat_template,
+                    generator,
                 )
                 for half in (0, 1)
             ]
@@ -98,7 +102,7 @@ def sample_preference_pairs(
 
 
 def _sampled(
-    bar, have: int, need: int, half: int, model, tokenizer, prompts, max_new_tokens: int, seed, round_, chat_template
+    bar, have, need, half, model, tokenizer, prompts, max_new_tokens: int, seed, round_, chat_template, generator
 ):
     """Sample ``half`` (0: a, 1: b) of a round's completions; ``bar`` moves with the model's forwards,
     one a token after the prompt's, over this half of the round's ``need`` pairs."""
@@ -109,4 +113,6 @@ def _sampled(
     with bar.forwards(model, moved):
         # prompts encoded as the env of the run encodes them
         seed = seed * 1000 + 2 * round_ + half
-        return complete(model, tokenizer, prompts, max_new_tokens, seed=seed, chat_template=chat_template)
+        return complete(
+            model, tokenizer, prompts, max_new_tokens, seed=seed, chat_template=chat_template, generator=generator
+        )

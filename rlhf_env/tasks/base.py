@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from rlhf_env.errors import SettingError
+from rlhf_env.generation import DEFAULT_GENERATOR
 from rlhf_env.tasks.pairs import PreferencePair, RewardFn
 
 
@@ -86,13 +87,24 @@ class Task:
                 raise SettingError(f"task {self.name!r} has no {what}")
 
     def preference_pairs(
-        self, model, tokenizer, n: int, *, tau: float = 0.25, seed: int = 0, chat_template: str = "auto"
+        self,
+        model,
+        tokenizer,
+        n: int,
+        *,
+        tau: float = 0.25,
+        seed: int = 0,
+        chat_template: str = "auto",
+        generator: str = DEFAULT_GENERATOR,
     ) -> list[PreferencePair]:
         """``n`` pairs of two samples of ``model`` labelled by a simulated Bradley-Terry annotator
-        (sampled with prompts encoded as ``chat_template`` says, ``rlhf_env.prompt_format``)."""
+        (sampled by the registered ``generator``, with prompts encoded as ``chat_template`` says,
+        ``rlhf_env.prompt_format``)."""
         from rlhf_env.tasks.annotators import sample_preference_pairs
 
-        return sample_preference_pairs(self, model, tokenizer, n, tau=tau, seed=seed, chat_template=chat_template)
+        return sample_preference_pairs(
+            self, model, tokenizer, n, tau=tau, seed=seed, chat_template=chat_template, generator=generator
+        )
 
     def cache_key(self) -> str:
         """A short hash of everything that determines the base model."""

@@ -24,6 +24,7 @@ from rlhf_env.tasks.verifiers import answer_tag
 INSTRUCTION = "\n\nGive your final answer inside <answer></answer> tags."
 EVAL_SEED_OFFSET = 1_000_003
 OWN_KNOBS = ("dataset", "size", "seed", "eval_size", "max_new_tokens")
+INSTALL = "pip install 'rlhf_env[reasoning]'"
 
 
 def _reasoning_gym():
@@ -31,15 +32,21 @@ def _reasoning_gym():
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
     except ImportError:
-        raise MissingExtraError(
-            "the reasoning_gym task needs the reasoning-gym package: pip install 'rlhf_env[reasoning]'"
-        ) from None
+        raise MissingExtraError(f"the reasoning_gym task needs the reasoning-gym package: {INSTALL}") from None
     return reasoning_gym, DATASETS
 
 
 def dataset_names() -> list[str]:
-    """reasoning-gym's registered procedural datasets."""
+    """reasoning-gym's registered procedural datasets (``MissingExtraError`` when it is not installed)."""
     return sorted(_reasoning_gym()[1])
+
+
+def installed_datasets() -> list[str] | None:
+    """``dataset_names()``, or None when reasoning-gym is not installed (``rlhf list`` says how to install it)."""
+    try:
+        return dataset_names()
+    except MissingExtraError:
+        return None
 
 
 def make_reasoning_gym_task(
