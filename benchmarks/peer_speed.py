@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -58,9 +59,7 @@ import torch
 import transformers
 
 from rlhf_env import plugins
-from rlhf_env.algorithms.base import TrainContext
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.loop import seeded_step
 from rlhf_env.bench.trl_baseline import dpo_trainer, grpo_trainer, mask_positions, require_trl
 from rlhf_env.tasks import get_task
 from rlhf_env.tasks.base_models import load_base_model
@@ -70,17 +69,39 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # set by --clock
 
 
-def time_ours(task, ref, tok, algorithm: str, cfg, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Seconds and training tokens (``perf/tokens``) of each of our trainer's iterations after ``warmup`` ones."""
-    ctx = TrainContext(task, copy.deepcopy(ref).eval(), ref, tok, torch.device("cpu"), SEED)
-    trainer = plugins.get_host().algorithms.get(algorithm).Trainer(ctx, cfg)
-    times, tokens = [], []
-    for step in range(warmup + iterations):
-        t0 = clock()
-        record = seeded_step(trainer, SEED, step)  # the training loop's step, seeds included
-        times.append(clock() - t0)
+def time_ours(task, model, algorithm: str, cfg, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds and training tokens (``perf/tokens``) of each of our iterations after ``warmup`` (≥ 1) ones.
+
+    The run is ``rlhf train``'s (``loop.train``: its stages, seeds and sinks) on ``model`` (None: the
+    task's base model), in a scratch run folder with no evaluation and one checkpoint, after the last
+    step; an iteration is the time between two steps' records, by ``clock``.
+    """
+    from rlhf_env.algorithms.run.loop import train
+
+    ticks, tokens = [], []
+
+    def tick(record, _done):
+        ticks.append(clock())
         tokens.append(float(record.get(M.PERF_TOKENS, float("nan"))))
-    return times[warmup:], tokens[warmup:]
+
+    with tempfile.TemporaryDirectory() as out:
+        train(
+            plugins.get_host().algorithms.get(algorithm),
+            task,
+            Path(out) / "run",
+            steps=warmup + iterations,
+            seed=SEED,
+            model_path=model,
+            config=dataclasses.asdict(cfg),  # every field: no pretrained preset changes the batch
+            eval_every=0,
+            checkpoint_every=warmup + iterations,
+            device="cpu",
+            dtype=torch.float32 if model else None,
+            progress=False,
+            algo_name=algorithm,
+            callback=tick,
+        )
+    return [b - a for a, b in zip(ticks, ticks[1:])][warmup - 1 :], tokens[warmup:]
 
 
 def time_trl(
@@ -159,9 +180,9 @@ def bench(task_name: str, algorithm: str, args) -> dict:
     cfg = plugins.get_host().algorithms.get(algorithm).make_config(**shape_overrides(algorithm, args))
     n, w = args.iterations, args.warmup
     # Ours before and after TRL's run, so a change in the machine's load in between biases neither side.
-    ours, ours_tokens = time_ours(task, ref, tok, algorithm, cfg, n, w)
+    ours, ours_tokens = time_ours(task, args.model, algorithm, cfg, n, w)
     trl, trl_tokens = time_trl(task, ref, tok, algorithm, cfg, n, w, real=bool(args.model))
-    more, more_tokens = time_ours(task, ref, tok, algorithm, cfg, n, w)
+    more, more_tokens = time_ours(task, args.model, algorithm, cfg, n, w)
     ours, ours_tokens = ours + more, ours_tokens + more_tokens
     ours_rate, trl_rate = 1 / statistics.median(ours), 1 / statistics.median(trl)
     shape = (
@@ -199,7 +220,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dpo-batch", type=int, help="DPO pairs per step (default: the config's)")
     p.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the task's)")
     p.add_argument("--out", help="also write the JSON summary to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1: an iteration is timed from the end of the one before")
+    return args
 
 
 def main(argv=None) -> dict:

@@ -4,11 +4,12 @@ For a task whose suite ``reward`` is ``learned``, per seed (once, before its cel
 
 1. sample ``pairs`` pairs of two base-model completions on the train prompts and label them with
    the simulated annotators (Bradley-Terry on the gold, temperature ``tau``): the feedback budget;
-2. train one Bradley-Terry reward model r_φ on them (``rlhf_env.algorithms.zoo.reward_model``) and measure its
-   held-out pair accuracy against fresh annotator labels and against the gold order.
+2. train one Bradley-Terry reward model r_φ on them (``rlhf_env.algorithms.zoo.reward_model``, through the
+   training loop's stages: its run folder is ``run/``) and measure its held-out pair accuracy against fresh
+   annotator labels and against the gold order.
 
 Layout: ``out/reward_models/<task>-N<pairs>-tau<tau>/seed<k>/`` holds ``pairs.jsonl``, ``model/``
-(r_φ as a Hugging Face sequence classifier) and ``result.json``; task entries that differ only
+(r_φ as a Hugging Face sequence classifier), ``run/`` (the training run) and ``result.json``; task entries that differ only
 in β share it. Every cell of the task then gets the same inputs (``cell_inputs``): online
 algorithms optimise r_φ (the env's KL-shaped reward; ``reward/proxy`` beside ``reward/gold``),
 offline pair algorithms (DPO family, KTO) read the same ``pairs.jsonl``, SFT learns from the
@@ -123,45 +124,58 @@ def train_reward_model(
     base.update(pairs=p["pairs"], tau=p["tau"], rm_steps=p["rm_steps"], generator=generator)
     t0 = time.perf_counter()
     try:
-        import torch
-
-        from rlhf_env.algorithms.base import TrainContext
-        from rlhf_env.algorithms.run.loop import seeded_step
-        from rlhf_env.algorithms.zoo import reward_model
+        from rlhf_env import plugins
+        from rlhf_env.algorithms.run.loop import train
         from rlhf_env.tasks import get_task
-        from rlhf_env.tasks.base_models import load_base_model
 
-        device = _device(device_name)
-        t = get_task(task.name, **task.knobs)
-        ref, tok = load_base_model(t, task.model, device=device, progress=False)
-        config = reward_model.Config(
-            lr=p["rm_lr"],
-            batch_size=min(p["rm_batch_size"], p["pairs"]),
-            num_pairs=p["pairs"],
-            num_heldout_pairs=p["heldout_pairs"],
-            heldout_every=0,
-            annotator_tau=p["tau"],
-        )
-        torch.manual_seed(seed)
-        ctx = TrainContext(t, ref, ref, tok, device, seed, generator=generator, chat_template=task.chat_template)
-        trainer = reward_model.Trainer(ctx, config)
-        t1 = time.perf_counter()
-        last: dict[str, float] = {}
-        for step in range(p["rm_steps"]):
-            last = seeded_step(trainer, seed, step)  # the loop's step: the same seeds
-        heldout = trainer.heldout_metrics()
+        config = {
+            "lr": p["rm_lr"],
+            "batch_size": min(p["rm_batch_size"], p["pairs"]),
+            "num_pairs": p["pairs"],
+            "num_heldout_pairs": p["heldout_pairs"],
+            "heldout_every": p["rm_steps"],  # held-out accuracy once, after the last step
+            "annotator_tau": p["tau"],
+        }
+        exported: dict[str, Any] = {}
+
+        def export(models) -> None:  # the trained trainer: its pairs (for the pair algorithms) and r_φ
+            trainer = models.trainer
+            with (path / "pairs.jsonl").open("w") as f:
+                for pair in trainer.pairs:
+                    f.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}))
+                    f.write("\n")
+            trainer.save_reward_model(path / "model")
+            exported.update(trainer.heldout_metrics())
+
         path.mkdir(parents=True, exist_ok=True)
-        with (path / "pairs.jsonl").open("w") as f:
-            for pair in trainer.pairs:
-                f.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
-        trainer.save_reward_model(path / "model")
+        # The training loop's stages, as ``rlhf train reward_model`` runs them (seeds included): no policy
+        # evaluation, one checkpoint at the end, which a rerun resumes from.
+        records = train(
+            plugins.get_host().algorithms.get(RM_ALGORITHM),
+            get_task(task.name, **task.knobs),
+            path / "run",
+            steps=p["rm_steps"],
+            seed=seed,
+            model_path=task.model,
+            config=config,
+            resume=True,
+            eval_every=0,
+            checkpoint_every=p["rm_steps"],
+            device=_device(device_name),
+            progress=False,
+            algo_name=RM_ALGORITHM,
+            chat_template=task.chat_template,
+            generator=generator,
+            on_end=export,
+        )
+        last = records[-1]
         result = {
             **base,
             "status": "ok",
-            **heldout,
+            **exported,
             M.RM_ACCURACY: last.get(M.RM_ACCURACY),
             M.LOSS_REWARD_MODEL: last.get(M.LOSS_REWARD_MODEL),
-            "train_s": time.perf_counter() - t1,
+            "train_s": sum(r.get(M.PERF_STEP_TIME_S, 0.0) for r in records),
             M.TIME_WALL_S: time.perf_counter() - t0,
         }
         (path / "error.txt").unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import torch
 
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.scoring import pad_batch
+from rlhf_env.seeding import derive
 
 EVAL_PROMPTS = 64  # the first n eval prompts
 EVAL_SEED = 12345  # one fixed seed for every evaluation
@@ -217,14 +218,22 @@ def collect(
 ) -> RolloutBatch:
     """Run ``model`` (through the registered ``generator``) until every row of ``env`` finished one episode.
 
-    ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn.
+    ``prompts`` (one per group) fixes the prompts, as evaluation does; else they are drawn. The env's
+    prompt draw and the sampler get independent streams of ``seed`` (``rlhf_env.seeding``).
     """
     B, pad, vocab = env.num_envs, env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
     stops = stop_ids(env)  # the sampler stops where the env ends an episode
     sampler = make_sampler(
-        generator, model, B, pad_token_id=pad, vocab_size=vocab, seed=seed, greedy=greedy, stop_token_ids=stops
+        generator,
+        model,
+        B,
+        pad_token_id=pad,
+        vocab_size=vocab,
+        seed=derive(seed, "sampler"),
+        greedy=greedy,
+        stop_token_ids=stops,
     )
-    stream = EpisodeStream(env, sampler, seed, {"prompts": prompts} if prompts is not None else None)
+    stream = EpisodeStream(env, sampler, derive(seed, "prompts"), {"prompts": prompts} if prompts is not None else None)
     return to_batch(first_episodes(stream, B), pad, vocab, device)
 
 

@@ -32,13 +32,14 @@ def test_label_frequencies_match_sigma_within_sampling_error(gap, tau):
 
 
 def test_sampled_pairs_are_distinct_and_prefer_the_better_sample():
-    # Partial credit grades random digits finely, so most pairs have a clear better side.
+    # Partial credit grades random digits finely; a few pairs in a hundred have a clear better side
+    # (3-6 of 120 over seeds 0-3).
     task = dataclasses.replace(make_arithmetic_task(n_train=200, n_eval=10), gold_reward=partial_credit)
     model, tok = build_tiny_model(build_char_tokenizer("0123456789+-*= "), seed=1)
-    pairs = task.preference_pairs(model, tok, 60, tau=0.05, seed=0)
-    assert pairs == sample_preference_pairs(task, model, tok, 60, tau=0.05, seed=0)  # seeded
-    assert len(pairs) == 60 and all(p.chosen != p.rejected for p in pairs)
+    pairs = task.preference_pairs(model, tok, 120, tau=0.05, seed=0)
+    assert pairs == sample_preference_pairs(task, model, tok, 120, tau=0.05, seed=0)  # seeded
+    assert len(pairs) == 120 and all(p.chosen != p.rejected for p in pairs)
     assert all(p.prompt in task.train_prompts for p in pairs)
     gaps = [partial_credit([p.prompt], [p.chosen])[0] - partial_credit([p.prompt], [p.rejected])[0] for p in pairs]
     clear = [g for g in gaps if abs(g) >= 0.3]  # σ(0.3 / 0.05) > 0.997: the better one wins
-    assert len(clear) >= 5 and all(g > 0 for g in clear)
+    assert len(clear) >= 2 and all(g > 0 for g in clear)

@@ -14,7 +14,8 @@ from tinyparts import TOY_ALGO_SOURCE
 
 from rlhf_env.algorithms.base import AlgorithmSpec
 from rlhf_env.algorithms.run import metrics as M
-from rlhf_env.algorithms.run.loop import Budget, train
+from rlhf_env.algorithms.run.loop import train
+from rlhf_env.algorithms.run.schedule import Budget
 from rlhf_env.bench.report import write_report
 from rlhf_env.bench.runner import _write_result, base_dir, cell_dir, run_suite
 from rlhf_env.bench.suite import SUITES_DIR, SuiteError, load_suite

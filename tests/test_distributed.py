@@ -116,20 +116,23 @@ def test_two_gloo_ranks_make_the_update_one_rank_makes_and_resume_on_one(setup, 
         w = weights(one)
         moved = max(float(v.abs().max()) for k, v in w.items() if "lora_B" in k) if "lora" in run else max_diff(w, base)
         assert moved > 3e-4  # the steps moved the weights (LoRA's B starts at 0; RLOO's lr is 3e-4) ...
-        assert max_diff(weights(one), weights(two)) < 1e-5, run  # ... the same way on 1 and on 2 ranks
+        # ... the same way on 1 and on 2 ranks: up to float rounding, which Adam's first steps scale up
+        # where a gradient is near zero (measured up to 1.7e-5 on grpo; a wrong batch moves ~moved)
+        assert max_diff(weights(one), weights(two)) < 5e-5, run
         a, b = records(one), records(two)
         assert [r["step"] for r in b] == [0, 1]  # rank 0 alone wrote its records
         assert [r["reward/score"] for r in a] == [r["reward/score"] for r in b]  # the same rows were drawn
-        assert [r["loss/policy"] for r in a] == pytest.approx([r["loss/policy"] for r in b], rel=1e-4, abs=1e-7)
+        # a mean of advantages that nearly cancel: float32 rounding of O(1) terms, not of the result
+        assert [r["loss/policy"] for r in a] == pytest.approx([r["loss/policy"] for r in b], rel=1e-4, abs=1e-6)
     # A run started on 2 ranks resumes on 1 and continues as the 1-rank run does.
     assert cli.main(train_argv("grpo", model, tmp_path / "one-grpo", steps=3, extra=["--resume"])) == 0
     assert cli.main(train_argv("grpo", model, tmp_path / "two-grpo", steps=3, extra=["--resume"])) == 0
-    assert max_diff(weights(tmp_path / "one-grpo"), weights(tmp_path / "two-grpo")) < 1e-5
+    assert max_diff(weights(tmp_path / "one-grpo"), weights(tmp_path / "two-grpo")) < 5e-5
     # FSDP2 on 2 ranks, 2 steps, a sharded checkpoint and a resumed third step: the same weights.
     assert (tmp_path / "fsdp" / "checkpoint" / "sharded").is_dir()
     assert not (tmp_path / "fsdp" / "checkpoint" / "model.safetensors").exists()
     assert [r["step"] for r in records(tmp_path / "fsdp")] == [0, 1, 2]
-    assert max_diff(weights(tmp_path / "one-grpo"), full_weights(tmp_path / "fsdp" / "checkpoint")) < 1e-5
+    assert max_diff(weights(tmp_path / "one-grpo"), full_weights(tmp_path / "fsdp" / "checkpoint")) < 5e-5
 
 
 def error_line(capsys) -> str:

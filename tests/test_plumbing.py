@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_env.algorithms.run.plumbing import Means, NonFiniteLossError, Optimizer, Stateful, draw_rows, minibatches
+from rlhf_env.seeding import derive
 
 
 def weights(*values: float) -> torch.nn.Parameter:
@@ -77,8 +78,8 @@ def test_minibatches_cover_every_row_once_per_epoch_in_a_seeded_order():
         parts = batches[4 * epoch : 4 * epoch + 4]
         assert sorted(len(p) for p in parts) == [2, 2, 3, 3]  # sizes differ by at most one
         assert sorted(torch.cat(parts).tolist()) == list(range(10))  # every row once
-    # The order: one generator seeded with the seed, one permutation per epoch.
-    gen = torch.Generator().manual_seed(7)
+    # The order: one generator seeded with the seed's minibatch stream, one permutation per epoch.
+    gen = torch.Generator().manual_seed(derive(7, "minibatches"))
     want = [torch.randperm(10, generator=gen) for _ in range(3)]
     assert [torch.cat(batches[4 * e : 4 * e + 4]).tolist() for e in range(3)] == [p.tolist() for p in want]
     assert want[0].tolist() != want[1].tolist()  # a fresh order each epoch
@@ -100,7 +101,7 @@ def test_draw_rows_distinct_or_with_replacement():
     assert draw_rows(5, 3, seed=1) == rows  # seeded
     drawn = draw_rows(3, 20, seed=2, replacement=True)
     assert len(drawn) == 20 and len(set(drawn)) < 20
-    assert drawn == torch.randint(3, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert drawn == torch.randint(3, (20,), generator=torch.Generator().manual_seed(derive(2, "rows"))).tolist()
 
 
 # -- metric means and state --------------------------------------------------------------------
@@ -170,7 +171,10 @@ def test_a_minibatch_carries_its_data_parallel_weight_and_the_run_holds_none():
     dp = distributed.DataParallel(rank=1, world_size=2, local_rank=1, backend="gloo", device=torch.device("cpu"))
     with distributed.active(dp):
         (part,) = weighted_minibatches(5, 1, epochs=1, seed=3)
-        assert part.of.tolist() == torch.randperm(5, generator=torch.Generator().manual_seed(3)).tolist()
+        assert (
+            part.of.tolist()
+            == torch.randperm(5, generator=torch.Generator().manual_seed(derive(3, "minibatches"))).tolist()
+        )
         assert part.rows.tolist() == part.of.tolist()[3:] and part.weight == 2 / 5  # tensor_split: 3 + 2 rows
         mask = torch.zeros(5, 4)
         mask[part.of[:3], :1] = 1  # rank 0's rows: one token each

@@ -17,6 +17,7 @@ from rlhf_env.algorithms.run.loop import evaluate_policy, train
 from rlhf_env.algorithms.zoo import reward_model, sft
 from rlhf_env.models import load_causal_lm
 from rlhf_env.scoring import pad_batch, sft_loss
+from rlhf_env.seeding import derive
 from rlhf_env.tasks.arithmetic import make_arithmetic_task
 from rlhf_env.tasks.base import Task
 from rlhf_env.tasks.base_models import load_base_model
@@ -76,7 +77,8 @@ def test_sft_step_is_the_base_model_loss_and_leaves_nothing_else():
     trainer = sft.Trainer(ctx, sft.Config(batch_size=3))
     before = copy.deepcopy(ctx.policy)
     metrics = trainer.step(0, 9)
-    idx = torch.randint(len(ctx.task.sft_data), (3,), generator=torch.Generator().manual_seed(9)).tolist()
+    gen = torch.Generator().manual_seed(derive(9, "rows"))  # the step seed's row stream
+    idx = torch.randint(len(ctx.task.sft_data), (3,), generator=gen).tolist()
     with torch.no_grad():
         want = sft_loss(before, ctx.tokenizer, [ctx.task.sft_data[i] for i in idx]).item()
     assert metrics["loss/sft"] == pytest.approx(want, abs=1e-5)

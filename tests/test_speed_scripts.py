@@ -107,3 +107,24 @@ def test_peer_speed_renders_trl_prompts_to_the_envs_ids(chatml_dir):
         assert tok(render(p))["input_ids"] == env.prompt_format.encode_prompt(p)
     _, plain = build_tiny_model(seed=1)  # the character tokenizer has no template: TRL gets the raw text
     assert ps._renderer(get_task("sentiment"), ref, plain) is None
+
+
+def test_peer_speed_times_the_training_loops_steps(chatml_dir, monkeypatch):
+    """Our side is ``rlhf train``'s loop: its steps' tokens, one time per step after the warm-up,
+    ticking with the chosen clock, on a ``--model`` checkpoint at the batch shape given."""
+    from rlhf_env import plugins
+    from rlhf_env.tasks import get_task
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(ps, "clock", lambda: float(next(ticks)) ** 2)  # 0, 1, 4, 9: deltas 1, 3, 5
+    task = get_task("arithmetic", max_new_tokens=4)
+    cfg = plugins.get_host().algorithms.get("grpo").make_config(num_prompts=2, group_size=2)
+    times, tokens = ps.time_ours(task, str(chatml_dir), "grpo", cfg, iterations=2, warmup=2)
+    assert times == [3.0, 5.0]  # steps 2 and 3: the time since the record of the step before
+    assert len(tokens) == 2 and all(1 <= t <= 2 * 2 * 4 for t in tokens)  # 4 completions of ≤ 4 tokens
+
+
+def test_peer_speed_needs_a_warmup_iteration(capsys):
+    with pytest.raises(SystemExit):
+        ps.parse_args(["--warmup", "0"])
+    assert "--warmup must be >= 1" in capsys.readouterr().err

@@ -163,7 +163,7 @@ def base_gold(task, tmp_path):
 
 
 def test_schedule_evaluates_at_equal_fractions_of_the_budget_and_at_the_end():
-    from rlhf_env.algorithms.run.loop import Budget, Schedule
+    from rlhf_env.algorithms.run.schedule import Budget, Schedule
 
     points = Schedule(Budget(tokens=100), eval_points=4, checkpoint_every=3)
     assert [points.evaluates(s, b, d) for s, (b, d) in enumerate([(0, 0.2), (0.2, 0.3), (0.3, 0.55), (0.55, 1.0)])] == [

@@ -1,7 +1,7 @@
 """One training loop for every algorithm: metrics, TensorBoard, checkpoints, resume.
 
 Each iteration is a function of (weights, trainer state, step): the torch RNG and the
-rollout seeds are derived from ``(seed, step)``, so a run resumed from a checkpoint
+step's seed are independent streams derived from ``(seed, step)`` (``rlhf_env.seeding``), so a run resumed from a checkpoint
 reproduces the metrics of an uninterrupted one. Records use the names of
 ``rlhf_env.algorithms.run.metrics`` (documented in docs/architecture.md), in ``metrics.jsonl`` and as
 TensorBoard tags alike.
@@ -14,7 +14,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from rlhf_env.algorithms.run.runfolder import (
     write_checkpoint,
     write_text_atomic,
 )
+from rlhf_env.algorithms.run.schedule import Budget, Schedule
 from rlhf_env.algorithms.run.stages import (
     Folder,
     Models,
@@ -45,10 +45,11 @@ from rlhf_env.algorithms.run.stages import (
 )
 from rlhf_env.algorithms.scale import distributed, lora
 from rlhf_env.algorithms.scale import fsdp as sharding
-from rlhf_env.errors import SettingError, UserError
+from rlhf_env.errors import UserError
 from rlhf_env.models import save_pretrained
 from rlhf_env.prompt_format import check_chat_template_mode
 from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED, collect, sequence_kl
+from rlhf_env.seeding import derive
 from rlhf_env.tasks.base import Task
 
 
@@ -57,7 +58,8 @@ class TrainingError(UserError, RuntimeError):
 
 
 def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**31 - 1)
+    """The seed ``trainer.step`` gets at ``step``; each of its consumers derives its own stream from it."""
+    return derive(seed, "step", step)
 
 
 @torch.no_grad()
@@ -107,28 +109,6 @@ def _save_checkpoint(out: Path, ctx: TrainContext, trainer, step: int, resumes_f
     write_checkpoint(out, save, resumes_from)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """When a step is followed by an evaluation and a checkpoint, and when the run is done."""
-
-    budget: Budget
-    eval_every: int = 10
-    eval_points: int | None = None
-    checkpoint_every: int = 10
-
-    def spent(self, steps: int, tokens: float, seconds: float) -> float:
-        return self.budget.fraction(steps, tokens, seconds)
-
-    def evaluates(self, step: int, before: float, done: float) -> bool:
-        """Evaluate after ``step`` (which moved the spent fraction from ``before`` to ``done``)?"""
-        if self.eval_points:
-            return done >= 1.0 or math.floor(done * self.eval_points) > math.floor(before * self.eval_points)
-        return bool(self.eval_every) and ((step + 1) % self.eval_every == 0 or done >= 1.0)
-
-    def checkpoints(self, steps_done: int, done: float) -> bool:
-        return steps_done % self.checkpoint_every == 0 or done >= 1.0
-
-
 class Sinks:
     """Where each record goes: ``metrics.jsonl`` and TensorBoard (rank 0), the progress bar, the callback."""
 
@@ -166,9 +146,9 @@ class Sinks:
 
 
 def seeded_step(trainer, seed: int, step: int) -> dict[str, float]:
-    """One trainer step with the torch RNG and the rollout seed of ``(seed, step)``: the step every caller
-    (the loop, the bench's reward-model stage, ``peer_speed.py``) runs, so a step is the same wherever it runs."""
-    torch.manual_seed(step_seed(seed, step))
+    """One trainer step with the torch RNG and the step seed of ``(seed, step)``, independent streams of the
+    run's seed (``rlhf_env.seeding``): so a step is the same wherever it runs, resumed or not."""
+    torch.manual_seed(derive(seed, "torch", step))  # global draws (dropout, a trainer's own) apart from the step's
     return trainer.step(step, step_seed(seed, step))
 
 
@@ -274,6 +254,7 @@ def train(
     measure_memory: bool = False,
     chat_template: str = "auto",
     generator: str | None = None,
+    on_end: Callable[[Models], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``spec`` on ``task`` until a budget is spent; returns the metric records.
 
@@ -306,6 +287,10 @@ def train(
     (``rlhf_env.algorithms.run.memory``). ``chat_template``: ``"auto"`` (the tokenizer's chat template
     when it has one) or ``"none"`` (raw prompt text), for every env and offline encoding of the
     run (``TrainContext.chat_template``); saved in ``config.json``, so a resume keeps it.
+
+    ``on_end(models)``: called on rank 0 with the trained ``Models`` (context, config, trainer) after the
+    last step and its checkpoint, for what a caller takes from the trainer (the bench exports its reward
+    model and pairs).
 
     The stages, each a function of this module: ``check_launch`` (settings, before any work),
     ``read_folder`` and ``resumed_config`` (the run folder), ``build_models``, ``restore``,
@@ -351,7 +336,7 @@ def train(
         sinks = Sinks(folder, lead, start, done, f"{algo_name or 'train'} on {task.name}", progress, callback)
         meter = memory.PeakMeter(launch.device) if measure_memory else None
         try:
-            return run_steps(
+            records = run_steps(
                 models,
                 schedule,
                 sinks,
@@ -364,6 +349,9 @@ def train(
                 eval_prompts=eval_prompts,
                 meter=meter,
             )
+            if on_end is not None and lead:
+                on_end(models)
+            return records
         finally:
             if meter is not None and meter.running:  # an exception inside the window: close the profiler
                 meter.stop()
@@ -382,25 +370,3 @@ def _memory_metrics(meter: memory.PeakMeter, ctx: TrainContext, cfg, trainer) ->
     if est is not None:
         out[M.MEMORY_ESTIMATE_MB] = est.mb
     return out
-
-
-@dataclass(frozen=True)
-class Budget:
-    """When a run stops: after ``steps`` iterations, ``tokens`` training tokens or ``seconds`` of training time."""
-
-    steps: int | None = None
-    tokens: int | None = None
-    seconds: float | None = None
-
-    def __post_init__(self):
-        given = {k: v for k, v in self.__dict__.items() if v is not None}
-        if not given:
-            raise SettingError("give a budget: steps, max_tokens or max_seconds")
-        bad = {k: v for k, v in given.items() if not v > 0}
-        if bad:
-            raise SettingError(f"budget values must be > 0, got {bad}")
-
-    def fraction(self, steps: int, tokens: float, seconds: float) -> float:
-        """How much of the budget is spent (≥ 1: done): the largest of the three ratios."""
-        parts = [(steps, self.steps), (tokens, self.tokens), (seconds, self.seconds)]
-        return max(spent / limit for spent, limit in parts if limit is not None)

@@ -18,6 +18,7 @@ import torch
 
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.errors import SettingError
+from rlhf_env.seeding import derive
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -133,7 +134,8 @@ def weighted_minibatches(
 ) -> Iterator[distributed.Part]:
     """``epochs`` passes over a batch of ``num_rows`` rows, each minibatch as this rank's ``Part``.
 
-    Each epoch is a fresh permutation from one generator seeded with ``seed``, cut into
+    Each epoch is a fresh permutation from one generator seeded with the ``"minibatches"`` stream of
+    ``seed`` (``rlhf_env.seeding``: not the state the rollout's prompts and samples drew from), cut into
     exactly ``num_minibatches`` parts whose sizes differ by at most one: every row once per
     epoch, the same order for the same seed. A ``Part`` carries this rank's (b,) int64 row
     indices (``rows``, on ``device``) and the weight its loss and metrics carry
@@ -142,7 +144,7 @@ def weighted_minibatches(
     """
     if not 1 <= num_minibatches <= num_rows:
         raise ValueError(f"num_minibatches must be in [1, {num_rows}] (the rows), got {num_minibatches}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(derive(seed, "minibatches"))
     for _ in range(epochs):
         for rows in torch.randperm(num_rows, generator=generator).tensor_split(num_minibatches):
             part = distributed.rank_part(rows)  # data-parallel: this rank's part
@@ -159,8 +161,8 @@ def minibatches(num_rows: int, num_minibatches: int, epochs: int, seed: int, dev
 def draw_part(num_rows: int, size: int, seed: int, replacement: bool = False) -> distributed.Part:
     """``size`` random row indices of ``num_rows`` (distinct, at most ``num_rows`` of them, unless
     ``replacement``) as this rank's ``Part`` (its ``rows`` a (b,) int64 CPU tensor, its ``weight`` for
-    ``Optimizer.step``)."""
-    generator = torch.Generator().manual_seed(seed)
+    ``Optimizer.step``); drawn from the ``"rows"`` stream of ``seed`` (``rlhf_env.seeding``)."""
+    generator = torch.Generator().manual_seed(derive(seed, "rows"))
     if replacement:
         rows = torch.randint(num_rows, (size,), generator=generator)
     else:

@@ -279,14 +279,17 @@ def check_batch(config, world_size: int) -> None:
 
 
 def row_seed(seed: int, row: int) -> int:
-    return (seed * 1_000_003 + 7919 * row + 1) % (2**63 - 1)
+    """Row ``row``'s sampler seed: the ``"sampler"`` stream of the step's ``seed``, one per row."""
+    from rlhf_env.seeding import derive
+
+    return derive(seed, "sampler", row)
 
 
 def collect_shard(ctx, env, seed: int, prompts: list[str] | None = None):
     """This rank's groups of the step's batch, sampled with row seeds, gathered into the global ``RolloutBatch``.
 
     ``env``: this rank's training env (``shard_size`` rows). ``prompts``: one per global group;
-    default drawn uniformly from the task's training prompts with ``seed``.
+    default drawn uniformly from the task's training prompts with the ``"prompts"`` stream of ``seed``.
     """
     from rlhf_env.rollout import EpisodeStream, env_attr, first_episodes, to_batch
 
@@ -296,7 +299,10 @@ def collect_shard(ctx, env, seed: int, prompts: list[str] | None = None):
     groups = local_groups * dp.world_size
     if prompts is None:
         pool = ctx.task.train_prompts
-        prompts = [pool[i] for i in np.random.default_rng(seed).integers(len(pool), size=groups)]
+        from rlhf_env.seeding import derive
+
+        draw = np.random.default_rng(derive(seed, "prompts"))
+        prompts = [pool[i] for i in draw.integers(len(pool), size=groups)]
     first = dp.rank * local_groups
     mine = list(prompts)[first : first + local_groups]
     pad, vocab = env_attr(env, "pad_token_id"), env_attr(env, "vocab_size")
@@ -314,7 +320,7 @@ def rank_sampler(generator: str, model, batch_size: int, seeds: list[int], pad_t
 
     if generator == DEFAULT_GENERATOR:
         return RowSeededSampler(model, batch_size, seeds, pad_token_id, vocab_size)
-    seed = seeds[0] % (2**31 - 1)  # generators may seed torch, which takes 32-bit-sized seeds
+    seed = seeds[0]  # 31 bits (``rlhf_env.seeding``): generators may seed torch
     return make_sampler(generator, model, batch_size, pad_token_id=pad_token_id, vocab_size=vocab_size, seed=seed)
 
 

@@ -27,6 +27,7 @@ from rlhf_env.algorithms.run import metrics as M
 from rlhf_env.algorithms.zoo import grpo
 from rlhf_env.algorithms.zoo.grpo import LossParts
 from rlhf_env.errors import SettingError
+from rlhf_env.seeding import derive
 
 
 @dataclass
@@ -139,7 +140,7 @@ class Trainer(grpo.Trainer):
         kept: list[tuple[RolloutBatch, torch.Tensor]] = []
         n_kept = sampled = 0
         for round_ in range(c.max_sample_rounds):
-            batch = collect_rollouts(self.ctx, env, seed + 100_003 * round_)  # a fresh draw each round
+            batch = collect_rollouts(self.ctx, env, derive(seed, "round", round_))  # a fresh draw each round
             lengths = batch.action_mask.sum(1)
             batch.scores = batch.scores + overlong_penalty(
                 lengths, self.ctx.task.max_new_tokens, c.overlong_buffer, c.overlong_penalty
