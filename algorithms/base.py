@@ -19,6 +19,7 @@ from rlhf_env.algorithms.maths import group_std, masked_sum, truncated_is_weight
 from rlhf_env.algorithms.run.overrides import typed_overrides
 from rlhf_env.algorithms.scale import distributed
 from rlhf_env.generation import DEFAULT_GENERATOR, exact_logprobs
+from rlhf_env.multiturn_env import MultiTurnVectorEnv
 from rlhf_env.packing import packed_logprobs
 from rlhf_env.prompt_format import PromptFormat
 from rlhf_env.rollout import RolloutBatch, collect, env_attr, sequence_kl
@@ -91,7 +92,9 @@ class TrainContext:
         key = (num_envs, group_size, beta, split)
         if key not in self._envs:
             prompts = self.task.train_prompts if split == "train" else self.task.eval_prompts
-            self._envs[key] = VectorTextGenEnv(
+            options = self.task.env_options()  # a multi-turn task's interaction and limits
+            make = MultiTurnVectorEnv if options else VectorTextGenEnv
+            self._envs[key] = make(
                 self.tokenizer,
                 self.ref,
                 self.task.gold_reward if split != "train" or self.reward is None else self.reward,
@@ -102,6 +105,7 @@ class TrainContext:
                 max_new_tokens=self.task.max_new_tokens,
                 device=self.device,
                 chat_template=self.chat_template,
+                **options,
             )
         return self._envs[key]
 

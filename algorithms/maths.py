@@ -42,28 +42,29 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float):
     """Generalised advantage estimation over right-padded token sequences (docs/maths.md §4).
 
-    δ_t = r_t + γ V(s_{t+1}) − V(s_t) with V = 0 after the last real token;
-    Â_t = Σ_l (γλ)^l δ_{t+l};  returns R̂_t = Â_t + V(s_t).
+    δ_t = r_t + γ V(s_{t'}) − V(s_t) with t' the next real token after t (V = 0 after the last);
+    Â_t = δ_t + γλ Â_{t'};  returns R̂_t = Â_t + V(s_t).
 
     Args:
         rewards, values: (B, T) per-token rewards and values V(s_t).
-        mask: (B, T) 1 for real tokens: one contiguous run per row (a prefix, or a completion
-            after its prompt in action coordinates); the scan restarts at 0 outside the mask.
+        mask: (B, T) 1 for real tokens (the policy's actions). Positions outside it are skipped,
+            not restarted at: a multi-turn episode's injected spans are holes the scan steps over,
+            so a turn's advantage sees the turns after it (one γ per policy token, none per hole).
     Returns:
-        (advantages, returns), each (B, T), 0 on padding.
+        (advantages, returns), each (B, T), 0 outside the mask.
     """
     mask = mask.to(values.dtype)
     values = values * mask
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1) * torch.cat(
-        [mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1
-    )
-    deltas = (rewards + gamma * next_values - values) * mask
-    advantages = torch.zeros_like(deltas)
-    running = torch.zeros_like(deltas[:, 0])
-    for t in reversed(range(deltas.shape[1])):  # a scan over time; T is short
-        running = deltas[:, t] + gamma * gae_lambda * running * mask[:, t]
-        advantages[:, t] = running
-    advantages = advantages * mask
+    real = mask > 0
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # Â at the next real token
+    next_value = torch.zeros_like(values[:, 0])  # V at the next real token
+    for t in reversed(range(values.shape[1])):  # a scan over time; T is short
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        here = delta + gamma * gae_lambda * running
+        advantages[:, t] = here * mask[:, t]
+        running = torch.where(real[:, t], here, running)
+        next_value = torch.where(real[:, t], values[:, t], next_value)
     return advantages, (advantages + values) * mask
 
 

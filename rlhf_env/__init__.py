@@ -6,7 +6,9 @@ loaded only when first asked for (``rlhf_env.plugins.get_host()``), never as an 
 
 from rlhf_env.env import TextGenEnv
 from rlhf_env.errors import EpisodeEndedError, InvalidActionError, RewardError, VocabMismatchError
+from rlhf_env.interaction import Interaction, Reply
 from rlhf_env.kvcache import IncrementalLM
+from rlhf_env.multiturn_env import MultiTurnVectorEnv
 from rlhf_env.plugins import hookimpl
 from rlhf_env.registration import ENV_IDS, register_envs
 from rlhf_env.rewards import RewardModel
@@ -20,8 +22,11 @@ __all__ = [
     "ENV_IDS",
     "EpisodeEndedError",
     "IncrementalLM",
+    "Interaction",
     "InvalidActionError",
+    "MultiTurnVectorEnv",
     "RewardError",
+    "Reply",
     "RewardModel",
     "TextGenEnv",
     "VectorTextGenEnv",

@@ -25,6 +25,7 @@ from rlhf_env.models import check_vocab, pad_token_id
 from rlhf_env.prompt_format import PromptFormat
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores, call_reward, reward_name
+from rlhf_env.turns import INJECTED, POLICY, PROMPT, Turns
 
 __all__ = ["ChunkOut", "EpisodeBatch", "StepOut"]
 
@@ -40,6 +41,11 @@ class StepOut:
     terminated: torch.Tensor  # bool, the token was a stop id (EOS, end of turn, ...)
     truncated: torch.Tensor  # bool, max_new_tokens reached without a stop id
     acted: torch.Tensor  # bool, rows whose action was applied
+    # Multi-turn (an ``interaction``): per row whose policy turn ended, the ids injected after it,
+    # the turn's reward (in ``reward`` too) and the interaction's failure, if any.
+    injected: dict[int, list[int]] | None = None
+    turn_reward: dict[int, float] | None = None
+    errors: dict[int, str] | None = None
 
     @property
     def ended(self) -> torch.Tensor:
@@ -83,6 +89,11 @@ class EpisodeBatch:
             (``rlhf_env.prompt_format.PromptFormat``).
         stop_token_ids: ids that end an episode besides the EOS, every id of the reference's
             ``generation_config.eos_token_id`` and the template's end of turn.
+        interaction: multi-turn episodes (``rlhf_env.interaction``; None: one policy turn). A stop id
+            or one of its ``stop_strings`` ends a policy turn; its reply is injected and the policy
+            goes on, until the interaction is done, ``max_turns`` turns or ``max_new_tokens`` tokens
+            (policy and injected) in all. ``max_injection_tokens``: the longest injection (cut with
+            a marker beyond).
     """
 
     def __init__(
@@ -99,6 +110,9 @@ class EpisodeBatch:
         device: torch.device,
         chat_template: str = "auto",
         stop_token_ids=(),
+        interaction=None,
+        max_turns: int = 8,
+        max_injection_tokens: int = 64,
     ):
         if not beta >= 0:
             raise SettingError(f"beta (the KL coefficient) must be >= 0, got {beta}")
@@ -147,6 +161,12 @@ class EpisodeBatch:
         self.length = torch.zeros(B, dtype=torch.long)
         self.prompt_length = torch.zeros(B, dtype=torch.long)
         self.prompt_text = [""] * B
+        self.source = torch.zeros((B, L), dtype=torch.int8)  # turns.PROMPT / POLICY / INJECTED per token
+        self.fed = torch.zeros(B, dtype=torch.long)  # tokens of each row the reference has consumed
+        self.turns = None
+        if interaction is not None:
+            encode = self.format.encode_injection
+            self.turns = Turns(interaction, tokenizer, B, max_turns, max_injection_tokens, encode)
         self.ref = None
         if self.ref_model is not None:
             # Log-probs over the tokenizer's ids only, as the sampler's (the model may pad its vocabulary).
@@ -215,15 +235,19 @@ class EpisodeBatch:
                     kl[rows] = logprobs[rows] - ref_lp[rows]
                     reward -= self.beta * kl
             self.ids[rows, self.length[rows]] = tok
+            self.source[rows, self.length[rows]] = POLICY
             self.length[rows] += 1
             terminated[rows] = torch.isin(tok, self._stop)
+            turn = self._end_turns(rows, terminated, truncated, reward) if self.turns is not None else {}
             full = (self.length - self.prompt_length) >= self.max_new_tokens
-            truncated[rows] = full[rows] & ~terminated[rows]
+            truncated[rows] = (truncated[rows] | full[rows]) & ~terminated[rows]
             ended = (terminated | truncated).nonzero().flatten().tolist()
             if ended:
                 score[ended] = self._score(ended, terminated)
                 reward += score
-        out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone())
+        else:
+            turn = {}
+        out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone(), **turn)
         self._feed_reference(out, restarts)
         return out
 
@@ -249,6 +273,8 @@ class EpisodeBatch:
             acting: (B,) bool rows whose tokens are applied.
             restarts: rows (not acting) that begin a new episode with the given prompt.
         """
+        if self.turns is not None:
+            raise SettingError("multi-turn episodes step one token at a time (step), not in chunks")
         B, K = tokens.shape
         tokens = tokens.to(torch.long).cpu()
         j = torch.arange(K)
@@ -277,7 +303,9 @@ class EpisodeBatch:
             ref_lp = torch.zeros(B, K, dtype=torch.float32)
         r_idx, j_idx = applied.nonzero(as_tuple=True)
         self.ids[r_idx, self.length[r_idx] + j_idx] = tokens[r_idx, j_idx]
+        self.source[r_idx, self.length[r_idx] + j_idx] = POLICY
         self.length += count
+        self.fed = self.length.clone()  # the reference scored every applied token (rows that ended restart)
         last = (count - 1).clamp(min=0)
         terminated, truncated = torch.zeros(B, K, dtype=torch.bool), torch.zeros(B, K, dtype=torch.bool)
         rows = torch.arange(B)
@@ -348,25 +376,58 @@ class EpisodeBatch:
         completions = [self.completion_text(r) for r in rows]
         return as_scores(call_reward(self.reward, prompts, completions), len(rows), reward_name(self.reward))
 
+    def _end_turns(self, rows, terminated, truncated, reward) -> dict:
+        """Multi-turn: for each acting row whose policy turn just ended, ask the interaction, add the
+        turn's reward, inject its reply (ids and ``INJECTED`` source) or end the episode; StepOut's fields."""
+        injected, turn_reward, errors = {}, {}, {}
+        for r in rows.tolist():
+            start, end = self.turns.turn_start[r], int(self.length[r])
+            turn_ids = self.ids[r, start:end].tolist()
+            if not self.turns.end_of_turn(turn_ids, bool(terminated[r])):
+                continue
+            room = self.max_new_tokens - (end - int(self.prompt_length[r]))
+            got = self.turns.respond(r, turn_ids, bool(terminated[r]), room)
+            reward[r] += got.reward
+            turn_reward[r] = got.reward
+            if got.error is not None:
+                errors[r] = got.error
+            terminated[r], truncated[r] = got.done, got.truncated
+            if got.ids:
+                n = len(got.ids)
+                self.ids[r, end : end + n] = torch.as_tensor(got.ids)
+                self.source[r, end : end + n] = INJECTED
+                self.length[r] = end + n
+                injected[r] = got.ids
+            self.turns.turn_start[r] = int(self.length[r])
+        return {"injected": injected, "turn_reward": turn_reward, "errors": errors}
+
     def _feed_reference(self, out: StepOut | None, restarts: dict[int, str]) -> None:
-        """One reference forward: the new token of continuing rows (none when ``out`` is None:
-        a chunk fed them already), the prompt of new ones."""
+        """One reference forward: what continuing rows added since the reference last saw them (the
+        new token, and a multi-turn row's injection after it; nothing when ``out`` is None: a chunk
+        fed them already), the prompt of new ones."""
         new_ids = {r: self._encode(p, self.max_prompt_tokens) for r, p in restarts.items()}
         for r, ids in new_ids.items():
             self.ids[r] = self.pad_token_id
             self.ids[r, : len(ids)] = torch.as_tensor(ids)
+            self.source[r] = PROMPT
             self.length[r] = self.prompt_length[r] = len(ids)
             self.prompt_text[r] = restarts[r]
+            if self.turns is not None:
+                self.turns.start(r, restarts[r], len(ids))
         if self.ref is None:
             return
-        lengths = (out.acted & ~out.ended).long() if out is not None else torch.zeros(self.batch_size, dtype=torch.long)
-        width = max([1] + [len(ids) for ids in new_ids.values()])
-        chunk = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long)
-        chunk[:, 0] = self.ids[torch.arange(self.batch_size), (self.length - 1).clamp(min=0)]
-        restart = torch.zeros(self.batch_size, dtype=torch.bool)
+        B = self.batch_size
+        going_on = (out.acted & ~out.ended) if out is not None else torch.zeros(B, dtype=torch.bool)
+        lengths = torch.where(going_on, self.length - self.fed, 0)
+        width = max([1, int(lengths.max())] + [len(ids) for ids in new_ids.values()])
+        cols = (self.fed[:, None] + torch.arange(width)).clamp(max=self.ids.shape[1] - 1)
+        chunk = torch.where(torch.arange(width) < lengths[:, None], self.ids.gather(1, cols), self.pad_token_id)
+        restart = torch.zeros(B, dtype=torch.bool)
         for r, ids in new_ids.items():
+            chunk[r] = self.pad_token_id
             chunk[r, : len(ids)] = torch.as_tensor(ids)
             lengths[r] = len(ids)
             restart[r] = True
         if bool(lengths.any()):
             self.ref.feed(chunk, lengths, restart)
+            self.fed = torch.where(lengths > 0, self.length, self.fed)

@@ -160,7 +160,8 @@ def packed_logprobs(
 
     Args:
         input_ids, attention_mask: (B, T) right-padded prompt ∘ completion rows.
-        completion_mask: (B, T-1), 1 where token t+1 is a completion token (one contiguous run a row).
+        completion_mask: (B, T-1), 1 where token t+1 is a completion token the policy sampled (a
+            multi-turn row's injected tokens are 0: holes inside the span scored from its first to its last 1).
     Returns:
         (B, T-1) float32: entry t is log p(input_ids[:, t+1] | input_ids[:, :t+1]) where
         ``completion_mask`` is 1, 0 elsewhere. Models ``shares_prompts`` refuses, or rows
@@ -174,7 +175,8 @@ def packed_logprobs(
         logp = next_token_logprobs(model, input_ids[:, :width], attention_mask[:, :width], vocab_size)
         return torch.nn.functional.pad(logp, (0, T - width)) * completion_mask
     starts = (mask.to(torch.int8).argmax(1) + 1).tolist()  # each row's first completion token
-    ends = (torch.as_tensor(starts, device=mask.device) + counts).tolist()
+    # one past its last: a multi-turn row's injected spans inside are scored and masked out below
+    ends = (T - mask.flip(1).to(torch.int8).argmax(1)).tolist()
     rows = input_ids.tolist()
     groups: dict[tuple, list[int]] = {}
     for r in range(B):
@@ -191,4 +193,4 @@ def packed_logprobs(
             dst += range(r * (T - 1) + starts[r] - 1, r * (T - 1) + ends[r] - 1)
     src_t, dst_t = torch.tensor(src, device=device), torch.tensor(dst, device=device)
     out = torch.zeros(B * (T - 1), dtype=lp.dtype, device=device).index_put((dst_t,), lp.flatten()[src_t])
-    return out.view(B, T - 1)
+    return out.view(B, T - 1) * completion_mask

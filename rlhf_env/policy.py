@@ -94,6 +94,7 @@ class SamplingPolicy:
         self.stop_token_ids = stop_ids_of(model, stop_token_ids)
         self.temperature, self.greedy = temperature, greedy
         self.generator = torch.Generator(device=self.lm.device).manual_seed(seed)
+        self._fed: torch.Tensor | None = None  # (B,) tokens of each row ``act`` has fed its cache
 
     def sample(self, logprobs: torch.Tensor) -> torch.Tensor:
         """(B,) tokens drawn from (B, V) log-probs (a data-parallel run swaps in row-seeded draws)."""
@@ -106,16 +107,19 @@ class SamplingPolicy:
         ids = ids.reshape(-1, ids.shape[-1])
         length = torch.as_tensor(obs["length"]).reshape(-1)
         prompt_length = torch.as_tensor(obs["prompt_length"]).reshape(-1)
-        restart = length == prompt_length  # a fresh episode: feed its prompt
-        width = int(prompt_length[restart].max()) if bool(restart.any()) else 1
-        rows = torch.arange(ids.shape[0])
-        chunk = torch.where(
-            restart[:, None],
-            ids[:, :width] if width <= ids.shape[1] else ids,
-            ids[rows, (length - 1).clamp(min=0)][:, None].expand(-1, width),
-        )
-        lengths = torch.where(restart, prompt_length, torch.ones_like(length))
+        B = ids.shape[0]
+        if self._fed is None or len(self._fed) != B:
+            self._fed = torch.zeros(B, dtype=torch.long)
+        # A fresh episode feeds its prompt; a running one every token since the last call: its
+        # action, and in a multi-turn env what the env injected after it (the cache goes on).
+        restart = (length == prompt_length) | (length <= self._fed)
+        lengths = torch.where(restart, length, length - self._fed)
+        start = torch.where(restart, 0, self._fed)
+        width = max(int(lengths.max()), 1)
+        cols = (start[:, None] + torch.arange(width)).clamp(max=ids.shape[1] - 1)
+        chunk = torch.where(torch.arange(width) < lengths[:, None], ids.gather(1, cols), self.pad_token_id)
         logprobs = self.lm.feed(chunk, lengths, restart)
+        self._fed = length.clone()
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
         token = logprobs.argmax(-1) if self.greedy else self.sample(logprobs)

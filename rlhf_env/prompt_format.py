@@ -128,6 +128,27 @@ class PromptFormat:
         c = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
         return p + list(c) + ([self.end_id] if end else []), len(p)
 
+    def encode_injection(self, text: str, after_end_of_turn: bool = False) -> list[int]:
+        """The ids a multi-turn env appends for ``text`` (a tool's result, a game's reply), tokenised once.
+
+        After a policy turn that ended with the template's end of turn (``after_end_of_turn``), the
+        text is a user turn as the template renders it, up to the next assistant turn's generation
+        prompt: the tokens after the end-of-turn token in ``apply_chat_template`` of the same
+        conversation, so the env's ids are the template's. Mid-turn (a tool call's closing tag) and
+        without a template: ``tokenizer(text)`` without special tokens.
+        """
+        if not (self.uses_template and after_end_of_turn and self.end_of_turn_ids):
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}]
+        rendered = self.tokenizer.apply_chat_template(
+            [*turns, {"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        end = self.tokenizer.decode(list(self.end_of_turn_ids))
+        after = rendered.split(_MARK, 1)[1]
+        if not after.startswith(end):
+            raise SettingError(f"the chat template does not end an assistant turn with {end!r}: cannot inject a turn")
+        return list(self.tokenizer(after[len(end) :], add_special_tokens=False)["input_ids"])
+
     def completion_text(self, ids: Sequence[int]) -> str:
         """The assistant's text of completion ``ids``: a final stop id dropped, special tokens skipped."""
         ids = list(ids)

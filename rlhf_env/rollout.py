@@ -20,6 +20,7 @@ import torch
 from rlhf_env.generation import DEFAULT_GENERATOR, make_sampler
 from rlhf_env.scoring import pad_batch
 from rlhf_env.seeding import derive
+from rlhf_env.turns import INJECTED, POLICY
 
 EVAL_PROMPTS = 64  # the first n eval prompts
 EVAL_SEED = 12345  # one fixed seed for every evaluation
@@ -54,6 +55,11 @@ class Episode:
     score: float  # the reward at the end
     kl: float  # Σ_t (log π_θ − log π_ref), as the env reported it
     ret: float  # Σ_t rewards
+    # Multi-turn (``MultiTurnVectorEnv``): per completion token, turns.POLICY (sampled; the arrays
+    # above hold its log-probs and rewards) or turns.INJECTED (appended by the env: 0 there). None:
+    # every token is the policy's.
+    source: np.ndarray | None = None
+    turns: int = 1  # policy turns
 
 
 class EpisodeStream:
@@ -70,7 +76,7 @@ class EpisodeStream:
     def __init__(self, env, sampler, seed: int | None = None, options: dict | None = None, chunk: int | None = None):
         self.env, self.sampler, self.seed, self.options = env, sampler, seed, options
         self.tokens = 0
-        can_chunk = hasattr(env, "step_chunk") and hasattr(sampler, "generate")
+        can_chunk = callable(getattr(env, "step_chunk", None)) and hasattr(sampler, "generate")
         self.chunk = (chunk or env_attr(env, "max_new_tokens")) if can_chunk and chunk != 1 else None
 
     def _step(self, obs, acting: np.ndarray):
@@ -101,6 +107,7 @@ class EpisodeStream:
         tokens = np.zeros((B, N), dtype=np.int64)
         logp, ref_logp, rewards = (np.zeros((B, N), dtype=np.float32) for _ in range(3))
         kl, ret = np.zeros(B, dtype=np.float64), np.zeros(B, dtype=np.float64)
+        source = np.ones((B, N), dtype=np.int8)  # turns.POLICY, turns.INJECTED where the env appended
         length = np.zeros(B, dtype=np.int64)
         acting = np.ones(B, dtype=bool)  # False on a row's reset step (the step after it ended)
         while True:
@@ -116,6 +123,11 @@ class EpisodeStream:
                 if "kl" in info:
                     kl[r] += float(info["kl"][r, :n].astype(np.float64).sum())
                 length[r] += n
+                if "_injected" in info and info["_injected"][r]:  # the env's tokens after the turn
+                    ids, t = info["injected"][r], int(length[r])
+                    tokens[r, t : t + len(ids)], source[r, t : t + len(ids)] = ids, INJECTED
+                    logp[r, t : t + len(ids)] = ref_logp[r, t : t + len(ids)] = rewards[r, t : t + len(ids)] = 0.0
+                    length[r] += len(ids)
             for r in np.flatnonzero(~acting):  # a reset step: the row's next episode begins
                 prompt_ids[r] = obs["input_ids"][r, : obs["prompt_length"][r]].tolist()
             ended = (np.asarray(terminated) | np.asarray(truncated)).any(1)
@@ -135,9 +147,12 @@ class EpisodeStream:
                         float(info["score"][r]),
                         float(kl[r]),
                         float(ret[r]),
+                        source[r, :n].copy() if "_turns" in info else None,  # a multi-turn env's
+                        int(info["turns"][r]) if "_turns" in info else 1,
                     )
                 )
                 length[r], kl[r], ret[r] = 0, 0.0, 0.0
+                source[r] = POLICY
             acting = ~ended
             yield from done
 
@@ -147,7 +162,8 @@ class RolloutBatch:
     """One completed episode per env row, in "action" coordinates.
 
     Position ``t`` of the (B, L-1) tensors is the choice of token ``input_ids[:, t+1]``,
-    matching ``next_token_logprobs``; ``action_mask`` is 1 on completion tokens only.
+    matching ``next_token_logprobs``; ``action_mask`` is 1 on the tokens the policy sampled: the
+    completion, less a multi-turn episode's injected spans (holes every trainer's masks skip).
     """
 
     prompts: list[str]
@@ -189,7 +205,8 @@ def to_batch(episodes: list[Episode], pad_token_id: int, vocab_size: int | None,
     action_mask, old, ref, rew = (torch.zeros(shape) for _ in range(4))
     for r, ep in enumerate(episodes):
         start, n = len(ep.prompt_ids) - 1, len(ep.tokens)
-        action_mask[r, start : start + n] = 1
+        # policy tokens only: a multi-turn episode's injected spans are holes in the mask
+        action_mask[r, start : start + n] = 1 if ep.source is None else torch.from_numpy(ep.source == POLICY).float()
         old[r, start : start + n] = torch.from_numpy(ep.logprobs)
         ref[r, start : start + n] = torch.from_numpy(ep.ref_logprobs)
         rew[r, start : start + n] = torch.from_numpy(ep.rewards)

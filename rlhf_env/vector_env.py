@@ -89,6 +89,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
             device=parts[3],
             chat_template=chat_template,
             stop_token_ids=stop_token_ids,
+            **self._core_options(),
         )
         self.single_observation_space = spaces.observation_space(self.core.vocab_size, self.core.max_len)
         self.single_action_space = spaces.action_space(self.core.vocab_size)
@@ -157,7 +158,15 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         if out.kl is not None:
             info["kl"], info["_kl"] = out.kl.numpy(), acting_np.copy()
         self._end_info(info, out.score.numpy())
+        self._step_info(info, out)
         return self._obs(), out.reward.numpy(), terminated, truncated, info
+
+    def _core_options(self) -> dict[str, Any]:
+        """More ``EpisodeBatch`` arguments (a subclass's: ``MultiTurnVectorEnv``'s interaction)."""
+        return {}
+
+    def _step_info(self, info: dict[str, Any], out) -> None:
+        """More ``info`` of a step (a subclass's), after the single-turn keys."""
 
     def step_chunk(self, actions):
         """Up to K tokens per row in one call: the results of K ``step`` calls, per token.

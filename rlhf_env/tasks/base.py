@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -80,6 +81,21 @@ class Task:
     unkeyed: tuple[str, ...] = ()
     fields: dict[str, dict[str, Any]] | None = None
     needs_sft_data: bool = True  # False: a task for given models (a prompt file without completions)
+    # Multi-turn: ``interaction()`` makes what answers the policy's turns (``rlhf_env.interaction``);
+    # the task's envs are then ``MultiTurnVectorEnv``s with these limits. None: single-turn.
+    interaction: Callable[[], Any] | None = None
+    max_turns: int = 8
+    max_injection_tokens: int = 64
+
+    def env_options(self) -> dict[str, Any]:
+        """The keyword arguments a multi-turn task adds to its envs ({} for a single-turn one)."""
+        if self.interaction is None:
+            return {}
+        return {
+            "interaction": self.interaction(),
+            "max_turns": self.max_turns,
+            "max_injection_tokens": self.max_injection_tokens,
+        }
 
     def __post_init__(self):
         for what in ("train_prompts", "eval_prompts") + (("sft_data",) if self.needs_sft_data else ()):

@@ -1,0 +1,107 @@
+"""Multi-turn bookkeeping for ``EpisodeBatch``: where a policy turn ends, what is injected after it.
+
+Each row holds its ``Interaction`` state, the position its current policy turn began at and its
+turn count. After every policy token, ``end_of_turn`` says whether the turn just ended (a stop id,
+or the turn's text ending with one of the interaction's ``stop_strings``); ``respond`` then calls
+the interaction (``interaction.safe_respond``: an exception or a timeout becomes an injected error
+message) and returns the reply's ids, tokenised once (``encode_injection``), cut to
+``max_injection_tokens`` (the reply's own tokens) with ``CUT_MARKER``; a reply that leaves no room
+for another policy token ends the episode (truncated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_env.errors import SettingError
+from rlhf_env.interaction import CUT_MARKER, Interaction, safe_respond
+
+# Per-token source of the env's sequence: the ``source`` observation and ``Episode.source``.
+PROMPT, POLICY, INJECTED = 0, 1, 2
+
+
+@dataclass
+class TurnEnd:
+    """What ``respond`` decided for a row whose policy turn ended.
+
+    ids: the tokens to inject now ([] for none). reward: the turn's reward. done: the episode ends
+    (``terminated``). truncated: it ends at a limit (``max_turns``, no room left). error: the
+    interaction's failure, injected as text (None when it answered).
+    """
+
+    ids: list[int]
+    reward: float
+    done: bool
+    truncated: bool
+    error: str | None
+
+
+class Turns:
+    """The turn state of ``batch_size`` rows (see the module docstring).
+
+    Args:
+        interaction: what answers a turn (``rlhf_env.interaction.Interaction``).
+        tokenizer: the env's tokenizer: turn texts are decoded with it, injections encoded once.
+        batch_size: rows.
+        max_turns: policy turns per episode; the episode is truncated after the last one.
+        max_injection_tokens: longest injection; a longer one is cut and ends with ``CUT_MARKER``.
+        encode: ``(text, after_end_of_turn) -> ids`` of an injection (``PromptFormat.encode_injection``:
+            a user turn of the chat template after an end of turn, else plain text).
+    """
+
+    def __init__(
+        self, interaction: Interaction, tokenizer, batch_size: int, max_turns: int, max_injection_tokens: int, encode
+    ):
+        if not isinstance(interaction, Interaction):
+            raise TypeError(f"interaction must be an rlhf_env.Interaction, got {type(interaction).__name__}")
+        if max_turns < 1 or max_injection_tokens < 1:
+            raise SettingError(
+                f"max_turns and max_injection_tokens must be >= 1, got {max_turns} and {max_injection_tokens}"
+            )
+        self.interaction, self.tokenizer, self.encode = interaction, tokenizer, encode
+        self.max_turns, self.max_injection_tokens = int(max_turns), int(max_injection_tokens)
+        self.stop_strings = tuple(s for s in interaction.stop_strings if s)
+        self.states: list[Any] = [None] * batch_size
+        self.turn_start = [0] * batch_size  # where the row's current policy turn began in its ids
+        self.turns = [0] * batch_size  # policy turns ended so far in the row's episode
+        self.errors = [0] * batch_size  # interaction failures in the row's episode
+        self._cut = tokenizer(CUT_MARKER, add_special_tokens=False)["input_ids"]
+
+    def start(self, row: int, prompt: str, length: int) -> None:
+        """A new episode of ``row`` on ``prompt``, its first policy token at position ``length``."""
+        self.states[row] = self.interaction.start(prompt)
+        self.turn_start[row], self.turns[row], self.errors[row] = length, 0, 0
+
+    def turn_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def end_of_turn(self, turn_ids: list[int], by_stop_id: bool) -> bool:
+        """Whether a policy turn (its ids so far) just ended: at a stop id, or at a stop string."""
+        if by_stop_id:
+            return True
+        if not self.stop_strings:
+            return False
+        text = self.turn_text(turn_ids)
+        return text.endswith(self.stop_strings)
+
+    def respond(self, row: int, turn_ids: list[int], by_stop_id: bool, room: int) -> TurnEnd:
+        """The interaction's answer to the turn that just ended; ``room``: tokens the episode has left."""
+        self.turns[row] += 1
+        text = self.turn_text(turn_ids[:-1] if by_stop_id else turn_ids)  # the stop id is not text
+        reply, error = safe_respond(self.interaction, self.states[row], text)
+        self.errors[row] += error is not None
+        reward = float(reply.reward)
+        if reply.done or (by_stop_id and not reply.text):  # over, or the policy ended with nothing to answer
+            return TurnEnd([], reward, True, False, error)
+        if self.turns[row] >= self.max_turns:
+            return TurnEnd([], reward, False, True, error)
+        text = reply.text or ""
+        content = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(content) > self.max_injection_tokens:  # cut the reply's own tokens, not a template's wrapper
+            keep = max(self.max_injection_tokens - len(self._cut), 0)
+            text = self.tokenizer.decode(content[:keep]) + CUT_MARKER
+        ids = self.encode(text, by_stop_id) if text else []
+        if len(ids) >= room:  # no room for the policy's next token after it: the episode ends here
+            return TurnEnd([], reward, False, True, error)
+        return TurnEnd(ids, reward, False, False, error)
