@@ -37,7 +37,7 @@ class StepOut:
     reward: torch.Tensor  # float32, KL-shaped token reward (+ score where ended)
     ref_logprob: torch.Tensor | None  # float32, log π_ref(y_t|s_t); None without a reference
     kl: torch.Tensor | None  # float32, log π_θ − log π_ref; None without log-prob or reference
-    score: torch.Tensor  # float32, r_φ(x, y) where ``ended``, else 0
+    score: torch.Tensor  # float32, r_φ(x, y) where ``ended`` (multi-turn: + the turns' rewards), else 0
     terminated: torch.Tensor  # bool, the token was a stop id (EOS, end of turn, ...)
     truncated: torch.Tensor  # bool, max_new_tokens reached without a stop id
     acted: torch.Tensor  # bool, rows whose action was applied
@@ -245,6 +245,8 @@ class EpisodeBatch:
             if ended:
                 score[ended] = self._score(ended, terminated)
                 reward += score
+                if self.turns is not None:  # the score is the episode's task reward in all: turns' too
+                    score[ended] += torch.tensor([self.turns.turn_return[r] for r in ended], dtype=torch.float32)
         else:
             turn = {}
         out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone(), **turn)

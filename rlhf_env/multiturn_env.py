@@ -12,7 +12,10 @@ token, 2 injected token (``rlhf_env.turns``). ``info`` adds, for rows whose poli
 this step, ``injected`` (the ids appended, a list per row), ``turn_reward`` and
 ``interaction_error`` (the text of a failure that was injected as an error message), and for
 rows whose episode ended ``turns`` (policy turns) and ``interaction_errors`` (failures), each
-with its Gymnasium ``_key`` mask. Every other key is ``VectorTextGenEnv``'s.
+with its Gymnasium ``_key`` mask. ``score`` is the episode's task reward in all: the reward of
+its transcript plus its turns' rewards (the token rewards carry each where it was earned: a
+turn's on the turn's last policy token, the transcript's on the last). Every other key is
+``VectorTextGenEnv``'s.
 """
 
 from __future__ import annotations

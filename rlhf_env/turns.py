@@ -66,12 +66,13 @@ class Turns:
         self.turn_start = [0] * batch_size  # where the row's current policy turn began in its ids
         self.turns = [0] * batch_size  # policy turns ended so far in the row's episode
         self.errors = [0] * batch_size  # interaction failures in the row's episode
+        self.turn_return = [0.0] * batch_size  # Σ of the episode's turn rewards so far
         self._cut = tokenizer(CUT_MARKER, add_special_tokens=False)["input_ids"]
 
     def start(self, row: int, prompt: str, length: int) -> None:
         """A new episode of ``row`` on ``prompt``, its first policy token at position ``length``."""
         self.states[row] = self.interaction.start(prompt)
-        self.turn_start[row], self.turns[row], self.errors[row] = length, 0, 0
+        self.turn_start[row], self.turns[row], self.errors[row], self.turn_return[row] = length, 0, 0, 0.0
 
     def turn_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -92,6 +93,7 @@ class Turns:
         reply, error = safe_respond(self.interaction, self.states[row], text)
         self.errors[row] += error is not None
         reward = float(reply.reward)
+        self.turn_return[row] += reward
         if reply.done or (by_stop_id and not reply.text):  # over, or the policy ended with nothing to answer
             return TurnEnd([], reward, True, False, error)
         if self.turns[row] >= self.max_turns:

@@ -71,7 +71,9 @@ def test_a_multi_turn_batch_is_exactly_what_the_sampler_and_reference_saw(parts)
     kl = (full_pol - full_ref) * m
     turn_rewards = batch.rewards + 0.1 * kl
     assert float((batch.rewards * (1 - m)).abs().max()) == 0.0
-    turns = (turn_rewards.sum(1) - batch.scores) / 0.5
+    final = torch.tensor([float(len(c)) for c in batch.completions])  # the transcript's reward
+    turns = (batch.scores - final) / 0.5  # the score holds the turns' rewards too ...
+    torch.testing.assert_close(turn_rewards.sum(1), batch.scores)  # ... each on the token that earned it
     # every injection followed an answered turn; so may the last turn (cut by max_turns, no injection)
     assert all(abs(t - h) < 1e-3 or abs(t - h - 1) < 1e-3 for t, h in zip(turns.tolist(), holes.tolist()))
     # the injected ids are the reply's text, tokenised once, and decode back to it
