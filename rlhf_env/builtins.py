@@ -6,7 +6,7 @@ from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
 from rlhf_env.plugins import hookimpl
 from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
-from rlhf_env.tasks import arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment, verifiers
+from rlhf_env.tasks import arithmetic, arithmetic_chat, calculator, prompt_file, reasoning_gym, sentiment, verifiers
 
 
 @hookimpl
@@ -22,6 +22,7 @@ def rlhf_register_rewards(register):
     register("boxed", verifiers.boxed)
     register("math_verify", verifiers.math_verify)
     register("exact_answer", verifiers.exact_answer)
+    register("calculator_exact", lambda: calculator.exact_answer)
 
 
 @hookimpl
@@ -32,6 +33,7 @@ def rlhf_register_tasks(register):
     register("arithmetic_chat", arithmetic_chat.make_arithmetic_chat_task)
     register("prompt_file", prompt_file.make_prompt_file_task)
     register("reasoning_gym", reasoning_gym.make_reasoning_gym_task)
+    register("calculator", calculator.make_calculator_task)  # multi-turn: a tool the policy may call
 
 
 @hookimpl

@@ -179,6 +179,7 @@ class RolloutBatch:
     # Set by a trainer whose generator's log-probs are not exact (``generation.exact_logprobs``):
     is_weights: torch.Tensor | None = None  # (B, L-1) truncated importance weights π_θold / π_sampler
     logprob_diff: float | None = None  # mean |log π_sampler − log π_θold| over completion tokens
+    turns: torch.Tensor | None = None  # (B,) policy turns of each episode (multi-turn envs), else None
 
     @property
     def num_tokens(self) -> int:
@@ -212,7 +213,10 @@ def to_batch(episodes: list[Episode], pad_token_id: int, vocab_size: int | None,
         rew[r, start : start + n] = torch.from_numpy(ep.rewards)
     scores = torch.tensor([ep.score for ep in episodes], dtype=torch.float32)
     tensors = [t.to(device) for t in (ids, attn, action_mask, old, ref, rew, scores)]
-    return RolloutBatch([ep.prompt for ep in episodes], [ep.completion for ep in episodes], *tensors, vocab_size)
+    batch = RolloutBatch([ep.prompt for ep in episodes], [ep.completion for ep in episodes], *tensors, vocab_size)
+    if any(ep.source is not None for ep in episodes):
+        batch.turns = torch.tensor([float(ep.turns) for ep in episodes], device=device)
+    return batch
 
 
 def stop_ids(env) -> tuple[int, ...] | None:

@@ -263,3 +263,46 @@ def test_a_suites_chat_template_key_reaches_each_task_entry_and_its_settings(tmp
 def write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_multi_turn_ids_are_the_templates_rendering_and_no_earlier_token_changes(chatml):
+    """Turns that end with ``<|im_end|>`` get the env's reply as the template's next user turn and the
+    generation prompt: the env's ids are ``apply_chat_template`` of the same conversation, and every
+    step only appends (the history is never re-rendered)."""
+    from rlhf_env import Interaction, MultiTurnVectorEnv, Reply
+
+    model, tok = chatml
+    replies = ["Try again", "Warmer"]
+
+    class Game(Interaction):
+        def start(self, prompt):
+            return {"n": 0}
+
+        def respond(self, state, turn):
+            state["n"] += 1
+            return Reply(done=True) if state["n"] > len(replies) else Reply(replies[state["n"] - 1])
+
+    env = MultiTurnVectorEnv(
+        tok, model, Recorder(), PROMPTS[:1], num_envs=1, max_new_tokens=80, beta=0.1, interaction=Game()
+    )
+    turns = ["It is sunny", "Maybe rain", "Snow then"]
+    obs, _ = env.reset(seed=0)
+    seen = obs["input_ids"][0, : obs["length"][0]].tolist()
+    for text in turns:
+        for t in tok(text, add_special_tokens=False)["input_ids"] + [im_end(tok)]:
+            obs, _, term, _, info = env.step({"token": np.array([t]), "logprob": np.array([-1.0], np.float32)})
+            now = obs["input_ids"][0, : obs["length"][0]].tolist()
+            assert now[: len(seen)] == seen  # only appended
+            seen = now
+    assert term[0] and info["turns"][0] == 3
+    conversation = [{"role": "user", "content": PROMPTS[0]}]
+    for text, reply in zip(turns, [*replies, None]):
+        conversation.append({"role": "assistant", "content": text})
+        if reply is not None:
+            conversation.append({"role": "user", "content": reply})
+    rendered = tok.apply_chat_template(conversation, tokenize=True)
+    rendered = list(rendered["input_ids"] if not isinstance(rendered, list) else rendered)
+    assert seen == rendered[: len(seen)]  # the env's ids are the template's ...
+    assert tok.decode(rendered[len(seen) :]).strip() == ""  # ... up to the newline after the last turn
+    injected = obs["source"][0, : len(seen)] == 2
+    assert "Try again" in tok.decode(np.array(seen)[injected]) and "Warmer" in tok.decode(np.array(seen)[injected])

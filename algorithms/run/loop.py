@@ -86,6 +86,11 @@ def evaluate_policy(ctx: TrainContext, n: int = EVAL_PROMPTS, seed: int = EVAL_S
     }
     if ctx.reward is not None:
         out[M.REWARD_PROXY] = float(proxy_scores(ctx.reward, batch.prompts, batch.completions).mean())
+    if batch.turns is not None:  # a multi-turn task: its episodes' turns, and a tool task's tool use
+        out[M.EPISODE_TURNS] = float(batch.turns.mean())
+    if ctx.task.transcript_metrics is not None:
+        for key, value in ctx.task.transcript_metrics(batch.prompts, batch.completions).items():
+            out[M.TRANSCRIPT_METRICS[key]] = float(value)
     return out
 
 

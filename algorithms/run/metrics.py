@@ -194,3 +194,21 @@ MEMORY_ESTIMATE_MB = _metric(
     "larger of the update's and the rollout's activations, docs/maths.md §24",
     "MiB",
 )
+
+
+# -- multi-turn episodes (issue 23) ------------------------------------------------------------
+EPISODE_TURNS = _metric(
+    "episode/turns",
+    "mean policy turns per episode of the evaluation samples of `reward/gold` (multi-turn tasks)",
+    "turns",
+)
+TOOL_CALL_RATE = _metric(
+    "tool/call_rate", "share of the evaluation episodes that called a tool at least once (tool tasks)", "fraction"
+)
+TOOL_CALL_ACCURACY = _metric(
+    "tool/call_accuracy",
+    "share of the evaluation episodes' tool calls that asked the right question (the calculator: the prompt's product)",
+    "fraction",
+)
+# what a task's ``transcript_metrics`` returns, by key -> the name it is recorded under
+TRANSCRIPT_METRICS = {"call_rate": TOOL_CALL_RATE, "call_accuracy": TOOL_CALL_ACCURACY}

@@ -86,6 +86,9 @@ class Task:
     interaction: Callable[[], Any] | None = None
     max_turns: int = 8
     max_injection_tokens: int = 64
+    # ``transcript_metrics(prompts, transcripts) -> {"call_rate": ..., "call_accuracy": ...}``: what the
+    # evaluation reports of a tool task's episodes beside the gold (keys: metrics.TRANSCRIPT_METRICS)
+    transcript_metrics: Callable[[list[str], list[str]], dict[str, float]] | None = None
 
     def env_options(self) -> dict[str, Any]:
         """The keyword arguments a multi-turn task adds to its envs ({} for a single-turn one)."""
