@@ -224,7 +224,7 @@ def _train_cell(
         memory = next((r for r in records if M.MEMORY_PEAK_MB in r), {})
         # The run's final figures, named as in metrics.jsonl; the last record carries an evaluation.
         names = (M.REWARD_GOLD, M.REWARD_GOLD_SE, M.REWARD_PROXY, M.OBJECTIVE_KL_EVAL, M.PERF_TOKENS_TOTAL)
-        names += (M.TIME_ELAPSED_S,)
+        names += (M.TIME_ELAPSED_S, M.EPISODE_TURNS, M.TOOL_CALL_RATE, M.TOOL_CALL_ACCURACY)  # the last: multi-turn
         result = {
             **base,
             "status": "ok",

@@ -46,6 +46,9 @@ FIGURES = [
     M.TIME_STEPS,
 ]
 EXTRA_CSV = [M.OBJECTIVE_KL_BEST_OF_N, M.RM_HELDOUT_ACCURACY, M.RM_HELDOUT_GOLD_ACCURACY]
+# A multi-turn task's own table: what its episodes did, base model included.
+TURN_COLUMNS = [(M.EPISODE_TURNS, 2), (M.TOOL_CALL_RATE, 2), (M.TOOL_CALL_ACCURACY, 2)]
+FIGURES += [name for name, _ in TURN_COLUMNS]
 CSV_FIELDS = ["task", "algorithm", "seed", "status", *FIGURES, *EXTRA_CSV, "lora", "device", "error"]
 # results.md columns after the seeds: (metric, decimals).
 TABLE_COLUMNS = [
@@ -107,6 +110,24 @@ def summarise(bases: dict[str, dict], rows: list[dict]) -> list[dict[str, Any]]:
             entry = {"task": task, "algorithm": algo, "base_gold": base.get(M.REWARD_GOLD), "ok": ok, "failed": bad}
             out.append({**entry, **figures})
     return out
+
+
+def turn_lines(entries: list[dict], base: dict) -> list[str]:
+    """A multi-turn task's episodes: turns, tool-call rate and accuracy per algorithm (mean ± std over seeds)."""
+    if M.EPISODE_TURNS not in base and not any(e.get(M.EPISODE_TURNS) for e in entries):
+        return []
+    lines = [
+        "Episodes (multi-turn): policy turns per episode, share of episodes with a tool call, share of calls that",
+        "asked the right question (evaluation samples of the gold):",
+        "",
+        "| algorithm | turns / episode | tool-call rate | tool-call accuracy |",
+        "|---|---|---|---|",
+    ]
+    if base.get("status") == "ok":
+        lines.append("| *base model* | " + " | ".join(_fmt([base[k]] if k in base else [], d) for k, d in TURN_COLUMNS) + " |")
+    for e in entries:
+        lines.append(f"| {e['algorithm']} | " + " | ".join(_fmt(e.get(k) or [], d) for k, d in TURN_COLUMNS) + " |")
+    return [*lines, ""]
 
 
 def write_csv(path: Path, bases: dict[str, dict], rows: list[dict], rms: dict[str, list[dict]]) -> None:
@@ -193,6 +214,7 @@ def write_markdown(
             lines.append(f"| {name} | {seeds} | {figures} |")
         lines.append("")
         lines += gain_lines(entries, base)
+        lines += turn_lines(entries, base)
     lines += memory_section(summaries)
     lines += _trl_section(suite, out_dir=path.parent)
     failed = [r for r in rows if r["status"] != "ok"] + [b for b in bases.values() if b.get("status") != "ok"]
