@@ -124,7 +124,9 @@ def turn_lines(entries: list[dict], base: dict) -> list[str]:
         "|---|---|---|---|",
     ]
     if base.get("status") == "ok":
-        lines.append("| *base model* | " + " | ".join(_fmt([base[k]] if k in base else [], d) for k, d in TURN_COLUMNS) + " |")
+        lines.append(
+            "| *base model* | " + " | ".join(_fmt([base[k]] if k in base else [], d) for k, d in TURN_COLUMNS) + " |"
+        )
     for e in entries:
         lines.append(f"| {e['algorithm']} | " + " | ".join(_fmt(e.get(k) or [], d) for k, d in TURN_COLUMNS) + " |")
     return [*lines, ""]

@@ -54,10 +54,12 @@ class Interaction:
     """The other side of a multi-turn episode (see the module docstring). Subclass and override.
 
     ``stop_strings``: text that ends a policy turn when the turn's text ends with it.
+    ``max_turn_tokens``: the longest policy turn, in tokens (None: no limit but the episode's).
     ``timeout_s``: the longest one ``respond`` may take (None: no limit).
     """
 
     stop_strings: tuple[str, ...] = ()
+    max_turn_tokens: int | None = None  # a policy turn also ends after this many tokens
     timeout_s: float | None = 5.0
 
     def start(self, prompt: str) -> Any:

@@ -78,8 +78,10 @@ class Turns:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def end_of_turn(self, turn_ids: list[int], by_stop_id: bool) -> bool:
-        """Whether a policy turn (its ids so far) just ended: at a stop id, or at a stop string."""
-        if by_stop_id:
+        """Whether a policy turn (its ids so far) just ended: at a stop id, a stop string or the
+        interaction's ``max_turn_tokens``."""
+        limit = self.interaction.max_turn_tokens
+        if by_stop_id or (limit is not None and len(turn_ids) >= limit):
             return True
         if not self.stop_strings:
             return False

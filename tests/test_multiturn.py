@@ -286,3 +286,36 @@ def test_every_online_trainer_steps_on_multi_turn_batches(parts, algo, config):
     assert all(np.isfinite(v) for v in metrics.values()) and metrics["perf/tokens"] > 0
     if "objective/kl" in metrics:  # policy = reference at step 0: the env's KL, turn after turn, is 0
         assert abs(metrics["objective/kl"]) < 1e-4
+
+
+def test_max_turn_tokens_ends_a_turn_by_its_length(parts):
+    tok, _, _ = parts
+
+    class Short(Echo):
+        stop_strings = ()
+        max_turn_tokens = 3
+
+        def respond(self, state, turn):
+            state["n"] += 1
+            return Reply(" ok ")
+
+    env = make_env(parts, Short(), num_envs=1, group_size=1)
+    env.reset(seed=0)
+    b = tok.convert_tokens_to_ids("b")
+    act = {"token": np.array([b]), "logprob": np.full(1, -1.0, np.float32)}
+    got = [bool(env.step(act)[4].get("_injected", [False])[0]) for _ in range(7)]
+    assert got == [False, False, True, False, False, True, False]  # every third policy token ends a turn
+
+
+def test_evaluation_reports_turns_and_tool_use_of_a_tool_task():
+    from rlhf_env.algorithms.base import TrainContext
+    from rlhf_env.algorithms.run.loop import evaluate_policy
+    from rlhf_env.tasks import get_task
+    from rlhf_env.tasks.base_models import load_base_model
+
+    task = get_task("calculator")  # its shipped base model
+    ref, tok = load_base_model(task, device="cpu", progress=False)
+    out = evaluate_policy(TrainContext(task, ref, ref, tok, torch.device("cpu")), 40)
+    assert 1.0 < out["episode/turns"] <= task.max_turns  # most episodes call the tool, then answer
+    assert 0.3 < out["tool/call_rate"] <= 1.0 and 0.0 < out["tool/call_accuracy"] < 1.0
+    assert 0.15 < out["reward/gold"] < 0.8 and abs(out["objective/kl_eval"]) < 1e-4
