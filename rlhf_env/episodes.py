@@ -68,6 +68,9 @@ class ChunkOut:
     applied: torch.Tensor  # bool, tokens that were applied
     score: torch.Tensor  # (B,) float32, r_φ(x, y) of rows that ended, else 0
     ended: torch.Tensor  # (B,) bool, rows whose episode ended in this chunk
+    injected: dict[int, list[int]] | None = None  # multi-turn: as StepOut's
+    turn_reward: dict[int, float] | None = None
+    errors: dict[int, str] | None = None
 
 
 class EpisodeBatch:
@@ -250,7 +253,7 @@ class EpisodeBatch:
         else:
             turn = {}
         out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone(), **turn)
-        self._feed_reference(out, restarts)
+        self._feed_reference(out.acted & ~out.ended, restarts)
         return out
 
     def advance_chunk(
@@ -275,18 +278,19 @@ class EpisodeBatch:
             acting: (B,) bool rows whose tokens are applied.
             restarts: rows (not acting) that begin a new episode with the given prompt.
         """
-        if self.turns is not None:
-            raise SettingError("multi-turn episodes step one token at a time (step), not in chunks")
+        multi = self.turns is not None
         B, K = tokens.shape
         tokens = tokens.to(torch.long).cpu()
         j = torch.arange(K)
         offered = torch.where(acting, counts.to(torch.long).clamp(max=K), 0)
         is_eos = (j[None, :] < offered[:, None]) & torch.isin(tokens, self._stop)
         first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), K)
+        if multi:  # where a policy turn ends: a stop id, a stop string, max_turn_tokens (the rest is ignored)
+            first_eos = self._first_turn_ends(tokens, offered, first_eos)
         room = self.max_new_tokens - (self.length - self.prompt_length)
         count = torch.minimum(torch.minimum(first_eos + 1, offered), room).clamp(min=0)
         applied = j[None, :] < count[:, None]
-        term_row = acting & (first_eos < count)
+        term_row = acting & (first_eos < count)  # multi-turn: the turn ended; the interaction decides below
         trunc_row = acting & ~term_row & (self.length - self.prompt_length + count >= self.max_new_tokens)
         ended = term_row | trunc_row
         safe = torch.where(applied, tokens, self.pad_token_id)
@@ -296,7 +300,7 @@ class EpisodeBatch:
         score = torch.zeros(B, dtype=torch.float32)
         ref_lp = kl = None
         if self.ref is not None and bool(applied.any()):
-            n_feed = torch.where(ended, count - 1, count)
+            n_feed = count if multi else torch.where(ended, count - 1, count)  # a turn's end may go on
             ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
             if logprobs is not None:
                 kl = torch.where(applied, logprobs.to(torch.float32) - ref_lp, 0.0)
@@ -309,16 +313,40 @@ class EpisodeBatch:
         self.length += count
         self.fed = self.length.clone()  # the reference scored every applied token (rows that ended restart)
         last = (count - 1).clamp(min=0)
-        terminated, truncated = torch.zeros(B, K, dtype=torch.bool), torch.zeros(B, K, dtype=torch.bool)
         rows = torch.arange(B)
+        turn = {}
+        if multi:  # the interaction answers the turns that ended: inject, or end the episode
+            term_row = term_row & torch.isin(tokens[rows, last], self._stop)  # ended by a stop id
+            turn_reward = torch.zeros(B, dtype=torch.float32)
+            turn = self._end_turns((acting & (first_eos < count)).nonzero().flatten(), term_row, trunc_row, turn_reward)
+            full = (self.length - self.prompt_length) >= self.max_new_tokens
+            trunc_row = acting & ~term_row & (trunc_row | full)
+            ended = term_row | trunc_row
+            reward[rows, last] += turn_reward
+        terminated, truncated = torch.zeros(B, K, dtype=torch.bool), torch.zeros(B, K, dtype=torch.bool)
         terminated[rows, last] = term_row
         truncated[rows, last] = trunc_row
         done = ended.nonzero().flatten().tolist()
         if done:
             score[done] = self._score(done, term_row)
             reward[rows, last] += score
-        self._feed_reference(None, restarts or {})
-        return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended)
+            if multi:
+                score[done] += torch.tensor([self.turns.turn_return[r] for r in done], dtype=torch.float32)
+        self._feed_reference(acting & ~ended, restarts or {})
+        return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended, **turn)
+
+    def _first_turn_ends(self, tokens: torch.Tensor, offered: torch.Tensor, first_stop: torch.Tensor) -> torch.Tensor:
+        """(B,) the position of the token that ends each row's policy turn in a chunk (K: none)."""
+        out = first_stop.clone()
+        for r in offered.nonzero().flatten().tolist():
+            before = self.ids[r, self.turns.turn_start[r] : self.length[r]].tolist()
+            upto = min(int(offered[r]), int(first_stop[r]) + 1)
+            row = tokens[r, :upto].tolist()
+            for j in range(upto):
+                if self.turns.end_of_turn(before + row[: j + 1], j == int(first_stop[r])):
+                    out[r] = j
+                    break
+        return out
 
     def _check_chunk(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, applied: torch.Tensor) -> None:
         """``_check_action`` for the applied tokens of a chunk (ignored ones are not checked)."""
@@ -403,10 +431,10 @@ class EpisodeBatch:
             self.turns.turn_start[r] = int(self.length[r])
         return {"injected": injected, "turn_reward": turn_reward, "errors": errors}
 
-    def _feed_reference(self, out: StepOut | None, restarts: dict[int, str]) -> None:
-        """One reference forward: what continuing rows added since the reference last saw them (the
-        new token, and a multi-turn row's injection after it; nothing when ``out`` is None: a chunk
-        fed them already), the prompt of new ones."""
+    def _feed_reference(self, going_on: torch.Tensor, restarts: dict[int, str]) -> None:
+        """One reference forward: what the ``going_on`` rows added since the reference last saw them (the
+        new token, and a multi-turn row's injection after it; after a chunk, which the reference scored,
+        only an injection), the prompt of new ones."""
         new_ids = {r: self._encode(p, self.max_prompt_tokens) for r, p in restarts.items()}
         for r, ids in new_ids.items():
             self.ids[r] = self.pad_token_id
@@ -419,7 +447,6 @@ class EpisodeBatch:
         if self.ref is None:
             return
         B = self.batch_size
-        going_on = (out.acted & ~out.ended) if out is not None else torch.zeros(B, dtype=torch.bool)
         lengths = torch.where(going_on, self.length - self.fed, 0)
         width = max([1, int(lengths.max())] + [len(ids) for ids in new_ids.values()])
         cols = (self.fed[:, None] + torch.arange(width)).clamp(max=self.ids.shape[1] - 1)

@@ -41,10 +41,11 @@ class MultiTurnVectorEnv(VectorTextGenEnv):
         (the rest as ``VectorTextGenEnv``; ``reward(prompts, transcripts)`` scores the episode's
         whole completion text, turns and injections.)
 
-    Episodes step one token at a time (``step``); there is no ``step_chunk``.
+    ``step_chunk`` applies a row's tokens up to the end of its turn (the rest is ignored, as after
+    an EOS), answers the turn and injects the reply: one reference forward per turn. A sampler
+    that continues its cache across calls (``generate(obs, max_tokens, turn_end=env.ends_turn)``,
+    ``SamplingPolicy``'s) then samples a whole turn per call: the chunked rollout path.
     """
-
-    step_chunk = None  # type: ignore[assignment]  # the rollout path steps token by token
 
     def __init__(self, *args, interaction, max_turns: int = 8, max_injection_tokens: int = 64, **kwargs):
         self._turn_options = dict(
@@ -64,6 +65,13 @@ class MultiTurnVectorEnv(VectorTextGenEnv):
     @property
     def max_turns(self) -> int:
         return self.core.turns.max_turns
+
+    def ends_turn(self, row: int, new_ids: list[int]) -> bool:
+        """Whether ``new_ids``, sampled after row ``row``'s current state, end its policy turn (with their
+        last token): the rule ``step``/``step_chunk`` apply, for a sampler that stops rows there."""
+        core = self.core
+        before = core.ids[row, core.turns.turn_start[row] : core.length[row]].tolist()
+        return core.turns.end_of_turn(before + list(new_ids), int(new_ids[-1]) in core.stop_token_ids)
 
     def _core_options(self) -> dict[str, Any]:
         return self._turn_options

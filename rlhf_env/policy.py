@@ -100,8 +100,10 @@ class SamplingPolicy:
         """(B,) tokens drawn from (B, V) log-probs (a data-parallel run swaps in row-seeded draws)."""
         return sample_tokens(logprobs, self.generator)
 
-    def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
-        """One action per row from an env observation (batched or single)."""
+    def _feed_since(self, obs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(next-token log-probs (B, V), lengths (B,), single)`` after feeding the cache every token of each
+        row since the last call: a fresh episode its prompt, a running one its last action, and in a
+        multi-turn env what the env injected after it (the cache goes on across turns)."""
         ids = torch.as_tensor(obs["input_ids"])
         single = ids.dim() == 1
         ids = ids.reshape(-1, ids.shape[-1])
@@ -110,8 +112,6 @@ class SamplingPolicy:
         B = ids.shape[0]
         if self._fed is None or len(self._fed) != B:
             self._fed = torch.zeros(B, dtype=torch.long)
-        # A fresh episode feeds its prompt; a running one every token since the last call: its
-        # action, and in a multi-turn env what the env injected after it (the cache goes on).
         restart = (length == prompt_length) | (length <= self._fed)
         lengths = torch.where(restart, length, length - self._fed)
         start = torch.where(restart, 0, self._fed)
@@ -120,20 +120,62 @@ class SamplingPolicy:
         chunk = torch.where(torch.arange(width) < lengths[:, None], ids.gather(1, cols), self.pad_token_id)
         logprobs = self.lm.feed(chunk, lengths, restart)
         self._fed = length.clone()
+        return logprobs, length, single
+
+    def _draw(self, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) tokens and their (B,) log-probs at the sampler's temperature."""
         if self.temperature != 1.0:
             logprobs = torch.log_softmax(logprobs / self.temperature, dim=-1)
         token = logprobs.argmax(-1) if self.greedy else self.sample(logprobs)
-        lp = logprobs.gather(1, token[:, None]).squeeze(1)
+        return token, logprobs.gather(1, token[:, None]).squeeze(1)
+
+    def act(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """One action per row from an env observation (batched or single)."""
+        logprobs, _, single = self._feed_since(obs)
+        token, lp = self._draw(logprobs)
         token, lp = token.cpu().numpy(), lp.cpu().numpy().astype(np.float32)
         if single:
             return {"token": np.int64(token[0]), "logprob": np.float32(lp[0])}
         return {"token": token, "logprob": lp}
 
-    def generate(self, obs: dict[str, Any], max_tokens: int) -> dict[str, np.ndarray]:
+    def _generate_turns(self, obs: dict[str, Any], max_tokens: int, turn_end) -> dict[str, np.ndarray]:
+        """A multi-turn env's chunk: each row samples until ``turn_end(row, ids)`` (its turn's end) or
+        ``max_tokens``, from the cache ``act`` also uses, fed what the env added since the last call. A
+        row's last sampled token is fed with the next call, after the env's injection: nothing to undo."""
+        logprobs, length, _ = self._feed_since(obs)
+        B = len(length)
+        tokens = torch.full((B, max_tokens), self.pad_token_id, dtype=torch.long)
+        lps = torch.zeros(B, max_tokens, dtype=torch.float32)
+        counts = torch.zeros(B, dtype=torch.long)
+        active = torch.ones(B, dtype=torch.bool)
+        for k in range(max_tokens):
+            token, lp = self._draw(logprobs)
+            token, lp = token.cpu(), lp.float().cpu()
+            tokens[active, k], lps[active, k] = token[active], lp[active]
+            counts += active.long()
+            for r in active.nonzero().flatten().tolist():
+                if turn_end(r, tokens[r, : k + 1].tolist()):
+                    active[r] = False
+            if k + 1 == max_tokens or not bool(active.any()):
+                break
+            feed = torch.where(active, token, self.pad_token_id).to(self.lm.device)
+            logprobs = self.lm.feed(
+                feed[:, None], active.long().to(self.lm.device), torch.zeros_like(active).to(self.lm.device)
+            )
+        self._fed = length + (counts - 1).clamp(min=0)  # the cache holds all but each row's last token
+        return as_chunk_action(tokens, lps, counts)
+
+    continues_turns = True  # ``generate(..., turn_end=)``: a multi-turn env's turns, the cache going on
+
+    def generate(self, obs: dict[str, Any], max_tokens: int, turn_end=None) -> dict[str, np.ndarray]:
         """Up to ``max_tokens`` tokens per row after each row's history, as a ``step_chunk`` action.
 
-        Independent of ``act``'s cache: every call prefills the rows' histories afresh.
+        Independent of ``act``'s cache: every call prefills the rows' histories afresh. With
+        ``turn_end`` (a multi-turn env's ``ends_turn``) each row stops where its turn ends, and the
+        cache ``act`` uses goes on across calls (``_generate_turns``).
         """
+        if turn_end is not None:
+            return self._generate_turns(obs, max_tokens, turn_end)
         ids, lengths = obs_history(obs)
         tokens, logprobs, counts = sample_completions(
             self.model,

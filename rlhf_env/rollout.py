@@ -69,14 +69,18 @@ class EpisodeStream:
     tokens applied so far. ``chunk``: tokens per env call. The default (None) is the whole
     completion where the env has ``step_chunk`` (a bare ``VectorTextGenEnv``) and the
     sampler has ``generate``: a rollout is then one policy generation and one reference
-    pass. Otherwise, and with ``chunk=1``, one ``step`` per token (Gymnasium wrappers see
-    every step).
+    pass; a multi-turn env's is one turn per call, with a sampler that ``continues_turns``.
+    Otherwise, and with ``chunk=1``, one ``step`` per token (Gymnasium wrappers see every step).
     """
 
     def __init__(self, env, sampler, seed: int | None = None, options: dict | None = None, chunk: int | None = None):
         self.env, self.sampler, self.seed, self.options = env, sampler, seed, options
         self.tokens = 0
         can_chunk = callable(getattr(env, "step_chunk", None)) and hasattr(sampler, "generate")
+        # A multi-turn env chunks by turns, with a sampler whose cache goes on across them.
+        self.turn_end = getattr(env, "ends_turn", None)
+        if self.turn_end is not None and not getattr(sampler, "continues_turns", False):
+            can_chunk = False
         self.chunk = (chunk or env_attr(env, "max_new_tokens")) if can_chunk and chunk != 1 else None
 
     def _step(self, obs, acting: np.ndarray):
@@ -92,7 +96,11 @@ class EpisodeStream:
             done = (obs["length"] - obs["prompt_length"])[acting].min()
             # Rows on their reset step generate from their prompt: ignored, but kept short.
             obs = {**obs, "length": np.where(acting, obs["length"], obs["prompt_length"])}
-            action = self.sampler.generate(obs, int(min(self.chunk, env_attr(self.env, "max_new_tokens") - done)))
+            n = int(min(self.chunk, env_attr(self.env, "max_new_tokens") - done))
+            if self.turn_end is not None:  # a multi-turn env: each row samples to its turn's end
+                action = self.sampler.generate(obs, n, turn_end=self.turn_end)
+            else:
+                action = self.sampler.generate(obs, n)
         else:  # every row is resetting: nothing to generate
             action = {"token": np.zeros((B, 1), np.int64), "logprob": np.zeros((B, 1), np.float32)}
         obs, reward, terminated, truncated, info = self.env.step_chunk(action)

@@ -201,6 +201,7 @@ class VectorTextGenEnv(EnvProperties, VectorEnv):
         if out.kl is not None:
             info["kl"], info["_kl"] = out.kl.numpy(), applied.copy()
         self._end_info(info, out.score.numpy())
+        self._step_info(info, out)
         return self._obs(), out.reward.numpy(), out.terminated.numpy(), out.truncated.numpy(), info
 
     def _end_info(self, info: dict[str, Any], score: np.ndarray) -> None:

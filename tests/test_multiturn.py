@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from rlhf_env import Interaction, MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
-from rlhf_env.errors import SettingError
 from rlhf_env.interaction import CUT_MARKER
-from rlhf_env.rollout import EpisodeStream, collect, to_batch
+from rlhf_env.rollout import EpisodeStream, collect, first_episodes, to_batch
 from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.turns import INJECTED, POLICY
 
@@ -211,13 +210,39 @@ def test_episodes_after_autoreset_are_exact_too(parts):
     assert all(ep.turns - n in (0, 1) for ep, n in zip(episodes, injections))
 
 
-def test_multi_turn_envs_refuse_chunks(parts):
+def test_the_chunked_path_samples_a_turn_per_call_and_stays_exact(parts, monkeypatch):
+    """With a sampler that continues its cache across turns, ``collect`` takes one ``step_chunk``
+    per turn (not per token): the reference scores a turn in one forward, and the episodes are as
+    exact as on the token path (and the ``chunk=1`` token path gives exact episodes too)."""
+    tok, ref, policy = parts
     env = make_env(parts)
-    assert env.step_chunk is None
-    with pytest.raises(SettingError, match="one token at a time"):
-        env.core.advance_chunk(
-            torch.zeros(6, 2, dtype=torch.long), None, torch.ones(6), torch.ones(6, dtype=torch.bool)
-        )
+    calls = []
+    real = env.step_chunk
+    monkeypatch.setattr(env, "step_chunk", lambda action: calls.append(1) or real(action))
+    batch = collect(env, policy, seed=3)
+    m = batch.action_mask
+    assert len(calls) < int(m.sum(1).max())  # fewer env calls than the longest episode's policy tokens
+    full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
+    full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
+    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=1e-4, rtol=0)
+    holes = ((m[:, 1:] - m[:, :-1]) == 1).sum(1) - 1
+    assert int((holes > 0).sum()) >= 3
+    env = make_env(parts)  # the token path, on purpose
+    sampler = make_sampler_for(env, policy)
+    episodes = first_episodes(EpisodeStream(env, sampler, 0, chunk=1), env.num_envs)
+    token_batch = to_batch(episodes, env.pad_token_id, env.vocab_size)
+    mt = token_batch.action_mask
+    full = next_token_logprobs(ref, token_batch.input_ids, token_batch.attention_mask, token_batch.vocab_size)
+    torch.testing.assert_close(token_batch.ref_logprobs * mt, full * mt, atol=1e-4, rtol=0)
+
+
+def make_sampler_for(env, policy):
+    from rlhf_env.generation import make_sampler
+
+    return make_sampler(
+        "kv_cache", policy, env.num_envs, pad_token_id=env.pad_token_id, vocab_size=env.vocab_size, seed=1
+    )
 
 
 def test_gae_steps_over_an_injected_span_instead_of_restarting():

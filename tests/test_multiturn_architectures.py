@@ -49,8 +49,9 @@ def length_score(prompts, completions):
     return [0.1 * len(c) for c in completions]
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["turn_chunks", "token_steps"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_multi_turn_episodes_equal_full_forwards(arch, arch_checkpoint):
+def test_multi_turn_episodes_equal_full_forwards(arch, chunk, arch_checkpoint):
     path = arch_checkpoint(arch, "gpt2")
     ref, tok = load_causal_lm(path, device="cpu"), load_tokenizer(path)
     policy = build(arch, "gpt2", seed=1)
@@ -69,7 +70,7 @@ def test_multi_turn_episodes_equal_full_forwards(arch, arch_checkpoint):
     )
     sampler = make_sampler("kv_cache", policy, 4, pad_token_id=env.pad_token_id, vocab_size=env.vocab_size, seed=0)
     episodes = []
-    for ep in EpisodeStream(env, sampler, 0):
+    for ep in EpisodeStream(env, sampler, 0, chunk=chunk):  # a turn per call, or a token per step
         episodes.append(ep)
         if len(episodes) == 16:
             break
@@ -97,6 +98,15 @@ def test_multi_turn_episodes_equal_full_forwards(arch, arch_checkpoint):
     if os.environ.get("RLHF_ENV_EXACTNESS_LOG"):
         with open(os.environ["RLHF_ENV_EXACTNESS_LOG"], "a") as f:
             f.write(
-                json.dumps({"arch": arch, "episodes": len(episodes), "injections": sum(injections), **errors}) + "\n"
+                json.dumps(
+                    {
+                        "arch": arch,
+                        "path": "token" if chunk else "turn",
+                        "episodes": len(episodes),
+                        "injections": sum(injections),
+                        **errors,
+                    }
+                )
+                + "\n"
             )
     assert worst < ATOL, errors
