@@ -63,7 +63,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="default", help="a suite TOML file, or a shipped suite: default, quick, gpu")
+    p.add_argument(
+        "--suite",
+        default="default",
+        help="a suite TOML file, or a shipped suite: default, quick, full, real, multiturn, gpu",
+    )
     p.add_argument("--out", default=None, help="results directory (default: runs/bench/<suite>); rerun to resume")
     p.add_argument("--workers", type=int, default=None, help="cells at once (default: the suite's; 0: in-process)")
     p.add_argument(

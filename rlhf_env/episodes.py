@@ -301,7 +301,11 @@ class EpisodeBatch:
         ref_lp = kl = None
         if self.ref is not None and bool(applied.any()):
             n_feed = count if multi else torch.where(ended, count - 1, count)  # a turn's end may go on
-            ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
+            if multi:  # the last injection goes in with the turn: one reference forward a turn
+                skip = torch.where(acting, self.length - self.fed, 0)
+                ref_lp = self.ref.score_after(self._after_skip(skip, safe), skip, count, n_feed, K).cpu()
+            else:
+                ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
             if logprobs is not None:
                 kl = torch.where(applied, logprobs.to(torch.float32) - ref_lp, 0.0)
                 reward -= self.beta * kl
@@ -332,8 +336,21 @@ class EpisodeBatch:
             reward[rows, last] += score
             if multi:
                 score[done] += torch.tensor([self.turns.turn_return[r] for r in done], dtype=torch.float32)
-        self._feed_reference(acting & ~ended, restarts or {})
+        # A multi-turn row's injection waits for its next turn's forward (``score_after``).
+        self._feed_reference(torch.zeros_like(acting) if multi else acting & ~ended, restarts or {})
         return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended, **turn)
+
+    def _after_skip(self, skip: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        """(B, S + K): each row's ``skip`` ids since the reference's last feed, then its chunk."""
+        B, K = chunk.shape
+        S = int(skip.max())
+        out = torch.full((B, S + K), self.pad_token_id, dtype=torch.long)
+        for r in skip.nonzero().flatten().tolist():
+            n = int(skip[r])
+            out[r, :n] = self.ids[r, int(self.fed[r]) : int(self.fed[r]) + n]
+        rows = torch.arange(B)[:, None]
+        out[rows, skip[:, None] + torch.arange(K)[None, :]] = chunk
+        return out
 
     def _first_turn_ends(self, tokens: torch.Tensor, offered: torch.Tensor, first_stop: torch.Tensor) -> torch.Tensor:
         """(B,) the position of the token that ends each row's policy turn in a chunk (K: none)."""

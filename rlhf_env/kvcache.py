@@ -269,6 +269,38 @@ class IncrementalLM:
             layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
 
     @torch.inference_mode()
+    def score_after(
+        self, tokens: torch.Tensor, skip: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """``score`` of a chunk whose rows first append ``skip`` tokens they do not score (a multi-turn
+        env's injection since the last call), all in one forward.
+
+        Args:
+            tokens: (B, S + K) int64: each row's ``skip[i]`` tokens, then its chunk, right-padded.
+            skip: (B,) int64 leading tokens to append unscored.
+            n_score, n_feed: (B,) int64, as ``score``'s, counting the chunk's tokens only.
+            width: K, the chunk's width.
+
+        Returns:
+            (B, K) float32 log p(chunk token j | history ∘ skipped ∘ chunk[:j]), 0 for j >= n_score[i].
+        """
+        tokens, skip = tokens.to(self.device), skip.to(self.device)
+        n_score, n_feed = n_score.to(self.device), n_feed.to(self.device)
+        B = tokens.shape[0]
+        first = self.next_logprobs.gather(1, tokens[:, :1]).squeeze(1)  # token 0 of a row that skips nothing
+        total = skip + n_feed
+        span = int(total.max())
+        out = torch.zeros(B, width, dtype=torch.float32, device=self.device)
+        if span:
+            targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1)[:, :span]
+            scored = self._append(tokens[:, :span], total, targets)  # [i]: log p(tokens[i + 1] | ..tokens[:i + 1])
+            idx = (torch.arange(width, device=self.device)[None, :] + skip[:, None] - 1).clamp(0, span - 1)
+            out = scored.gather(1, idx)
+            self._compact()
+        out[:, 0] = torch.where(skip == 0, first, out[:, 0])
+        return torch.where(torch.arange(width, device=self.device)[None, :] < n_score[:, None], out, 0.0)
+
+    @torch.inference_mode()
     def score(self, tokens: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor) -> torch.Tensor:
         """Log-probs of a chunk of tokens per row, then append its first ``n_feed`` tokens, in one forward.
 

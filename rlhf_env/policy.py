@@ -163,7 +163,8 @@ class SamplingPolicy:
                 feed[:, None], active.long().to(self.lm.device), torch.zeros_like(active).to(self.lm.device)
             )
         self._fed = length + (counts - 1).clamp(min=0)  # the cache holds all but each row's last token
-        return as_chunk_action(tokens, lps, counts)
+        width = max(int(counts.max()), 1)  # the env's reference scores the chunk's columns: no empty ones
+        return as_chunk_action(tokens[:, :width], lps[:, :width], counts)
 
     continues_turns = True  # ``generate(..., turn_end=)``: a multi-turn env's turns, the cache going on
 

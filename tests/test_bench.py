@@ -98,7 +98,7 @@ def test_bad_suites_fail_naming_the_problem(tmp_path, body, message):
 
 
 def test_unknown_suite_and_unknown_algorithm_list_what_exists(tmp_path):
-    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'full', 'gpu', 'quick', 'real'\]"):
+    with pytest.raises(SuiteError, match=r"shipped suites: \['default', 'full', 'gpu', 'multiturn', 'quick', 'real'\]"):
         load_suite("nope")
     body = 'seeds = [0]\nalgorithms = ["ppo", "ppp"]\n[budget]\ntokens = 10\n[[tasks]]\nname = "arithmetic"\n'
     with pytest.raises(SuiteError, match=r"s.toml: algorithms: unknown algorithm 'ppp'; registered: .*grpo"):
@@ -127,7 +127,7 @@ KNOBS = "known: ['digits', 'max_new_tokens', 'model_size', 'n_eval', 'n_train', 
             "",
             "",
             'name = "arithmetik"',
-            "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment",
+            "tasks[0].name: unknown task 'arithmetik'; registered: arithmetic, arithmetic_chat, calculator, prompt_file, reasoning_gym, sentiment",
         ),
         ("", "", 'name = "arithmetic"\nknobs = { digit = 1 }', f"tasks[0].knobs: unknown knobs ['digit']; {KNOBS}"),
         ("", "", 'name = "arithmetic"\nknobs = { digits = "2" }', "tasks[0].knobs digits: expected an integer"),

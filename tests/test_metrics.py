@@ -27,6 +27,8 @@ NAMESPACES = (
     "memory",
     "time",
     "model",
+    "episode",
+    "tool",
 )
 METRIC_LITERAL = re.compile(rf"^({'|'.join(NAMESPACES)})/[a-z_]+$")
 

@@ -17,6 +17,7 @@ BUILTIN_REWARDS = (
     "boxed",
     "math_verify",
     "exact_answer",
+    "calculator_exact",
 )
 
 

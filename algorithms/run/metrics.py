@@ -10,7 +10,8 @@ Namespaces: ``reward/`` rewards, ``objective/`` what the KL-regularised objectiv
 of, ``loss/`` the losses minimised, ``policy/`` and ``optim/`` update diagnostics,
 ``dpo/`` and ``rm/`` algorithm-specific ones, ``rollout/`` the sampler's agreement with
 the trainer, ``perf/`` throughput and memory, ``memory/`` peak tensor memory against its
-analytic estimate, ``time/`` clocks and counts, ``model/`` the model's size. A third-party algorithm may log
+analytic estimate, ``time/`` clocks and counts, ``model/`` the model's size, ``episode/`` and
+``tool/`` what multi-turn episodes did. A third-party algorithm may log
 names of its own; the built-ins log only these.
 """
 
