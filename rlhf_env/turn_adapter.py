@@ -174,10 +174,12 @@ class TurnLevelInteraction(Interaction):
                 "interaction knows: its prompts are its envs' first observations for their seeds"
             )
         state = self.first(seed)
-        if state.shown[0] != prompt:
+        shown = state.shown[0]
+        if shown != prompt:
+            at = next((i for i, (x, y) in enumerate(zip(shown, prompt)) if x != y), min(len(shown), len(prompt)))
             raise SettingError(
-                f"an env reset with seed {seed} shows {state.shown[0][:60]!r}, not its prompt {prompt[:60]!r}: "
-                "make_env's envs are not deterministic in their seed"
+                f"an env reset with seed {seed} shows {shown[at : at + 40]!r} where its prompt has "
+                f"{prompt[at : at + 40]!r} (character {at}): make_env's envs are not deterministic in their seed"
             )
         return state
 

@@ -155,7 +155,9 @@ def test_prompts_are_distinct_first_observations_of_disjoint_seeds():
             Drifting.resets += 1
             return f"n{Drifting.resets}:", {}
 
-    with pytest.raises(SettingError, match="not deterministic in their seed"):
+    with pytest.raises(
+        SettingError, match=r"shows '3:' where its prompt has '1:' \(character 1\): .* not deterministic"
+    ):
         turn_level_task("drift", Drifting, 1, 1).interaction().start("n1:")
 
 
