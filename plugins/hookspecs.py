@@ -55,3 +55,14 @@ def rlhf_register_generators(register):
     attribute ``exact_logprobs = True`` when its log-probs are a full forward's (otherwise
     trainers recompute them and correct with truncated importance sampling).
     """
+
+
+@hookspec
+def rlhf_register_interactions(register):
+    """Add multi-turn interactions: ``register(name, interaction_factory)``.
+
+    A factory takes no arguments and returns an ``rlhf_env.Interaction``: what answers a policy's
+    turn in a multi-turn episode (a tool, a game, a simulated user; ``rlhf_env.interaction``), as a
+    task's ``interaction`` does. ``rlhf_env.turn_adapter.TurnLevelInteraction`` makes one of a
+    text-in, text-out env (GEM's games). A factory class's ``description`` shows in ``rlhf list``.
+    """

@@ -34,6 +34,7 @@ KINDS = {
     "rlhf_register_rewards": ("reward", "rewards"),
     "rlhf_register_commands": ("command", "commands"),
     "rlhf_register_generators": ("generator", "generators"),
+    "rlhf_register_interactions": ("interaction", "interactions"),
 }
 
 
@@ -154,6 +155,11 @@ class PluginHost:
     @property
     def generators(self) -> Registry:
         return self._registry("generators")
+
+    @property
+    def interactions(self) -> Registry:
+        """Multi-turn interactions: name -> a zero-argument factory returning an ``Interaction``."""
+        return self._registry("interactions")
 
     def describe(self) -> dict[str, Any]:
         """Everything registered, with the plugin that provided it (what ``rlhf list`` prints)."""

@@ -37,7 +37,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-KINDS = ("algorithms", "tasks", "rewards", "generators", "commands")
+KINDS = ("algorithms", "tasks", "rewards", "generators", "interactions", "commands")
 DATASETS = "reasoning_gym"  # ``rlhf list reasoning_gym``: the names ``--task reasoning_gym:NAME`` takes
 
 
@@ -273,7 +273,9 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS = {
-    "list": Command("show registered algorithms, tasks and rewards", _list_arguments, cmd_list),
+    "list": Command(
+        "show what is registered (algorithms, tasks, interactions, ...) and by whom", _list_arguments, cmd_list
+    ),
     "rollout": Command("roll the default env with the reference policy", _rollout_arguments, cmd_rollout),
     "base-model": Command("build (or load) a task's base model and evaluate it", _base_model_arguments, cmd_base_model),
     "convert": Command("convert a GGUF checkpoint into a Hugging Face model folder", _convert_arguments, cmd_convert),

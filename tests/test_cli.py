@@ -40,7 +40,7 @@ def run_json(capsys) -> dict:
 
 def test_list_json_has_the_describe_structure(fresh_host, capsys):
     desc = run_json(capsys)
-    assert set(desc) == {"algorithms", "tasks", "rewards", "generators", "commands", "failed"}
+    assert set(desc) == {"algorithms", "tasks", "rewards", "generators", "interactions", "commands", "failed"}
     for reward in BUILTIN_REWARDS:
         assert (reward, "rlhf_env.builtins") in named(desc["rewards"])
     assert ("arithmetic", "rlhf_env.builtins") in named(desc["tasks"])
@@ -281,3 +281,17 @@ def test_a_third_party_command_runs_like_a_built_in_one(plugin_path, write_dist,
     assert capsys.readouterr().err == (
         "rlhf hello: error: ValueError: a plugin's own bug (an internal error; --debug shows the traceback)\n"
     )
+
+
+def test_list_shows_a_plugins_interactions(fresh_host, capsys):
+    from test_plugins import GamesPlugin
+
+    plugins.get_host().register(GamesPlugin(), name="games")
+    assert cli.main(["list", "interactions"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("interactions (") and "algorithms (" not in "".join(lines)
+    assert any(
+        line.split() == ["echo_game", "plugin:", "games", "repeats", "the", "policy's", "turn"] for line in lines
+    )
+    assert cli.main(["list", "--json"]) == 0
+    assert ("echo_game", "games") in named(json.loads(capsys.readouterr().out)["interactions"])

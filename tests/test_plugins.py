@@ -224,3 +224,39 @@ def test_builtin_tasks_are_registered_by_the_builtins_plugin(host):
         assert host.tasks.entry(name).plugin == "rlhf_env.builtins"
     task = host.tasks.get("arithmetic")(n_train=10, n_eval=5)
     assert task.gold_reward(["2+3="], ["5"]) == [1.0]
+
+
+class EchoGame(rlhf_env.Interaction):
+    """An interaction a third-party plugin adds: it repeats the policy's turn back."""
+
+    description = "repeats the policy's turn"
+
+    def respond(self, state, turn):
+        return rlhf_env.Reply(f" {turn}", reward=1.0)
+
+
+class GamesPlugin:
+    @hookimpl
+    def rlhf_register_interactions(self, register):
+        register("echo_game", EchoGame)
+
+
+def test_a_plugin_registers_an_interaction(host):
+    host.register(GamesPlugin(), name="games")
+    entry = host.interactions.entry("echo_game")
+    interaction = entry.obj()  # a zero-argument factory
+    assert entry.plugin == "games" and isinstance(interaction, rlhf_env.Interaction)
+    assert interaction.respond(interaction.start("p"), "hi") == rlhf_env.Reply(" hi", 1.0, False)
+    listed = {"name": "echo_game", "plugin": "games", "description": "repeats the policy's turn"}
+    assert listed in host.describe()["interactions"]
+
+
+def test_a_duplicate_interaction_name_is_a_clear_error(host):
+    host.register(GamesPlugin(), name="games")
+    host.register(GamesPlugin(), name="more_games")
+    with pytest.warns(plugins.PluginLoadWarning, match="more_games"):
+        assert host.interactions.entry("echo_game").plugin == "games"
+    assert host.failures["more_games"] == (
+        "failed to register: DuplicateNameError: interaction 'echo_game' from plugin 'more_games' "
+        "is already registered by plugin 'games'"
+    )
