@@ -5,8 +5,9 @@ text, tokenise it, prefill the whole history into the generation engine, sample 
 the reply; the reference scores the final sequence afterwards. ``MultiTurnVectorEnv`` never
 re-renders or re-tokenises, and its sampler and reference caches go on across turns: a turn costs
 its own tokens only. Both sides here use the same models, prompts, interaction, sampling kernel
-(``IncrementalLM``) and batch; the baseline's sampler re-prefills every turn from the retokenised
-text, ours continues. Timed: policy tokens sampled per second (the reference's log-probs included
+(``IncrementalLM``), stop ids and batch; the baseline re-renders the conversation every turn
+(through the chat template where the tokenizer has one), re-tokenises it and re-prefills it,
+ours continues. Timed: policy tokens sampled per second (the reference's log-probs included
 on both sides). The interaction answers every turn with a fixed note until ``--turns`` turns, so
 both sides do the same number of turns; a turn ends at ``--turn-tokens`` tokens
 (``Interaction.max_turn_tokens``; a stop string on sampled text would make turn lengths random).
@@ -87,39 +88,55 @@ def ours(policy, ref, tok, prompts, args) -> tuple[int, float]:
 @torch.no_grad()
 def rerender(policy, ref, tok, prompts, args) -> tuple[int, float]:
     """(policy tokens, seconds) of the same episodes as a turn-level framework runs them: each turn
-    renders the conversation, tokenises it and prefills the whole history into a fresh cache."""
+    renders the conversation (the chat template where the tokenizer has one), tokenises it and
+    prefills the whole history into a fresh cache; rows stop at the same stop ids and turn length."""
+    from rlhf_env.prompt_format import PromptFormat
+    from rlhf_env.scoring import next_token_logprobs
+
+    fmt = PromptFormat(tok, "auto", getattr(ref, "generation_config", None))
+    stops = torch.tensor(fmt.stop_ids)
     pad, vocab = pad_token_id(tok), len(tok)
     gen = torch.Generator().manual_seed(0)
+    chats = [[{"role": "user", "content": p}] for p in prompts]
     texts = list(prompts)
+
+    def render(r: int, generation: bool) -> list[int]:
+        if fmt.uses_template:
+            out = tok.apply_chat_template(chats[r], add_generation_prompt=generation, tokenize=True)
+            return list(out["input_ids"] if not isinstance(out, list) else out)
+        return tok(texts[r])["input_ids"]
+
     sampled = 0
     t0 = time.perf_counter()
     for _ in range(args.turns):
-        histories = [tok(t)["input_ids"] for t in texts]  # re-tokenise the rendered conversation
+        histories = [render(r, True) for r in range(len(prompts))]  # re-render and re-tokenise
         width = max(len(h) for h in histories)
-        chunk = torch.full((len(texts), width), pad, dtype=torch.long)
+        chunk = torch.full((len(prompts), width), pad, dtype=torch.long)
         for r, h in enumerate(histories):
             chunk[r, : len(h)] = torch.tensor(h)
-        lm = IncrementalLM(policy, len(texts), pad, vocab_size=vocab)  # the engine re-prefills the history
-        lengths = torch.tensor([len(h) for h in histories])
-        logprobs = lm.feed(chunk, lengths, torch.ones(len(texts), dtype=torch.bool))
-        turn = [[] for _ in texts]
+        lm = IncrementalLM(policy, len(prompts), pad, vocab_size=vocab)  # the engine re-prefills the history
+        logprobs = lm.feed(chunk, torch.tensor([len(h) for h in histories]), torch.ones(len(prompts), dtype=torch.bool))
+        turn = [[] for _ in prompts]
+        active = torch.ones(len(prompts), dtype=torch.bool)
         for _ in range(args.turn_tokens):
             token = sample_tokens(logprobs, gen)
-            for r, t in enumerate(token.tolist()):
-                turn[r].append(t)
-            logprobs = lm.feed(
-                token[:, None], torch.ones(len(texts), dtype=torch.long), torch.zeros(len(texts), dtype=torch.bool)
-            )
-        sampled += args.turn_tokens * len(texts)
-        texts = [t + tok.decode(ids) + REPLY for t, ids in zip(texts, turn)]  # render the next turn's text
+            for r in active.nonzero().flatten().tolist():
+                turn[r].append(int(token[r]))
+            active &= ~torch.isin(token, stops)
+            if not bool(active.any()):
+                break
+            logprobs = lm.feed(token[:, None], active.long(), torch.zeros(len(prompts), dtype=torch.bool))
+        sampled += sum(len(t) for t in turn)
+        for r, ids in enumerate(turn):  # the next turn's text: the decoded turn and the reply
+            text = tok.decode(ids, skip_special_tokens=True)
+            chats[r] += [{"role": "assistant", "content": text}, {"role": "user", "content": REPLY}]
+            texts[r] += text + REPLY
     # the reference scores every final sequence once (as verl/OpenRLHF do after the rollout)
-    finals = [tok(t)["input_ids"] for t in texts]
+    finals = [render(r, False) for r in range(len(prompts))]
     width = max(len(f) for f in finals)
-    ids = torch.full((len(texts), width), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     for r, f in enumerate(finals):
         ids[r, : len(f)] = torch.tensor(f)
-    from rlhf_env.scoring import next_token_logprobs
-
     attn = (torch.arange(width) < torch.tensor([len(f) for f in finals])[:, None]).long()
     next_token_logprobs(ref, ids, attn, vocab)
     return sampled, time.perf_counter() - t0
