@@ -83,7 +83,7 @@ def test_a_text_env_through_the_adapter_is_exactly_what_the_token_env_holds(part
         **task.env_options(),
     )  # fmt: skip
     sampler = make_sampler("kv_cache", policy, 8, pad_token_id=env.pad_token_id, vocab_size=env.vocab_size, seed=3)
-    episodes = list(itertools.islice(EpisodeStream(env, sampler, 0), 24))  # autoreset: new instances
+    episodes = list(itertools.islice(EpisodeStream(env, sampler, 0), 48))  # autoreset: new instances
     eos, a = tok.eos_token_id, tok.convert_tokens_to_ids("a")
     ends = set()
     for ep in episodes:
