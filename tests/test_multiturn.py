@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tinyparts import nudged_pair
 
 from rlhf_env import Interaction, MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
 from rlhf_env.interaction import CUT_MARKER
@@ -36,13 +37,7 @@ class Echo(Interaction):
 
 @pytest.fixture(scope="module")
 def parts():
-    tok = build_char_tokenizer(CHARS)
-    ref, _ = build_tiny_model(tok, seed=1, n_positions=128)
-    policy = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(0)
-    for p in policy.parameters():  # a policy apart from the reference
-        p.data.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return tok, ref, policy
+    return nudged_pair(CHARS)  # (tokenizer, reference, policy apart from it)
 
 
 def make_env(parts, interaction=None, **kw):

@@ -4,7 +4,6 @@ the score is its return. A hand-written env always; GEM's guess-the-number where
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import random
@@ -12,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tinyparts import nudged_pair
 
 from rlhf_env import MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
 from rlhf_env.errors import SettingError
@@ -60,13 +60,7 @@ def spans(ep) -> list[tuple[int, list[int]]]:
 
 @pytest.fixture(scope="module")
 def parts():
-    tok = build_char_tokenizer(CHARS)
-    ref, _ = build_tiny_model(tok, seed=1, n_positions=128)
-    policy = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(0)
-    for p in policy.parameters():  # a policy apart from the reference
-        p.data.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return tok, ref, policy
+    return nudged_pair(CHARS)  # (tokenizer, reference, policy apart from it)
 
 
 def test_a_text_env_through_the_adapter_is_exactly_what_the_token_env_holds(parts):

@@ -14,6 +14,22 @@ def tiny_pair(policy_seed: int = 1, ref_seed: int = 0, **kw):
     return policy, ref, tok
 
 
+def nudged_pair(chars: str, scale: float = 0.05):
+    """(tokenizer, reference, policy) on a char tokenizer of ``chars``: the policy is the reference with
+    seeded noise added, apart from it but close (multi-turn tests: both see long sequences)."""
+    import copy
+
+    from rlhf_env.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(chars)
+    ref, _ = build_tiny_model(tok, seed=1, n_positions=128)
+    policy = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(0)
+    for p in policy.parameters():
+        p.data.add_(scale * torch.randn(p.shape, generator=gen))
+    return tok, ref, policy
+
+
 @torch.no_grad()
 def next_logprobs(model, ids: list[int]) -> torch.Tensor:
     """(V,) float32 log-probs of the token after ``ids``, from a plain full forward (no cache)."""
