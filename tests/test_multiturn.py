@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from tinyparts import nudged_pair
+from tinyparts import assert_batch_exact, nudged_pair
 
 from rlhf_env import Interaction, MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
 from rlhf_env.interaction import CUT_MARKER
@@ -57,10 +57,7 @@ def test_a_multi_turn_batch_is_exactly_what_the_sampler_and_reference_saw(parts)
     m = batch.action_mask
     holes = ((m[:, 1:] - m[:, :-1]) == 1).sum(1) - 1  # policy spans after the first: after an injection
     assert int((holes > 0).sum()) >= 3  # rows did take several turns
-    full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=1e-4, rtol=0)
+    full_ref, full_pol = assert_batch_exact(batch, ref, policy)
     # rewards: −β KL on every policy token, 0.5 per answered turn, the score at the end; 0 off the mask
     kl = (full_pol - full_ref) * m
     turn_rewards = batch.rewards + 0.1 * kl
@@ -195,11 +192,7 @@ def test_episodes_after_autoreset_are_exact_too(parts):
         ep.source is not None and INJECTED in ep.source for ep in episodes
     )
     batch = to_batch(episodes, env.pad_token_id, env.vocab_size)
-    m = batch.action_mask
-    full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=1e-4, rtol=0)
+    assert_batch_exact(batch, ref, policy)
     # an episode's turns: its injections, and one more where its last turn ended (not cut by the budget)
     injections = [int(((ep.source[1:] == POLICY) & (ep.source[:-1] == INJECTED)).sum()) for ep in episodes]
     assert all(ep.turns - n in (0, 1) for ep, n in zip(episodes, injections))
@@ -217,10 +210,7 @@ def test_the_chunked_path_samples_a_turn_per_call_and_stays_exact(parts, monkeyp
     batch = collect(env, policy, seed=3)
     m = batch.action_mask
     assert len(calls) < int(m.sum(1).max())  # fewer env calls than the longest episode's policy tokens
-    full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=1e-4, rtol=0)
+    assert_batch_exact(batch, ref, policy)
     holes = ((m[:, 1:] - m[:, :-1]) == 1).sum(1) - 1
     assert int((holes > 0).sum()) >= 3
     env = make_env(parts)  # the token path, on purpose

@@ -10,14 +10,12 @@ import random
 
 import numpy as np
 import pytest
-import torch
-from tinyparts import nudged_pair
+from tinyparts import assert_batch_exact, nudged_pair
 
 from rlhf_env import MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
 from rlhf_env.errors import SettingError
 from rlhf_env.generation import make_sampler
 from rlhf_env.rollout import EpisodeStream, first_episodes, to_batch
-from rlhf_env.scoring import next_token_logprobs
 from rlhf_env.tiny import DEFAULT_CHARS
 from rlhf_env.turn_adapter import TurnLevelInteraction, gem_render, turn_level_task
 from rlhf_env.turns import INJECTED, POLICY
@@ -110,11 +108,7 @@ def test_a_text_env_through_the_adapter_is_exactly_what_the_token_env_holds(part
             ends.add("cut")
     assert ends == {"terminated", "truncated", "cut"} and max(ep.turns for ep in episodes) == 3
     batch = to_batch(episodes, env.pad_token_id, env.vocab_size)
-    m = batch.action_mask
-    full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
-    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=1e-4, rtol=0)
-    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=1e-4, rtol=0)
+    assert_batch_exact(batch, ref, policy)
 
 
 class Halves:

@@ -106,3 +106,17 @@ def rlhf_register_algorithms(register):
     register("toy", AlgorithmSpec(Config, Trainer))
     register("toy_crash", AlgorithmSpec(Config, Trainer))
 '''
+
+
+def assert_batch_exact(batch, ref, policy, atol: float = 1e-4):
+    """The batch's reference and sampler log-probs on its policy tokens equal one plain full forward
+    of each model over its final ids; returns those (full_ref, full_policy) (B, L-1) log-probs."""
+    from rlhf_env.scoring import next_token_logprobs
+
+    m = batch.action_mask
+    with torch.no_grad():
+        full_ref = next_token_logprobs(ref, batch.input_ids, batch.attention_mask, batch.vocab_size)
+        full_pol = next_token_logprobs(policy, batch.input_ids, batch.attention_mask, batch.vocab_size)
+    torch.testing.assert_close(batch.ref_logprobs * m, full_ref * m, atol=atol, rtol=0)
+    torch.testing.assert_close(batch.logprobs * m, full_pol * m, atol=atol, rtol=0)
+    return full_ref, full_pol
