@@ -152,7 +152,7 @@ def make_calculator_task(
         gold_reward=exact_answer,
         sft_data=[(p, demonstration(p, demos, weights)) for p in train],
         demonstrations=[(p, demonstration(p, demos, (1, 0, 0))) for p in train],
-        max_new_tokens=longest + 8,  # a call, its result, the answer, and room for one bad call
+        max_new_tokens=longest + 18,  # a call, its result, the answer, and room for an error reply before it
         recipe=BaseModelRecipe(
             n_layer=2, n_head=4, n_embd=128, sft_steps=sft_steps, batch_size=64, lr=3e-3, chars=CHARS
         ),
