@@ -257,6 +257,10 @@ def test_packed_scoring_skips_the_holes_of_a_multi_turn_batch(parts):
     "algo, config",
     [
         ("grpo", {"num_prompts": 3, "group_size": 2, "num_minibatches": 2}),
+        ("dr_grpo", {"num_prompts": 3, "group_size": 2, "num_minibatches": 2}),
+        ("gspo", {"num_prompts": 3, "group_size": 2, "num_minibatches": 2}),
+        ("cispo", {"num_prompts": 3, "group_size": 2, "num_minibatches": 2}),
+        ("dapo", {"num_prompts": 3, "group_size": 2, "num_minibatches": 2}),
         ("rloo", {"num_prompts": 3, "k": 2}),
         ("reinforce_pp", {"num_prompts": 6, "num_minibatches": 1}),
         ("reinforce", {"num_envs": 6}),
