@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_env.errors import InvalidActionError, SettingError
+from rlhf_env.action_checks import check_action, check_chunk
+from rlhf_env.errors import SettingError
 from rlhf_env.kvcache import IncrementalLM
 from rlhf_env.models import check_vocab, pad_token_id
 from rlhf_env.prompt_format import PromptFormat
 from rlhf_env.prompts import PromptSource
 from rlhf_env.rewards import RewardModel, as_scores, call_reward, reward_name
-from rlhf_env.turns import INJECTED, POLICY, PROMPT, Turns
+from rlhf_env.turns import POLICY, PROMPT, Turns, after_skip, end_turns, first_turn_ends
 
 __all__ = ["ChunkOut", "EpisodeBatch", "StepOut"]
 
@@ -221,7 +222,7 @@ class EpisodeBatch:
         restarts = restarts or {}
         rows = acting.nonzero().flatten()
         tokens = tokens.to(torch.long).cpu()
-        self._check_action(tokens, logprobs, rows)
+        check_action(self, tokens, logprobs, rows)
 
         reward = torch.zeros(B, dtype=torch.float32)
         score = torch.zeros(B, dtype=torch.float32)
@@ -241,7 +242,7 @@ class EpisodeBatch:
             self.source[rows, self.length[rows]] = POLICY
             self.length[rows] += 1
             terminated[rows] = torch.isin(tok, self._stop)
-            turn = self._end_turns(rows, terminated, truncated, reward) if self.turns is not None else {}
+            turn = end_turns(self, rows, terminated, truncated, reward) if self.turns is not None else {}
             full = (self.length - self.prompt_length) >= self.max_new_tokens
             truncated[rows] = (truncated[rows] | full[rows]) & ~terminated[rows]
             ended = (terminated | truncated).nonzero().flatten().tolist()
@@ -286,7 +287,7 @@ class EpisodeBatch:
         is_eos = (j[None, :] < offered[:, None]) & torch.isin(tokens, self._stop)
         first_eos = torch.where(is_eos.any(1), is_eos.to(torch.int8).argmax(1), K)
         if multi:  # where a policy turn ends: a stop id, a stop string, max_turn_tokens (the rest is ignored)
-            first_eos = self._first_turn_ends(tokens, offered, first_eos)
+            first_eos = first_turn_ends(self, tokens, offered, first_eos)
         room = self.max_new_tokens - (self.length - self.prompt_length)
         count = torch.minimum(torch.minimum(first_eos + 1, offered), room).clamp(min=0)
         applied = j[None, :] < count[:, None]
@@ -294,7 +295,7 @@ class EpisodeBatch:
         trunc_row = acting & ~term_row & (self.length - self.prompt_length + count >= self.max_new_tokens)
         ended = term_row | trunc_row
         safe = torch.where(applied, tokens, self.pad_token_id)
-        self._check_chunk(tokens, logprobs, applied)
+        check_chunk(self, tokens, logprobs, applied)
 
         reward = torch.zeros(B, K, dtype=torch.float32)
         score = torch.zeros(B, dtype=torch.float32)
@@ -303,7 +304,7 @@ class EpisodeBatch:
             n_feed = count if multi else torch.where(ended, count - 1, count)  # a turn's end may go on
             if multi:  # the last injection goes in with the turn: one reference forward a turn
                 skip = torch.where(acting, self.length - self.fed, 0)
-                ref_lp = self.ref.score_after(self._after_skip(skip, safe), skip, count, n_feed, K).cpu()
+                ref_lp = self.ref.score_after(after_skip(self, skip, safe), skip, count, n_feed, K).cpu()
             else:
                 ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
             if logprobs is not None:
@@ -322,7 +323,7 @@ class EpisodeBatch:
         if multi:  # the interaction answers the turns that ended: inject, or end the episode
             term_row = term_row & torch.isin(tokens[rows, last], self._stop)  # ended by a stop id
             turn_reward = torch.zeros(B, dtype=torch.float32)
-            turn = self._end_turns((acting & (first_eos < count)).nonzero().flatten(), term_row, trunc_row, turn_reward)
+            turn = end_turns(self, (acting & (first_eos < count)).nonzero().flatten(), term_row, trunc_row, turn_reward)
             full = (self.length - self.prompt_length) >= self.max_new_tokens
             trunc_row = acting & ~term_row & (trunc_row | full)
             ended = term_row | trunc_row
@@ -340,79 +341,6 @@ class EpisodeBatch:
         self._feed_reference(torch.zeros_like(acting) if multi else acting & ~ended, restarts or {})
         return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended, **turn)
 
-    def _after_skip(self, skip: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
-        """(B, S + K): each row's ``skip`` ids since the reference's last feed, then its chunk."""
-        B, K = chunk.shape
-        S = int(skip.max())
-        out = torch.full((B, S + K), self.pad_token_id, dtype=torch.long)
-        for r in skip.nonzero().flatten().tolist():
-            n = int(skip[r])
-            out[r, :n] = self.ids[r, int(self.fed[r]) : int(self.fed[r]) + n]
-        rows = torch.arange(B)[:, None]
-        out[rows, skip[:, None] + torch.arange(K)[None, :]] = chunk
-        return out
-
-    def _first_turn_ends(self, tokens: torch.Tensor, offered: torch.Tensor, first_stop: torch.Tensor) -> torch.Tensor:
-        """(B,) the position of the token that ends each row's policy turn in a chunk (K: none)."""
-        out = first_stop.clone()
-        for r in offered.nonzero().flatten().tolist():
-            before = self.ids[r, self.turns.turn_start[r] : self.length[r]].tolist()
-            upto = min(int(offered[r]), int(first_stop[r]) + 1)
-            row = tokens[r, :upto].tolist()
-            for j in range(upto):
-                if self.turns.end_of_turn(before + row[: j + 1], j == int(first_stop[r])):
-                    out[r] = j
-                    break
-        return out
-
-    def _check_chunk(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, applied: torch.Tensor) -> None:
-        """``_check_action`` for the applied tokens of a chunk (ignored ones are not checked)."""
-        bad = (applied & ((tokens < 0) | (tokens >= self.vocab_size))).nonzero()
-        if len(bad):
-            r, j = bad[0].tolist()
-            raise InvalidActionError(
-                f"token {int(tokens[r, j])} (env {r}, position {j}) is outside the vocabulary [0, {self.vocab_size})"
-            )
-        if logprobs is None:
-            if self.beta > 0 and bool(applied.any()):
-                raise InvalidActionError(
-                    f"beta={self.beta} > 0 needs the acting policy's log-probs: pass "
-                    "{'token': (B, K), 'logprob': (B, K)} (bare tokens are accepted only when beta == 0)"
-                )
-            return
-        lp = logprobs
-        bad = (applied & (torch.isnan(lp) | (lp > 0) | torch.isinf(lp))).nonzero()
-        if len(bad):
-            r, j = bad[0].tolist()
-            raise InvalidActionError(
-                f"log-prob {float(lp[r, j])} (env {r}, position {j}) is not a log-probability: it must be finite and <= 0"
-            )
-
-    def _check_action(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, rows: torch.Tensor) -> None:
-        if not len(rows):
-            return
-        tok = tokens[rows]
-        bad = ((tok < 0) | (tok >= self.vocab_size)).nonzero().flatten()
-        if len(bad):
-            r = int(rows[bad[0]])
-            raise InvalidActionError(
-                f"token {int(tokens[r])} (env {r}) is outside the vocabulary [0, {self.vocab_size})"
-            )
-        if logprobs is None:
-            if self.beta > 0:
-                raise InvalidActionError(
-                    f"beta={self.beta} > 0 needs the acting policy's log-prob: pass "
-                    "{'token': t, 'logprob': lp} (a bare token is accepted only when beta == 0)"
-                )
-            return
-        lp = logprobs[rows]
-        bad = (torch.isnan(lp) | (lp > 0) | torch.isinf(lp)).nonzero().flatten()
-        if len(bad):
-            r = int(rows[bad[0]])
-            raise InvalidActionError(
-                f"log-prob {float(logprobs[r])} (env {r}) is not a log-probability: it must be finite and <= 0"
-            )
-
     def _score(self, rows: list[int], terminated: torch.Tensor) -> torch.Tensor:
         """r_φ(x, y) for the rows that just ended, in one batch."""
         if self._score_ids:
@@ -422,31 +350,6 @@ class EpisodeBatch:
         prompts = [self.prompt_text[r] for r in rows]
         completions = [self.completion_text(r) for r in rows]
         return as_scores(call_reward(self.reward, prompts, completions), len(rows), reward_name(self.reward))
-
-    def _end_turns(self, rows, terminated, truncated, reward) -> dict:
-        """Multi-turn: for each acting row whose policy turn just ended, ask the interaction, add the
-        turn's reward, inject its reply (ids and ``INJECTED`` source) or end the episode; StepOut's fields."""
-        injected, turn_reward, errors = {}, {}, {}
-        for r in rows.tolist():
-            start, end = self.turns.turn_start[r], int(self.length[r])
-            turn_ids = self.ids[r, start:end].tolist()
-            if not self.turns.end_of_turn(turn_ids, bool(terminated[r])):
-                continue
-            room = self.max_new_tokens - (end - int(self.prompt_length[r]))
-            got = self.turns.respond(r, turn_ids, bool(terminated[r]), room)
-            reward[r] += got.reward
-            turn_reward[r] = got.reward
-            if got.error is not None:
-                errors[r] = got.error
-            terminated[r], truncated[r] = got.done, got.truncated
-            if got.ids:
-                n = len(got.ids)
-                self.ids[r, end : end + n] = torch.as_tensor(got.ids)
-                self.source[r, end : end + n] = INJECTED
-                self.length[r] = end + n
-                injected[r] = got.ids
-            self.turns.turn_start[r] = int(self.length[r])
-        return {"injected": injected, "turn_reward": turn_reward, "errors": errors}
 
     def _feed_reference(self, going_on: torch.Tensor, restarts: dict[int, str]) -> None:
         """One reference forward: what the ``going_on`` rows added since the reference last saw them (the

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from rlhf_env.errors import SettingError
 from rlhf_env.interaction import CUT_MARKER, Interaction, safe_respond
 
@@ -109,3 +111,59 @@ class Turns:
         if len(ids) >= room:  # no room for the policy's next token after it: the episode ends here
             return TurnEnd([], reward, False, True, error)
         return TurnEnd(ids, reward, False, False, error)
+
+
+# -- what EpisodeBatch does at a turn's end (``batch``: the EpisodeBatch) ----------------------------
+
+
+def end_turns(batch, rows, terminated, truncated, reward) -> dict:
+    """Multi-turn: for each acting row whose policy turn just ended, ask the interaction, add the
+    turn's reward, inject its reply (ids and ``INJECTED`` source) or end the episode; StepOut's fields."""
+    injected, turn_reward, errors = {}, {}, {}
+    for r in rows.tolist():
+        start, end = batch.turns.turn_start[r], int(batch.length[r])
+        turn_ids = batch.ids[r, start:end].tolist()
+        if not batch.turns.end_of_turn(turn_ids, bool(terminated[r])):
+            continue
+        room = batch.max_new_tokens - (end - int(batch.prompt_length[r]))
+        got = batch.turns.respond(r, turn_ids, bool(terminated[r]), room)
+        reward[r] += got.reward
+        turn_reward[r] = got.reward
+        if got.error is not None:
+            errors[r] = got.error
+        terminated[r], truncated[r] = got.done, got.truncated
+        if got.ids:
+            n = len(got.ids)
+            batch.ids[r, end : end + n] = torch.as_tensor(got.ids)
+            batch.source[r, end : end + n] = INJECTED
+            batch.length[r] = end + n
+            injected[r] = got.ids
+        batch.turns.turn_start[r] = int(batch.length[r])
+    return {"injected": injected, "turn_reward": turn_reward, "errors": errors}
+
+
+def first_turn_ends(batch, tokens: torch.Tensor, offered: torch.Tensor, first_stop: torch.Tensor) -> torch.Tensor:
+    """(B,) the position of the token that ends each row's policy turn in a chunk (K: none)."""
+    out = first_stop.clone()
+    for r in offered.nonzero().flatten().tolist():
+        before = batch.ids[r, batch.turns.turn_start[r] : batch.length[r]].tolist()
+        upto = min(int(offered[r]), int(first_stop[r]) + 1)
+        row = tokens[r, :upto].tolist()
+        for j in range(upto):
+            if batch.turns.end_of_turn(before + row[: j + 1], j == int(first_stop[r])):
+                out[r] = j
+                break
+    return out
+
+
+def after_skip(batch, skip: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """(B, S + K): each row's ``skip`` ids since the reference's last feed, then its chunk."""
+    B, K = chunk.shape
+    S = int(skip.max())
+    out = torch.full((B, S + K), batch.pad_token_id, dtype=torch.long)
+    for r in skip.nonzero().flatten().tolist():
+        n = int(skip[r])
+        out[r, :n] = batch.ids[r, int(batch.fed[r]) : int(batch.fed[r]) + n]
+    rows = torch.arange(B)[:, None]
+    out[rows, skip[:, None] + torch.arange(K)[None, :]] = chunk
+    return out
