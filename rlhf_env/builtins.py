@@ -6,7 +6,7 @@ from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
 from rlhf_env.plugins import hookimpl
 from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
-from rlhf_env.tasks import arithmetic, arithmetic_chat, prompt_file, reasoning_gym, sentiment, verifiers
+from rlhf_env.tasks import arithmetic, arithmetic_chat, guess_number, prompt_file, reasoning_gym, sentiment, verifiers
 
 
 @hookimpl
@@ -32,6 +32,7 @@ def rlhf_register_tasks(register):
     register("arithmetic_chat", arithmetic_chat.make_arithmetic_chat_task)
     register("prompt_file", prompt_file.make_prompt_file_task)
     register("reasoning_gym", reasoning_gym.make_reasoning_gym_task)
+    register("guess_number", guess_number.make_guess_number_task)
 
 
 @hookimpl

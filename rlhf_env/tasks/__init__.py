@@ -143,6 +143,7 @@ def evaluate(
     ``evaluate_policy`` give for the same model and ``n``. Returns ``gold_mean``, ``kl_mean``
     (0 here: the model is its own reference), ``n`` and three ``examples``.
     """
+    from rlhf_env.multiturn_env import MultiTurnVectorEnv
     from rlhf_env.rollout import EVAL_PROMPTS, EVAL_SEED
     from rlhf_env.rollout import evaluate as evaluate_rollout
     from rlhf_env.vector_env import VectorTextGenEnv
@@ -150,7 +151,8 @@ def evaluate(
     prompts = task.eval_prompts[: EVAL_PROMPTS if n is None else n]
     device = next(model.parameters()).device
     # The env the training loop evaluates in (``TrainContext.env(split="eval")``), the model as its reference.
-    env = VectorTextGenEnv(
+    options = task.env_options()  # a multi-turn task's interaction and limits
+    env = (MultiTurnVectorEnv if options else VectorTextGenEnv)(
         tokenizer,
         model,
         task.gold_reward,
@@ -160,6 +162,7 @@ def evaluate(
         max_new_tokens=task.max_new_tokens,
         device=device,
         chat_template=chat_template,
+        **options,
     )
     seed = EVAL_SEED if seed is None else seed
     return evaluate_rollout(env, model, prompts, seed=seed, device=device, greedy=greedy)
@@ -169,15 +172,21 @@ def make_task_env(task: Task, model_path=None, *, num_envs: int | None = None, *
     """A ``TextGenEnv`` (or ``VectorTextGenEnv`` with ``num_envs``) on the task's train prompts.
 
     The reference model is the task's base model (built and cached on first use) or the
-    local checkpoint at ``model_path``; the reward is the gold reward.
+    local checkpoint at ``model_path``; the reward is the gold reward. A multi-turn task's env is
+    a ``MultiTurnVectorEnv`` (``num_envs`` required).
     """
-    from rlhf_env import TextGenEnv, VectorTextGenEnv
+    from rlhf_env import MultiTurnVectorEnv, TextGenEnv, VectorTextGenEnv
     from rlhf_env.tasks.base_models import load_base_model
 
+    if task.interaction is not None and num_envs is None:
+        raise SettingError(f"task {task.name!r} is multi-turn: its env is a vector env, pass num_envs")
     model, tokenizer = load_base_model(task, model_path, device=env_kwargs.get("device"), dtype=env_kwargs.get("dtype"))
     kwargs = {"max_new_tokens": task.max_new_tokens, **env_kwargs}
     if num_envs is None:
         return TextGenEnv(tokenizer, model, task.gold_reward, task.train_prompts, **kwargs)
+    if task.interaction is not None:
+        kwargs.update(task.env_options())
+        return MultiTurnVectorEnv(tokenizer, model, task.gold_reward, task.train_prompts, num_envs=num_envs, **kwargs)
     return VectorTextGenEnv(tokenizer, model, task.gold_reward, task.train_prompts, num_envs=num_envs, **kwargs)
 
 
