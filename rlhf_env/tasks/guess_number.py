@@ -1,8 +1,8 @@
 """``guess_number``: a multi-turn game, guess a hidden integer in [1, high] from higher/lower feedback.
 
-An episode (``g0417:`` is the prompt; policy turns and the game's replies alternate)::
+An episode (``g0006:`` is the prompt; policy turns and the game's replies alternate)::
 
-    g0417:8? h;12? l;10?            target 10: solved at turn 3
+    g0006:8? h;12? l;10?            target 10: solved at turn 3, gold 1 − 2/6
 
 * The prompt ``g<id>:`` names a game by a 4-digit id; its target is ``target(prompt, high)``, a
   hash of the id, so the gold is exact and recomputable from ``(prompt, transcript)`` alone.
@@ -169,7 +169,7 @@ def play(prompt: str, high: int, max_turns: int, player: str, rng: random.Random
     up to a hit or ``max_turns`` turns; each turn is malformed with probability ``malformed``."""
     game = GuessNumber(high)
     state, lo, hi, text = game.start(prompt), 1, high, ""
-    for _ in range(max_turns):
+    for turn_number in range(1, max_turns + 1):
         if rng.random() < malformed:
             turn = _malformed(rng, high)
         else:
@@ -177,7 +177,7 @@ def play(prompt: str, high: int, max_turns: int, player: str, rng: random.Random
             turn = f"{guess}{STOP}"
         text += turn
         reply = game.respond(state, turn)
-        if reply.done:
+        if reply.done or turn_number == max_turns:  # the env injects nothing after the last turn
             break
         text += reply.text
         guess = parse_guess(turn, high)
