@@ -154,7 +154,8 @@ def test_sft_transcripts_are_the_envs_episodes_token_for_token(tok):
     for _, c in pairs:
         cuts = [i + 1 for i, ch in enumerate(c) if ch == "?"]
         spans = [c[a:b] for a, b in zip([0, *cuts], cuts)]
-        turns.append([s[3:] if s[:3] in (" h;", " l;", " e;") else s for s in spans])  # the game types the replies
+        # the policy types each span less the reply it starts with: the game injects that
+        turns.append([s[3:] if s[:3] in (" h;", " l;", " e;") else s for s in spans])
     got = scripted_scores(tok, [p for p, _ in pairs], turns)
     for (p, c), (score, completion, _, ids) in zip(pairs, got):
         assert completion == c and ids == tok(p + c, add_special_tokens=False)["input_ids"]
