@@ -6,7 +6,16 @@ from rlhf_env import rewards
 from rlhf_env.fastgen import HFGenerateSampler
 from rlhf_env.plugins import hookimpl
 from rlhf_env.policy import GraphedSamplingPolicy, SamplingPolicy
-from rlhf_env.tasks import arithmetic, arithmetic_chat, calculator, prompt_file, reasoning_gym, sentiment, verifiers
+from rlhf_env.tasks import (
+    arithmetic,
+    arithmetic_chat,
+    calculator,
+    guess_number,
+    prompt_file,
+    reasoning_gym,
+    sentiment,
+    verifiers,
+)
 
 
 @hookimpl
@@ -34,6 +43,7 @@ def rlhf_register_tasks(register):
     register("prompt_file", prompt_file.make_prompt_file_task)
     register("reasoning_gym", reasoning_gym.make_reasoning_gym_task)
     register("calculator", calculator.make_calculator_task)  # multi-turn: a tool the policy may call
+    register("guess_number", guess_number.make_guess_number_task)
 
 
 @hookimpl

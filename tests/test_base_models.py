@@ -80,7 +80,7 @@ def test_base_model_build_is_reproducible_for_a_seed(cache):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "sentiment"])
+@pytest.mark.parametrize("name", ["arithmetic", "sentiment", "guess_number"])
 def test_default_tasks_start_from_the_shipped_base_model_without_building(name, cache):
     from rlhf_env.tasks import get_task
     from rlhf_env.tasks.base_models import SHIPPED, shipped_base_model

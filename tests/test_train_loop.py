@@ -83,7 +83,7 @@ def test_cli_names_the_known_algorithms_and_tasks(tmp_path, capsys):
     assert "unknown algorithm 'nope'; registered: " in capsys.readouterr().err
     assert cli.main(["train", "--algo", "reinforce", "--task", "nope", "--out", str(tmp_path)]) == 1
     assert (
-        "unknown task 'nope'; registered: arithmetic, arithmetic_chat, calculator, prompt_file, reasoning_gym, sentiment"
+        "unknown task 'nope'; registered: arithmetic, arithmetic_chat, calculator, guess_number, prompt_file, reasoning_gym, sentiment"
         in capsys.readouterr().err
     )
 

@@ -172,21 +172,21 @@ def make_task_env(task: Task, model_path=None, *, num_envs: int | None = None, *
     """A ``TextGenEnv`` (or ``VectorTextGenEnv`` with ``num_envs``) on the task's train prompts.
 
     The reference model is the task's base model (built and cached on first use) or the
-    local checkpoint at ``model_path``; the reward is the gold reward.
+    local checkpoint at ``model_path``; the reward is the gold reward. A multi-turn task's env is
+    a ``MultiTurnVectorEnv`` (``num_envs`` required).
     """
-    from rlhf_env import TextGenEnv, VectorTextGenEnv
+    from rlhf_env import MultiTurnVectorEnv, TextGenEnv, VectorTextGenEnv
     from rlhf_env.tasks.base_models import load_base_model
 
+    if task.interaction is not None and num_envs is None:
+        raise SettingError(f"task {task.name!r} is multi-turn: its env is a vector env, pass num_envs")
     model, tokenizer = load_base_model(task, model_path, device=env_kwargs.get("device"), dtype=env_kwargs.get("dtype"))
     kwargs = {"max_new_tokens": task.max_new_tokens, **env_kwargs}
-    options = task.env_options()
-    if options:  # multi-turn: the vector env (one row unless asked)
-        from rlhf_env.multiturn_env import MultiTurnVectorEnv
-
-        args = (tokenizer, model, task.gold_reward, task.train_prompts)
-        return MultiTurnVectorEnv(*args, num_envs=num_envs or 1, **options, **kwargs)
     if num_envs is None:
         return TextGenEnv(tokenizer, model, task.gold_reward, task.train_prompts, **kwargs)
+    if task.interaction is not None:
+        kwargs.update(task.env_options())
+        return MultiTurnVectorEnv(tokenizer, model, task.gold_reward, task.train_prompts, num_envs=num_envs, **kwargs)
     return VectorTextGenEnv(tokenizer, model, task.gold_reward, task.train_prompts, num_envs=num_envs, **kwargs)
 
 
