@@ -136,7 +136,6 @@ def train_reward_model(
             "heldout_every": p["rm_steps"],  # held-out accuracy once, after the last step
             "annotator_tau": p["tau"],
         }
-        exported: dict[str, Any] = {}
 
         def export(models) -> None:  # the trained trainer: its pairs (for the pair algorithms) and r_φ
             trainer = models.trainer
@@ -145,7 +144,6 @@ def train_reward_model(
                     f.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}))
                     f.write("\n")
             trainer.save_reward_model(path / "model")
-            exported.update(trainer.heldout_metrics())
 
         path.mkdir(parents=True, exist_ok=True)
         # The training loop's stages, as ``rlhf train reward_model`` runs them (seeds included): no policy
@@ -168,11 +166,12 @@ def train_reward_model(
             generator=generator,
             on_end=export,
         )
-        last = records[-1]
+        last = records[-1]  # the last step measured the held-out accuracy (heldout_every = rm_steps)
+        heldout = {k: last[k] for k in (M.RM_HELDOUT_ACCURACY, M.RM_HELDOUT_GOLD_ACCURACY) if k in last}
         result = {
             **base,
             "status": "ok",
-            **exported,
+            **heldout,
             M.RM_ACCURACY: last.get(M.RM_ACCURACY),
             M.LOSS_REWARD_MODEL: last.get(M.LOSS_REWARD_MODEL),
             "train_s": sum(r.get(M.PERF_STEP_TIME_S, 0.0) for r in records),

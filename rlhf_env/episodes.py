@@ -229,6 +229,7 @@ class EpisodeBatch:
         terminated = torch.zeros(B, dtype=torch.bool)
         truncated = torch.zeros(B, dtype=torch.bool)
         ref_lp = kl = None
+        turn = {}
         if len(rows):
             tok = tokens[rows]
             if self.ref is not None:
@@ -250,9 +251,7 @@ class EpisodeBatch:
                 score[ended] = self._score(ended, terminated)
                 reward += score
                 if self.turns is not None:  # the score is the episode's task reward in all: turns' too
-                    score[ended] += torch.tensor([self.turns.turn_return[r] for r in ended], dtype=torch.float32)
-        else:
-            turn = {}
+                    score[ended] += self.turns.returns(ended)
         out = StepOut(reward, ref_lp, kl, score, terminated, truncated, acting.clone(), **turn)
         self._feed_reference(out.acted & ~out.ended, restarts)
         return out
@@ -304,7 +303,7 @@ class EpisodeBatch:
             n_feed = count if multi else torch.where(ended, count - 1, count)  # a turn's end may go on
             if multi:  # the last injection goes in with the turn: one reference forward a turn
                 skip = torch.where(acting, self.length - self.fed, 0)
-                ref_lp = self.ref.score_after(after_skip(self, skip, safe), skip, count, n_feed, K).cpu()
+                ref_lp = self.ref.score(after_skip(self, skip, safe), count, n_feed, skip=skip).cpu()
             else:
                 ref_lp = self.ref.score(safe.to(self.device), count, n_feed).cpu()
             if logprobs is not None:
@@ -336,8 +335,8 @@ class EpisodeBatch:
             score[done] = self._score(done, term_row)
             reward[rows, last] += score
             if multi:
-                score[done] += torch.tensor([self.turns.turn_return[r] for r in done], dtype=torch.float32)
-        # A multi-turn row's injection waits for its next turn's forward (``score_after``).
+                score[done] += self.turns.returns(done)
+        # A multi-turn row's injection waits for its next turn's forward (``IncrementalLM.score(skip=)``).
         self._feed_reference(torch.zeros_like(acting) if multi else acting & ~ended, restarts or {})
         return ChunkOut(reward, ref_lp, kl, terminated, truncated, applied, score, ended, **turn)
 

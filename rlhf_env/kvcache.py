@@ -269,64 +269,42 @@ class IncrementalLM:
             layer.keys, layer.values = layer.keys[inverse], layer.values[inverse]
 
     @torch.inference_mode()
-    def score_after(
-        self, tokens: torch.Tensor, skip: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor, width: int
+    def score(
+        self, tokens: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``score`` of a chunk whose rows first append ``skip`` tokens they do not score (a multi-turn
-        env's injection since the last call), all in one forward.
-
-        Args:
-            tokens: (B, S + K) int64: each row's ``skip[i]`` tokens, then its chunk, right-padded.
-            skip: (B,) int64 leading tokens to append unscored.
-            n_score, n_feed: (B,) int64, as ``score``'s, counting the chunk's tokens only.
-            width: K, the chunk's width.
-
-        Returns:
-            (B, K) float32 log p(chunk token j | history ∘ skipped ∘ chunk[:j]), 0 for j >= n_score[i].
-        """
-        tokens, skip = tokens.to(self.device), skip.to(self.device)
-        n_score, n_feed = n_score.to(self.device), n_feed.to(self.device)
-        B = tokens.shape[0]
-        first = self.next_logprobs.gather(1, tokens[:, :1]).squeeze(1)  # token 0 of a row that skips nothing
-        total = skip + n_feed
-        span = int(total.max())
-        out = torch.zeros(B, width, dtype=torch.float32, device=self.device)
-        if span:
-            targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1)[:, :span]
-            scored = self._append(tokens[:, :span], total, targets)  # [i]: log p(tokens[i + 1] | ..tokens[:i + 1])
-            idx = (torch.arange(width, device=self.device)[None, :] + skip[:, None] - 1).clamp(0, span - 1)
-            out = scored.gather(1, idx)
-            self._compact()
-        out[:, 0] = torch.where(skip == 0, first, out[:, 0])
-        return torch.where(torch.arange(width, device=self.device)[None, :] < n_score[:, None], out, 0.0)
-
-    @torch.inference_mode()
-    def score(self, tokens: torch.Tensor, n_score: torch.Tensor, n_feed: torch.Tensor) -> torch.Tensor:
         """Log-probs of a chunk of tokens per row, then append its first ``n_feed`` tokens, in one forward.
 
         ``n_feed`` is ``n_score`` (the row goes on) or ``n_score - 1`` (its last token ends the
         episode and is never fed), so the forward over the fed tokens yields the log-probs of
-        tokens 1..n_score-1; token 0's comes from the previous feed's ``next_logprobs``.
+        tokens 1..n_score-1; token 0's comes from the previous feed's ``next_logprobs``. ``skip``:
+        tokens each row appends unscored before its chunk, in the same forward (a multi-turn env's
+        injection since the last call); token 0 of such a row is scored after them.
 
         Args:
-            tokens: (B, K) int64 token ids, right-padded.
-            n_score: (B,) int64 tokens of each row to score (0 for rows left as they are).
-            n_feed: (B,) int64 tokens of each row to append to the cache.
+            tokens: (B, S + K) int64: each row's ``skip[i]`` tokens (S = max skip, 0 without), then
+                its chunk, right-padded.
+            n_score: (B,) int64 chunk tokens of each row to score (0 for rows left as they are).
+            n_feed: (B,) int64 chunk tokens of each row to append to the cache.
+            skip: (B,) int64, or None: nothing skipped.
 
         Returns:
-            (B, K) float32 log p(tokens[i, j] | row i's history ∘ tokens[i, :j]), 0 for j >= n_score[i].
+            (B, K) float32 log p(chunk[i, j] | row i's history ∘ skipped ∘ chunk[i, :j]), 0 for j >= n_score[i].
         """
         tokens, n_score, n_feed = tokens.to(self.device), n_score.to(self.device), n_feed.to(self.device)
-        B, K = tokens.shape
+        B = tokens.shape[0]
+        skip = torch.zeros_like(n_feed) if skip is None else skip.to(self.device)
+        K = tokens.shape[1] - int(skip.max())
+        first = self.next_logprobs.gather(1, tokens[:, :1]).squeeze(1)  # token 0 of a row that skips nothing
+        total = skip + n_feed
+        span = int(total.max())
         out = torch.zeros(B, K, dtype=torch.float32, device=self.device)
-        out[:, 0] = self.next_logprobs.gather(1, tokens[:, :1]).squeeze(1)
-        width = int(n_feed.max())
-        if width:
-            targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1)[:, :width]  # token j+1 after j
-            scored = self._append(tokens[:, :width], n_feed, targets)
-            n = min(width, K - 1)
-            out[:, 1 : n + 1] = scored[:, :n]
+        if span:
+            targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1)[:, :span]  # token i+1 after i
+            scored = self._append(tokens[:, :span], total, targets)  # [i]: log p(tokens[i + 1] | ..tokens[:i + 1])
+            idx = (torch.arange(K, device=self.device)[None, :] + skip[:, None] - 1).clamp(0, span - 1)
+            out = scored.gather(1, idx)
             self._compact()
+        out[:, 0] = torch.where(skip == 0, first, out[:, 0])
         return torch.where(torch.arange(K, device=self.device)[None, :] < n_score[:, None], out, 0.0)
 
     def _prefill(self, rows: torch.Tensor, chunk: torch.Tensor, lengths: torch.Tensor) -> None:

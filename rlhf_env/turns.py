@@ -76,6 +76,10 @@ class Turns:
         self.states[row] = self.interaction.start(prompt)
         self.turn_start[row], self.turns[row], self.errors[row], self.turn_return[row] = length, 0, 0, 0.0
 
+    def returns(self, rows: list[int]) -> torch.Tensor:
+        """(len(rows),) float32: Σ of each row's turn rewards in its episode so far."""
+        return torch.tensor([self.turn_return[r] for r in rows], dtype=torch.float32)
+
     def turn_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -32,7 +32,7 @@ from rlhf_env.tasks.base import BaseModelRecipe, Task
 
 CHARS = "0123456789+-*=[]:; abcdefghijklmnopqrstuvwxyz"
 _PROMPT = re.compile(r"^(\d+)\*(\d+)=$")
-_CALL = re.compile(r"\[([a-z]*):([^\]]*)\]$")
+_CALLS = re.compile(r"\[([a-z]*):([^\]]*)\]")  # [name:expr]
 _EXPR = re.compile(r"^\s*(\d{1,6})\s*([+\-*])\s*(\d{1,6})\s*$")
 _SEGMENT = re.compile(r"\[[^\]]*\][^;]*;")  # a call and what was injected after it
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -61,7 +61,7 @@ def tool_use(prompts: Sequence[str], transcripts: Sequence[str]) -> dict[str, fl
     episodes_with_call, calls, right = 0, 0, 0
     for p, t in zip(prompts, transcripts):
         a, b = _PROMPT.match(p).groups()
-        asked = re.findall(r"\[([a-z]*):([^\]]*)\]", t)
+        asked = _CALLS.findall(t)
         episodes_with_call += bool(asked)
         calls += len(asked)
         right += sum(name == "calc" and expr.replace(" ", "") == f"{a}*{b}" for name, expr in asked)
@@ -81,7 +81,7 @@ class Calculator(Interaction):
     def respond(self, state, turn: str) -> Reply:
         if not turn.endswith("]"):
             return Reply(done=True)  # the policy answered (EOS): the episode is over
-        call = _CALL.search(turn)
+        call = _CALLS.fullmatch(turn[turn.rfind("[") :])  # the call the turn ends with
         if call is None:
             return Reply("err:malformed;")
         name, expr = call.groups()
