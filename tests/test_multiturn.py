@@ -12,6 +12,7 @@ import torch
 from tinyparts import assert_batch_exact, nudged_pair
 
 from rlhf_env import Interaction, MultiTurnVectorEnv, Reply, build_char_tokenizer, build_tiny_model
+from rlhf_env.errors import SettingError
 from rlhf_env.interaction import CUT_MARKER
 from rlhf_env.rollout import EpisodeStream, collect, first_episodes, to_batch
 from rlhf_env.scoring import next_token_logprobs
@@ -333,3 +334,10 @@ def test_evaluation_reports_turns_and_tool_use_of_a_tool_task():
     assert 1.0 < out["episode/turns"] <= task.max_turns  # most episodes call the tool, then answer
     assert 0.3 < out["tool/call_rate"] <= 1.0 and 0.0 < out["tool/call_accuracy"] < 1.0
     assert 0.15 < out["reward/gold"] < 0.8 and abs(out["objective/kl_eval"]) < 1e-4
+
+
+def test_bad_turn_settings_are_named(parts):
+    with pytest.raises(TypeError, match="interaction must be an rlhf_env.Interaction, got str"):
+        make_env(parts, "calc")
+    with pytest.raises(SettingError, match="max_turns and max_injection_tokens must be >= 1, got 0 and 64"):
+        make_env(parts, max_turns=0)
