@@ -33,7 +33,7 @@ def check_action(batch, tokens: torch.Tensor, logprobs: torch.Tensor | None, row
 
 
 def check_chunk(batch, tokens: torch.Tensor, logprobs: torch.Tensor | None, applied: torch.Tensor) -> None:
-    """``_check_action`` for the applied tokens of a chunk (ignored ones are not checked)."""
+    """``check_action`` for the applied tokens of a chunk (ignored ones are not checked)."""
     bad = (applied & ((tokens < 0) | (tokens >= batch.vocab_size))).nonzero()
     if len(bad):
         r, j = bad[0].tolist()

@@ -1,11 +1,11 @@
 """``MultiTurnVectorEnv``: multi-turn, tool-using episodes in which the env owns every token.
 
-The policy samples a turn one token at a time; at a stop (an id, or a stop string of the
-``interaction``) the env asks the interaction, appends its reply as tokens (tokenised once, when
+The policy samples a turn (token by token with ``step``, or the whole turn with ``step_chunk``);
+at a stop (an id, or a stop string of the ``interaction``) the env asks the interaction, appends its reply as tokens (tokenised once, when
 injected) and the policy goes on, from the env-extended state. Nothing is re-rendered or
 re-tokenised: the ids an episode ends with are the ids the sampler and the reference saw, and
 the ids training scores. The reference's KV cache continues across turns (injected tokens are
-fed to it with the next policy step); KL shaping applies to policy tokens only.
+fed to it with the next policy step or turn); KL shaping applies to policy tokens only.
 
 Observations add ``source`` (L,) int8 to the single-turn ones: 0 prompt (and padding), 1 policy
 token, 2 injected token (``rlhf_env.turns``). ``info`` adds, for rows whose policy turn ended at
